@@ -117,4 +117,6 @@ class CausalLM(nn.Module):
     def materialize(self, device: torch.device | str) -> None:
         """Allocate a meta-built model on `device` (values uninitialised) and rebuild its buffers."""
         self.to_empty(device=device)
+        if self.config.tie_word_embeddings:  # to_empty allocates each module's tensors separately
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.model.rotary_emb = build_rotary(self.config).to(device)

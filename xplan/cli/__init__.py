@@ -1,0 +1,46 @@
+"""The `xplan` command line: one typer app, one module per command.
+
+Exit codes (the contract in DESIGN.md): 0 success, 1 runtime failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .app import app, console_err
+from . import hw_cmd, inspect_cmd, models_cmd  # noqa: F401, E402  (registers commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: maps xplan's errors to exit codes, never a raw traceback."""
+    from xplan.errors import InputError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except InputError as exc:
+        console_err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except SystemExit as exc:  # typer/click usage errors already printed their message
+        return int(exc.code or 0)
+    except KeyboardInterrupt:
+        console_err.print("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary: report, don't dump a traceback
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return 2
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        if os.environ.get("XPLAN_DEBUG"):
+            raise
+        console_err.print(f"[bold red]xplan failed:[/] {type(exc).__name__}: {exc}\n"
+                          "(set XPLAN_DEBUG=1 for the traceback)", highlight=False)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
