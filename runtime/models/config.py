@@ -125,7 +125,7 @@ def hf_config_from_dict(raw: dict[str, Any]):
     fields.pop("quantization_config", None)
     try:
         return _hf_config_class(model_type)(**fields)
-    except (TypeError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise several exception types
         raise InputError(f"config.json for model_type {model_type!r} is malformed: {exc}") from exc
 
 

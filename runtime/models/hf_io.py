@@ -125,11 +125,11 @@ def save_hf(model: nn.Module, directory: str | os.PathLike, max_shard_bytes: int
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         _atomic_write(out / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+                 "weight_map": {k: name for name, shard in zip(names, shards, strict=True) for k in shard}}
         _atomic_write(out / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     config = dict(model.config.hf_dict)
     config["model_type"] = model.config.model_type

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .app import app, console_err
 from . import hw_cmd, inspect_cmd, models_cmd  # noqa: F401, E402  (registers commands)
+from .app import app, console_err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,23 +17,16 @@ def main(argv: list[str] | None = None) -> int:
     from xplan.errors import InputError
 
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="xplan")  # click reports usage errors itself and exits 2
     except InputError as exc:
         console_err.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
-    except SystemExit as exc:  # typer/click usage errors already printed their message
-        return int(exc.code or 0)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:
         console_err.print("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the CLI boundary: report, don't dump a traceback
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return 2
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
         if os.environ.get("XPLAN_DEBUG"):
             raise
         console_err.print(f"[bold red]xplan failed:[/] {type(exc).__name__}: {exc}\n"

@@ -38,7 +38,7 @@ def models(json_out: bool = JSON_OPTION) -> None:
         return
     table = Table(title="model presets")
     for col in ("name", "model_type", "layers", "hidden", "experts (top-k)", "params", "active"):
-        table.add_column(col, justify="left" if col in ("name", "model_type") else "right")
+        table.add_column(col, justify="left" if col in ("name", "model_type") else "right", no_wrap=col == "name")
     for r in rows:
         experts = f"{r['num_experts']} ({r['top_k']})" if r["num_experts"] else "-"
         table.add_row(r["name"], r["model_type"], str(r["num_layers"]), str(r["hidden_size"]), experts,
