@@ -103,25 +103,9 @@ class ClampedSwiGLUExperts(nn.Module):
         return out
 
 
-class GptOssMoE(MoE):
-    """The MoE block with its router registered as `router`, the checkpoint's name.
-
-    `MoE.router` is a property that reads the attribute named by `router_name`; when that name is
-    `router` itself the property would recurse (and `add_module` probes it first). Here the property
-    reads the registered submodule directly and raises AttributeError until it exists.
-    """
-
-    @property
-    def router(self) -> nn.Module:
-        try:
-            return self._modules[self.router_name]
-        except KeyError:
-            raise AttributeError(self.router_name) from None
-
-
 def build_gpt_oss_moe(config: ModelConfig) -> MoE:
     alpha = float(config.hf_dict.get("swiglu_alpha") or DEFAULT_SWIGLU_ALPHA)
     router = TopKSoftmaxRouter(config.hidden_size, config.num_experts, config.top_k)
     experts = ClampedSwiGLUExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
                                    config.swiglu_limit, alpha)
-    return GptOssMoE(router, experts, config.num_experts, config.top_k, router_name="router")
+    return MoE(router, experts, config.num_experts, config.top_k, router_name="router")

@@ -79,7 +79,12 @@ class MoE(nn.Module):
 
     @property
     def router(self) -> nn.Module:
-        return getattr(self, self.router_name)
+        # Read the registered submodule directly: when router_name is "router" a getattr would
+        # recurse into this property (and add_module probes the name before registering it).
+        try:
+            return self._modules[self.router_name]
+        except KeyError:
+            raise AttributeError(self.router_name) from None
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor):
         """Sort token copies by expert. Returns (x_sorted, tokens_per_expert, order)."""

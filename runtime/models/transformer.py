@@ -103,10 +103,10 @@ class CausalLM(nn.Module):
         """Random initialisation for training from scratch (normal linears, unit norms, zero biases)."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for name, param in self.named_parameters():
-            if param.dim() == 1:
-                value = torch.ones_like(param, device="cpu") if name.endswith("norm.weight") else torch.zeros_like(
-                    param, device="cpu"
-                )
+            if name.endswith("norm.weight"):
+                value = torch.ones(param.shape)
+            elif param.dim() == 1 or "bias" in name.rsplit(".", 1)[-1]:  # biases, sinks (incl. stacked expert biases)
+                value = torch.zeros(param.shape)
             else:
                 value = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
             param.copy_(value.to(param.dtype))
