@@ -1,0 +1,172 @@
+"""The plan file: YAML, versioned (`xplan_plan: 1`), human-editable, validated on load.
+
+Written by `xplan search`, read by `xplan run`, `whatif` and `report`. Every field is checked with
+a message that names it; unknown keys are errors (a typo must not silently change a run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from xplan.errors import InputError
+from xplan.layout import Layout, layout_from_dict
+
+PLAN_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerSettings(_Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class ScheduleSettings(_Strict):
+    kind: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class DataSettings(_Strict):
+    kind: Literal["synthetic", "jsonl", "text"] = "synthetic"
+    path: str | None = None  # jsonl of token-id lists, or a text file
+    tokenizer: str | None = None  # local tokenizer directory for kind=text
+    seed: int = 0
+
+
+class TrainingSettings(_Strict):
+    seq_len: int = Field(..., ge=1)
+    global_batch: int = Field(..., ge=1)  # sequences per optimizer step
+    steps: int = Field(10, ge=1)
+    seed: int = 0
+    grad_clip: float = Field(1.0, ge=0)
+    optimizer: OptimizerSettings = OptimizerSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    data: DataSettings = DataSettings()
+
+
+class LayoutSettings(_Strict):
+    fsdp: int = Field(..., ge=1)
+    ep: int = Field(1, ge=1)
+    sp: int = Field(1, ge=1)
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    vpp: int = Field(1, ge=1)
+    micro_batch: int = Field(1, ge=1)
+    recompute: str | float = "none"
+    offload: list[str] = []
+    precision: Literal["fp32", "bf16", "fp8"] = "bf16"
+    kernels: dict[str, str] = {}
+
+
+class PlanFile(_Strict):
+    xplan_plan: Literal[1]
+    model: str = Field(..., min_length=1)  # preset name or config directory
+    hardware: str = Field(..., min_length=1)  # profile name or YAML path
+    devices: int = Field(..., ge=1)
+    devices_per_node: int | None = Field(None, ge=1)
+    layout: LayoutSettings
+    training: TrainingSettings
+    predictions: dict[str, Any] = {}  # what the cost models said; compared with measurements
+    notes: str = ""
+
+
+class Plan:
+    """A validated plan: the file's contents plus the Layout object every stage uses."""
+
+    def __init__(self, data: PlanFile):
+        self.data = data
+        self.layout: Layout = layout_from_dict({"devices": data.devices, **data.layout.model_dump()})
+
+    @property
+    def model(self) -> str:
+        return self.data.model
+
+    @property
+    def hardware(self) -> str:
+        return self.data.hardware
+
+    @property
+    def training(self) -> TrainingSettings:
+        return self.data.training
+
+    @property
+    def grad_accum(self) -> int:
+        return self.layout.grad_accum(self.training.global_batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.data.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def plan_from_dict(data: Any, source: str = "plan") -> Plan:
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: a plan file must be a YAML mapping with `xplan_plan: {PLAN_VERSION}` at the top.")
+    if data.get("xplan_plan") != PLAN_VERSION:
+        raise InputError(f"{source}: `xplan_plan` must be {PLAN_VERSION} (got {data.get('xplan_plan')!r}); "
+                         "regenerate the plan with `xplan search`.")
+    try:
+        return Plan(PlanFile.model_validate(data))
+    except ValidationError as exc:
+        problems = "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise InputError(f"{source} is not a valid plan: {problems}.") from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read plan file {path}: {exc.strerror or exc}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    return plan_from_dict(data, source=str(path))
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(plan.to_yaml())
+    tmp.replace(path)
+    return path
+
+
+def make_plan(model: str, hardware: str, layout: Layout, training: dict[str, Any],
+              predictions: dict[str, Any] | None = None, devices_per_node: int | None = None,
+              notes: str = "") -> Plan:
+    """Assemble a plan from a Layout (used by search and by tests that write plans by hand)."""
+    layout_fields = {k: v for k, v in layout.to_dict().items()
+                     if k in LayoutSettings.model_fields}
+    return plan_from_dict({
+        "xplan_plan": PLAN_VERSION, "model": model, "hardware": hardware, "devices": layout.devices,
+        "devices_per_node": devices_per_node, "layout": layout_fields, "training": training,
+        "predictions": predictions or {}, "notes": notes,
+    })
