@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 import transformers
+
+from xplan.cli import main
 from xplan.runtime import build_model, load_config
 from xplan.runtime.models import preset_names
 from xplan.runtime.models.config import hf_config_from_dict
 from xplan.runtime.models.counting import count_parameters
-
-from xplan.cli import main
 
 # Published sizes (total, active) in billions; None where no active figure is published.
 PUBLISHED = {

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-import xplan.runtime as xr  # noqa: E402
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+import xplan.runtime as xr  # noqa: E402
 from xplan.runtime.models.deepseek import SigmoidGroupTopKRouter  # noqa: E402
 
 TOL = 1e-5

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-import xplan.runtime as xr
 
+import xplan.runtime as xr
 from tests.parity_utils import assert_grads_match, ce_loss, hf_grads_in_local_names, local_grads, max_rel_err
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

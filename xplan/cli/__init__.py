@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import hw_cmd, inspect_cmd, models_cmd  # noqa: F401, E402  (registers commands)
+from . import hw_cmd, inspect_cmd, models_cmd, run_cmd  # noqa: F401, E402  (registers commands)
 from .app import app, console_err
 
 

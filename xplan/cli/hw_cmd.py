@@ -22,10 +22,14 @@ def hw(json_out: bool = JSON_OPTION) -> None:
     if json_out:
         print_json({"profiles": rows})
         return
-    table = Table(title="hardware profiles")
-    if rows:
-        for col in rows[0]:
-            table.add_column(col)
+    table = Table(title="hardware profiles (one device = one rank unless noted)")
+    columns = (("name", "name"), ("bf16 TFLOPS", "bf16_tflops"), ("fp8 TFLOPS", "fp8_tflops"),
+               ("HBM GiB", "hbm_gib"), ("HBM TB/s", "hbm_tbps"), ("interconnect levels", "levels"))
+    for header, _ in columns:
+        table.add_column(header, no_wrap=header == "name", justify="left" if header in ("name", "interconnect levels") else "right")
     for r in rows:
-        table.add_row(*(str(v) for v in r.values()))
+        cells = ["-" if r[key] is None else str(r[key]) for _, key in columns]
+        if r.get("ranks_per_device", 1) > 1:
+            cells[0] += f" ({r['ranks_per_device']} ranks)"
+        table.add_row(*cells)
     console.print(table)

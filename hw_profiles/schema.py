@@ -1,0 +1,453 @@
+"""The hardware-profile schema (pydantic v2) and the helpers the cost models call.
+
+A profile describes one kind of *device* (what one device is, e.g. one GPU or one Ascend 910C
+package, is stated in ``device.definition``) and the hierarchy of interconnect levels that joins
+devices into a cluster. Units are fixed by the field names and documented in
+``hw_profiles/README.md``:
+
+- ``*_tflops``: 10^12 FLOP/s, dense (no sparsity)
+- ``*_gib``: 2^30 bytes
+- ``*_tbps``: 10^12 bytes/s; ``*_gbps``: 10^9 **bytes**/s (GB/s, not Gb/s), per direction
+- ``*_us``: microseconds; ``*fraction``: a number in (0, 1]
+
+The helper methods return SI units (FLOP/s, bytes, bytes/s, seconds) so cost models never
+convert units themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from xplan.errors import InputError
+
+SCHEMA_VERSION = 1
+
+#: Compute dtypes a profile prices. ``fp32`` is for small exact-parity runs.
+DTYPES: tuple[str, ...] = ("bf16", "fp8", "fp32")
+#: Collective kinds with their own achievable fraction on every interconnect level.
+COLLECTIVES: tuple[str, ...] = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
+
+_DTYPE_ALIASES = {
+    "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+    "fp8": "fp8", "float8": "fp8", "float8_e4m3fn": "fp8", "e4m3": "fp8", "torch.float8_e4m3fn": "fp8",
+    "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
+}
+#: Bytes per element of GEMM inputs and of the GEMM output (fp8 GEMMs write bf16).
+_IN_BYTES = {"bf16": 2, "fp8": 1, "fp32": 4}
+_OUT_BYTES = {"bf16": 2, "fp8": 2, "fp32": 4}
+
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Text = Annotated[str, Field(min_length=1)]
+
+
+class _Model(BaseModel):
+    # strict: no silent "989" -> 989.0 or true -> 1; ints are still accepted for floats.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class PeakTflops(_Model):
+    """Dense peak per dtype; ``null`` means the device has no such tensor-core path."""
+
+    bf16: Positive
+    fp8: Positive | None
+    fp32: Positive | None
+
+
+class DtypeFractions(_Model):
+    """An achievable fraction of the peak, per dtype (``null`` where the peak is ``null``)."""
+
+    bf16: Fraction
+    fp8: Fraction | None
+    fp32: Fraction | None
+
+
+class GemmModel(_Model):
+    """GEMM time = max(FLOPs / (peak x max_fraction), bytes / achievable HBM bw) + overhead.
+
+    ``max_fraction`` is what the largest, best-shaped GEMMs reach (a MAMF-style number);
+    small GEMMs fall below it because their bytes (HBM roofline) and the fixed per-call
+    ``overhead_us`` (launch, pipeline fill and drain) dominate. A grouped GEMM (MoE experts)
+    pays the overhead once per call.
+    """
+
+    max_fraction: DtypeFractions
+    overhead_us: NonNegative
+
+
+class AttentionPass(_Model):
+    """Efficiency of one attention pass: ``max_fraction * s / (s + half_seq)`` of the peak."""
+
+    max_fraction: Fraction
+    half_seq: NonNegative
+
+
+class AttentionModel(_Model):
+    forward: AttentionPass
+    backward: AttentionPass
+
+
+class Compute(_Model):
+    peak_tflops: PeakTflops
+    gemm: GemmModel
+    attention: AttentionModel
+
+    @model_validator(mode="after")
+    def _dtypes_agree(self) -> Compute:
+        for d in DTYPES:
+            has_peak = getattr(self.peak_tflops, d) is not None
+            has_frac = getattr(self.gemm.max_fraction, d) is not None
+            if has_peak != has_frac:
+                raise ValueError(
+                    f"peak_tflops.{d} is {'set' if has_peak else 'null'} but gemm.max_fraction.{d} is "
+                    f"{'set' if has_frac else 'null'}: give both (the dtype is supported) or neither"
+                )
+        return self
+
+
+class Memory(_Model):
+    """Device memory (HBM; DRAM on the cpu profile)."""
+
+    hbm_gib: Positive
+    hbm_tbps: Positive
+    hbm_fraction: Fraction
+
+
+class Host(_Model):
+    """Host memory and the host<->device link, per device (for offload)."""
+
+    memory_gib: Positive
+    link_gbps: Positive
+    link_fraction: Fraction
+
+
+class CollectiveFractions(_Model):
+    all_gather: Fraction
+    reduce_scatter: Fraction
+    all_reduce: Fraction
+    all_to_all: Fraction
+    p2p: Fraction
+
+
+class Level(_Model):
+    """One level of the interconnect hierarchy.
+
+    ``devices``: how many devices one unit of this level holds (8 for an 8-GPU NVLink island);
+    ``null`` on the outermost level means "the whole cluster, unbounded".
+    ``bandwidth_gbps``: nominal per-device, per-direction bandwidth into this level (GB/s).
+    ``topology``: ``switch`` (every subgroup gets the full per-device bandwidth) or
+    ``full_mesh`` (point-to-point links, so a group of n of the level's D devices gets
+    (n-1)/(D-1) of it).
+    """
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    devices: Annotated[int, Field(ge=2)] | None
+    topology: Literal["switch", "full_mesh"]
+    bandwidth_gbps: Positive
+    latency_us: NonNegative
+    fraction: CollectiveFractions
+
+
+class Interconnect(_Model):
+    levels: Annotated[list[Level], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _levels_nest(self) -> Interconnect:
+        names = [lv.name for lv in self.levels]
+        for i, nm in enumerate(names):
+            if nm in names[:i]:
+                raise ValueError(f"levels[{i}].name {nm!r} repeats an earlier level's name; names must be unique")
+        for i, lv in enumerate(self.levels[:-1]):
+            if lv.devices is None:
+                raise ValueError(
+                    f"levels[{i}].devices is null (unbounded) but is not the last level: only the "
+                    "outermost level may be unbounded"
+                )
+        for i in range(1, len(self.levels)):
+            inner, outer = self.levels[i - 1].devices, self.levels[i].devices
+            if outer is not None and inner is not None and (outer <= inner or outer % inner):
+                raise ValueError(
+                    f"levels[{i}].devices ({outer}) must be a larger multiple of levels[{i - 1}].devices "
+                    f"({inner}): each level is made of whole units of the level inside it"
+                )
+        return self
+
+
+class Device(_Model):
+    kind: Literal["gpu", "npu", "cpu"]
+    model: Text
+    #: What one planner "device" is, in words (e.g. one GPU; one 910C package = 2 dies).
+    definition: Text
+    #: Runtime ranks (torch devices) per planner device: 2 on A3, where torch_npu exposes each
+    #: die of a 910C package as its own device.
+    ranks_per_device: Annotated[int, Field(ge=1)]
+
+
+def _walk(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """Yield (path, value) for every node below ``value`` (paths like ``a.b[0].c``)."""
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            sub = f"{path}.{name}" if path else name
+            child = getattr(value, name)
+            yield sub, child
+            yield from _walk(child, sub)
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            sub = f"{path}[{i}]"
+            yield sub, child
+            yield from _walk(child, sub)
+
+
+def _covered(path: str, keys: set[str]) -> bool:
+    """A source for ``a.b`` covers ``a.b``, ``a.b.c`` and ``a.b[0]``."""
+    if path in keys:
+        return True
+    for i, ch in enumerate(path):
+        if ch in ".[" and path[:i] in keys:
+            return True
+    return False
+
+
+class Profile(_Model):
+    """A hardware profile: one device kind and the interconnect hierarchy joining devices."""
+
+    schema_version: Literal[1]
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    description: Text
+    device: Device
+    compute: Compute
+    memory: Memory
+    host: Host
+    interconnect: Interconnect
+    #: Where every number came from: dotted field path (``compute.peak_tflops.bf16``,
+    #: ``interconnect.levels[0]``) -> source text. A key covers the fields below it.
+    sources: dict[Text, Text]
+
+    @model_validator(mode="after")
+    def _every_number_has_a_source(self) -> Profile:
+        nodes = [(p, v) for p, v in _walk(self, "") if not p.startswith("sources")]
+        known = {p for p, _ in nodes}
+        keys = set(self.sources)
+        unknown = sorted(k for k in keys if k not in known)
+        if unknown:
+            raise ValueError(
+                f"sources names fields that do not exist: {', '.join(unknown[:5])}"
+                f"{' …' if len(unknown) > 5 else ''} (use dotted paths such as "
+                "'compute.peak_tflops.bf16' or 'interconnect.levels[0].bandwidth_gbps')"
+            )
+        missing = [
+            p for p, v in nodes
+            if isinstance(v, int | float) and not isinstance(v, bool)
+            and p != "schema_version" and not _covered(p, keys)
+        ]
+        if missing:
+            raise ValueError(
+                f"sources has no entry for {', '.join(missing[:5])}"
+                f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}: every number needs "
+                "its source (a paper, datasheet, measurement command and date, or 'assumed: why')"
+            )
+        return self
+
+    # ------------------------------------------------------------------ compute
+    def peak_flops(self, dtype: str = "bf16") -> float:
+        """Dense peak FLOP/s for ``dtype`` (``bf16``, ``fp8`` or ``fp32``)."""
+        d = _dtype(dtype)
+        tflops = getattr(self.compute.peak_tflops, d)
+        if tflops is None:
+            raise InputError(
+                f"hardware profile {self.name!r} has no {d} compute ({self.device.model}); "
+                "choose another --precision (e.g. bf16) or another profile"
+            )
+        return tflops * 1e12
+
+    def gemm_time(self, m: int, n: int, k: int, dtype: str = "bf16", groups: int = 1) -> float:
+        """Seconds for ``groups`` GEMMs of [m, k] x [k, n] issued as one (grouped) call.
+
+        time = max(FLOPs / (peak x max_fraction), bytes / achievable HBM bandwidth) + overhead,
+        with FLOPs = 2mnk x groups and bytes = groups x ((mk + kn) x in_bytes + mn x out_bytes).
+        """
+        for label, v in (("m", m), ("n", n), ("k", k)):
+            if v < 0:
+                raise ValueError(f"gemm_time: {label}={v} must be >= 0")
+        if groups < 1:
+            raise ValueError(f"gemm_time: groups={groups} must be >= 1")
+        d = _dtype(dtype)
+        peak = self.peak_flops(d)
+        frac = getattr(self.compute.gemm.max_fraction, d)
+        flops = 2.0 * m * n * k * groups
+        nbytes = groups * ((m * k + k * n) * _IN_BYTES[d] + m * n * _OUT_BYTES[d])
+        busy = max(flops / (peak * frac), nbytes / self.hbm_bandwidth())
+        return busy + self.compute.gemm.overhead_us * 1e-6
+
+    def gemm_efficiency(self, m: int, n: int, k: int, dtype: str = "bf16", groups: int = 1) -> float:
+        """Achieved fraction of ``peak_flops(dtype)`` for this GEMM shape (see ``gemm_time``).
+
+        Rises with every dimension and with ``groups`` and stays below
+        ``compute.gemm.max_fraction``; 0 for an empty GEMM.
+        """
+        t = self.gemm_time(m, n, k, dtype, groups)
+        return 2.0 * m * n * k * groups / (self.peak_flops(dtype) * t)
+
+    def attention_efficiency(self, seq_len: float, backward: bool = False) -> float:
+        """Achieved fraction of the dtype's peak for a fused attention kernel at ``seq_len``.
+
+        ``max_fraction * s / (s + half_seq)``; multiply by ``peak_flops(dtype)``. For packed
+        variable-length batches pass the document length, not the pack length.
+        """
+        if seq_len <= 0:
+            raise ValueError(f"attention_efficiency: seq_len={seq_len} must be > 0")
+        p = self.compute.attention.backward if backward else self.compute.attention.forward
+        return p.max_fraction * seq_len / (seq_len + p.half_seq)
+
+    # ------------------------------------------------------------------ memory
+    def hbm_bytes(self) -> int:
+        """Device memory capacity in bytes."""
+        return int(self.memory.hbm_gib * 2**30)
+
+    def hbm_bandwidth(self) -> float:
+        """Achievable device-memory bandwidth, bytes/s (nominal x hbm_fraction)."""
+        return self.memory.hbm_tbps * 1e12 * self.memory.hbm_fraction
+
+    def memory_time(self, nbytes: float) -> float:
+        """Seconds for a memory-bound op that reads plus writes ``nbytes`` in total."""
+        return nbytes / self.hbm_bandwidth()
+
+    def host_memory_bytes(self) -> int:
+        """Host memory available per device, bytes."""
+        return int(self.host.memory_gib * 2**30)
+
+    def host_bandwidth(self) -> float:
+        """Achievable host<->device bandwidth per device and direction, bytes/s."""
+        return self.host.link_gbps * 1e9 * self.host.link_fraction
+
+    # ------------------------------------------------------------------ interconnect
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        return tuple(self.interconnect.levels)
+
+    def level_index(self, level: int | str) -> int:
+        """Index of a level given by index or by name."""
+        levels = self.interconnect.levels
+        if isinstance(level, str):
+            for i, lv in enumerate(levels):
+                if lv.name == level:
+                    return i
+            raise ValueError(f"profile {self.name!r} has no level {level!r}; levels: {[lv.name for lv in levels]}")
+        if not 0 <= level < len(levels):
+            raise ValueError(f"profile {self.name!r} has levels 0..{len(levels) - 1}, not {level}")
+        return level
+
+    def level_for_group(self, group_size: int, stride: int = 1, total_devices: int | None = None) -> int:
+        """Index of the innermost level that holds every member of a communication group.
+
+        Ranks are laid out as a row-major device mesh: a group of ``group_size`` members
+        ``stride`` apart sits in an aligned block of ``group_size * stride`` consecutive
+        devices. The group stays inside level *i* when that block divides the level's unit
+        (``devices``), or when the whole job (``total_devices``) fits in one unit. A group of
+        one needs no communication and reports level 0.
+        """
+        if group_size < 1 or stride < 1:
+            raise ValueError(f"level_for_group: group_size={group_size} and stride={stride} must be >= 1")
+        if group_size == 1:
+            return 0
+        block = group_size * stride
+        for i, lv in enumerate(self.interconnect.levels):
+            if lv.devices is None:
+                return i
+            if total_devices is not None and total_devices <= lv.devices:
+                return i
+            if block <= lv.devices and lv.devices % block == 0:
+                return i
+        top = self.interconnect.levels[-1]
+        raise InputError(
+            f"a group of {group_size} devices with stride {stride} spans {block} devices, more than the "
+            f"largest interconnect level of profile {self.name!r} ({top.name}: {top.devices} devices); "
+            "use fewer devices or a profile whose outermost level is unbounded"
+        )
+
+    def collective_bandwidth(self, level: int | str, kind: str, group_size: int | None = None) -> float:
+        """Achievable per-device, per-direction bandwidth (bytes/s) of collective ``kind``.
+
+        Nominal ``bandwidth_gbps`` x ``fraction[kind]``, in the NCCL "bus bandwidth" sense: a
+        ring all-gather of S bytes over n devices takes (n-1)/n x S / bandwidth (see
+        ``collective_time``). On a ``full_mesh`` level a ``group_size`` smaller than the level
+        uses only (group_size-1)/(devices-1) of the links.
+        """
+        lv = self.interconnect.levels[self.level_index(level)]
+        if kind not in COLLECTIVES:
+            raise ValueError(f"unknown collective kind {kind!r}; kinds: {', '.join(COLLECTIVES)}")
+        bw = lv.bandwidth_gbps * 1e9 * getattr(lv.fraction, kind)
+        if lv.topology == "full_mesh" and group_size is not None and lv.devices is not None and group_size > 1:
+            bw *= (min(group_size, lv.devices) - 1) / (lv.devices - 1)
+        return bw
+
+    def latency(self, level: int | str) -> float:
+        """One-message latency of a level, seconds."""
+        return self.interconnect.levels[self.level_index(level)].latency_us * 1e-6
+
+    def collective_time(
+        self, kind: str, nbytes: float, group_size: int, stride: int = 1, total_devices: int | None = None
+    ) -> float:
+        """Reference alpha-beta time of one collective (cost models may refine it).
+
+        ``nbytes``: the full gathered output (all_gather), the full input (reduce_scatter), the
+        buffer (all_reduce), one device's whole send buffer (all_to_all), the message (p2p).
+        Per-device traffic is (n-1)/n x nbytes (all_gather, reduce_scatter, all_to_all),
+        2(n-1)/n x nbytes (all_reduce) or nbytes (p2p), at ``collective_bandwidth`` of the level
+        the group spans, plus one latency per ring step ((n-1), 2(n-1) or 1).
+        """
+        if kind not in COLLECTIVES:
+            raise ValueError(f"unknown collective kind {kind!r}; kinds: {', '.join(COLLECTIVES)}")
+        if group_size <= 1 or nbytes <= 0:
+            return 0.0
+        n = group_size
+        i = self.level_for_group(n, stride, total_devices)
+        bw = self.collective_bandwidth(i, kind, n)
+        if kind == "all_reduce":
+            traffic, steps = 2 * (n - 1) / n * nbytes, 2 * (n - 1)
+        elif kind == "p2p":
+            traffic, steps = nbytes, 1
+        else:
+            traffic, steps = (n - 1) / n * nbytes, n - 1
+        return steps * self.latency(i) + traffic / bw
+
+    # ------------------------------------------------------------------ output
+    def summary(self) -> dict[str, Any]:
+        """A flat, JSON-friendly digest (for `xplan hw`)."""
+        pk = self.compute.peak_tflops
+        return {
+            "device": self.device.model,
+            "bf16_tflops": pk.bf16,
+            "fp8_tflops": pk.fp8,
+            "hbm_gib": self.memory.hbm_gib,
+            "hbm_tbps": self.memory.hbm_tbps,
+            "levels": ", ".join(
+                f"{lv.name} x{lv.devices if lv.devices is not None else '*'} {_fmt(lv.bandwidth_gbps)} GB/s"
+                for lv in self.interconnect.levels
+            ),
+            "ranks_per_device": self.device.ranks_per_device,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the YAML file's content), in schema order."""
+        return self.model_dump(mode="python")
+
+    def to_yaml(self) -> str:
+        """YAML text that ``load_profile``/``profile_from_yaml`` reads back to an equal profile."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+
+
+def _dtype(dtype: Any) -> str:
+    d = _DTYPE_ALIASES.get(str(dtype).lower())
+    if d is None:
+        raise InputError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return d
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

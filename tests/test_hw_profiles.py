@@ -1,0 +1,425 @@
+"""Hardware profiles: the shipped YAMLs, the schema's error messages, the helpers' arithmetic."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xplan.errors import InputError
+from xplan.hw_profiles import (
+    COLLECTIVES,
+    PROFILE_DIR,
+    Profile,
+    load_profile,
+    profile_from_dict,
+    profile_from_yaml,
+    profile_names,
+    save_profile,
+)
+
+SHIPPED = ["a100", "a3", "ascend-910b", "cpu", "h100", "h200", "h800"]
+
+
+@pytest.fixture(scope="module")
+def profiles() -> dict[str, Profile]:
+    return {n: load_profile(n) for n in profile_names()}
+
+
+def _raw(name: str) -> dict:
+    return yaml.safe_load((PROFILE_DIR / f"{name}.yaml").read_text())
+
+
+def _error(data) -> str:
+    with pytest.raises(InputError) as info:
+        profile_from_dict(data, origin="test.yaml")
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------- shipped profiles
+def test_shipped_names():
+    assert profile_names() == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_profile_loads_and_round_trips(name, tmp_path):
+    p = load_profile(name)
+    assert p.name == name
+    assert profile_from_yaml(p.to_yaml()) == p
+    assert profile_from_dict(p.to_dict()) == p
+    out = save_profile(p, tmp_path / f"{name}-copy.yaml", header="a header\nline two")
+    assert out.read_text().startswith("# a header\n# line two\n")
+    assert load_profile(out) == p
+    assert load_profile(str(out)) == p
+    json.dumps(p.summary())  # the CLI prints it as JSON
+
+
+def test_every_shipped_number_has_a_source(profiles):
+    for p in profiles.values():
+        assert p.sources, p.name
+        assert all(isinstance(v, str) and v for v in p.sources.values())
+
+
+def test_cpu_profile_records_how_it_was_measured(profiles):
+    text = " ".join(profiles["cpu"].sources.values())
+    assert "python -m xplan.hw_profiles.measure" in text
+    assert re.search(r"\d{4}-\d{2}-\d{2}", text)
+    assert (PROFILE_DIR / "cpu.yaml").read_text().startswith("# Measured on this machine by")
+
+
+def test_a3_device_is_a_910c_package(profiles):
+    a3, b = profiles["a3"], profiles["ascend-910b"]
+    assert a3.device.ranks_per_device == 2 and b.device.ranks_per_device == 1
+    assert "package" in a3.device.definition
+    # one package = two 910B-class dies
+    assert a3.compute.peak_tflops.bf16 == 2 * b.compute.peak_tflops.bf16 == 752
+    assert a3.memory.hbm_gib == 2 * b.memory.hbm_gib == 128
+    assert a3.memory.hbm_tbps == pytest.approx(2 * b.memory.hbm_tbps)
+    assert a3.levels[0].bandwidth_gbps == 2 * b.levels[0].bandwidth_gbps
+    assert [lv.devices for lv in a3.levels] == [8, 384, None]
+
+
+# ---------------------------------------------------------------------- hand-computable checks
+def test_h800_levels(profiles):
+    p = profiles["h800"]
+    assert p.level_for_group(1) == 0
+    assert p.level_for_group(8) == 0                    # the NVLink island
+    assert p.level_for_group(16) == 1                   # two nodes: the network
+    assert p.level_for_group(4, stride=2) == 0          # {0,2,4,6}: one node
+    assert p.level_for_group(2, stride=8) == 1          # {0,8}: two nodes
+    assert p.level_for_group(3) == 1                    # groups of 3 straddle nodes
+    assert p.level_for_group(256, stride=1) == 1
+    assert p.collective_bandwidth(0, "all_gather") == pytest.approx(200e9 * 0.8)
+    assert p.collective_bandwidth("nvlink", "all_to_all") == pytest.approx(200e9 * 0.77)
+    assert p.collective_bandwidth("ib", "all_to_all") == pytest.approx(50e9 * 0.8)
+    assert p.collective_bandwidth(1, "reduce_scatter") == pytest.approx(47e9)
+    assert p.latency(0) == pytest.approx(3.33e-6)
+    gib = 2**30
+    t = p.collective_time("all_gather", gib, 8)
+    assert t == pytest.approx(7 * 3.33e-6 + 7 / 8 * gib / 160e9)
+    assert p.collective_time("all_reduce", gib, 16) == pytest.approx(30 * 3.7e-6 + 2 * 15 / 16 * gib / 47e9)
+    assert p.collective_time("p2p", 1e6, 2, stride=8) == pytest.approx(3.7e-6 + 1e6 / 47e9)
+    assert p.collective_time("all_gather", gib, 1) == 0.0
+
+
+def test_a3_levels_and_whole_supernode_jobs(profiles):
+    p = profiles["a3"]
+    assert p.level_for_group(8) == 0
+    assert p.level_for_group(16) == 1                   # 2 nodes of one supernode
+    assert p.level_for_group(128) == 1                  # 384 % 128 == 0
+    assert p.level_for_group(256) == 2                  # aligned blocks of 256 straddle supernodes...
+    assert p.level_for_group(256, total_devices=256) == 1  # ...unless the whole job is one supernode
+    assert p.level_for_group(768) == 2
+    assert p.collective_bandwidth(1, "all_to_all") == pytest.approx(392e9 * 0.68)
+    assert p.collective_bandwidth(2, "all_gather") == pytest.approx(50e9 * 0.7)
+
+
+def test_full_mesh_scales_with_group_size(profiles):
+    p = profiles["ascend-910b"]
+    full = 196e9 * 0.7
+    assert p.collective_bandwidth(0, "all_gather") == pytest.approx(full)
+    assert p.collective_bandwidth(0, "all_gather", group_size=8) == pytest.approx(full)
+    assert p.collective_bandwidth(0, "all_gather", group_size=4) == pytest.approx(full * 3 / 7)
+    assert p.collective_bandwidth(0, "all_gather", group_size=2) == pytest.approx(full / 7)
+    assert p.collective_bandwidth(1, "all_gather", group_size=2) == pytest.approx(25e9 * 0.7)
+
+
+def test_compute_and_memory_helpers(profiles):
+    p = profiles["h800"]
+    assert p.peak_flops("bf16") == 989e12
+    assert p.peak_flops("float8_e4m3fn") == 1979e12
+    assert p.hbm_bytes() == 80 * 2**30
+    assert p.hbm_bandwidth() == pytest.approx(3.35e12 * 0.9)
+    assert p.host_bandwidth() == pytest.approx(64e9 * 0.8)
+    assert p.host_memory_bytes() == 256 * 2**30
+    assert p.memory_time(3.015e12) == pytest.approx(1.0)
+    # a big square bf16 GEMM: compute-bound, at the max fraction less the 3.4 us overhead
+    n = 8192
+    t = p.gemm_time(n, n, n)
+    assert t == pytest.approx(2 * n**3 / (989e12 * 0.80) + 3.4e-6)
+    assert p.gemm_efficiency(n, n, n) == pytest.approx(2 * n**3 / (989e12 * t))
+    # a tiny GEMM: HBM-bound plus overhead
+    t_small = p.gemm_time(16, 128, 128)
+    nbytes = (16 * 128 + 128 * 128) * 2 + 16 * 128 * 2
+    assert t_small == pytest.approx(nbytes / (3.35e12 * 0.9) + 3.4e-6)
+    assert p.gemm_efficiency(0, 128, 128) == 0.0
+    assert p.attention_efficiency(210) == pytest.approx(0.677 / 2)
+    assert p.attention_efficiency(425, backward=True) == pytest.approx(0.597 / 2)
+    with pytest.raises(InputError, match="no fp8"):
+        profiles["a100"].peak_flops("fp8")
+    with pytest.raises(InputError, match="unknown dtype"):
+        p.peak_flops("int4")
+    with pytest.raises(ValueError):
+        p.collective_bandwidth(0, "broadcast")
+    with pytest.raises(ValueError):
+        p.level_index("nvswitch")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_gemm_efficiency_monotone_and_below_max(name, profiles):
+    p = profiles[name]
+    sizes = [1, 8, 64, 256, 1024, 4096, 16384]
+    for dtype in ("bf16", "fp8", "fp32"):
+        cap = getattr(p.compute.gemm.max_fraction, dtype)
+        if cap is None:
+            continue
+        for axis in range(3):
+            effs = []
+            for s in sizes:
+                dims = [2048, 2048, 2048]
+                dims[axis] = s
+                effs.append(p.gemm_efficiency(*dims, dtype=dtype))
+            assert all(a < b for a, b in zip(effs, effs[1:], strict=False)), (name, dtype, axis, effs)
+            assert all(0 < e < cap for e in effs)
+        grouped = [p.gemm_efficiency(128, 1536, 4096, dtype, groups=g) for g in (1, 4, 16, 64)]
+        assert all(a < b for a, b in zip(grouped, grouped[1:], strict=False))
+    # small per-expert GEMMs are far from the (tensor-core) peak
+    assert p.gemm_efficiency(16, 1536, 4096, "bf16") < 0.5 * p.compute.gemm.max_fraction.bf16
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_attention_efficiency_rises_with_length(name, profiles):
+    p = profiles[name]
+    for bwd in (False, True):
+        effs = [p.attention_efficiency(s, backward=bwd) for s in (128, 512, 2048, 8192, 65536)]
+        assert all(a <= b for a, b in zip(effs, effs[1:], strict=False))
+        cap = (p.compute.attention.backward if bwd else p.compute.attention.forward).max_fraction
+        assert all(0 < e <= cap for e in effs)
+
+
+# ---------------------------------------------------------------------- bad input -> InputError naming the field
+def test_unknown_key_is_named():
+    data = _raw("h800")
+    data["compute"]["peak_tflops"]["bf17"] = 1
+    msg = _error(data)
+    assert "compute.peak_tflops.bf17 is not a known field" in msg
+    data = _raw("h800")
+    data["interconect"] = {}
+    assert "interconect is not a known field (did you mean 'interconnect'?)" in _error(data)
+
+
+def test_missing_field_is_named():
+    data = _raw("h800")
+    del data["memory"]["hbm_tbps"]
+    assert "memory.hbm_tbps is missing" in _error(data)
+    data = _raw("h800")
+    del data["interconnect"]["levels"][1]["latency_us"]
+    assert "interconnect.levels[1].latency_us is missing" in _error(data)
+
+
+def test_negative_bandwidth_is_named():
+    data = _raw("h800")
+    data["interconnect"]["levels"][0]["bandwidth_gbps"] = -5
+    msg = _error(data)
+    assert "interconnect.levels[0].bandwidth_gbps must be > 0 (got -5)" in msg
+    assert "test.yaml" in msg and "README" in msg
+
+
+def test_fraction_above_one_is_named():
+    data = _raw("h800")
+    data["interconnect"]["levels"][1]["fraction"]["all_to_all"] = 1.5
+    assert "interconnect.levels[1].fraction.all_to_all must be <= 1 (got 1.5)" in _error(data)
+    data = _raw("h800")
+    data["memory"]["hbm_fraction"] = 0
+    assert "memory.hbm_fraction must be > 0" in _error(data)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["memory"].__setitem__("hbm_gib", float("nan")), "memory.hbm_gib must be a finite number"),
+        (lambda d: d["memory"].__setitem__("hbm_gib", "80"), "memory.hbm_gib must be a number (got str '80')"),
+        (lambda d: d["memory"].__setitem__("hbm_gib", True), "memory.hbm_gib must be a number"),
+        (lambda d: d["device"].__setitem__("kind", "tpu"), "device.kind must be"),
+        (lambda d: d.__setitem__("schema_version", 2), "schema_version must be 1"),
+        (lambda d: d["interconnect"]["levels"][1].__setitem__("devices", 12),
+         "interconnect: levels[1].devices (12) must be a larger multiple of levels[0].devices (8)"),
+        (lambda d: d["interconnect"]["levels"][0].__setitem__("devices", None),
+         "levels[0].devices is null (unbounded) but is not the last level"),
+        (lambda d: d["interconnect"]["levels"][1].__setitem__("name", "nvlink"), "repeats an earlier level's name"),
+        (lambda d: d["interconnect"].__setitem__("levels", []), "interconnect.levels"),
+        (lambda d: d["interconnect"]["levels"][0].__setitem__("devices", 1), "interconnect.levels[0].devices must be >= 2"),
+        (lambda d: d["compute"]["gemm"]["max_fraction"].__setitem__("fp8", None),
+         "peak_tflops.fp8 is set but gemm.max_fraction.fp8 is null"),
+        (lambda d: d["sources"].pop("memory.hbm_tbps"), "sources has no entry for memory.hbm_tbps"),
+        (lambda d: d["sources"].__setitem__("memory.hbm_tbs", "typo"), "sources names fields that do not exist: memory.hbm_tbs"),
+        (lambda d: d["device"].__setitem__("ranks_per_device", 0), "device.ranks_per_device must be >= 1"),
+        (lambda d: d["compute"]["gemm"].__setitem__("overhead_us", -1), "compute.gemm.overhead_us must be >= 0"),
+        (lambda d: d.__setitem__("name", "bad name!"), "name must be a simple name"),
+    ],
+)
+def test_impossible_values_are_named(mutate, expected):
+    data = _raw("h800")
+    mutate(data)
+    assert expected in _error(data)
+
+
+def test_many_errors_are_summarised():
+    data = _raw("h800")
+    for lv in data["interconnect"]["levels"]:
+        for k in lv["fraction"]:
+            lv["fraction"][k] = 2
+    msg = _error(data)
+    assert "and 5 more problem(s)" in msg
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(InputError, match=r"unknown hardware profile 'h900'.*shipped profiles are a100, a3"):
+        load_profile("h900")
+    with pytest.raises(InputError, match="did you mean 'h800'"):
+        load_profile("h8000")
+    with pytest.raises(InputError, match="does not exist"):
+        load_profile(str(tmp_path / "nope.yaml"))
+    with pytest.raises(InputError, match="is a directory"):
+        load_profile(tmp_path)
+    with pytest.raises(InputError, match="name or a path"):
+        load_profile("")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(InputError, match=r"not valid YAML at line \d+, column \d+"):
+        load_profile(bad)
+    bad.write_text("")
+    with pytest.raises(InputError, match="is empty"):
+        load_profile(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(InputError, match="is a list, not a mapping"):
+        load_profile(bad)
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(InputError, match="cannot read hardware profile"):
+        load_profile(bad)
+    bad.write_text("when: 2001-02-30\n")
+    with pytest.raises(InputError):
+        load_profile(bad)
+    bad.write_text("a: &x [*x]\n")
+    with pytest.raises(InputError):
+        load_profile(bad)
+
+
+def test_user_profile_by_path(tmp_path):
+    data = _raw("h800")
+    data["name"] = "my-h800"
+    data["interconnect"]["levels"][1]["bandwidth_gbps"] = 25
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    p = load_profile(str(path))
+    assert p.name == "my-h800"
+    assert p.collective_bandwidth(1, "all_gather") == pytest.approx(25e9 * 0.94)
+
+
+def test_level_for_group_beyond_a_bounded_top_level():
+    data = _raw("h800")
+    data["interconnect"]["levels"][1]["devices"] = 64
+    p = profile_from_dict(data)
+    assert p.level_for_group(64) == 1
+    with pytest.raises(InputError, match="more than the largest interconnect level"):
+        p.level_for_group(128)
+
+
+# ---------------------------------------------------------------------- fuzzing: only InputError escapes
+_scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=12)
+_json = st.recursive(
+    _scalars,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    max_leaves=25,
+)
+_fields = st.sampled_from(
+    ["schema_version", "name", "description", "device", "compute", "memory", "host", "interconnect", "sources",
+     "levels", "bandwidth_gbps", "fraction", "peak_tflops", "bf16", "fp8", "gemm", "devices"]
+)
+_field_dicts = st.recursive(
+    _scalars, lambda kids: st.dictionaries(_fields, kids, max_size=6) | st.lists(kids, max_size=3), max_leaves=30
+)
+_FUZZ = settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _only_input_error(fn, *args) -> None:
+    try:
+        result = fn(*args)
+    except InputError:
+        return
+    assert isinstance(result, Profile)
+
+
+@_FUZZ
+@given(st.one_of(_json, _field_dicts))
+def test_fuzz_dicts_raise_only_input_error(data):
+    _only_input_error(profile_from_dict, data)
+
+
+@_FUZZ
+@given(st.text(max_size=200))
+def test_fuzz_yaml_text_raises_only_input_error(text):
+    _only_input_error(profile_from_yaml, text)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, (*prefix, i))
+
+
+_BASE = yaml.safe_load((PROFILE_DIR / "a3.yaml").read_text())
+_BASE_PATHS = [p for p in _paths(_BASE) if p]
+
+
+@_FUZZ
+@given(st.sampled_from(_BASE_PATHS), st.one_of(st.just("<delete>"), _json), st.booleans())
+def test_fuzz_mutated_profiles_raise_only_input_error(path, value, via_yaml):
+    data = copy.deepcopy(_BASE)
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    if value == "<delete>":
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    if via_yaml:
+        try:
+            text = yaml.safe_dump(data)
+        except yaml.YAMLError:
+            return
+        _only_input_error(profile_from_yaml, text)
+    else:
+        _only_input_error(profile_from_dict, data)
+
+
+# ---------------------------------------------------------------------- measurement helpers (tiny and fast)
+def test_measure_helpers_smoke():
+    from xplan.hw_profiles import measure as hw_measure  # imports torch: keep it out of collection
+
+    rs = hw_measure.measure_matmul([(8, 8, 8), (64, 32, 16)], "fp32", min_time=0.001)
+    assert [(r.m, r.n, r.k) for r in rs] == [(8, 8, 8), (64, 32, 16)]
+    assert all(r.seconds > 0 and r.tflops > 0 for r in rs)
+    assert hw_measure.measure_copy_bandwidth(2**20, min_time=0.001, allocations=1) > 0
+    att = hw_measure.measure_attention([16], heads=2, head_dim=8, dtype="fp32", min_time=0.001)
+    assert att[0].fwd_tflops > 0 and att[0].bwd_tflops > 0
+
+
+def test_fits_recover_synthetic_parameters():
+    from xplan.hw_profiles import measure as hw_measure
+
+    peak, bw, t0 = 1e12, 1e11, 5e-6
+    rs = []
+    for m, n, k in [(8, 8, 8), (64, 64, 64), (256, 256, 256), (1024, 1024, 1024), (16, 4096, 4096)]:
+        flops = 2 * m * n * k
+        nbytes = (m * k + k * n + m * n) * 4
+        rs.append(hw_measure.MatmulResult(m, n, k, "fp32", max(flops / peak, nbytes / bw) + t0))
+    assert hw_measure.fit_gemm_overhead(rs, {"fp32": peak}, {"fp32": 1.0}, bw) == pytest.approx(t0, rel=1e-6)
+    xs = [128, 256, 512, 1024, 4096]
+    a, h = hw_measure.fit_saturation(xs, [0.6 * x / (x + 256) for x in xs])
+    assert a == pytest.approx(0.6, rel=0.02) and h == pytest.approx(256, rel=0.05)
+    assert math.isclose(hw_measure._sig(0.0123456), 0.01235)
+
+
+def test_collective_kinds_are_the_documented_five():
+    assert COLLECTIVES == ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
