@@ -1,1 +1,6 @@
-"""cost_models"""
+"""Cost models: pure functions of (traced graph, layout, hardware profile) with breakdowns."""
+
+from .estimate import Estimate, estimate, fits_memory, memory_estimate
+from .memory import MemoryBreakdown
+
+__all__ = ["Estimate", "fits_memory", "MemoryBreakdown", "estimate", "memory_estimate"]

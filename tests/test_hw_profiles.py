@@ -24,7 +24,7 @@ from xplan.hw_profiles import (
     save_profile,
 )
 
-SHIPPED = ["a100", "a3", "ascend-910b", "cpu", "h100", "h200", "h800"]
+SHIPPED = ["a100", "a3", "ascend-910b", "cpu", "h100", "h100-hbm2e-96gb", "h200", "h800"]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ Rank arithmetic, used the same way by the cost models, the search and the runtim
     dp_world = sp * data_parallel           (sp ranks split one sequence, Ulysses)
     dp_world = fsdp * hsdp_replicas         (dense weights sharded over `fsdp` ranks)
     fsdp     = ep * expert_fsdp             (routed experts split over `ep`, then sharded)
+    fsdp == 1: no per-micro-batch sharding; optimizer states sharded over dp_world (ZeRO-1)
 
 Gradient accumulation follows from the global batch:
     global_batch = data_parallel * micro_batch * grad_accum   (sequences)
@@ -87,7 +88,13 @@ class Layout:
 
     @property
     def expert_fsdp(self) -> int:
-        return self.fsdp // self.ep
+        return max(1, self.fsdp // self.ep)
+
+    @property
+    def zero1(self) -> bool:
+        """fsdp == 1: parameters and gradients replicated, optimizer states sharded over the
+        data-parallel ranks (Megatron's distributed optimizer); gathered once per step."""
+        return self.fsdp == 1
 
     def recompute_fraction(self) -> float:
         """Share of blocks that are fully recomputed ('selective' counts as 0 here)."""
@@ -166,8 +173,11 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
     need(d.dp_world % d.sp == 0, f"sp ({d.sp}) must divide the data-parallel world ({d.dp_world} = devices / (tp × pp)).")
     need(d.dp_world % d.fsdp == 0,
          f"fsdp ({d.fsdp}) must divide the data-parallel world ({d.dp_world}); use a divisor for HSDP.")
-    need(d.fsdp % d.ep == 0, f"ep ({d.ep}) must divide the FSDP shard group ({d.fsdp}): experts are split "
-                             "over EP ranks inside each shard group.")
+    if d.fsdp > 1:
+        need(d.fsdp % d.ep == 0, f"ep ({d.ep}) must divide the FSDP shard group ({d.fsdp}): experts are split "
+                                 "over EP ranks inside each shard group.")
+    else:
+        need(d.dp_world % d.ep == 0, f"ep ({d.ep}) must divide the data-parallel world ({d.dp_world}).")
     if d.ep > 1:
         need(config.num_experts > 0, f"ep = {d.ep} needs a mixture-of-experts model; {config.name} is dense.")
         need(config.num_experts % d.ep == 0,
@@ -184,8 +194,9 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
     if d.tp > 1:
         need(config.num_heads % d.tp == 0, f"tp ({d.tp}) must divide the attention heads ({config.num_heads}).")
     if d.pp > 1 or d.vpp > 1:
-        need(config.num_layers >= d.pp * d.vpp,
-             f"pp × vpp ({d.pp} × {d.vpp}) cannot exceed the number of layers ({config.num_layers}).")
+        # Embedding and loss may take a virtual stage each (as Megatron's uneven split allows).
+        need(config.num_layers + 2 >= d.pp * d.vpp,
+             f"pp × vpp ({d.pp} × {d.vpp}) stages cannot exceed the layers ({config.num_layers}) + 2.")
     need(d.vpp == 1 or d.pp > 1, "vpp > 1 needs pipeline parallelism (pp > 1).")
     if global_batch is not None:
         layout.grad_accum(global_batch)

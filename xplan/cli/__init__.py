@@ -8,7 +8,16 @@ from __future__ import annotations
 import os
 import sys
 
-from . import hw_cmd, inspect_cmd, models_cmd, run_cmd  # noqa: F401, E402  (registers commands)
+from . import (  # noqa: F401  (importing a module registers its command)
+    estimate_cmd,
+    hw_cmd,
+    inspect_cmd,
+    models_cmd,
+    run_cmd,
+    search_cmd,
+    validate_cmd,
+    whatif_cmd,
+)
 from .app import app, console_err
 
 

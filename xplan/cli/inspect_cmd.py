@@ -10,7 +10,7 @@ from rich.table import Table
 from .app import JSON_OPTION, app, console, human_count, print_json
 
 
-def inspect_summary(model_ref: str, seq_len: int) -> dict:
+def inspect_summary(model_ref: str, seq_len: int, graph: Path | None = None) -> dict:
     from xplan.errors import InputError
     from xplan.runtime import build_model, load_config
     from xplan.runtime.models.counting import count_parameters
@@ -19,6 +19,9 @@ def inspect_summary(model_ref: str, seq_len: int) -> dict:
         raise InputError(f"--seq-len must be a positive integer, got {seq_len}.")
     config = load_config(model_ref)
     counts = count_parameters(build_model(config, device="meta"))
+    from xplan.planner.trace import inspect_fields
+
+    traced = inspect_fields(config, seq_len, graph_path=graph)
     return {
         "model": config.name,
         "model_type": config.model_type,
@@ -28,6 +31,9 @@ def inspect_summary(model_ref: str, seq_len: int) -> dict:
         "params_routed_experts": counts.routed_experts,
         "num_layers": config.num_layers,
         "layers": counts.layers_by_kind,
+        "flops_per_token": traced["flops_per_token"],
+        "flops_per_token_forward": traced["flops_per_token_forward"],
+        "activation_bytes_per_token": traced["activation_bytes_per_token"],
         "hidden_size": config.hidden_size,
         "num_heads": config.num_heads,
         "num_kv_heads": config.num_kv_heads,
@@ -44,13 +50,14 @@ def inspect(
     graph: Path = typer.Option(None, "--graph", help="Write the traced graph to this .graphml file."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Summarise a model: parameters (total and active per token), layers by kind.
+    """Summarise a model from a trace of the runtime's own code: parameters (total and active per
+    token), layers by kind, training FLOPs per token and activation bytes per recompute policy.
 
     Examples:
       [bold]xplan inspect qwen3-30b-a3b[/]
       [bold]xplan inspect ./my-model-dir --seq-len 8192 --json[/]
     """
-    summary = inspect_summary(model, seq_len)
+    summary = inspect_summary(model, seq_len, graph)
     if json_out:
         print_json(summary)
         return
@@ -64,4 +71,14 @@ def inspect(
                   f"{summary['hidden_size']} / {summary['num_heads']} / {summary['num_kv_heads']}")
     if summary["num_experts"]:
         table.add_row("experts (top-k)", f"{summary['num_experts']} ({summary['top_k']})")
+    table.add_row(f"training FLOPs/token at seq {seq_len}", f"{summary['flops_per_token'] / 1e9:.2f} G")
     console.print(table)
+    acts = Table(title="activation bytes kept for backward, per token (per layer for blocks)")
+    acts.add_column("group")
+    for policy in ("none", "selective", "full"):
+        acts.add_column(f"recompute={policy}", justify="right")
+    for group, by_policy in summary["activation_bytes_per_token"].items():
+        acts.add_row(group, *(f"{by_policy[p] / 1024:.1f} KiB" for p in ("none", "selective", "full")))
+    console.print(acts)
+    if graph is not None:
+        console.print(f"graph written to {graph}")

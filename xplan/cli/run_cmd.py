@@ -9,9 +9,6 @@ from rich.table import Table
 
 from .app import JSON_OPTION, app, console, print_json
 
-JSON_FIELDS = ("losses", "step_time_s", "tokens_per_s_per_device", "peak_memory_gib", "predicted_peak_gib",
-               "predicted_step_time_s")
-
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)

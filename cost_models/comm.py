@@ -1,0 +1,94 @@
+"""Communication time of each parallelism, on the hierarchy level its group spans.
+
+Rank order (row-major mesh, innermost last): [hsdp replica][expert-fsdp][ep] for model states,
+with Ulysses (sp) and EP groups on consecutive ranks so they stay inside the fastest level.
+Every function returns seconds for one occurrence on one rank.
+"""
+
+from __future__ import annotations
+
+
+def all_gather_time(profile, nbytes: float, group: int, stride: int, devices: int) -> float:
+    """Ring all-gather producing `nbytes` (the full unsharded buffer)."""
+    return profile.collective_time("all_gather", nbytes, group, stride, devices)
+
+
+def reduce_scatter_time(profile, nbytes: float, group: int, stride: int, devices: int) -> float:
+    """Ring reduce-scatter of an `nbytes` input (the full unsharded gradient)."""
+    return profile.collective_time("reduce_scatter", nbytes, group, stride, devices)
+
+
+def all_reduce_time(profile, nbytes: float, group: int, stride: int, devices: int) -> float:
+    return profile.collective_time("all_reduce", nbytes, group, stride, devices)
+
+
+def all_to_all_time(profile, nbytes: float, group: int, stride: int, devices: int) -> float:
+    """All-to-all where each rank sends `nbytes` in total (its share to itself included)."""
+    return profile.collective_time("all_to_all", nbytes, group, stride, devices)
+
+
+def p2p_time(profile, nbytes: float, stride: int, devices: int) -> float:
+    return profile.collective_time("p2p", nbytes, 2, stride, devices)
+
+
+def fsdp_block_times(profile, gathered_numel: float, dense_numel: float, routed_numel: float, layout,
+                     param_bytes: int, reduce_bytes: int) -> tuple[float, float]:
+    """(all-gather, reduce-scatter) seconds for one block.
+
+    Dense weights are sharded over the `fsdp` consecutive ranks; routed experts (already split
+    by EP) over the `expert_fsdp` ranks `ep` apart. Both groups run their collectives in turn.
+    """
+    d = layout.devices
+    stride_tp = layout.tp
+    ag = all_gather_time(profile, dense_numel * param_bytes, layout.fsdp, stride_tp, d)
+    rs = reduce_scatter_time(profile, dense_numel * reduce_bytes, layout.fsdp, stride_tp, d)
+    if routed_numel:
+        ag += all_gather_time(profile, routed_numel * param_bytes, layout.expert_fsdp, layout.ep * stride_tp, d)
+        rs += reduce_scatter_time(profile, routed_numel * reduce_bytes, layout.expert_fsdp,
+                                  layout.ep * stride_tp, d)
+    return ag, rs
+
+
+def expert_parallel_time(profile, tokens: float, hidden: int, top_k: int, layout, act_bytes: int,
+                         imbalance: float) -> float:
+    """EP dispatch + combine, forward and backward (4 all-to-alls) for one MoE layer.
+
+    Each rank sends its tokens' top-k copies (`tokens * top_k * hidden` activations); the busiest
+    rank receives `imbalance` times the mean.
+    """
+    if layout.ep <= 1:
+        return 0.0
+    nbytes = tokens * top_k * hidden * act_bytes * imbalance
+    return 4 * all_to_all_time(profile, nbytes, layout.ep, layout.tp, layout.devices)
+
+
+def ulysses_time(profile, tokens: float, q_width: int, kv_width: int, out_width: int, layout,
+                 act_bytes: int) -> float:
+    """Ulysses: q, k, v to head-sharded and the output back, forward and mirrored in backward.
+
+    `tokens` is this rank's sequence shard; widths are heads × head_dim of q, of k plus v (after
+    any kv-head repetition), and of the attention output.
+    """
+    if layout.sp <= 1:
+        return 0.0
+    per_pass = tokens * (q_width + kv_width + out_width) * act_bytes
+    return 2 * all_to_all_time(profile, per_pass, layout.sp, layout.tp, layout.devices)
+
+
+def tensor_parallel_time(profile, tokens: float, hidden: int, layout, act_bytes: int) -> float:
+    """Megatron TP with sequence parallelism: per layer 2 all-gathers + 2 reduce-scatters of the
+    activations forward, the same backward."""
+    if layout.tp <= 1:
+        return 0.0
+    full = tokens * layout.tp * hidden * act_bytes  # gathered activation of the TP group
+    one = all_gather_time(profile, full, layout.tp, 1, layout.devices) + reduce_scatter_time(
+        profile, full, layout.tp, 1, layout.devices)
+    return 4 * one
+
+
+def pipeline_p2p_time(profile, tokens: float, hidden: int, layout, act_bytes: int) -> float:
+    """Activations forward and gradients backward across one stage boundary per micro-batch."""
+    if layout.pp <= 1:
+        return 0.0
+    stride = layout.devices // layout.pp
+    return 2 * layout.vpp * p2p_time(profile, tokens * hidden * act_bytes, stride, layout.devices)

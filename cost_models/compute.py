@@ -1,0 +1,65 @@
+"""Compute time of one micro-batch on one rank, priced op by op from the traced graph."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .ops import PricedOp, priced_ops
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class RankWork:
+    """How one rank's share of a micro-batch relates to the traced micro-batch (1 × seq_len)."""
+
+    token_factor: float  # micro_batch / sp
+    tp: int = 1
+    ep: int = 1
+    imbalance: float = 1.0  # busiest EP rank's routed-token load over the mean
+    precision: str = "bf16"
+    seq_len: int = 4096
+    traced_dtype_bytes: int = 2
+
+
+def op_time(op: PricedOp, work: RankWork, profile) -> float:
+    """Seconds for one traced op on one rank under `work`."""
+    gemm_dtype = work.precision
+    overhead = profile.compute.gemm.overhead_us * 1e-6
+    if op.category == "attention":
+        eff = profile.attention_efficiency(work.seq_len, backward=op.phase == "backward")
+        dtype = "fp32" if work.precision == "fp32" else "bf16"
+        return op.flops * work.token_factor / work.tp / (profile.peak_flops(dtype) * eff) + overhead
+    if op.category == "grouped":
+        rows, n, k = op.dims
+        load = work.imbalance if work.ep > 1 else 1.0
+        groups = max(1, op.groups // work.ep)
+        return profile.gemm_time(rows * work.token_factor * work.ep * load, n / work.tp, k, gemm_dtype, groups)
+    if op.category == "gemm":
+        m, n, k = op.dims
+        if op.token_scaled:
+            return profile.gemm_time(m * work.token_factor, n / work.tp, k, gemm_dtype, op.groups)
+        # Token count sits in a batch dimension (e.g. per-head matmuls): cost scales linearly.
+        return profile.gemm_time(m, n, k, gemm_dtype, op.groups) * work.token_factor / work.tp
+    scale = _BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
+    return op.nbytes * scale * work.token_factor / work.tp / profile.hbm_bandwidth() + overhead
+
+
+def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
+    """{(group, phase): seconds} for one instance of each traced group (block kind, embed, head...).
+
+    Memoised on the trace per (work, profile): a search prices many layouts with the same work.
+    """
+    memo = trace.__dict__.setdefault("_group_times", {})
+    key = (work, profile.name, id(profile))
+    if key not in memo:
+        memo[key] = _group_times(trace, work, profile)
+    return memo[key]
+
+
+def _group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
+    times: dict[tuple[str, str], float] = defaultdict(float)
+    for op in priced_ops(trace):
+        times[(op.group, op.phase)] += op_time(op, work, profile)
+    return dict(times)

@@ -1,0 +1,263 @@
+"""Price one layout: step time with its breakdown, tokens/s/device, MFU and peak memory.
+
+MFU (defined once, here): model FLOPs per token from the trace (forward + backward, causal
+attention at half, recompute excluded) × tokens/s per device ÷ the device's dense bf16 peak.
+
+Step time of the busiest rank:
+    grad_accum × (compute + exposed communication of one micro-batch)
+  + pipeline bubble ((pp - 1) / vpp micro-batch slots, 1F1B / interleaved)
+  + optimizer step (memory-bound on device, or over the host link when offloaded)
+FSDP all-gathers and reduce-scatters overlap the neighbouring block's compute (prefetch depth 1);
+what exceeds that compute is exposed. Expert-parallel and Ulysses all-to-alls, TP collectives
+and pipeline sends sit on the critical path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from xplan.layout import Layout, check_layout
+
+from . import comm
+from .compute import RankWork, group_times
+from .memory import (
+    COMPUTE_BYTES,
+    GIB,
+    MemoryBreakdown,
+    activation_bytes,
+    block_unsharded_numel,
+    head_phase_bytes,
+    model_state_bytes,
+)
+
+OPTIMIZER_BYTES_PER_PARAM = 28  # AdamW: read param, grad, 2 moments (16 B); write param, 2 moments (12 B)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    seq_len: int
+    global_batch: int
+    grad_accum: int
+    memory: MemoryBreakdown
+    time: dict[str, float]  # seconds per step by component
+    step_time_s: float
+    tokens_per_s_per_device: float
+    mfu: float
+    flops_per_token: float
+    hbm_bytes: float
+    host_bytes: float
+    binding: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return fits_memory(self.memory, self.hbm_bytes, self.host_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fits": self.fits,
+            "memory_gib": self.memory.gib() | {"capacity": self.hbm_bytes / GIB,
+                                               "host_capacity": self.host_bytes / GIB},
+            "step_time_s": self.step_time_s,
+            "tokens_per_s_per_device": self.tokens_per_s_per_device,
+            "mfu": self.mfu,
+            "layout": self.layout.to_dict(),
+            "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+            "grad_accum": self.grad_accum,
+            "time_s": dict(self.time),
+            "flops_per_token": self.flops_per_token,
+            "binding": self.binding,
+            "notes": list(self.notes),
+        }
+
+
+def _stage_share(count: int, pp: int) -> float:
+    """Layers of one kind per pipeline stage, with stages balanced as Megatron's uneven split
+    (embedding and loss counted as layers) allows."""
+    return count / pp
+
+
+def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0) -> Estimate:
+    """Price `layout` for `config` traced at `trace` (micro-batch 1, the run's seq_len) on `profile`."""
+    seq = trace.seq_len
+    if trace.micro_batch != 1:
+        raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
+    check_layout(layout, config, seq, global_batch)
+    grad_accum = layout.grad_accum(global_batch)
+    tf = layout.micro_batch / layout.sp  # this rank's tokens per micro-batch, in traced sequences
+    tokens = tf * seq
+    act_bytes = COMPUTE_BYTES[layout.precision]
+    param_bytes = COMPUTE_BYTES[layout.precision]
+    reduce_bytes = 4
+    work = RankWork(token_factor=tf, tp=layout.tp, ep=layout.ep, imbalance=imbalance, precision=layout.precision,
+                    seq_len=seq, traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4)
+    times = group_times(trace, work, profile)
+
+    compute = recompute = fsdp_exposed = ep_time = sp_time = tp_time = 0.0
+    first_gather = 0.0
+    hidden = config.hidden_size
+    q_width = config.num_heads * config.qk_head_dim
+    kv_heads = config.num_heads if config.attention_kind == "mla" else max(config.num_kv_heads, layout.sp)
+    kv_width = kv_heads * (config.qk_head_dim + config.v_dim)
+    out_width = config.num_heads * config.v_dim
+    recompute_fraction = layout.recompute_fraction()
+    for kind, block in trace.blocks.items():
+        n = _stage_share(block.count, layout.pp)
+        fwd, bwd = times.get((kind, "forward"), 0.0), times.get((kind, "backward"), 0.0)
+        compute += n * (fwd + bwd)
+        if layout.recompute == "selective" and block.flops_forward:
+            redo = fwd * block.recompute_flops.get("selective", 0) / block.flops_forward
+            recompute += n * redo
+        else:
+            recompute += n * recompute_fraction * fwd
+        routed = block.params.get("routed_expert", 0)
+        dense = block.params_total - routed
+        if layout.zero1:
+            ag = rs = 0.0
+        else:
+            ag, rs = comm.fsdp_block_times(profile, 0, dense / layout.tp, routed / layout.ep / layout.tp, layout,
+                                           param_bytes, reduce_bytes)
+        if layout.hsdp_replicas > 1 and not layout.zero1:  # gradients of each shard are also summed across replicas
+            shard = block_unsharded_numel(block, layout.ep, layout.tp) / max(1, layout.fsdp // layout.ep)
+            rs += comm.all_reduce_time(profile, shard * reduce_bytes, layout.hsdp_replicas,
+                                       layout.fsdp * layout.tp, layout.devices)
+        first_gather = max(first_gather, ag)
+        # forward: gather overlaps the previous block; backward: re-gather + reduce-scatter.
+        fsdp_exposed += n * (max(0.0, ag - fwd) + max(0.0, ag + rs - bwd))
+        if block.num_experts:
+            a2a = comm.expert_parallel_time(profile, tokens, hidden, block.top_k, layout, act_bytes, imbalance)
+            redo_share = recompute_fraction if layout.recompute != "selective" else 0.0
+            ep_time += n * a2a * (1 + 0.5 * redo_share)
+        uly = comm.ulysses_time(profile, tokens, q_width, kv_width, out_width, layout, act_bytes)
+        sp_time += n * uly * (1 + 0.5 * recompute_fraction)
+        tp_time += n * comm.tensor_parallel_time(profile, tokens, hidden, layout, act_bytes)
+
+    for name in ("embed", "rotary", "model", "norm", "head", "loss"):
+        compute += (times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)) / layout.pp
+    pp_time = comm.pipeline_p2p_time(profile, tokens, hidden, layout, act_bytes)
+
+    micro = compute + recompute + fsdp_exposed + first_gather + ep_time + sp_time + tp_time + pp_time
+    bubble = (layout.pp - 1) / layout.vpp * micro if layout.pp > 1 else 0.0
+    zero1_exposed = 0.0
+    if layout.zero1:
+        # Distributed optimizer: gradients reduce-scattered and parameters all-gathered once per
+        # step over the data-parallel ranks, overlapped with the last backward / first forward.
+        dense_rank, routed_rank = rank_param_split(trace, layout)
+        rs = comm.reduce_scatter_time(profile, dense_rank * reduce_bytes, layout.dp_world, layout.tp, layout.devices)
+        ag = comm.all_gather_time(profile, dense_rank * param_bytes, layout.dp_world, layout.tp, layout.devices)
+        expert_dp = layout.dp_world // layout.ep
+        rs += comm.reduce_scatter_time(profile, routed_rank * reduce_bytes, expert_dp, layout.ep * layout.tp,
+                                       layout.devices)
+        ag += comm.all_gather_time(profile, routed_rank * param_bytes, expert_dp, layout.ep * layout.tp,
+                                   layout.devices)
+        zero1_exposed = max(0.0, rs - compute / 2) + max(0.0, ag - compute / 2)
+
+    params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
+    if "optimizer" in layout.offload or "params" in layout.offload:
+        # grads to host, updated params back; the host-side update runs alongside.
+        optimizer = 2 * params_on_rank * 4 / profile.host_bandwidth()
+    else:
+        optimizer = profile.memory_time(params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
+    offload_time = 0.0
+    if "activations" in layout.offload:
+        saved, _ = activation_bytes(trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance, 1.0)
+        offload_time = grad_accum * 2 * saved / profile.host_bandwidth()  # out in forward, back in backward
+        offload_time = max(0.0, offload_time - grad_accum * compute)  # hidden under compute when it can be
+
+    step = grad_accum * micro + bubble + optimizer + offload_time + zero1_exposed
+    time = {
+        "compute": grad_accum * compute,
+        "recompute": grad_accum * recompute,
+        "fsdp_exposed": grad_accum * (fsdp_exposed + first_gather) + zero1_exposed,
+        "expert_all_to_all": grad_accum * ep_time,
+        "ulysses_all_to_all": grad_accum * sp_time,
+        "tensor_parallel": grad_accum * tp_time,
+        "pipeline_p2p": grad_accum * pp_time,
+        "pipeline_bubble": bubble,
+        "optimizer": optimizer,
+        "offload": offload_time,
+    }
+    tokens_per_s = global_batch * seq / step / layout.devices
+    mfu = trace.flops_per_token * tokens_per_s / profile.peak_flops("bf16")
+
+    memory = memory_estimate(trace, layout, profile, grad_accum, imbalance)
+    hbm, host = float(profile.hbm_bytes()), float(profile.host_memory_bytes())
+    notes = []
+    if memory.total > hbm:
+        binding = f"memory ({memory.dominant()})"
+    elif memory.offloaded_to_host > host:
+        binding = "host memory (offloaded state)"
+    else:
+        binding = max(time, key=time.get)
+    if layout.ep > 1 and imbalance > 1:
+        notes.append(f"busiest EP rank carries {imbalance:.2f}x the mean routed load")
+    return Estimate(layout=layout, seq_len=seq, global_batch=global_batch, grad_accum=grad_accum, memory=memory,
+                    time=time, step_time_s=step, tokens_per_s_per_device=tokens_per_s, mfu=mfu,
+                    flops_per_token=trace.flops_per_token, hbm_bytes=hbm, host_bytes=host, binding=binding, notes=notes)
+
+
+def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) -> bool:
+    """Device peak within HBM and offloaded state within the host memory per device."""
+    return memory.total <= hbm_bytes and memory.offloaded_to_host <= host_bytes
+
+
+def _memory_overheads(profile) -> tuple[float, float]:
+    """(reserved bytes, fragmentation fraction) from the profile (0 where it states none)."""
+    memory = profile.memory
+    fields = type(memory).model_fields if hasattr(type(memory), "model_fields") else {}
+    reserved = memory.reserved_gib if "reserved_gib" in fields else 0.0
+    fragmentation = memory.fragmentation if "fragmentation" in fields else 0.0
+    return (reserved or 0.0) * GIB, fragmentation or 0.0
+
+
+def rank_param_split(trace, layout: Layout) -> tuple[float, float]:
+    """(dense, routed-expert) parameters one rank holds unsharded by FSDP (after TP, PP and EP)."""
+    routed = sum(b.count * b.params.get("routed_expert", 0) for b in trace.blocks.values())
+    dense = trace.params_total - routed
+    return dense / (layout.tp * layout.pp), routed / (layout.ep * layout.tp * layout.pp)
+
+
+def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float = 1.0) -> MemoryBreakdown:
+    """Peak memory of the busiest rank (see cost_models.memory for the accounting)."""
+    tf = layout.micro_batch / layout.sp
+    compute_bytes = COMPUTE_BYTES[layout.precision]
+    if layout.zero1:
+        dense_rank, routed_rank = rank_param_split(trace, layout)
+        resident = dense_rank + routed_rank
+        sharded = trace.params_total / (layout.tp * layout.pp * layout.dp_world)
+        params, grads, optim, offloaded = model_state_bytes(sharded, layout.offload)
+        # Replicated compute-dtype weights and fp32 gradients; fp32 master copy + moments sharded.
+        weights = resident * compute_bytes if layout.precision != "fp32" else 0.0
+        params, grads = params + weights, resident * 4 if "params" not in layout.offload else grads
+    else:
+        params_on_rank = trace.params_total / (layout.tp * layout.pp * layout.fsdp)
+        params, grads, optim, offloaded = model_state_bytes(params_on_rank, layout.offload)
+    in_flight = 1.0
+    if layout.pp > 1:  # 1F1B: the first stage holds up to pp micro-batches (more when interleaved)
+        in_flight = min(layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.vpp)), max(grad_accum, 1))
+    saved, largest_block = activation_bytes(trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance,
+                                            in_flight)
+    if "activations" in layout.offload:
+        on_device = min(saved, 2 * largest_block)  # the block in flight and the one being copied
+        offloaded += saved - on_device
+        saved = on_device
+    gathered_block = max(block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values())
+    gathered = 0.0 if layout.zero1 else 2 * gathered_block * compute_bytes  # running + prefetched
+    logits, head = head_phase_bytes(trace, tf, layout.tp, compute_bytes)
+    # Backward of one block: its unsharded gradients (+ fp32 reduce copy) and, when recomputed,
+    # its full set of intermediates rebuilt; the head phase holds logits and the head's buffers.
+    block_phase = gathered_block * (compute_bytes + 4) + (largest_block if layout.recompute != "none" else 0.0)
+    head_phase = logits + head
+    if head_phase >= block_phase:
+        logits_loss, temporaries = logits, head
+    else:
+        logits_loss, temporaries = 0.0, block_phase
+    subtotal = params + grads + optim + gathered + saved + logits_loss + temporaries
+    reserved, fragmentation = _memory_overheads(profile)
+    overhead = reserved + fragmentation * subtotal
+    return MemoryBreakdown(parameters=params, gradients=grads, optimizer=optim, gathered_parameters=gathered,
+                           activations=saved, logits_loss=logits_loss, temporaries=temporaries, overhead=overhead,
+                           offloaded_to_host=offloaded)

@@ -1,0 +1,84 @@
+"""Priced-op view of a traced graph: each traced aten op as GEMM, grouped GEMM, attention or memory.
+
+The trace is taken once per (model, seq_len) at micro-batch 1 on the whole sequence; every cost is
+linear in the micro-batch at a fixed sequence length, so a layout's per-rank work is the traced
+work scaled by `micro_batch / sp` (Ulysses splits tokens for projections and heads for attention)
+with GEMM shapes rescaled along the token dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
+GROUPED_OPS = {"_grouped_mm", "grouped_mm", "_scaled_grouped_mm"}
+
+
+@dataclass(frozen=True)
+class PricedOp:
+    group: str  # block kind, or embed / head / loss / ...
+    phase: str  # forward | backward
+    category: str  # gemm | grouped | attention | memory
+    flops: int  # model FLOPs at micro-batch 1 (attention masked)
+    flops_dense: int  # as executed by the kernel
+    nbytes: int  # bytes read + written
+    dims: tuple[float, float, float] = (0, 0, 0)  # (token-dim, other, other) for GEMMs
+    groups: int = 1  # grouped GEMM groups (experts)
+    token_scaled: bool = True  # whether the first dim scales with tokens
+    module: str = ""
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = text.split("x") if text else []
+    return tuple(int(x) for x in parts) if all(x.isdigit() for x in parts) else ()
+
+
+def priced_ops(trace) -> list[PricedOp]:
+    """Classify every op of `trace.graph` once (memoised on the trace object)."""
+    cached = getattr(trace, "_priced_ops", None)
+    if cached is not None:
+        return cached
+    tokens = trace.seq_len * trace.micro_batch
+    out: list[PricedOp] = []
+    for _, d in trace.graph.nodes(data=True):
+        if d.get("type") != "op":
+            continue
+        name, flops = d["op"].rstrip("_"), int(d.get("flops", 0))
+        nbytes = int(d.get("bytes_read", 0)) + int(d.get("bytes_written", 0))
+        common = dict(group=d["stage"], phase=d["phase"], flops=flops, flops_dense=int(d.get("flops_dense", flops)),
+                      nbytes=nbytes, module=d.get("module", ""))
+        shape = _shape(d.get("out_shape", ""))
+        if d.get("attention"):
+            out.append(PricedOp(category="attention", **common))
+        elif name in GROUPED_OPS and flops:
+            groups = int(d.get("groups", 1))
+            rows = float(d.get("rows_per_group", 0)) or tokens / groups
+            if len(shape) == 2:  # [rows, n] output: k is the reduced dim
+                n = shape[1]
+                k = flops / (2 * groups * rows * n)
+            else:  # [groups, a, b] weight gradient: rows are the reduced dim
+                n, k = shape[-2], shape[-1]
+            out.append(PricedOp(category="grouped", dims=(rows, n, k), groups=groups, **common))
+        elif flops and len(shape) >= 2:  # mm, addmm, bmm and in-place variants: out [.., m, n]
+            batch = 1
+            for size in shape[:-2]:
+                batch *= size
+            m, n = shape[-2], shape[-1]
+            k = flops / (2 * batch * m * n)
+            dims = [m, n, k]
+            # Put the token dimension first; weight gradients carry tokens in the reduced dim.
+            if abs(k - tokens) < 0.5 and m != tokens:
+                dims = [k, m, n]
+            elif abs(n - tokens) < 0.5 and m != tokens:
+                dims = [n, m, k]
+            out.append(PricedOp(category="gemm", dims=tuple(dims), groups=batch,
+                                token_scaled=abs(dims[0] - tokens) < 0.5, **common))
+        elif flops:
+            out.append(PricedOp(category="gemm", dims=(tokens, 1, flops / (2 * tokens)), **common))
+        else:
+            out.append(PricedOp(category="memory", **common))
+    try:
+        trace._priced_ops = out
+    except AttributeError:  # frozen trace objects: no memo
+        pass
+    return out

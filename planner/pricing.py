@@ -1,0 +1,84 @@
+"""Glue from names to numbers: load model and profile, trace (cached), price a layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from xplan.cost_models import Estimate, estimate
+from xplan.errors import InputError
+from xplan.layout import Layout, layout_from_dict
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is being trained: model, hardware, sequence length and global batch (sequences)."""
+
+    model: str
+    hardware: str
+    seq_len: int
+    global_batch: int
+    imbalance: float = 1.0  # busiest EP rank's routed load over the mean
+
+    def check(self) -> None:
+        if self.seq_len < 1:
+            raise InputError(f"--seq-len must be a positive integer, got {self.seq_len}.")
+        if self.global_batch < 1:
+            raise InputError(f"--global-batch must be a positive integer, got {self.global_batch}.")
+        if self.imbalance < 1.0:
+            raise InputError(f"--imbalance is the busiest rank's load over the mean and must be >= 1, "
+                             f"got {self.imbalance}.")
+
+
+@lru_cache(maxsize=32)
+def load_model_config(model: str):
+    from xplan.runtime.models import load_config
+
+    return load_config(model)
+
+
+@lru_cache(maxsize=16)
+def load_hw(hardware: str):
+    from xplan.hw_profiles import load_profile
+
+    return load_profile(hardware)
+
+
+@lru_cache(maxsize=64)
+def get_trace(model: str, seq_len: int, loss: str):
+    from xplan.planner.trace import trace_model
+
+    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss)
+
+
+def price(workload: Workload, layout: Layout) -> Estimate:
+    workload.check()
+    config = load_model_config(workload.model)
+    profile = load_hw(workload.hardware)
+    if layout.devices < 1:
+        raise InputError(f"--devices must be a positive integer, got {layout.devices}.")
+    trace = get_trace(workload.model, workload.seq_len, layout.kernels.get("loss", "chunked"))
+    return estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
+
+
+def layout_from_flags(devices: int, **flags: Any) -> Layout:
+    """Layout from CLI flags; unset flags take defaults (fsdp = all data-parallel ranks)."""
+    values: dict[str, Any] = {"devices": devices}
+    kernels = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in ("attention", "moe_gemm", "loss"):
+            kernels[key] = value
+        else:
+            values[key] = value
+    if devices is None or devices < 1:
+        raise InputError(f"--devices must be a positive integer, got {devices}.")
+    if "fsdp" not in values:
+        tp, pp = values.get("tp", 1), values.get("pp", 1)
+        if isinstance(tp, int) and isinstance(pp, int) and tp >= 1 and pp >= 1:
+            values["fsdp"] = max(1, devices // (tp * pp))
+    if kernels:
+        values["kernels"] = kernels
+    return layout_from_dict(values)

@@ -1,0 +1,258 @@
+"""Search: enumerate layouts, check constraints, prune dominated ones, price the rest.
+
+Space: FSDP shard group (whole data-parallel world, each interconnect level's unit = HSDP, or 1 =
+ZeRO-1), expert parallel, Ulysses, recompute (none, selective, fractions, full), offload,
+micro-batch (gradient accumulation follows from the global batch), loss kernel; TP/PP with
+`allow_3d`. Decisions given by the caller are pinned.
+
+Pruning (exact, so `exhaustive=True` finds the same best plan): for one "core" layout (sharding,
+EP, SP, micro-batch, loss kernel) and offload setting, the recompute settings none → 25% → 50% →
+75% → full use monotonically less memory and more time, so the first that fits is the fastest
+fitting one and the rest of the chain is dominated ('selective' is priced on its own). Memory is
+checked before time, so layouts that cannot fit are never fully priced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from xplan.errors import InputError
+from xplan.layout import Layout, check_layout
+
+from .pricing import Workload, get_trace, load_hw, load_model_config
+
+# Increasing time cost: what to try first when memory allows.
+RECOMPUTE_ORDER: tuple[str | float, ...] = ("none", "selective", 0.25, 0.5, 0.75, "full")
+OFFLOAD_ORDER: tuple[tuple[str, ...], ...] = ((), ("optimizer",), ("activations",), ("optimizer", "activations"),
+                                              ("params",))
+MAX_MICRO_BATCH = 16
+MAX_EP, MAX_SP = 64, 16
+LOSS_KERNELS = ("chunked", "full")
+
+
+@dataclass
+class SearchResult:
+    plans: list[Any]  # Estimates that fit, best first
+    pareto: list[Any]  # fitting estimates not dominated in (throughput, memory)
+    candidates_evaluated: int
+    search_time_s: float
+    smallest: dict[str, Any] = field(default_factory=dict)  # lowest-peak estimate without / with offload
+    rejected: dict[str, int] = field(default_factory=dict)  # constraint -> count
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _powers_of_two_upto(n: int) -> list[int]:
+    out, p = [], 1
+    while p <= n:
+        out.append(p)
+        p *= 2
+    return out
+
+
+def recompute_chains(recomputes: list) -> list[list]:
+    """Recompute settings grouped so that along each chain memory falls and time rises:
+    none → fractions → full; 'selective' (op-level) stands alone."""
+    chain = [r for r in recomputes if r != "selective"]
+    chains = [chain] if chain else []
+    if "selective" in recomputes:
+        chains.append(["selective"])
+    return chains
+
+
+def fsdp_choices(dp_world: int, profile) -> list[int]:
+    """Whole world, one unit of each interconnect level (HSDP), and 1 (ZeRO-1)."""
+    choices = {dp_world, 1}
+    for level in profile.levels:
+        if level.devices and level.devices < dp_world and dp_world % level.devices == 0:
+            choices.add(level.devices)
+    return sorted(choices, reverse=True)
+
+
+def ep_choices(config, fsdp: int, dp_world: int) -> list[int]:
+    if not config.num_experts:
+        return [1]
+    group = fsdp if fsdp > 1 else dp_world
+    # EP beyond 64 ranks is all-to-all over the slowest level for every token: not explored.
+    return [e for e in _powers_of_two_upto(min(group, config.num_experts, MAX_EP))
+            if config.num_experts % e == 0 and group % e == 0] or [1]
+
+
+def sp_choices(config, dp_world: int, seq_len: int) -> list[int]:
+    heads = config.num_heads
+    kv = heads if config.attention_kind == "mla" else config.num_kv_heads
+    return [s for s in _powers_of_two_upto(min(MAX_SP, dp_world)) if heads % s == 0 and (kv % s == 0 or s % kv == 0)
+            and seq_len % s == 0 and dp_world % s == 0]
+
+
+def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict[str, Any],
+                 allow_3d: bool) -> list[dict[str, Any]]:
+    """Sharding × EP × SP × micro-batch × loss (× TP/PP) before recompute/offload are chosen."""
+    tps = [pinned["tp"]] if "tp" in pinned else ([1, 2, 4, 8] if allow_3d else [1])
+    pps = [pinned["pp"]] if "pp" in pinned else ([1, 2, 4, 8, 16] if allow_3d else [1])
+    out = []
+    for tp, pp in itertools.product(tps, pps):
+        if devices % (tp * pp):
+            continue
+        dp_world = devices // (tp * pp)
+        vpps = [pinned["vpp"]] if "vpp" in pinned else ([1, 2, 4] if pp > 1 else [1])
+        fsdps = [pinned["fsdp"]] if "fsdp" in pinned else fsdp_choices(dp_world, profile)
+        for fsdp in fsdps:
+            eps = [pinned["ep"]] if "ep" in pinned else ep_choices(config, fsdp, dp_world)
+            sps = [pinned["sp"]] if "sp" in pinned else sp_choices(config, dp_world, workload.seq_len)
+            for ep, sp, vpp in itertools.product(eps, sps, vpps):
+                data_parallel = dp_world // sp if dp_world % sp == 0 else 0
+                per_rank = workload.global_batch // data_parallel if data_parallel else 0
+                mbs = [pinned["micro_batch"]] if "micro_batch" in pinned else [
+                    m for m in range(1, MAX_MICRO_BATCH + 1)
+                    if per_rank and workload.global_batch % (data_parallel * m) == 0]
+                losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
+                for mb, loss in itertools.product(mbs, losses):
+                    out.append({"devices": devices, "fsdp": fsdp, "ep": ep, "sp": sp, "tp": tp, "pp": pp,
+                                "vpp": vpp, "micro_batch": mb, "loss": loss})
+    return out
+
+
+def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = None, *, allow_3d: bool = False,
+           exhaustive: bool = False, top: int = 10,
+           progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Find the fastest layouts that fit; see the module docstring for the space and pruning."""
+    from xplan.cost_models import estimate, fits_memory, memory_estimate
+
+    workload.check()
+    if devices < 1:
+        raise InputError(f"--devices must be a positive integer, got {devices}.")
+    pinned = dict(pinned or {})
+    config = load_model_config(workload.model)
+    profile = load_hw(workload.hardware)
+    precision = pinned.pop("precision", "bf16")
+    recomputes = [pinned.pop("recompute")] if "recompute" in pinned else list(RECOMPUTE_ORDER)
+    offloads = [pinned.pop("offload")] if "offload" in pinned else list(OFFLOAD_ORDER)
+    losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
+    traces = {loss: get_trace(workload.model, workload.seq_len, loss) for loss in losses}
+    # The clock starts once model, profile and traces are loaded (tracing is cached on disk and
+    # timed by its own benchmark): it measures enumerating and pricing.
+    start = time.perf_counter()
+    cores = core_layouts(config, workload, devices, profile, pinned, allow_3d)
+    fitting, evaluated, smallest, rejected = [], 0, None, {}
+    smallest_memory: dict[str, tuple] = {}  # 'device' / 'offload' -> (peak bytes, layout, trace)
+
+    def track(memory, layout, trace) -> None:
+        kind = "offload" if layout.offload else "device"
+        if kind not in smallest_memory or memory.total < smallest_memory[kind][0]:
+            smallest_memory[kind] = (memory.total, layout, trace)
+
+    hbm, host = profile.hbm_bytes(), profile.host_memory_bytes()
+    chains = recompute_chains(recomputes)
+    for i, core in enumerate(cores):
+        if progress and i % 16 == 0:
+            progress(i, len(cores))
+        loss = core.pop("loss")
+        trace = traces[loss]
+        kernels = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": loss}
+        try:
+            check_layout(Layout(**core, precision=precision, kernels=kernels), config, workload.seq_len,
+                         workload.global_batch)
+        except InputError as exc:
+            reason = str(exc).split(" (")[0][:60]
+            rejected[reason] = rejected.get(reason, 0) + 1
+            continue
+        for offload, chain in itertools.product(offloads, chains):
+            layouts = [Layout(**core, recompute=r, offload=tuple(offload), precision=precision, kernels=kernels)
+                       for r in chain]
+            grad_accum = layouts[0].grad_accum(workload.global_batch)
+            if exhaustive:
+                candidates = layouts
+            else:
+                # Memory falls along the chain: bisect for the first layout that fits.
+                lo, hi = 0, len(layouts)
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    evaluated += 1
+                    memory = memory_estimate(trace, layouts[mid], profile, grad_accum, workload.imbalance)
+                    if fits_memory(memory, hbm, host):
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                        track(memory, layouts[mid], trace)
+                candidates = layouts[lo:lo + 1]
+            for layout in candidates:
+                evaluated += exhaustive
+                est = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
+                if est.fits:
+                    fitting.append(est)
+                else:
+                    track(est.memory, layout, trace)
+    smallest = {}
+    for kind, (_, layout, trace) in smallest_memory.items():
+        smallest[kind] = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
+    if progress:
+        progress(len(cores), len(cores))
+    return SearchResult(plans=rank_plans(fitting)[:top], pareto=pareto_front(fitting), candidates_evaluated=evaluated,
+                        search_time_s=time.perf_counter() - start, smallest=smallest, rejected=rejected)
+
+
+def rank_plans(estimates: list[Any]) -> list[Any]:
+    """Fastest first; a plan no faster than one already listed and using no less memory is dropped
+    (e.g. an offload that changes nothing)."""
+    ranked = sorted(estimates, key=lambda e: (-round(e.tokens_per_s_per_device, 6), e.memory.total,
+                                              len(e.layout.offload)))
+    out: list[Any] = []
+    for est in ranked:
+        if any(o.tokens_per_s_per_device >= est.tokens_per_s_per_device * 0.9999
+               and o.memory.total <= est.memory.total for o in out):
+            continue
+        out.append(est)
+    return out
+
+
+def pareto_front(estimates: list[Any]) -> list[Any]:
+    """Fitting plans no other plan beats on both throughput and peak memory, fastest first."""
+    front, best_memory = [], float("inf")
+    for est in sorted(estimates, key=lambda e: (-e.tokens_per_s_per_device, e.memory.total)):
+        if est.memory.total < best_memory:
+            front.append(est)
+            best_memory = est.memory.total
+    return front
+
+
+def explain_nothing_fits(result: SearchResult, workload: Workload, devices: int) -> str:
+    """The exit-2 message: smallest peak found, what dominates it, and the levers."""
+    if not result.smallest:
+        reasons = "; ".join(f"{k} ({v}x)" for k, v in result.rejected.items()) or "no layout was valid"
+        return (f"no valid layout of {workload.model} on {devices} devices: {reasons}. "
+                "Change --devices or the pinned flags.")
+    est = result.smallest.get("device") or result.smallest["offload"]
+    mem = est.memory.gib()
+    parts = sorted(((k, v) for k, v in mem.items() if k not in ("total", "offloaded_to_host")),
+                   key=lambda kv: -kv[1])[:3]
+    breakdown = ", ".join(f"{k} {v:.1f}" for k, v in parts)
+    lay = est.layout
+    dominant = est.memory.dominant()
+    levers = []
+    if dominant in ("parameters", "gradients", "optimizer", "gathered_parameters"):
+        levers.append(f"more devices (model states shrink with the FSDP group; {devices} now)")
+    if dominant == "gathered_parameters":
+        levers.append("a larger --ep (fewer experts gathered per block)")
+    if dominant in ("activations", "logits_loss", "temporaries"):
+        levers += ["--recompute full", "a longer Ulysses degree (--sp)", "--offload activations",
+                   "a smaller --micro-batch or --seq-len"]
+    levers.append("--offload optimizer,params (needs host memory)")
+    message = (f"no layout of {workload.model} fits on {devices} x {workload.hardware} "
+               f"({est.hbm_bytes / 2**30:.0f} GiB each) at seq {workload.seq_len}: without offload the smallest "
+               f"peak found is {mem['total']:.1f} GiB (fsdp={lay.fsdp} ep={lay.ep} sp={lay.sp} "
+               f"recompute={lay.recompute} micro_batch={lay.micro_batch}), dominated by {dominant} "
+               f"({breakdown} GiB).")
+    off = result.smallest.get("offload")
+    if off is not None:
+        om = off.memory.gib()
+        message += (f" With offload ({','.join(off.layout.offload)}) the device peak falls to {om['total']:.1f} GiB "
+                    f"but {om['offloaded_to_host']:.0f} GiB must live in host memory per device, which has "
+                    f"{off.host_bytes / 2**30:.0f} GiB.")
+    return message + f" Levers: {'; '.join(dict.fromkeys(levers))}."

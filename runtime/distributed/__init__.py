@@ -1,0 +1,43 @@
+"""Distributed runtime core: device layer, meshes, expert parallel, Ulysses, offload, FSDP2.
+
+Typical use (one process per device, launched by torchrun or `testing.spawn`)::
+
+    env = init_distributed(resolve_device_type(plan.hardware))
+    meshes = build_meshes(plan.layout, env.device_type)
+    model = parallelize(build_model(config, seed=0), plan.layout, meshes)
+    batch = local_batch(global_input_ids, meshes)       # this rank's rows / sequence chunk
+    for mb in batch.micro_batches(layout.micro_batch):
+        logits = model(mb.input_ids, mb.positions)
+        loss = cross_entropy(logits, mb.labels, reduction="sum", ignore_index=-100) / mb.global_tokens
+        loss.backward()
+    clip_grad_norm_(model, max_norm, meshes); optimizer.step()
+    shutdown_distributed()
+
+See `parallelize` for the loss-normalisation contract.
+"""
+
+from .device import DistEnv, init_distributed, resolve_device_type, shutdown_distributed
+from .expert_parallel import apply_expert_parallel
+from .mesh import IGNORE_INDEX, LocalBatch, Meshes, build_meshes, local_batch, shift_labels
+from .parallelize import check_runtime_layout, clip_grad_norm_, global_loss, grad_norm, parallelize
+from .ulysses import apply_ulysses
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DistEnv",
+    "LocalBatch",
+    "Meshes",
+    "apply_expert_parallel",
+    "apply_ulysses",
+    "build_meshes",
+    "check_runtime_layout",
+    "clip_grad_norm_",
+    "global_loss",
+    "grad_norm",
+    "init_distributed",
+    "local_batch",
+    "parallelize",
+    "resolve_device_type",
+    "shift_labels",
+    "shutdown_distributed",
+]

@@ -1,0 +1,204 @@
+"""Apply a Layout to a model, torchtitan-style: EP → Ulysses → recompute → offload → FSDP2.
+
+Loss-normalisation contract (the train loop relies on it)
+---------------------------------------------------------
+Every gradient reduction is a plain SUM (FSDP2 `set_gradient_divide_factor(1.0)` with sum-only
+collectives; no averaging over data-parallel or sequence-parallel ranks anywhere). So on each
+rank the train loop must backpropagate
+
+    loss = (sum of this rank's token losses over all its micro-batches) / global_tokens
+
+where ``global_tokens`` is the number of non-ignored labels of the *whole global batch* (every
+data-parallel rank, every sequence chunk, every micro-batch; `LocalBatch.global_tokens`). The summed
+gradient is then exactly the gradient of the global-batch mean token loss, whatever the layout,
+and equals the world-size-1 gradient. The value to log is `global_loss(loss, meshes)` (the sum of
+the per-rank losses). Gradient clipping must use `clip_grad_norm_` here: parameters live on
+different meshes (dense vs expert) and a naive norm double-counts replicas.
+
+Contract on the input model: built in float32 (the FSDP2 master weights), initialised identically
+on every rank (e.g. `build_model(config, seed=...)`), not yet wrapped. `precision` ``bf16``/``fp8``
+computes in bf16 with fp32 gradient reduction; ``fp32`` computes and reduces in the model dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from xplan.errors import InputError
+from xplan.layout import Layout, check_layout
+
+from ..models.moe import MoE
+from ..recompute import apply_recompute
+from .expert_parallel import apply_expert_parallel, run_fsdp_hooks_outside_recompute
+from .mesh import Meshes
+from .offload import apply_activation_offload, fsdp_offload_policy
+from .ulysses import apply_ulysses
+
+log = logging.getLogger("xplan.runtime.distributed")
+
+
+def check_runtime_layout(layout: Layout, config, seq_len: int | None = None, global_batch: int | None = None,
+                         world_size: int | None = None) -> None:
+    """The planner's layout checks plus what this runtime can execute; raises InputError."""
+    if layout.tp > 1 or layout.pp > 1 or layout.vpp > 1:
+        raise InputError(f"the runtime does not execute tensor or pipeline parallelism yet (tp={layout.tp}, "
+                         f"pp={layout.pp}, vpp={layout.vpp}); choose a layout with tp = pp = vpp = 1 "
+                         "(e.g. `xplan search ... --tp 1 --pp 1`).")
+    if world_size is not None and world_size != layout.devices:
+        raise InputError(f"the layout is for {layout.devices} devices but the run has {world_size} processes.")
+    check_layout(layout, config, seq_len if seq_len is not None else layout.sp, global_batch)
+
+
+def recompute_policies(layout: Layout, num_blocks: int) -> list[str]:
+    """Policy per block: 'none'/'selective'/'full', or a fraction = the first blocks fully recomputed."""
+    mode = layout.recompute
+    if isinstance(mode, str):
+        return [mode] * num_blocks
+    count = min(num_blocks, math.ceil(mode * num_blocks - 1e-9))
+    return ["full"] * count + ["none"] * (num_blocks - count)
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    if precision == "fp32":
+        return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None)
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def _expert_placement(num_experts: int, group_size: int):
+    """Shard stacked experts on dim 1 when dim 0 would need padding (experts < shard group)."""
+    def placement(param: nn.Parameter) -> Shard:
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if param.dim() >= 2 and local.shape[0] % group_size and local.shape[1] % group_size == 0:
+            return Shard(1)
+        return Shard(0)
+
+    return placement if num_experts else None
+
+
+def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activation_offload: bool = False,
+                expert_imbalance: float = 1.0) -> nn.Module:
+    """Apply `layout` to `model` in place and return it (see the module docstring for the contracts).
+
+    `force_activation_offload` runs the activation-offload hooks even on cpu (tests);
+    `expert_imbalance` is the busiest EP rank's load over the mean, used only under fake tensors.
+    """
+    config = model.config
+    check_runtime_layout(layout, config, world_size=meshes.world_size)
+    blocks = list(model.model.layers)
+
+    # 1. Expert parallel: slice routed experts, all-to-all dispatch/combine.
+    if layout.ep > 1:
+        for block in blocks:
+            if isinstance(block.mlp, MoE):
+                apply_expert_parallel(block.mlp, meshes.ep, fake_imbalance=expert_imbalance)
+
+    # 2. Ulysses around every attention product.
+    if layout.sp > 1:
+        for block in blocks:
+            apply_ulysses(block.self_attn, layout.sp, meshes.sp_rank, meshes.sp_group)
+
+    # 3. Recompute, then activation offload hooks (around the checkpointed block).
+    for block, policy in zip(blocks, recompute_policies(layout, len(blocks)), strict=True):
+        apply_recompute(block, policy)
+    apply_activation_offload(blocks, layout, meshes.device_type, force=force_activation_offload)
+
+    # 4. FSDP2: experts (own mesh), blocks, embeddings, head, root.
+    common = dict(mp_policy=mixed_precision(layout.precision),
+                  offload_policy=fsdp_offload_policy(layout, meshes.device_type))
+    units: list[FSDPModule] = []
+    expert_units: dict[int, nn.Module] = {}
+    for i, block in enumerate(blocks):
+        mlp = block.mlp
+        if isinstance(mlp, MoE) and layout.ep > 1:
+            fully_shard(mlp.experts, mesh=meshes.expert_fsdp, reshard_after_forward=True,
+                        shard_placement_fn=_expert_placement(config.num_experts, layout.expert_fsdp), **common)
+            run_fsdp_hooks_outside_recompute(mlp.experts)
+            expert_units[i] = mlp.experts
+            units.append(mlp.experts)
+        placement = None
+        if isinstance(mlp, MoE) and layout.ep == 1:
+            expert_params = {id(p) for p in mlp.experts.parameters()}
+            expert_fn = _expert_placement(config.num_experts, layout.fsdp)
+
+            def placement(p, _ids=expert_params, _fn=expert_fn):
+                return _fn(p) if id(p) in _ids else Shard(0)
+        fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=True, shard_placement_fn=placement, **common)
+        units.append(block)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    if not tied:
+        fully_shard(model.model.embed_tokens, mesh=meshes.fsdp, reshard_after_forward=True, **common)
+        fully_shard([model.model.norm, model.lm_head], mesh=meshes.fsdp, reshard_after_forward=False, **common)
+        units += [model.model.embed_tokens, model.lm_head]
+    fully_shard(model, mesh=meshes.fsdp, reshard_after_forward=False, **common)
+    units.append(model)
+
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)  # SUM: see the loss-normalisation contract
+        unit.set_force_sum_reduction_for_comms(True)
+
+    # Explicit prefetch: a block's own expert unit from the block's pre-forward / pre-backward (its
+    # all-gather overlaps attention), the next block in forward, the previous one in backward.
+    for i, block in enumerate(blocks):
+        own = [expert_units[i]] if i in expert_units else []
+        block.set_modules_to_forward_prefetch(own + ([blocks[i + 1]] if i + 1 < len(blocks) else []))
+        block.set_modules_to_backward_prefetch(own + ([blocks[i - 1]] if i > 0 else []))
+    model._xplan_layout = layout  # type: ignore[attr-defined]
+    log.info("parallelized %s: fsdp=%d (x%d replicas) ep=%d sp=%d recompute=%s precision=%s", config.name,
+             layout.fsdp, layout.hsdp_replicas, layout.ep, layout.sp, layout.recompute, layout.precision)
+    return model
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def grad_norm(model: nn.Module, meshes: Meshes) -> torch.Tensor:
+    """Global L2 norm of all gradients (dense and expert), identical on every rank.
+
+    Every parameter's local shard is unique within one shard group (`fsdp` consecutive ranks:
+    dense shards over dp_shard, expert shards over efsdp × ep) and replicated across HSDP
+    replicas, so the squared local norms are summed over the shard group only.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=meshes.device)
+    for p in model.parameters():
+        if p.grad is not None:
+            total += _local(p.grad).float().pow(2).sum()
+    if meshes.layout.fsdp > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=meshes.shard_group)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, meshes: Meshes) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
+
+    Same rule as `torch.nn.utils.clip_grad_norm_` (coefficient max_norm / (norm + 1e-6), at most 1).
+    """
+    norm = grad_norm(model, meshes)
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                _local(p.grad).mul_(coef.to(p.grad.dtype))
+    return norm
+
+
+@torch.no_grad()
+def global_loss(local_loss: torch.Tensor, meshes: Meshes) -> torch.Tensor:
+    """The global-batch loss for logging: the sum over all ranks of the per-rank normalised losses."""
+    total = local_loss.detach().float().clone()
+    if meshes.world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+__all__ = ["check_runtime_layout", "clip_grad_norm_", "global_loss", "grad_norm", "mixed_precision",
+           "parallelize", "recompute_policies"]

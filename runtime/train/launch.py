@@ -1,0 +1,190 @@
+"""Launching a plan: under torchrun (read the environment) or, on one machine, by spawning the
+plan's world size of worker processes and collecting rank 0's results.
+
+Failure handling: a worker that raises writes its error to the run's scratch directory and exits
+non-zero; torch.multiprocessing then terminates the other workers (which may be blocked in a
+collective) and the parent re-raises the first error: `InputError` stays an InputError (exit 2),
+anything else becomes a RuntimeError carrying the worker's message (exit 1). Collectives have a
+timeout (`RunOptions.timeout_s`), so a rank that hangs is bounded as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xplan.errors import InputError
+
+from .checkpoint import require_checkpoint
+from .data import check_data_settings
+from .loop import RunOptions, check_plan_for_runtime, load_run_plan, train
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or all(k in os.environ for k in TORCHRUN_VARS)
+
+
+def device_type_for(hardware: str, override: str | None = None) -> str:
+    """'cpu', 'cuda' or 'npu': the --device override (or XPLAN_DEVICE), else the plan's hardware
+    profile's device kind (a profile named cpu* runs on CPU)."""
+    from xplan.runtime.distributed import resolve_device_type
+
+    return resolve_device_type(hardware, override)
+
+
+def check_device(device_type: str, hardware: str, local_world: int) -> None:
+    if device_type == "cpu":
+        return
+    if device_type == "npu":
+        try:
+            import torch_npu  # noqa: F401
+        except ImportError:
+            raise InputError(f"the run targets Ascend NPUs (from --device, XPLAN_DEVICE or the plan's hardware "
+                             f"{hardware!r}) but torch_npu is not installed (pip install 'xplan[npu]'); pass "
+                             "--device cpu to run the plan on CPU here.") from None
+    module = getattr(torch, device_type)
+    count = module.device_count() if module.is_available() else 0
+    if count == 0:
+        raise InputError(f"the run targets {device_type} devices (from --device, XPLAN_DEVICE or the plan's hardware "
+                         f"{hardware!r}) but this machine has no {device_type} device; pass --device cpu to run "
+                         "the plan on CPU (gloo).")
+    if local_world > count:
+        raise InputError(f"the plan needs {local_world} {device_type} devices on this machine but it has {count}; "
+                         "launch with torchrun across nodes, or use a plan for fewer devices.")
+
+
+def preflight(plan, options: RunOptions, plan_dir: Path | None) -> None:
+    """Everything that can be checked before any process starts (each raises InputError)."""
+    check_plan_for_runtime(plan)
+    check_data_settings(plan.training.data, plan_dir)
+    if options.checkpoint_every < 0:
+        raise InputError(f"--checkpoint-every must be >= 0, got {options.checkpoint_every}.")
+    if options.checkpoint_every and not options.checkpoint_dir:
+        raise InputError("--checkpoint-every needs --checkpoint-dir (where to write the checkpoints).")
+    if options.steps is not None and options.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {options.steps}.")
+    if options.resume:
+        require_checkpoint(Path(options.checkpoint_dir) if options.checkpoint_dir else None)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _worker(local_rank: int, plan_path: str, options: RunOptions, world: int, port: int, scratch: str) -> None:
+    """Entry point of a spawned worker (top level so it pickles)."""
+    os.environ.update(_rank_env(local_rank, world, port))
+    if options.device_type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if local_rank != 0:
+        options = RunOptions(**{**options.__dict__, "live": False})
+    try:
+        plan = load_run_plan(plan_path)
+        summary = train(plan, options, Path(plan_path).resolve().parent)
+        if local_rank == 0:
+            _write_json(Path(scratch) / "result.json", summary)
+    except BaseException as exc:
+        kind = "input" if isinstance(exc, InputError) else "runtime"
+        _write_json(Path(scratch) / f"error_rank{local_rank}.json",
+                    {"kind": kind, "type": type(exc).__name__, "message": str(exc), "time": time.time(),
+                     "rank": local_rank, "traceback": traceback.format_exc()})
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _raise_worker_error(scratch: Path, cause: BaseException) -> None:
+    errors = []
+    for path in scratch.glob("error_rank*.json"):
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            errors.append(json.loads(path.read_text()))
+    if not errors:
+        raise RuntimeError(f"a worker process died without reporting an error ({cause}); "
+                           "it may have been killed (out of memory?).") from None
+    errors.sort(key=lambda e: (e["kind"] != "input", e["time"]))
+    first = errors[0]
+    if first["kind"] == "input":
+        raise InputError(first["message"]) from None
+    tail = first["traceback"].strip().splitlines()[-6:]
+    if os.environ.get("XPLAN_DEBUG"):
+        tail = first["traceback"].strip().splitlines()
+    raise RuntimeError(f"rank {first['rank']} failed: {first['type']}: {first['message']}\n  " + "\n  ".join(tail)) \
+        from None
+
+
+def spawn(plan_path: Path, options: RunOptions, world: int) -> dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="xplan-run-") as scratch:
+        port = free_port()
+        try:
+            mp.start_processes(_worker, args=(str(plan_path), options, world, port, scratch), nprocs=world,
+                               join=True, start_method="spawn")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            _raise_worker_error(Path(scratch), exc)
+        result = Path(scratch) / "result.json"
+        if not result.is_file():
+            raise RuntimeError("rank 0 finished without writing its results.")
+        return json.loads(result.read_text())
+
+
+def run_plan(plan_path: str | Path, options: RunOptions) -> dict[str, Any] | None:
+    """Execute a plan file. Returns rank 0's summary (None on other torchrun ranks)."""
+    plan_path = Path(plan_path)
+    plan = load_run_plan(plan_path)
+    plan_dir = plan_path.resolve().parent
+    world = plan.layout.devices
+    if under_torchrun():
+        env_world = int(os.environ["WORLD_SIZE"])
+        if env_world != world:
+            raise InputError(f"the plan is for {world} devices but torchrun started WORLD_SIZE={env_world} "
+                             f"processes; launch with a total of {world} processes or use a plan for {env_world}.")
+        preflight(plan, options, plan_dir)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        check_device(options.device_type, plan.hardware, local_world)
+        if int(os.environ.get("RANK", 0)) != 0:
+            options = RunOptions(**{**options.__dict__, "live": False})
+        return train(plan, options, plan_dir)
+    preflight(plan, options, plan_dir)
+    check_device(options.device_type, plan.hardware, world)
+    if world == 1:
+        with _env(_rank_env(0, 1, free_port())):
+            return train(plan, options, plan_dir)
+    return spawn(plan_path, options, world)

@@ -1,0 +1,187 @@
+"""The train loop: executes a plan on this process's rank.
+
+Per optimizer step: this rank's micro-batches of the step's global batch; for each, the forward
+returns the sum of token losses, divided by the global step's token count (so gradients summed
+over micro-batches and ranks are the gradient of the global mean loss), and backward; then
+gradient clipping on the global norm, AdamW and the LR schedule. The logged loss is the global
+mean (one all-reduce). Checkpoints every `checkpoint_every` steps and at the end of the run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xplan.errors import InputError
+
+from . import checkpoint as ckpt
+from .data import build_data
+from .loss import token_loss_sum
+from .metrics import MetricsLog, memory_kind, peak_memory_gib, reset_peak_memory, summarize, synchronize
+from .optim import build_optimizer, build_scheduler
+from .parallel import (
+    Context,
+    all_reduce_max,
+    all_reduce_sum,
+    clip_grad_norm,
+    micro_batches,
+    parallelize,
+    setup,
+    teardown,
+)
+
+
+@dataclass
+class RunOptions:
+    """What `xplan run` adds to the plan (picklable: it crosses into spawned workers)."""
+
+    steps: int | None = None  # total optimizer steps to reach (default: the plan's)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # 0: only at the end of the run
+    resume: bool = False
+    device_type: str = "cpu"
+    metrics_path: str | None = None
+    live: bool = True  # rich live table on rank 0
+    timeout_s: float = 300.0
+    export_hf: bool = True  # write <checkpoint_dir>/hf at the end
+    loss_chunk_tokens: int = 1024
+
+
+def load_run_plan(plan_path: str | Path):
+    from xplan.planner.plan import load_plan
+
+    return load_plan(plan_path)
+
+
+def check_plan_for_runtime(plan) -> Any:
+    """Checks that need the model config; returns it. Raises InputError."""
+    from xplan.runtime import load_config
+    from xplan.runtime.distributed import check_runtime_layout
+
+    config = load_config(plan.model)
+    check_runtime_layout(plan.layout, config, plan.training.seq_len, plan.training.global_batch)
+    if plan.training.seq_len > config.max_position_embeddings:
+        raise InputError(f"seq_len {plan.training.seq_len} exceeds the model's max_position_embeddings "
+                         f"({config.max_position_embeddings}).")
+    return config
+
+
+def train(plan, options: RunOptions, plan_dir: Path | None = None) -> dict[str, Any] | None:
+    """Run the plan on this rank. Returns the run summary on rank 0 (None on other ranks)."""
+    from xplan.runtime import load_model
+
+    config = check_plan_for_runtime(plan)
+    training = plan.training
+    layout = plan.layout
+    ctx = setup(layout, options.device_type, options.timeout_s)
+    try:
+        return _train(plan, options, plan_dir, config, training, layout, ctx, load_model)
+    finally:
+        teardown(ctx)
+
+
+def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load_model) -> dict[str, Any] | None:
+    target_steps = options.steps if options.steps is not None else training.steps
+    if target_steps < 1:
+        raise InputError(f"--steps must be at least 1, got {target_steps}.")
+    resume_from = ckpt.require_checkpoint(Path(options.checkpoint_dir) if options.checkpoint_dir else None) \
+        if options.resume else None
+
+    source = build_data(training.data, config.vocab_size, training.seq_len, plan_dir)
+    torch.manual_seed(training.seed)
+    model = load_model(plan.model, dtype=torch.float32, device=ctx.device, seed=training.seed)
+    model = parallelize(model, layout, ctx)
+    model.train()
+    optimizer = build_optimizer(model, training.optimizer)
+    scheduler = build_scheduler(optimizer, training.schedule, training.steps)
+
+    start = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from[1], model, optimizer, scheduler, ctx.rank, ctx.world_size,
+                                     ctx.device_type)
+        start = int(state["step"])
+        if state.get("global_batch", training.global_batch) != training.global_batch or \
+                state.get("seq_len", training.seq_len) != training.seq_len:
+            raise InputError(f"checkpoint {resume_from[1]} was written with global batch {state.get('global_batch')}"
+                             f" and seq_len {state.get('seq_len')}; the plan now has {training.global_batch} and "
+                             f"{training.seq_len}. Resume with the plan the run started with.")
+
+    global_batch, seq_len = training.global_batch, training.seq_len
+    tokens_per_step = global_batch * seq_len  # every packed label is a real token
+    memory = memory_kind(ctx.device_type)
+    log = None
+    if ctx.is_main:
+        metrics_path = Path(options.metrics_path) if options.metrics_path else None
+        title = (f"xplan run: {config.name} on {ctx.world_size} × {ctx.device_type} "
+                 f"(fsdp {layout.fsdp}, ep {layout.ep}, sp {layout.sp}, {layout.precision}), "
+                 f"{source.describe()}")
+        log = MetricsLog(metrics_path, append=resume_from is not None, live=options.live, title=title,
+                         predictions=plan.data.predictions, memory=memory)
+    kind = layout.kernels.get("loss", "chunked")
+    # With fsdp == 1 nothing is sharded, so accumulating unsharded gradients over micro-batches
+    # costs no memory and saves one gradient reduction (copies at world size 1, all-reduces across
+    # HSDP replicas) per extra micro-batch. With fsdp > 1 every micro-batch reduce-scatters, so the
+    # accumulated gradients stay sharded.
+    defer_sync = layout.fsdp == 1 and layout.grad_accum(global_batch) > 1 and \
+        hasattr(model, "set_requires_gradient_sync")
+    records: list[dict[str, Any]] = []
+    try:
+        for step in range(start, target_steps):
+            reset_peak_memory(ctx.device_type)
+            synchronize(ctx.device_type)
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            batches = micro_batches(source, step, global_batch, layout.micro_batch, ctx)
+            for index, batch in enumerate(batches):
+                if defer_sync:  # reduce once, after the last micro-batch
+                    model.set_requires_gradient_sync(index == len(batches) - 1)
+                batch = batch.to(ctx.device)
+                token_loss = token_loss_sum(model, batch.input_ids, batch.labels, batch.positions, kind,
+                                            options.loss_chunk_tokens)
+                (token_loss / tokens_per_step).backward()
+                loss_sum += token_loss.detach().double()
+            grad_norm = clip_grad_norm(model, training.grad_clip, ctx)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = float(all_reduce_sum(loss_sum, ctx).item()) / tokens_per_step
+            synchronize(ctx.device_type)
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            peak = all_reduce_max(peak_memory_gib(ctx.device_type), ctx)
+            record = {"step": step + 1, "loss": loss, "grad_norm": float(grad_norm), "lr": float(lr),
+                      "step_time_s": elapsed, "host_cpu_s": cpu,
+                      "tokens_per_s_per_device": tokens_per_step / elapsed / ctx.world_size, "peak_memory_gib": peak}
+            records.append(record)
+            if log is not None:
+                log.log(dict(record))
+            done = step + 1
+            if options.checkpoint_dir and (done == target_steps or
+                                           (options.checkpoint_every and done % options.checkpoint_every == 0)):
+                ckpt.save_checkpoint(Path(options.checkpoint_dir), done, model, optimizer, scheduler,
+                                     {"global_batch": global_batch, "seq_len": seq_len,
+                                      "samples_consumed": done * global_batch},
+                                     ctx.rank, ctx.world_size, ctx.device_type)
+    finally:
+        if log is not None:
+            log.close()
+    hf_dir = None
+    if options.checkpoint_dir and options.export_hf:
+        hf_dir = ckpt.export_hf(model, Path(options.checkpoint_dir) / ckpt.HF_DIR, ctx.rank, ctx.world_size)
+    if not ctx.is_main:
+        return None
+    summary = summarize(records, plan.data.predictions, ctx.world_size, tokens_per_step, memory)
+    latest = ckpt.latest_checkpoint(Path(options.checkpoint_dir)) if options.checkpoint_dir else None
+    summary.update(
+        start_step=start,
+        end_step=max(start, target_steps),
+        device=ctx.device_type,
+        checkpoint=str(latest[1]) if latest else None,
+        hf_export=str(hf_dir) if hf_dir else None,
+        metrics_file=options.metrics_path,
+    )
+    return summary

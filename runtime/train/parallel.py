@@ -1,0 +1,122 @@
+"""The train loop's view of the distributed runtime (`xplan.runtime.distributed`): process group,
+meshes, the parallelized model, gradient clipping, and this rank's share of a step's data.
+
+Every run, world size 1 included, goes through the same path: a process group, the plan's meshes
+and `parallelize` (EP → Ulysses → recompute → offload → FSDP2 with SUM gradient reductions).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from xplan.errors import InputError
+from xplan.runtime import distributed as D
+
+from .data import Batch, DataSource, rank_windows, split_micro_batches
+
+
+@dataclass
+class Context:
+    """Where this process sits: global rank, data-parallel and sequence-parallel coordinates."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    device_type: str
+    meshes: D.Meshes
+    owns_process_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.meshes.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.meshes.dp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.meshes.sp_rank
+
+    @property
+    def sp_size(self) -> int:
+        return self.meshes.sp_size
+
+
+def setup(layout, device_type: str, timeout_s: float) -> Context:
+    """Process group (from the torchrun environment, collective timeout set) and meshes."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world != layout.devices:
+        raise InputError(f"the plan is for {layout.devices} devices but this launch has WORLD_SIZE={world}; "
+                         f"launch {layout.devices} processes (torchrun --nproc-per-node ...) or use a plan for "
+                         f"{world} devices.")
+    owns = not dist.is_initialized()
+    env = D.init_distributed(device_type, timeout_s)
+    try:
+        meshes = D.build_meshes(layout, device_type)
+    except BaseException:
+        if owns:
+            D.shutdown_distributed()
+        raise
+    return Context(env.rank, env.world_size, meshes.device, device_type, meshes, owns)
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.owns_process_group:
+        D.shutdown_distributed()
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if ctx.world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(value: float, ctx: Context) -> float:
+    if ctx.world_size > 1:
+        t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+    return value
+
+
+def apply_kernels(model: nn.Module, layout) -> None:
+    """Kernel choices that are module attributes. Grouped expert GEMM: 'grouped_mm' means the
+    torch._grouped_mm path where its alignment rules allow and the per-expert loop elsewhere."""
+    impl = {"grouped_mm": "auto", "loop": "loop"}.get(layout.kernels.get("moe_gemm", "grouped_mm"), "auto")
+    for module in model.modules():
+        if hasattr(module, "grouped_gemm"):
+            module.grouped_gemm = impl
+
+
+def parallelize(model: nn.Module, layout, ctx: Context) -> nn.Module:
+    """Apply the plan's layout to `model` (in place; returns it)."""
+    apply_kernels(model, layout)
+    return D.parallelize(model, layout, ctx.meshes)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, ctx: Context) -> torch.Tensor:
+    """Global gradient norm over dense and expert meshes (before clipping); clips when max_norm > 0."""
+    return D.clip_grad_norm_(model, max_norm, ctx.meshes)
+
+
+def micro_batches(source: DataSource, step: int, global_batch: int, micro_batch: int, ctx: Context) -> list[Batch]:
+    """This rank's micro-batches of step `step` (0-based): its rows of the global batch, its chunk
+    of each sequence (the same slice as `distributed.local_batch`, without building the rows of
+    other ranks)."""
+    windows = rank_windows(source, step, global_batch, ctx.dp_rank, ctx.dp_size)
+    return split_micro_batches(windows, micro_batch, ctx.sp_rank, ctx.sp_size)

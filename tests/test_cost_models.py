@@ -1,0 +1,138 @@
+"""Cost-model components against hand-computable cases, and layout checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xplan.cli import main
+from xplan.cost_models import comm
+from xplan.cost_models.memory import layers_by_policy, model_state_bytes
+from xplan.errors import InputError
+from xplan.hw_profiles import load_profile
+from xplan.layout import check_layout, layout_from_dict
+from xplan.runtime import load_config
+
+
+def test_model_state_bytes_for_known_sharding():
+    # 235.1e9 parameters over 256 FSDP ranks: 4 B master + 4 B grad + 8 B AdamW = 16 B each.
+    params, grads, optim, off = model_state_bytes(235.1e9 / 256, ())
+    assert params == pytest.approx(235.1e9 / 256 * 4)
+    assert grads == pytest.approx(235.1e9 / 256 * 4)
+    assert optim == pytest.approx(235.1e9 / 256 * 8)
+    assert off == 0
+    _, _, optim, off = model_state_bytes(1e9, ("optimizer",))
+    assert optim == 0 and off == 8e9
+    params, grads, optim, off = model_state_bytes(1e9, ("params",))
+    assert params == grads == optim == 0 and off == 16e9
+
+
+def test_all_to_all_time_on_nvlink_level():
+    h800 = load_profile("h800")
+    nbytes = 1e9
+    expected = 7 * 3.33e-6 + (7 / 8) * nbytes / (200e9 * 0.77)
+    assert comm.all_to_all_time(h800, nbytes, 8, 1, 256) == pytest.approx(expected)
+    # 16 ranks span two nodes: the InfiniBand level prices it.
+    ib = 15 * 3.7e-6 + (15 / 16) * nbytes / (50e9 * 0.8)
+    assert comm.all_to_all_time(h800, nbytes, 16, 1, 256) == pytest.approx(ib)
+
+
+def test_expert_parallel_time_counts_four_all_to_alls():
+    h800 = load_profile("h800")
+    layout = layout_from_dict({"devices": 64, "fsdp": 64, "ep": 8})
+    one = comm.all_to_all_time(h800, 4096 * 8 * 4096 * 2, 8, 1, 64)
+    assert comm.expert_parallel_time(h800, 4096, 4096, 8, layout, 2, 1.0) == pytest.approx(4 * one)
+    assert comm.expert_parallel_time(h800, 4096, 4096, 8, layout, 2, 1.5) > 4 * one
+
+
+def test_recompute_fraction_splits_layers():
+    assert layers_by_policy(94, 0.5) == {"full": 47, "none": 47}
+    assert layers_by_policy(10, "selective") == {"selective": 10}
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"devices": 256, "fsdp": 256, "ep": 3}, "ep (3)"),
+        ({"devices": 256, "fsdp": 256, "ep": 256}, "must divide the number of routed experts"),
+        ({"devices": 256, "fsdp": 256, "sp": 3}, "sp (3)"),
+        ({"devices": 256, "fsdp": 128, "sp": 128}, "Ulysses sp (128) must divide the attention heads"),
+        ({"devices": 256, "fsdp": 100}, "fsdp (100)"),
+        ({"devices": 250, "fsdp": 125, "tp": 4}, "devices (250)"),
+    ],
+)
+def test_check_layout_rejects_impossible_layouts(layout, message):
+    config = load_config("qwen3-235b-a22b")
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_layout(layout_from_dict(layout), config, seq_len=4096)
+
+
+def test_layout_fields_validated():
+    with pytest.raises(InputError, match="devices"):
+        layout_from_dict({"devices": 0})
+    with pytest.raises(InputError, match="recompute"):
+        layout_from_dict({"devices": 8, "recompute": "sometimes"})
+    with pytest.raises(InputError, match="offload"):
+        layout_from_dict({"devices": 8, "offload": "gpu"})
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+TINY = {"model_type": "qwen3_moe", "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 512, "max_position_embeddings": 4096}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "config.json").write_text(json.dumps(TINY))
+    return str(d)
+
+
+def estimate_json(capsys, *args):
+    code, out, err = run(["estimate", *args, "--json"], capsys)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_estimate_json_contract_and_monotonicity(tiny_dir, capsys):
+    base = estimate_json(capsys, tiny_dir, "h800", "--devices", "8", "--seq-len", "256", "--global-batch", "16")
+    for key in ("fits", "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "layout"):
+        assert key in base
+    assert base["memory_gib"]["total"] > 0 and base["layout"]["fsdp"] == 8
+    ep = estimate_json(capsys, tiny_dir, "h800", "--devices", "8", "--ep", "4", "--seq-len", "256",
+                       "--global-batch", "16")
+    # Experts split over EP: less to gather per block, same sharded model states.
+    assert ep["memory_gib"]["gathered_parameters"] < base["memory_gib"]["gathered_parameters"]
+    assert ep["memory_gib"]["parameters"] == pytest.approx(base["memory_gib"]["parameters"])
+    full = estimate_json(capsys, tiny_dir, "h800", "--devices", "8", "--recompute", "full", "--seq-len", "256",
+                         "--global-batch", "16")
+    assert full["memory_gib"]["activations"] < base["memory_gib"]["activations"]
+    assert full["time_s"]["recompute"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--devices", "0"], "--devices"),
+        (["--devices", "8", "--ep", "3"], "ep (3)"),
+        (["--devices", "8", "--sp", "8"], "Ulysses sp (8)"),
+        (["--devices", "8", "--tp", "3"], "devices (8)"),
+        (["--devices", "8", "--recompute", "maybe"], "recompute"),
+    ],
+)
+def test_estimate_bad_input_exits_2(tiny_dir, capsys, args, message):
+    code, _, err = run(["estimate", tiny_dir, "h800", "--seq-len", "256", *args], capsys)
+    assert code == 2
+    assert message in " ".join(err.split())
+
+
+def test_estimate_unknown_profile_exits_2(tiny_dir, capsys):
+    code, _, err = run(["estimate", tiny_dir, "h900", "--devices", "8"], capsys)
+    assert code == 2 and "h800" in err

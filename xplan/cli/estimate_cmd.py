@@ -1,0 +1,87 @@
+"""`xplan estimate MODEL HW --devices N [layout flags]`: price one fixed layout."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from . import options as opt
+from .app import JSON_OPTION, app, console, print_json
+
+
+def render_estimate(title: str, est) -> None:
+    d = est.to_dict()
+    mem = d["memory_gib"]
+    verdict = "[green]fits[/]" if d["fits"] else "[bold red]does not fit[/]"
+    console.print(f"[bold]{title}[/]  {verdict}  binding: {d['binding']}")
+    summary = Table(show_header=False)
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    summary.add_row("step time", f"{d['step_time_s']:.3f} s (grad accum {d['grad_accum']})")
+    summary.add_row("tokens/s/device", f"{d['tokens_per_s_per_device']:,.0f}")
+    summary.add_row("MFU (bf16 peak)", f"{d['mfu']:.1%}")
+    summary.add_row("peak memory", f"{mem['total']:.1f} / {mem['capacity']:.0f} GiB")
+    lay = d["layout"]
+    summary.add_row("layout", " ".join(f"{k}={lay[k]}" for k in ("devices", "fsdp", "ep", "sp", "tp", "pp", "vpp",
+                                                                   "micro_batch", "recompute", "precision")))
+    if lay["offload"]:
+        summary.add_row("offload", ",".join(lay["offload"]))
+    console.print(summary)
+    tables = Table(title="memory per device (GiB)", show_header=True)
+    tables.add_column("component")
+    tables.add_column("GiB", justify="right")
+    for key, value in mem.items():
+        if key not in ("total", "capacity"):
+            tables.add_row(key, f"{value:.2f}")
+    tables.add_row("[bold]total[/]", f"[bold]{mem['total']:.2f}[/]")
+    console.print(tables)
+    times = Table(title="time per step (s)")
+    times.add_column("component")
+    times.add_column("s", justify="right")
+    times.add_column("share", justify="right")
+    for key, value in d["time_s"].items():
+        if value:
+            times.add_row(key, f"{value:.3f}", f"{value / d['step_time_s']:.0%}")
+    console.print(times)
+    for note in d["notes"]:
+        console.print(f"note: {note}")
+
+
+@app.command("estimate")
+def estimate_cmd(
+    model: str = typer.Argument(..., help="Preset name or directory with config.json."),
+    hardware: str = typer.Argument(..., help="Hardware profile name (see `xplan hw`) or YAML path."),
+    devices: int = opt.DEVICES,
+    seq_len: int = opt.SEQ_LEN,
+    global_batch: int = opt.GLOBAL_BATCH,
+    micro_batch: int = opt.MICRO_BATCH,
+    fsdp: int = opt.FSDP,
+    ep: int = opt.EP,
+    sp: int = opt.SP,
+    tp: int = opt.TP,
+    pp: int = opt.PP,
+    vpp: int = opt.VPP,
+    recompute: str = opt.RECOMPUTE,
+    offload: str = opt.OFFLOAD,
+    precision: str = opt.PRECISION,
+    loss: str = opt.LOSS,
+    imbalance: float = opt.IMBALANCE,
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Price one fixed layout: memory and time breakdowns, tokens/s/device, MFU, fits or not.
+
+    Examples:
+      [bold]xplan estimate qwen3-235b-a22b h800 --devices 256 --ep 8 --micro-batch 8 --recompute full[/]
+      [bold]xplan estimate llama3-70b h100 --devices 64 --tp 4 --pp 4 --fsdp 1 --json[/]
+    """
+    from xplan.planner.pricing import Workload, layout_from_flags, price
+
+    layout = layout_from_flags(devices, fsdp=fsdp, ep=ep, sp=sp, tp=tp, pp=pp, vpp=vpp, micro_batch=micro_batch,
+                               recompute=recompute, offload=offload, precision=precision, loss=loss)
+    if global_batch is None:
+        global_batch = layout.data_parallel * layout.micro_batch
+    est = price(Workload(model, hardware, seq_len, global_batch, imbalance), layout)
+    if json_out:
+        print_json({"model": model, "hardware": hardware, **est.to_dict()})
+        return
+    render_estimate(f"{model} on {devices} × {hardware}, seq {seq_len}, global batch {global_batch}", est)
