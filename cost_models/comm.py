@@ -23,8 +23,23 @@ def all_reduce_time(profile, nbytes: float, group: int, stride: int, devices: in
 
 
 def all_to_all_time(profile, nbytes: float, group: int, stride: int, devices: int) -> float:
-    """All-to-all where each rank sends `nbytes` in total (its share to itself included)."""
-    return profile.collective_time("all_to_all", nbytes, group, stride, devices)
+    """All-to-all where each rank sends `nbytes` in total (its share to itself included).
+
+    Hierarchical: a group that spans several innermost units sends to its peers in the same
+    unit over that unit's links while the rest crosses the outer level, concurrently.
+    """
+    if group <= 1 or nbytes <= 0:
+        return 0.0
+    level = profile.level_for_group(group, stride, devices)
+    inner = profile.levels[0].devices
+    local = min(group, max(1, (inner or group) // stride))
+    if level == 0 or local <= 1:
+        return profile.collective_time("all_to_all", nbytes, group, stride, devices)
+    local_bytes = nbytes * (local - 1) / group
+    remote_bytes = nbytes * (group - local) / group
+    t_local = local_bytes / profile.collective_bandwidth(0, "all_to_all", local)
+    t_remote = remote_bytes / profile.collective_bandwidth(level, "all_to_all", group)
+    return (group - 1) * profile.latency(level) + max(t_local, t_remote)
 
 
 def p2p_time(profile, nbytes: float, stride: int, devices: int) -> float:
@@ -77,10 +92,11 @@ def ulysses_time(profile, tokens: float, q_width: int, kv_width: int, out_width:
 
 def tensor_parallel_time(profile, tokens: float, hidden: int, layout, act_bytes: int) -> float:
     """Megatron TP with sequence parallelism: per layer 2 all-gathers + 2 reduce-scatters of the
-    activations forward, the same backward."""
+    activations forward, the same backward. `tokens` is the whole micro-batch sequence (each TP
+    rank holds tokens / tp of it between the collectives)."""
     if layout.tp <= 1:
         return 0.0
-    full = tokens * layout.tp * hidden * act_bytes  # gathered activation of the TP group
+    full = tokens * hidden * act_bytes  # the micro-batch's activation, gathered over the TP group
     one = all_gather_time(profile, full, layout.tp, 1, layout.devices) + reduce_scatter_time(
         profile, full, layout.tp, 1, layout.devices)
     return 4 * one

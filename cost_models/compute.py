@@ -21,6 +21,7 @@ class RankWork:
     precision: str = "bf16"
     seq_len: int = 4096
     traced_dtype_bytes: int = 2
+    fused_elementwise: bool = True  # kernels.elementwise == "fused"
 
 
 def op_time(op: PricedOp, work: RankWork, profile) -> float:
@@ -43,7 +44,10 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
         # Token count sits in a batch dimension (e.g. per-head matmuls): cost scales linearly.
         return profile.gemm_time(m, n, k, gemm_dtype, op.groups) * work.token_factor / work.tp
     scale = _BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
-    return op.nbytes * scale * work.token_factor / work.tp / profile.hbm_bandwidth() + overhead
+    nbytes = op.fused_nbytes if work.fused_elementwise else op.nbytes
+    if work.fused_elementwise and not nbytes:
+        return 0.0  # folded into a neighbouring kernel: no launch of its own
+    return nbytes * scale * work.token_factor / work.tp / profile.hbm_bandwidth() + overhead
 
 
 def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:

@@ -88,15 +88,18 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     check_layout(layout, config, seq, global_batch)
     grad_accum = layout.grad_accum(global_batch)
     tf = layout.micro_batch / layout.sp  # this rank's tokens per micro-batch, in traced sequences
-    tokens = tf * seq
+    tokens = tf * seq  # tokens of the micro-batch this TP group works on
+    rank_tokens = tokens / layout.tp  # sequence-parallel TP: each rank holds a slice between collectives
     act_bytes = COMPUTE_BYTES[layout.precision]
     param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = 4
     work = RankWork(token_factor=tf, tp=layout.tp, ep=layout.ep, imbalance=imbalance, precision=layout.precision,
-                    seq_len=seq, traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4)
+                    seq_len=seq, traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
+                    fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused")
     times = group_times(trace, work, profile)
 
     compute = recompute = fsdp_exposed = ep_time = sp_time = tp_time = 0.0
+    forward_total = backward_total = 0.0  # one micro-batch's block compute, by pass
     first_gather = 0.0
     hidden = config.hidden_size
     q_width = config.num_heads * config.qk_head_dim
@@ -108,6 +111,8 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         n = _stage_share(block.count, layout.pp)
         fwd, bwd = times.get((kind, "forward"), 0.0), times.get((kind, "backward"), 0.0)
         compute += n * (fwd + bwd)
+        forward_total += n * fwd
+        backward_total += n * bwd
         if layout.recompute == "selective" and block.flops_forward:
             redo = fwd * block.recompute_flops.get("selective", 0) / block.flops_forward
             recompute += n * redo
@@ -128,7 +133,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         # forward: gather overlaps the previous block; backward: re-gather + reduce-scatter.
         fsdp_exposed += n * (max(0.0, ag - fwd) + max(0.0, ag + rs - bwd))
         if block.num_experts:
-            a2a = comm.expert_parallel_time(profile, tokens, hidden, block.top_k, layout, act_bytes, imbalance)
+            a2a = comm.expert_parallel_time(profile, rank_tokens, hidden, block.top_k, layout, act_bytes, imbalance)
             redo_share = recompute_fraction if layout.recompute != "selective" else 0.0
             ep_time += n * a2a * (1 + 0.5 * redo_share)
         uly = comm.ulysses_time(profile, tokens, q_width, kv_width, out_width, layout, act_bytes)
@@ -137,7 +142,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
 
     for name in ("embed", "rotary", "model", "norm", "head", "loss"):
         compute += (times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)) / layout.pp
-    pp_time = comm.pipeline_p2p_time(profile, tokens, hidden, layout, act_bytes)
+    pp_time = comm.pipeline_p2p_time(profile, rank_tokens, hidden, layout, act_bytes)
 
     micro = compute + recompute + fsdp_exposed + first_gather + ep_time + sp_time + tp_time + pp_time
     bubble = (layout.pp - 1) / layout.vpp * micro if layout.pp > 1 else 0.0
@@ -148,19 +153,21 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         dense_rank, routed_rank = rank_param_split(trace, layout)
         rs = comm.reduce_scatter_time(profile, dense_rank * reduce_bytes, layout.dp_world, layout.tp, layout.devices)
         ag = comm.all_gather_time(profile, dense_rank * param_bytes, layout.dp_world, layout.tp, layout.devices)
-        expert_dp = layout.dp_world // layout.ep
+        expert_dp = max(1, layout.dp_world // layout.ep)
         rs += comm.reduce_scatter_time(profile, routed_rank * reduce_bytes, expert_dp, layout.ep * layout.tp,
                                        layout.devices)
         ag += comm.all_gather_time(profile, routed_rank * param_bytes, expert_dp, layout.ep * layout.tp,
                                    layout.devices)
-        zero1_exposed = max(0.0, rs - compute / 2) + max(0.0, ag - compute / 2)
+        # Bucketed: reduce-scatter hides under the last micro-batch's backward, all-gather under
+        # the first forward.
+        zero1_exposed = max(0.0, rs - backward_total) + max(0.0, ag - forward_total)
 
     params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
+    optimizer = profile.memory_time(params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
     if "optimizer" in layout.offload or "params" in layout.offload:
-        # grads to host, updated params back; the host-side update runs alongside.
-        optimizer = 2 * params_on_rank * 4 / profile.host_bandwidth()
-    else:
-        optimizer = profile.memory_time(params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
+        # Gradients to host and updated parameters back over the host link, on top of the update
+        # itself (priced as if it ran at device speed: offload never looks cheaper than none).
+        optimizer += 2 * params_on_rank * 4 / profile.host_bandwidth()
     offload_time = 0.0
     if "activations" in layout.offload:
         saved, _ = activation_bytes(trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance, 1.0)
@@ -217,7 +224,8 @@ def rank_param_split(trace, layout: Layout) -> tuple[float, float]:
     """(dense, routed-expert) parameters one rank holds unsharded by FSDP (after TP, PP and EP)."""
     routed = sum(b.count * b.params.get("routed_expert", 0) for b in trace.blocks.values())
     dense = trace.params_total - routed
-    return dense / (layout.tp * layout.pp), routed / (layout.ep * layout.tp * layout.pp)
+    expert_tp = layout.tp if layout.ep <= layout.dp_world else 1  # EP spanning TP ranks: experts not TP-split
+    return dense / (layout.tp * layout.pp), routed / (layout.ep * expert_tp * layout.pp)
 
 
 def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float = 1.0) -> MemoryBreakdown:

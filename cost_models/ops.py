@@ -26,11 +26,41 @@ class PricedOp:
     groups: int = 1  # grouped GEMM groups (experts)
     token_scaled: bool = True  # whether the first dim scales with tokens
     module: str = ""
+    fused_nbytes: int = 0  # memory ops: bytes left when chains of elementwise ops run as one kernel
 
 
 def _shape(text: str) -> tuple[int, ...]:
     parts = text.split("x") if text else []
     return tuple(int(x) for x in parts) if all(x.isdigit() for x in parts) else ()
+
+
+def _is_memory_op(d: dict) -> bool:
+    return d.get("type") == "op" and not d.get("attention") and not int(d.get("flops", 0))
+
+
+def _in_chain(d: dict, chain: tuple) -> bool:
+    return _is_memory_op(d) and (d.get("stage"), d.get("phase")) == chain
+
+
+def fused_memory_bytes(graph) -> dict[str, int]:
+    """Bytes each memory-bound op moves when chains of them are fused into one kernel.
+
+    Within one stage and pass, an elementwise op reads its inputs from memory only when one comes
+    from outside the chain (a GEMM, attention, another stage, or a graph input) and writes its
+    output only when something outside the chain consumes it or it is kept for backward; the
+    rest stays in registers (fused RMSNorm, SwiGLU, RoPE, or torch.compile).
+    """
+    out = {}
+    for node, d in graph.nodes(data=True):
+        if not _is_memory_op(d):
+            continue
+        chain = (d.get("stage"), d.get("phase"))
+        preds = [graph.nodes[p] for p in graph.predecessors(node) if graph.nodes[p].get("type") == "op"]
+        succs = [graph.nodes[q] for q in graph.successors(node) if graph.nodes[q].get("type") == "op"]
+        reads = not preds or any(not _in_chain(p, chain) for p in preds)
+        writes = not succs or int(d.get("saved_bytes", 0)) > 0 or any(not _in_chain(q, chain) for q in succs)
+        out[node] = int(d.get("bytes_read", 0)) * reads + int(d.get("bytes_written", 0)) * writes
+    return out
 
 
 def priced_ops(trace) -> list[PricedOp]:
@@ -39,8 +69,9 @@ def priced_ops(trace) -> list[PricedOp]:
     if cached is not None:
         return cached
     tokens = trace.seq_len * trace.micro_batch
+    fused = fused_memory_bytes(trace.graph)
     out: list[PricedOp] = []
-    for _, d in trace.graph.nodes(data=True):
+    for node, d in trace.graph.nodes(data=True):
         if d.get("type") != "op":
             continue
         name, flops = d["op"].rstrip("_"), int(d.get("flops", 0))
@@ -58,6 +89,7 @@ def priced_ops(trace) -> list[PricedOp]:
                 k = flops / (2 * groups * rows * n)
             else:  # [groups, a, b] weight gradient: rows are the reduced dim
                 n, k = shape[-2], shape[-1]
+                rows = flops / (2 * groups * n * k)
             out.append(PricedOp(category="grouped", dims=(rows, n, k), groups=groups, **common))
         elif flops and len(shape) >= 2:  # mm, addmm, bmm and in-place variants: out [.., m, n]
             batch = 1
@@ -76,7 +108,7 @@ def priced_ops(trace) -> list[PricedOp]:
         elif flops:
             out.append(PricedOp(category="gemm", dims=(tokens, 1, flops / (2 * tokens)), **common))
         else:
-            out.append(PricedOp(category="memory", **common))
+            out.append(PricedOp(category="memory", fused_nbytes=fused.get(node, nbytes), **common))
     try:
         trace._priced_ops = out
     except AttributeError:  # frozen trace objects: no memo

@@ -315,6 +315,9 @@ def run_validation(cache_dir: str | Path | None = None, progress: Progress | Non
     if only:
         cases = [c for c in cases if only in c.id]
         skipped = [s for s in skipped if only in s.id]
+        if not cases and not skipped:
+            raise InputError(f"no published row id contains {only!r}; run `xplan validate` without --only to "
+                             "see every id.")
     groups: dict[tuple[str, int, str], list[Case]] = {}
     for c in cases:
         groups.setdefault((c.model, c.seq_len, c.loss), []).append(c)

@@ -132,6 +132,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     config = load_model_config(workload.model)
     profile = load_hw(workload.hardware)
     precision = pinned.pop("precision", "bf16")
+    # The runtime compiles blocks (fused elementwise kernels) on accelerators and stays eager on CPU.
+    elementwise = pinned.pop("elementwise", "eager" if profile.device.kind == "cpu" else "fused")
     recomputes = [pinned.pop("recompute")] if "recompute" in pinned else list(RECOMPUTE_ORDER)
     offloads = [pinned.pop("offload")] if "offload" in pinned else list(OFFLOAD_ORDER)
     losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
@@ -155,7 +157,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
             progress(i, len(cores))
         loss = core.pop("loss")
         trace = traces[loss]
-        kernels = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": loss}
+        kernels = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": loss, "elementwise": elementwise}
         try:
             check_layout(Layout(**core, precision=precision, kernels=kernels), config, workload.seq_len,
                          workload.global_batch)

@@ -26,8 +26,11 @@ KERNEL_CHOICES = {
     "attention": ("sdpa", "eager", "flash"),
     "moe_gemm": ("grouped_mm", "loop"),
     "loss": ("full", "chunked"),
+    # fused: chains of elementwise ops run as one kernel (torch.compile of each block on
+    # accelerators); eager: one kernel per aten op.
+    "elementwise": ("fused", "eager"),
 }
-DEFAULT_KERNELS = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": "chunked"}
+DEFAULT_KERNELS = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": "chunked", "elementwise": "fused"}
 
 
 def parse_recompute(value: Any) -> str | float:
@@ -177,7 +180,9 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
         need(d.fsdp % d.ep == 0, f"ep ({d.ep}) must divide the FSDP shard group ({d.fsdp}): experts are split "
                                  "over EP ranks inside each shard group.")
     else:
-        need(d.dp_world % d.ep == 0, f"ep ({d.ep}) must divide the data-parallel world ({d.dp_world}).")
+        # Megatron-style: the expert-parallel group may span tensor-parallel ranks (expert TP = 1).
+        need((d.dp_world * d.tp) % d.ep == 0,
+             f"ep ({d.ep}) must divide the data-parallel × tensor-parallel ranks ({d.dp_world} × {d.tp}).")
     if d.ep > 1:
         need(config.num_experts > 0, f"ep = {d.ep} needs a mixture-of-experts model; {config.name} is dense.")
         need(config.num_experts % d.ep == 0,

@@ -7,6 +7,7 @@ and `parallelize` (EP → Ulysses → recompute → offload → FSDP2 with SUM g
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from xplan.errors import InputError
 from xplan.runtime import distributed as D
 
 from .data import Batch, DataSource, rank_windows, split_micro_batches
+
+log = logging.getLogger("xplan.runtime")
 
 
 @dataclass
@@ -106,7 +109,22 @@ def apply_kernels(model: nn.Module, layout) -> None:
 def parallelize(model: nn.Module, layout, ctx: Context) -> nn.Module:
     """Apply the plan's layout to `model` (in place; returns it)."""
     apply_kernels(model, layout)
-    return D.parallelize(model, layout, ctx.meshes)
+    model = D.parallelize(model, layout, ctx.meshes)
+    compile_blocks(model, layout, ctx.device_type)
+    return model
+
+
+def compile_blocks(model: nn.Module, layout, device_type: str) -> None:
+    """kernels.elementwise == 'fused': compile each decoder block (after parallelisms, as
+    torchtitan does) so chains of elementwise ops run as single kernels. On CPU the runtime stays
+    eager (plans for the cpu profile are priced with 'eager')."""
+    if layout.kernels.get("elementwise", "fused") != "fused":
+        return
+    if device_type == "cpu":
+        log.info("kernels.elementwise=fused: blocks stay eager on CPU")
+        return
+    for block in model.model.layers:
+        block.compile()
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, ctx: Context) -> torch.Tensor:

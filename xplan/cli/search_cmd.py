@@ -109,7 +109,10 @@ def search_cmd(
         training = {"seq_len": seq_len, "global_batch": global_batch, "steps": steps}
         predictions = {k: v for k, v in best.to_dict().items() if k in (
             "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "time_s", "binding")}
-        plan = make_plan(model, hardware, best.layout, training, predictions,
+        from xplan.planner.pricing import load_hw
+
+        first_level = load_hw(hardware).levels[0].devices
+        plan = make_plan(model, hardware, best.layout, training, predictions, devices_per_node=first_level,
                          notes=f"written by xplan search ({result.candidates_evaluated} candidates)")
         written = str(save_plan(plan, output))
     if json_out:

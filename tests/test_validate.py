@@ -1,0 +1,216 @@
+"""`xplan validate`: the published-results mapping is complete and well-formed, errors are computed
+right, and the harness and CLI run (on a small subset; the accuracy thresholds are not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xplan.cli import main
+from xplan.cost_models import estimate
+from xplan.cost_models.validation import (
+    CASES_PATH,
+    METRICS,
+    PUBLISHED_PATH,
+    flops_per_token,
+    load_cases,
+    load_published,
+    published_field,
+    run_validation,
+)
+from xplan.hw_profiles import load_profile, profile_names
+from xplan.layout import check_layout, layout_from_dict
+from xplan.planner.trace import trace_model
+from xplan.runtime import load_config
+from xplan.runtime.models import model_config_from_dict, preset_names
+
+SHARED_PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "published_results.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _trace_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XPLAN_CACHE_DIR", str(tmp_path / "trace-cache"))
+
+
+def _raw_cases() -> dict:
+    return yaml.safe_load(CASES_PATH.read_text())
+
+
+# ------------------------------------------------------------------------- the mapping file
+def test_published_copy_is_verbatim():
+    if not SHARED_PUBLISHED.is_file():
+        pytest.skip("shared reference folder not present")
+    assert PUBLISHED_PATH.read_bytes() == SHARED_PUBLISHED.read_bytes()
+
+
+def test_every_published_row_has_exactly_one_case():
+    published = load_published()
+    ids = [c["id"] for c in _raw_cases()["cases"]]
+    assert len(ids) == len(set(ids)), "duplicate case ids"
+    assert set(ids) == set(published), (f"missing: {sorted(set(published) - set(ids))}; "
+                                        f"unknown: {sorted(set(ids) - set(published))}")
+
+
+def test_not_expressible_rows_give_a_reason():
+    for c in _raw_cases()["cases"]:
+        if c.get("expressible", True) is False:
+            assert isinstance(c.get("reason"), str) and len(c["reason"]) > 20, c["id"]
+            assert "layout" not in c and "metrics" not in c, c["id"]
+
+
+def test_cases_reference_existing_models_profiles_and_valid_layouts():
+    cases, skipped = load_cases()
+    assert cases and skipped
+    profiles = set(profile_names())
+    presets = set(preset_names())
+    for case in cases:
+        assert case.hardware in profiles, (case.id, case.hardware)
+        if case.config is None:
+            assert case.model in presets, (case.id, case.model)
+            config = load_config(case.model)
+        else:
+            config = model_config_from_dict(dict(case.config), name=case.model)
+        layout = layout_from_dict(case.layout)
+        check_layout(layout, config, case.seq_len, case.global_batch)  # raises InputError when invalid
+        assert case.metrics
+        for m in case.metrics:
+            assert m.metric in METRICS
+            if m.metric == "tflops_per_gpu":
+                assert case.flops and flops_per_token(case.flops, case.seq_len) > 0, case.id
+
+
+def test_published_figures_carry_over_unchanged():
+    published = load_published()
+    cases, _ = load_cases()
+    for case in cases:
+        for m in case.metrics:
+            value = published_field(published[case.id], m.field)
+            assert value is not None, (case.id, m.field)
+            assert float(value) == m.published, (case.id, m.field, value, m.published)
+
+
+def test_megatron_flops_match_the_dense_gpt_formula():
+    L, h, V, s = 24, 2048, 131072, 4096
+    spec = {"convention": "megatron", "layers": L, "hidden": h, "heads": 16, "ffn": 4 * h, "vocab": V}
+    expected = 72 * L * h * h * (1 + s / (6 * h) + V / (12 * h * L))
+    assert flops_per_token(spec, s) == pytest.approx(expected, rel=1e-12)
+    # MoE / GQA terms: Mixtral-like, 12 L h^2 [(1 + g/a + s/h) + (ffn/h) k 3/2 + V/(2Lh)]
+    moe = {"convention": "megatron", "layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128,
+           "ffn": 14336, "gated": True, "top_k": 2, "vocab": 32000}
+    h = 4096
+    expected = 12 * 32 * h * h * ((1 + 8 / 32 + s / h) + (14336 / h) * 2 * 1.5 + 32000 / (2 * 32 * h))
+    assert flops_per_token(moe, s) == pytest.approx(expected, rel=1e-12)
+
+
+def test_internevo_flops():
+    spec = {"convention": "internevo", "layers": 32, "hidden": 4096, "vocab": 103168, "mlp_ratio": 8 / 3,
+            "swiglu": True, "checkpoint": True}
+    s, h = 2048, 4096
+    expected = 4 * 32 * (24 * h * h + 4 * s * h) + 6 * h * 103168
+    assert flops_per_token(spec, s) == pytest.approx(expected, rel=1e-12)
+    assert flops_per_token(dict(spec, checkpoint=False), s) < expected
+
+
+# ------------------------------------------------------------------------- errors, by hand
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
+        "tie_word_embeddings": False}
+
+
+def test_errors_and_summary_computed_by_hand(tmp_path):
+    published = {"results": [
+        {"id": "tiny_a", "model": "tiny", "reported": {"tokens_per_s_per_gpu": 1000.0, "memory_gib": 2.0}},
+        {"id": "tiny_b", "model": "tiny", "reported": {"tflops": 3.0}},
+        {"id": "tiny_c", "model": "tiny", "reported": {"note": "nothing to price"}},
+    ]}
+    layout = {"devices": 2, "fsdp": 2, "micro_batch": 1, "recompute": "none", "precision": "bf16"}
+    flops = {"convention": "megatron", "layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "ffn": 128,
+             "gated": True, "vocab": 256}
+    cases = {"models": {"tiny": TINY}, "cases": [
+        {"id": "tiny_a", "model": "tiny", "hardware": "h100", "layout": layout, "seq_len": 64, "global_batch": 4,
+         "metrics": [{"metric": "tokens_per_s_per_gpu", "published": 1000.0, "field": "reported.tokens_per_s_per_gpu"},
+                     {"metric": "memory_gib", "published": 2.0, "field": "reported.memory_gib"}]},
+        {"id": "tiny_b", "model": "tiny", "hardware": "h100", "layout": layout, "seq_len": 64, "global_batch": 2,
+         "flops": flops, "metrics": [{"metric": "tflops_per_gpu", "published": 3.0, "field": "reported.tflops"}]},
+        {"id": "tiny_c", "expressible": False, "reason": "nothing to price in this hand-made row"},
+    ]}
+    pub_path, cases_path = tmp_path / "published.yaml", tmp_path / "cases.yaml"
+    pub_path.write_text(yaml.safe_dump(published))
+    cases_path.write_text(yaml.safe_dump(cases))
+
+    report = run_validation(cache_dir=tmp_path / "cache", cases_path=cases_path, published_path=pub_path)
+
+    config = model_config_from_dict(TINY, name="tiny")
+    profile = load_profile("h100")
+    trace = trace_model(config, 64, micro_batch=1, loss="full", cache_dir=tmp_path / "cache")
+    lay = layout_from_dict(dict(layout, kernels={"loss": "full"}))
+    est_a = estimate(trace, config, lay, profile, 4)
+    est_b = estimate(trace, config, lay, profile, 2)
+    tps_a, mem_a = est_a.tokens_per_s_per_device, est_a.memory.total / 2**30
+    tflops_b = est_b.tokens_per_s_per_device * flops_per_token(flops, 64) / 1e12
+
+    got = {(r.id, r.metric): r for r in report.rows}
+    assert set(got) == {("tiny_a", "tokens_per_s_per_gpu"), ("tiny_a", "memory_gib"), ("tiny_b", "tflops_per_gpu")}
+    for key, predicted, pub in ((("tiny_a", "tokens_per_s_per_gpu"), tps_a, 1000.0),
+                                (("tiny_a", "memory_gib"), mem_a, 2.0),
+                                (("tiny_b", "tflops_per_gpu"), tflops_b, 3.0)):
+        row = got[key]
+        assert row.predicted == pytest.approx(predicted, rel=1e-12)
+        assert row.published == pub
+        assert row.error == pytest.approx(predicted / pub - 1, rel=1e-12, abs=1e-15)
+    thr = [got[("tiny_a", "tokens_per_s_per_gpu")].error, got[("tiny_b", "tflops_per_gpu")].error]
+    s = report.summary
+    assert s["throughput"]["count"] == 2 and s["memory"]["count"] == 1
+    assert s["throughput"]["median_abs_error"] == pytest.approx(statistics.median(abs(e) for e in thr))
+    assert s["throughput"]["max_abs_error"] == pytest.approx(max(abs(e) for e in thr))
+    assert s["memory"]["max_abs_error"] == pytest.approx(abs(mem_a / 2.0 - 1))
+    assert [n.id for n in report.not_expressible] == ["tiny_c"]
+    assert report.failed == []
+
+
+# ------------------------------------------------------------------------- the harness and the CLI
+def test_harness_runs_on_a_subset(tmp_path):
+    seen = []
+    report = run_validation(cache_dir=tmp_path / "cache", only="internlm7b",
+                            progress=lambda done, total, label: seen.append((done, total)))
+    ids = {r.id for r in report.rows}
+    assert ids == {"internlm7b_8", "internlm7b_flops_ac"}
+    assert {n.id for n in report.not_expressible} == {"internlm7b_1024", "internlm7b_1024_zero_all"}
+    assert report.failed == []
+    assert seen[-1] == (1, 1)  # one trace group: internlm-7b at 2048
+    for r in report.rows:
+        assert r.predicted > 0 and r.error == pytest.approx(r.predicted / r.published - 1)
+        assert r.estimate["step_time_s"] > 0
+
+
+def test_cli_json_fields(capsys):
+    code = main(["validate", "--only", "internlm7b", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    data = json.loads(out)
+    assert {"rows", "not_expressible", "summary"} <= set(data)
+    assert data["rows"]
+    for row in data["rows"]:
+        assert {"id", "model", "hardware", "layout", "metric", "published", "predicted", "error"} <= set(row)
+        assert row["error"] == pytest.approx(row["predicted"] / row["published"] - 1)
+        assert "estimate" not in row  # only with --details
+    assert all({"id", "reason"} <= set(n) for n in data["not_expressible"])
+    for kind in ("throughput", "memory"):
+        assert {"count", "median_abs_error", "max_abs_error"} <= set(data["summary"][kind])
+
+
+def test_cli_table(capsys):
+    code = main(["validate", "--only", "internlm7b"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "internlm7b_8" in out and "median" in out and "not expressible" in out and "internlm7b_1024" in out
+
+
+def test_cli_only_without_match_exits_2(capsys):
+    code = main(["validate", "--only", "no-such-row-id", "--json"])
+    assert code == 2
+    assert "no published row id contains" in capsys.readouterr().err
