@@ -237,7 +237,8 @@ def single_process_worker(rank: int, world: int, config, out_path: str) -> None:
         clip_grad_norm_(model, MAX_NORM, meshes)
         opt.step()
         losses.append(loss.item())
-    params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in model.named_parameters()}
     torch.save({"losses": losses, "params": params}, out_path)
 
 

@@ -109,7 +109,12 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
         apply_recompute(block, policy)
     apply_activation_offload(blocks, layout, meshes.device_type, force=force_activation_offload)
 
-    # 4. FSDP2: experts (own mesh), blocks, embeddings, head, root.
+    # 4. FSDP2: experts (own mesh), blocks, embeddings, head, root. A single fp32 rank without
+    # offload has nothing to shard, cast or move: FSDP would only add per-parameter copies.
+    if meshes.world_size == 1 and layout.precision == "fp32" and not layout.offload:
+        model._xplan_layout = layout  # type: ignore[attr-defined]
+        log.info("parallelized %s: single fp32 rank, no FSDP wrapping", config.name)
+        return model
     common = dict(mp_policy=mixed_precision(layout.precision),
                   offload_policy=fsdp_offload_policy(layout, meshes.device_type))
     units: list[FSDPModule] = []
