@@ -24,6 +24,14 @@ class RankWork:
     fused_elementwise: bool = True  # kernels.elementwise == "fused"
 
 
+def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, profile) -> float:
+    """fp8 GEMMs quantise both operands first: read bf16 (2 B), write fp8 (1 B) per element (the
+    scaling-factor reductions ride along)."""
+    if work.precision != "fp8":
+        return 0.0
+    return groups * (m * k + k * n) * 3 / profile.hbm_bandwidth()
+
+
 def op_time(op: PricedOp, work: RankWork, profile) -> float:
     """Seconds for one traced op on one rank under `work`."""
     gemm_dtype = work.precision
@@ -36,13 +44,18 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
         rows, n, k = op.dims
         load = work.imbalance if work.ep > 1 else 1.0
         groups = max(1, op.groups // work.ep)
-        return profile.gemm_time(rows * work.token_factor * work.ep * load, n / work.tp, k, gemm_dtype, groups)
+        m = rows * work.token_factor * work.ep * load
+        return profile.gemm_time(m, n / work.tp, k, gemm_dtype, groups) + fp8_cast_time(m, n / work.tp, k, groups,
+                                                                                       work, profile)
     if op.category == "gemm":
         m, n, k = op.dims
         if op.token_scaled:
-            return profile.gemm_time(m * work.token_factor, n / work.tp, k, gemm_dtype, op.groups)
+            m = m * work.token_factor
+            return profile.gemm_time(m, n / work.tp, k, gemm_dtype, op.groups) + fp8_cast_time(
+                m, n / work.tp, k, op.groups, work, profile)
         # Token count sits in a batch dimension (e.g. per-head matmuls): cost scales linearly.
-        return profile.gemm_time(m, n, k, gemm_dtype, op.groups) * work.token_factor / work.tp
+        return (profile.gemm_time(m, n, k, gemm_dtype, op.groups)
+                + fp8_cast_time(m, n, k, op.groups, work, profile)) * work.token_factor / work.tp
     scale = _BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
     nbytes = op.fused_nbytes if work.fused_elementwise else op.nbytes
     if work.fused_elementwise and not nbytes:
