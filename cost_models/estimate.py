@@ -27,8 +27,11 @@ from .memory import (
     MemoryBreakdown,
     activation_bytes,
     block_unsharded_numel,
+    chunked_head_bytes,
     head_phase_bytes,
+    layers_by_policy,
     model_state_bytes,
+    parallel_saved_bytes,
 )
 
 OPTIMIZER_BYTES_PER_PARAM = 28  # AdamW: read param, grad, 2 moments (16 B); write param, 2 moments (12 B)
@@ -190,7 +193,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     tokens_per_s = global_batch * seq / step / layout.devices
     mfu = trace.flops_per_token * tokens_per_s / profile.peak_flops("bf16")
 
-    memory = memory_estimate(trace, layout, profile, grad_accum, imbalance)
+    memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config)
     hbm, host = float(profile.hbm_bytes()), float(profile.host_memory_bytes())
     notes = []
     if memory.total > hbm:
@@ -228,8 +231,14 @@ def rank_param_split(trace, layout: Layout) -> tuple[float, float]:
     return dense / (layout.tp * layout.pp), routed / (layout.ep * expert_tp * layout.pp)
 
 
-def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float = 1.0) -> MemoryBreakdown:
-    """Peak memory of the busiest rank (see cost_models.memory for the accounting)."""
+def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float = 1.0,
+                    config=None) -> MemoryBreakdown:
+    """Peak memory of the busiest rank (see cost_models.memory for the accounting).
+
+    The peak is the larger of two moments: the end of the forward (LM head and loss live) and a
+    block's backward (two blocks gathered, its gradients and recomputed activations live).
+    `config` (the ModelConfig) adds what EP / Ulysses keep beyond the single-device trace.
+    """
     tf = layout.micro_batch / layout.sp
     compute_bytes = COMPUTE_BYTES[layout.precision]
     if layout.zero1:
@@ -254,15 +263,34 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
         saved = on_device
     gathered_block = max(block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values())
     gathered = 0.0 if layout.zero1 else 2 * gathered_block * compute_bytes  # running + prefetched
+    if config is not None:
+        counts: dict[str, float] = {}
+        for block in trace.blocks.values():
+            for policy, n in layers_by_policy(-(-block.count // layout.pp), layout.recompute).items():
+                counts[policy] = counts.get(policy, 0) + n
+        moe_layers = sum(-(-b.count // layout.pp) for b in trace.blocks.values() if b.num_experts)
+        rank_tokens = tf * trace.seq_len / layout.tp
+        extra = parallel_saved_bytes(config, layout, counts, moe_layers, rank_tokens, compute_bytes) * in_flight
+        if "activations" not in layout.offload:
+            saved += extra
     logits, head = head_phase_bytes(trace, tf, layout.tp, compute_bytes)
+    if config is not None and layout.kernels.get("loss") == "chunked":
+        head_block = trace.others.get("head")
+        head_params = head_block.params_total / layout.tp if head_block is not None else 0
+        logits, head = 0.0, chunked_head_bytes(head_params, config.vocab_size, config.hidden_size,
+                                               tf * trace.seq_len / layout.tp, compute_bytes)
     # Backward of one block: its unsharded gradients (+ fp32 reduce copy) and, when recomputed,
-    # its full set of intermediates rebuilt; the head phase holds logits and the head's buffers.
+    # its full set of intermediates rebuilt, with two blocks gathered. End of forward: the head's
+    # buffers and logits, blocks resharded; no gradient exists yet in the first micro-batch.
     block_phase = gathered_block * (compute_bytes + 4) + (largest_block if layout.recompute != "none" else 0.0)
-    head_phase = logits + head
-    if head_phase >= block_phase:
-        logits_loss, temporaries = logits, head
+    block_moment = grads + gathered + block_phase
+    head_moment = (grads if grad_accum > 1 else 0.0) + logits + head
+    if head_moment >= block_moment:
+        logits_loss, temporaries, gathered = logits, head, 0.0
+        grads_now = grads if grad_accum > 1 else 0.0
     else:
-        logits_loss, temporaries = 0.0, block_phase
+        logits_loss, temporaries, grads_now = 0.0, block_phase, grads
+    grads = grads_now
     subtotal = params + grads + optim + gathered + saved + logits_loss + temporaries
     reserved, fragmentation = _memory_overheads(profile)
     overhead = reserved + fragmentation * subtotal

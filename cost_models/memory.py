@@ -84,7 +84,9 @@ def _routed_saved_fraction(trace, kind: str) -> float:
         if d.get("type") == "op" and d.get("stage") == kind and d.get("phase") == "forward":
             saved = int(d.get("saved_bytes", 0))
             total += saved
-            if ".experts" in d.get("module", ""):
+            module = d.get("module", "")
+            # Expert compute, and the token copies the MoE block makes for it (dispatch/combine).
+            if ".experts" in module or module == "mlp":
                 routed += saved
     return routed / total if total else 0.0
 
@@ -136,3 +138,41 @@ def head_phase_bytes(trace, token_factor: float, tp: int, compute_bytes: int) ->
     head_params = head.params_total / tp if head is not None else 0
     # Weight gathered in compute dtype, its gradient in compute dtype and the fp32 reduce copy.
     return logits, head_params * (compute_bytes + compute_bytes + GRAD_BYTES)
+
+
+LOSS_CHUNK_TOKENS = 1024  # the runtime's chunked loss (runtime/train/loss.py DEFAULT_CHUNK_TOKENS)
+
+
+def chunked_head_bytes(head_params: float, vocab: int, hidden: int, tokens: float, compute_bytes: int) -> float:
+    """LM head under the chunked loss, at the end of the forward: the gathered weight, FSDP's
+    retained all-gather output and the loss's weight gradient (3 weights), one chunk's fp32 logits
+    and their gradient, and the hidden-state gradient the loss already produced."""
+    chunk = min(LOSS_CHUNK_TOKENS, tokens)
+    return 3 * head_params * compute_bytes + chunk * vocab * (4 + compute_bytes) + tokens * hidden * compute_bytes
+
+
+def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_layers: float, tokens: float,
+                         act_bytes: int) -> float:
+    """Activations expert and sequence parallelism add to what the single-device trace measured.
+
+    - selective recompute keeps communication outputs: with EP the dispatch and combine
+      all-to-all outputs (2 × tokens × top_k × hidden) of every MoE layer; with Ulysses the q, k, v
+      and output all-to-all outputs.
+    - without recompute, Ulysses keeps the attention output twice (the kernel's saved output and
+      the output projection's input after the reverse all-to-all), which share storage at sp = 1.
+    `policy_counts` are layers per policy on this rank; `tokens` this rank's tokens per micro-batch.
+    """
+    selective = policy_counts.get("selective", 0.0)
+    none = policy_counts.get("none", 0.0)
+    extra = 0.0
+    if layout.ep > 1 and config.num_experts:
+        layers = selective * moe_layers / max(1.0, sum(policy_counts.values()))
+        extra += layers * 2 * tokens * config.top_k * config.hidden_size * act_bytes
+    if layout.sp > 1:
+        kv_heads = config.num_heads if config.attention_kind == "mla" else max(config.num_kv_heads, layout.sp)
+        # Head-sharded over the whole sequence = this rank's tokens × all heads, per tensor.
+        widths = (config.num_heads * config.qk_head_dim + kv_heads * (config.qk_head_dim + config.v_dim)
+                  + config.num_heads * config.v_dim)
+        extra += selective * tokens * widths * act_bytes
+        extra += none * tokens * config.num_heads * config.v_dim * act_bytes
+    return extra

@@ -1,7 +1,7 @@
 """Search: enumerate layouts, check constraints, prune dominated ones, price the rest.
 
-Space: FSDP shard group (whole data-parallel world, each interconnect level's unit = HSDP, or 1 =
-ZeRO-1), expert parallel, Ulysses, recompute (none, selective, fractions, full), offload,
+Space: FSDP shard group (whole data-parallel world, each interconnect level's unit = HSDP; 1 =
+ZeRO-1 with `allow_3d`), expert parallel, Ulysses, recompute (none, selective, fractions, full), offload,
 micro-batch (gradient accumulation follows from the global batch), loss kernel; TP/PP with
 `allow_3d`. Decisions given by the caller are pinned.
 
@@ -66,9 +66,13 @@ def recompute_chains(recomputes: list) -> list[list]:
     return chains
 
 
-def fsdp_choices(dp_world: int, profile) -> list[int]:
-    """Whole world, one unit of each interconnect level (HSDP), and 1 (ZeRO-1)."""
-    choices = {dp_world, 1}
+def fsdp_choices(dp_world: int, profile, allow_3d: bool = False) -> list[int]:
+    """Whole world and one unit of each interconnect level (HSDP); 1 (Megatron's distributed
+    optimizer, ZeRO-1) only when pricing 3D layouts for comparison, since the runtime executes
+    FSDP2 and would run fsdp = 1 as plain data parallel."""
+    choices = {dp_world}
+    if allow_3d or dp_world == 1:
+        choices.add(1)
     for level in profile.levels:
         if level.devices and level.devices < dp_world and dp_world % level.devices == 0:
             choices.add(level.devices)
@@ -102,7 +106,7 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
             continue
         dp_world = devices // (tp * pp)
         vpps = [pinned["vpp"]] if "vpp" in pinned else ([1, 2, 4] if pp > 1 else [1])
-        fsdps = [pinned["fsdp"]] if "fsdp" in pinned else fsdp_choices(dp_world, profile)
+        fsdps = [pinned["fsdp"]] if "fsdp" in pinned else fsdp_choices(dp_world, profile, allow_3d)
         for fsdp in fsdps:
             eps = [pinned["ep"]] if "ep" in pinned else ep_choices(config, fsdp, dp_world)
             sps = [pinned["sp"]] if "sp" in pinned else sp_choices(config, dp_world, workload.seq_len)
@@ -177,7 +181,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                 while lo < hi:
                     mid = (lo + hi) // 2
                     evaluated += 1
-                    memory = memory_estimate(trace, layouts[mid], profile, grad_accum, workload.imbalance)
+                    memory = memory_estimate(trace, layouts[mid], profile, grad_accum, workload.imbalance, config)
                     if fits_memory(memory, hbm, host):
                         hi = mid
                     else:

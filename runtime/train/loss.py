@@ -60,6 +60,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 grad_hidden[start: start + chunk_tokens] = g @ weight
             if grad_weight is not None:
                 grad_weight.addmm_(g.t(), h)
+            del logits, grad_logits, g  # free this chunk before the next one is computed
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 

@@ -1,4 +1,5 @@
-"""`xplan run PLAN`: execute a plan (train loop, checkpoints, measured vs predicted)."""
+"""`xplan run PLAN`: execute a plan (train loop, checkpoints, measured vs predicted), or `--dry-run` it:
+the same runtime code at full scale under fake tensors, peak memory per device against the prediction."""
 
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ def run(
     metrics: Path = typer.Option(None, "--metrics", help="JSON-lines file with one record per step (default: "
                                  "<checkpoint-dir>/metrics.jsonl, else next to the plan as <plan>.metrics.jsonl)."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds before a stuck collective fails the run."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Run the plan's training step at its full world size "
+                                 "and model size on this CPU under fake tensors and a fake process group, and "
+                                 "report the largest rank's peak memory against the plan's prediction."),
+    layers: int = typer.Option(None, "--layers", help="Dry run: keep this many (>= 3; and, in one more run per "
+                               "segment, one more) copies of each repeated block pattern and extrapolate linearly, "
+                               "~10x faster (default: every layer)."),
+    imbalance: float = typer.Option(None, "--imbalance", help="Dry run: busiest expert-parallel rank's routed "
+                                    "load over the mean (default: the plan's predictions.imbalance, else 1)."),
+    reprice: bool = typer.Option(False, "--reprice", help="Dry run: compare with the cost model's prediction "
+                                 "now instead of the one recorded in the plan."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Execute a plan: FSDP2 / expert / sequence parallelism as laid out, on synthetic or local data.
@@ -40,11 +51,19 @@ def run(
       [bold]xplan run plan.yaml --steps 20[/]
       [bold]xplan run plan.yaml --checkpoint-dir ckpt --checkpoint-every 100[/]
       [bold]xplan run plan.yaml --checkpoint-dir ckpt --resume --json[/]
+      [bold]xplan run plan.yaml --dry-run[/]   (peak memory per device, measured vs predicted)
     """
+    from xplan.errors import InputError
     from xplan.planner.plan import load_plan
-    from xplan.runtime.train import RunOptions, device_type_for, run_plan
 
     loaded = load_plan(plan)
+    if not dry_run and (layers is not None or imbalance is not None or reprice):
+        raise InputError("--layers, --imbalance and --reprice apply to --dry-run only; add --dry-run or drop them.")
+    if dry_run:
+        _dry_run(loaded, layers, imbalance, reprice, json_out)
+        return
+    from xplan.runtime.train import RunOptions, device_type_for, run_plan
+
     if metrics is None:
         metrics = (checkpoint_dir / "metrics.jsonl") if checkpoint_dir else plan.with_suffix(".metrics.jsonl")
     options = RunOptions(
@@ -82,3 +101,39 @@ def run(
         if summary.get(key):
             table.add_row(label, summary[key])
     console.print(table)
+
+
+def _dry_run(loaded, layers: int | None, imbalance: float | None, reprice: bool, json_out: bool) -> None:
+    from xplan.runtime.dryrun import COMPONENTS, dry_run
+
+    report = dry_run(loaded, layers=layers, imbalance=imbalance, reprice=reprice)
+    result = report.to_dict()
+    if json_out:
+        print_json(result)
+        return
+    lay = result["layout"]
+    title = (f"dry run: {result['model']} on {result['world_size']} devices (fsdp {lay['fsdp']}, ep {lay['ep']}, "
+             f"sp {lay['sp']}, recompute {lay['recompute']}), seq {result['seq_len']}, "
+             f"micro-batch {lay['micro_batch']} — rank {result['rank']}")
+    table = Table(title=title)
+    table.add_column("component")
+    table.add_column("measured GiB", justify="right")
+    table.add_column("predicted GiB", justify="right")
+    table.add_column("measured / predicted", justify="right")
+    for name in COMPONENTS:
+        c = result["components"][name]
+        if not c["measured"] and not c["predicted"]:
+            continue
+        ratio = c["measured"] / c["predicted"] if c["predicted"] else None
+        table.add_row(name, f"{c['measured']:.3f}", f"{c['predicted']:.3f}", _fmt(ratio, ".3f"))
+    table.add_row("[bold]peak[/]", f"[bold]{result['measured_peak_gib']:.3f}[/]",
+                  f"[bold]{result['predicted_peak_gib']:.3f}[/]", f"[bold]{_fmt(result['ratio'], '.3f')}[/]")
+    console.print(table)
+    console.print(f"peak in {result['peak_phase']} at {result['peak_where']}; phase peaks: "
+                  + ", ".join(f"{p} {v['peak_gib']:.2f} GiB" for p, v in result["phases"].items()), highlight=False)
+    console.print(f"prediction: {'the plan' if result['predicted_source'] == 'plan' else 'priced now'} "
+                  f"(overhead excluded); {result['layers_run']} of {result['layers_total']} layers run"
+                  f"{', extrapolated' if result['extrapolated'] else ''}; {result['micro_batches_run']} micro-batch(es) "
+                  f"of {result['grad_accum']}; {result['elapsed_s']:.1f} s", highlight=False)
+    for note in result["notes"]:
+        console.print(f"note: {note}", highlight=False)
