@@ -270,7 +270,8 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
                 counts[policy] = counts.get(policy, 0) + n
         moe_layers = sum(-(-b.count // layout.pp) for b in trace.blocks.values() if b.num_experts)
         rank_tokens = tf * trace.seq_len / layout.tp
-        extra = parallel_saved_bytes(config, layout, counts, moe_layers, rank_tokens, compute_bytes) * in_flight
+        extra = parallel_saved_bytes(config, layout, counts, moe_layers, rank_tokens, compute_bytes,
+                                     imbalance) * in_flight
         if "activations" not in layout.offload:
             saved += extra
     logits, head = head_phase_bytes(trace, tf, layout.tp, compute_bytes)

@@ -84,9 +84,7 @@ def _routed_saved_fraction(trace, kind: str) -> float:
         if d.get("type") == "op" and d.get("stage") == kind and d.get("phase") == "forward":
             saved = int(d.get("saved_bytes", 0))
             total += saved
-            module = d.get("module", "")
-            # Expert compute, and the token copies the MoE block makes for it (dispatch/combine).
-            if ".experts" in module or module == "mlp":
+            if ".experts" in d.get("module", ""):
                 routed += saved
     return routed / total if total else 0.0
 
@@ -152,9 +150,10 @@ def chunked_head_bytes(head_params: float, vocab: int, hidden: int, tokens: floa
 
 
 def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_layers: float, tokens: float,
-                         act_bytes: int) -> float:
+                         act_bytes: int, imbalance: float = 1.0) -> float:
     """Activations expert and sequence parallelism add to what the single-device trace measured.
 
+    - with EP the busiest rank receives `imbalance` times the mean routed copy of the tokens;
     - selective recompute keeps communication outputs: with EP the dispatch and combine
       all-to-all outputs (2 × tokens × top_k × hidden) of every MoE layer; with Ulysses the q, k, v
       and output all-to-all outputs.
@@ -166,8 +165,11 @@ def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_la
     none = policy_counts.get("none", 0.0)
     extra = 0.0
     if layout.ep > 1 and config.num_experts:
-        layers = selective * moe_layers / max(1.0, sum(policy_counts.values()))
-        extra += layers * 2 * tokens * config.top_k * config.hidden_size * act_bytes
+        share = moe_layers / max(1.0, sum(policy_counts.values()))
+        copy = tokens * config.top_k * config.hidden_size * act_bytes  # one routed copy of the tokens
+        extra += selective * share * 2 * copy
+        # The busiest rank's received dispatch copy (made in the MoE block, outside the experts).
+        extra += (selective + none) * share * (imbalance - 1.0) * copy
     if layout.sp > 1:
         kv_heads = config.num_heads if config.attention_kind == "mla" else max(config.num_kv_heads, layout.sp)
         # Head-sharded over the whole sequence = this rank's tokens × all heads, per tensor.
