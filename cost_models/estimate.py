@@ -34,7 +34,11 @@ from .memory import (
     parallel_saved_bytes,
 )
 
-OPTIMIZER_BYTES_PER_PARAM = 28  # AdamW: read param, grad, 2 moments (16 B); write param, 2 moments (12 B)
+# What the runtime runs: torch's foreach AdamW (runtime/train/optim.py) makes 8 passes over fp32
+# tensors - p *= 1 - lr*wd (8 B), lerp_ m (12), v *= b2 (8), addcmul_ v (12), sqrt(v) into a new
+# tensor (8), /= bias correction (8), += eps (8), addcdiv_ p (16) = 80 B - and gradient-norm
+# clipping reads the gradients (4 B) and scales them (8 B): 92 B per parameter.
+OPTIMIZER_BYTES_PER_PARAM = 92
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,10 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
                     fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused")
     times = group_times(trace, work, profile)
 
-    compute = recompute = fsdp_exposed = ep_time = sp_time = tp_time = 0.0
+    compute = recompute = fsdp_exposed = ep_time = sp_time = tp_time = fsdp_copies = 0.0
+    # gloo on CPU moves data with the same cores that compute: nothing hides under compute there.
+    overlap = profile.device.kind != "cpu"
+    fsdp2 = not layout.zero1 and layout.fsdp > 1
     forward_total = backward_total = 0.0  # one micro-batch's block compute, by pass
     first_gather = 0.0
     hidden = config.hidden_size
@@ -132,9 +139,15 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
             shard = block_unsharded_numel(block, layout.ep, layout.tp) / max(1, layout.fsdp // layout.ep)
             rs += comm.all_reduce_time(profile, shard * reduce_bytes, layout.hsdp_replicas,
                                        layout.fsdp * layout.tp, layout.devices)
-        first_gather = max(first_gather, ag)
-        # forward: gather overlaps the previous block; backward: re-gather + reduce-scatter.
-        fsdp_exposed += n * (max(0.0, ag - fwd) + max(0.0, ag + rs - bwd))
+        if overlap:
+            first_gather = max(first_gather, ag)
+            # forward: gather overlaps the previous block; backward: re-gather + reduce-scatter.
+            fsdp_exposed += n * (max(0.0, ag - fwd) + max(0.0, ag + rs - bwd))
+        else:
+            fsdp_exposed += n * (2 * ag + rs)
+        if fsdp2:
+            fsdp_copies += n * fsdp2_copy_time(profile, block_unsharded_numel(block, layout.ep, layout.tp), layout,
+                                               param_bytes, reduce_bytes, gathers=2)
         if block.num_experts:
             a2a = comm.expert_parallel_time(profile, rank_tokens, hidden, block.top_k, layout, act_bytes, imbalance)
             redo_share = recompute_fraction if layout.recompute != "selective" else 0.0
@@ -145,9 +158,17 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
 
     for name in ("embed", "rotary", "model", "norm", "head", "loss"):
         compute += (times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)) / layout.pp
+    if fsdp2:
+        # The root FSDP unit (embedding, final norm, head) is gathered once per micro-batch and its
+        # gradients reduce-scattered after the last block: nothing is left to hide either under.
+        outside = (trace.params_total - sum(b.count * b.params_total for b in trace.blocks.values())) / layout.tp
+        root_ag, root_rs = comm.fsdp_block_times(profile, 0, outside / layout.pp, 0.0, layout, param_bytes,
+                                                 reduce_bytes)
+        fsdp_exposed += root_ag + root_rs
+        fsdp_copies += fsdp2_copy_time(profile, outside / layout.pp, layout, param_bytes, reduce_bytes, gathers=1)
     pp_time = comm.pipeline_p2p_time(profile, rank_tokens, hidden, layout, act_bytes)
 
-    micro = compute + recompute + fsdp_exposed + first_gather + ep_time + sp_time + tp_time + pp_time
+    micro = compute + recompute + fsdp_exposed + first_gather + fsdp_copies + ep_time + sp_time + tp_time + pp_time
     bubble = (layout.pp - 1) / layout.vpp * micro if layout.pp > 1 else 0.0
     zero1_exposed = 0.0
     if layout.zero1:
@@ -182,6 +203,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         "compute": grad_accum * compute,
         "recompute": grad_accum * recompute,
         "fsdp_exposed": grad_accum * (fsdp_exposed + first_gather) + zero1_exposed,
+        "fsdp_copies": grad_accum * fsdp_copies,
         "expert_all_to_all": grad_accum * ep_time,
         "ulysses_all_to_all": grad_accum * sp_time,
         "tensor_parallel": grad_accum * tp_time,
@@ -207,6 +229,18 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     return Estimate(layout=layout, seq_len=seq, global_batch=global_batch, grad_accum=grad_accum, memory=memory,
                     time=time, step_time_s=step, tokens_per_s_per_device=tokens_per_s, mfu=mfu,
                     flops_per_token=trace.flops_per_token, hbm_bytes=hbm, host_bytes=host, binding=binding, notes=notes)
+
+
+def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, reduce_bytes: int,
+                    gathers: int) -> float:
+    """FSDP2's copies around its collectives for one unit and micro-batch (memory-bound, read +
+    write): per all-gather the copy-in of the shard and the copy-out into the unsharded
+    parameters; per reduce-scatter the packing of the unsharded gradients and the accumulation of
+    the reduced shard."""
+    shard = numel / layout.fsdp
+    per_gather = 2 * shard * param_bytes + 2 * numel * param_bytes
+    reduce = 2 * numel * reduce_bytes + 2 * shard * reduce_bytes
+    return profile.memory_time(gathers * per_gather + reduce)
 
 
 def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) -> bool:

@@ -9,6 +9,7 @@ import os
 import sys
 
 from . import (  # noqa: F401  (importing a module registers its command)
+    calibrate_cmd,
     estimate_cmd,
     hw_cmd,
     inspect_cmd,
