@@ -32,12 +32,7 @@ JSON_FIELDS = ("losses", "step_time_s", "tokens_per_s_per_device", "peak_memory_
                "predicted_step_time_s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are ~20x slower
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

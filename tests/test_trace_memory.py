@@ -22,13 +22,7 @@ from xplan.runtime.train.loss import token_loss_sum
 BATCH, SEQ = 2, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny real models run faster on one thread (and do not spin idle threads on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = [pytest.param(f, marks=pytest.mark.skipif(not family_available(f), reason=f"{f} runtime not present"))
             for f in TINY]
 

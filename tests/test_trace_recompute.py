@@ -16,14 +16,7 @@ from xplan.runtime.recompute import (
 )
 from xplan.runtime.train.loss import token_loss_sum
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny real models run faster on one thread (and do not spin idle threads on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grads(family: str, policy: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

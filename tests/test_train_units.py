@@ -22,13 +22,7 @@ from xplan.runtime.train.data import (
 from xplan.runtime.train.loss import chunked_linear_cross_entropy, full_cross_entropy, token_loss_sum
 from xplan.runtime.train.optim import LRSchedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are ~20x slower
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- data
