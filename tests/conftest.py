@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -15,3 +17,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TINY_MOE = {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 256, "max_position_embeddings": 512}
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory) -> str:
+    """A directory holding a tiny Qwen3-MoE config.json (cheap to trace and price)."""
+    d = tmp_path_factory.mktemp("tiny_moe")
+    (d / "config.json").write_text(json.dumps(TINY_MOE))
+    return str(d)

@@ -85,35 +85,23 @@ def run(args, capsys):
     return code, out.out, out.err
 
 
-TINY = {"model_type": "qwen3_moe", "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-        "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 512, "max_position_embeddings": 4096}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    (d / "config.json").write_text(json.dumps(TINY))
-    return str(d)
-
-
 def estimate_json(capsys, *args):
     code, out, err = run(["estimate", *args, "--json"], capsys)
     assert code == 0, err
     return json.loads(out)
 
 
-def test_estimate_json_contract_and_monotonicity(tiny_dir, capsys):
-    base = estimate_json(capsys, tiny_dir, "h800", "--devices", "8", "--seq-len", "256", "--global-batch", "16")
+def test_estimate_json_contract_and_monotonicity(tiny_moe_dir, capsys):
+    base = estimate_json(capsys, tiny_moe_dir, "h800", "--devices", "8", "--seq-len", "256", "--global-batch", "16")
     for key in ("fits", "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "layout"):
         assert key in base
     assert base["memory_gib"]["total"] > 0 and base["layout"]["fsdp"] == 8
-    ep = estimate_json(capsys, tiny_dir, "h800", "--devices", "8", "--ep", "4", "--seq-len", "256",
+    ep = estimate_json(capsys, tiny_moe_dir, "h800", "--devices", "8", "--ep", "4", "--seq-len", "256",
                        "--global-batch", "16")
     # Experts split over EP: less to gather per block, same sharded model states.
     assert ep["memory_gib"]["gathered_parameters"] < base["memory_gib"]["gathered_parameters"]
     assert ep["memory_gib"]["parameters"] == pytest.approx(base["memory_gib"]["parameters"])
-    full = estimate_json(capsys, tiny_dir, "h800", "--devices", "8", "--recompute", "full", "--seq-len", "256",
+    full = estimate_json(capsys, tiny_moe_dir, "h800", "--devices", "8", "--recompute", "full", "--seq-len", "256",
                          "--global-batch", "16")
     assert full["memory_gib"]["activations"] < base["memory_gib"]["activations"]
     assert full["time_s"]["recompute"] > 0
@@ -129,12 +117,12 @@ def test_estimate_json_contract_and_monotonicity(tiny_dir, capsys):
         (["--devices", "8", "--recompute", "maybe"], "recompute"),
     ],
 )
-def test_estimate_bad_input_exits_2(tiny_dir, capsys, args, message):
-    code, _, err = run(["estimate", tiny_dir, "h800", "--seq-len", "256", *args], capsys)
+def test_estimate_bad_input_exits_2(tiny_moe_dir, capsys, args, message):
+    code, _, err = run(["estimate", tiny_moe_dir, "h800", "--seq-len", "256", *args], capsys)
     assert code == 2
     assert message in " ".join(err.split())
 
 
-def test_estimate_unknown_profile_exits_2(tiny_dir, capsys):
-    code, _, err = run(["estimate", tiny_dir, "h900", "--devices", "8"], capsys)
+def test_estimate_unknown_profile_exits_2(tiny_moe_dir, capsys):
+    code, _, err = run(["estimate", tiny_moe_dir, "h900", "--devices", "8"], capsys)
     assert code == 2 and "h800" in err

@@ -107,18 +107,6 @@ def test_whatif_shows_both_sides(tmp_path, capsys):
     assert code == 2 and "unknown key" in err
 
 
-TINY_MOE = {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-            "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 256, "max_position_embeddings": 512}
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_moe")
-    (d / "config.json").write_text(json.dumps(TINY_MOE))
-    return str(d)
-
-
 def valid_plan(model_dir: str) -> dict:
     # A tiny model keeps every (possibly re-traced) mutation cheap.
     return {"xplan_plan": 1, "model": model_dir, "hardware": "h800", "devices": 16,
@@ -137,9 +125,9 @@ def _mutations():
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(_mutations())
-def test_malformed_plans_exit_2_never_traceback(tmp_path, tiny_model_dir, mutation):
+def test_malformed_plans_exit_2_never_traceback(tmp_path, tiny_moe_dir, mutation):
     (path, value) = mutation
-    data = valid_plan(tiny_model_dir)
+    data = valid_plan(tiny_moe_dir)
     target = data
     for key in path[:-1]:
         target = target[key]
