@@ -127,13 +127,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     _barrier(world_size)
     if rank == 0:
         _fsync_dir(tmp)
-        if final.exists():  # saving the same step again (e.g. a rerun): swap atomically
-            old = root / f".tmp-old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _replace_dir(tmp, final)  # saving the same step again (e.g. a rerun) swaps atomically
         _fsync_dir(root)
     _barrier(world_size)
     return final
@@ -173,16 +167,22 @@ def export_hf(model: nn.Module, directory: Path, rank: int, world_size: int) -> 
         tmp = directory.parent / f".tmp-{directory.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_hf(host, tmp)
-        if directory.exists():
-            old = directory.parent / f".tmp-old-{directory.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        _replace_dir(tmp, directory)
     _barrier(world_size)
     return directory
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished `tmp` directory to `final`; an existing `final` is swapped out first, so
+    a reader sees either the old or the new directory, never a partial one."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.parent / f".tmp-old-{final.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
