@@ -46,8 +46,8 @@ def p2p_time(profile, nbytes: float, stride: int, devices: int) -> float:
     return profile.collective_time("p2p", nbytes, 2, stride, devices)
 
 
-def fsdp_block_times(profile, gathered_numel: float, dense_numel: float, routed_numel: float, layout,
-                     param_bytes: int, reduce_bytes: int) -> tuple[float, float]:
+def fsdp_block_times(profile, dense_numel: float, routed_numel: float, layout, param_bytes: int,
+                     reduce_bytes: int) -> tuple[float, float]:
     """(all-gather, reduce-scatter) seconds for one block.
 
     Dense weights are sharded over the `fsdp` consecutive ranks; routed experts (already split

@@ -133,7 +133,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         if layout.zero1:
             ag = rs = 0.0
         else:
-            ag, rs = comm.fsdp_block_times(profile, 0, dense / layout.tp, routed / layout.ep / layout.tp, layout,
+            ag, rs = comm.fsdp_block_times(profile, dense / layout.tp, routed / layout.ep / layout.tp, layout,
                                            param_bytes, reduce_bytes)
         if layout.hsdp_replicas > 1 and not layout.zero1:  # gradients of each shard are also summed across replicas
             shard = block_unsharded_numel(block, layout.ep, layout.tp) / max(1, layout.fsdp // layout.ep)
@@ -162,7 +162,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         # The root FSDP unit (embedding, final norm, head) is gathered once per micro-batch and its
         # gradients reduce-scattered after the last block: nothing is left to hide either under.
         outside = (trace.params_total - sum(b.count * b.params_total for b in trace.blocks.values())) / layout.tp
-        root_ag, root_rs = comm.fsdp_block_times(profile, 0, outside / layout.pp, 0.0, layout, param_bytes,
+        root_ag, root_rs = comm.fsdp_block_times(profile, outside / layout.pp, 0.0, layout, param_bytes,
                                                  reduce_bytes)
         fsdp_exposed += root_ag + root_rs
         fsdp_copies += fsdp2_copy_time(profile, outside / layout.pp, layout, param_bytes, reduce_bytes, gathers=1)
