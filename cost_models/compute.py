@@ -22,6 +22,7 @@ class RankWork:
     seq_len: int = 4096
     traced_dtype_bytes: int = 2
     fused_elementwise: bool = True  # kernels.elementwise == "fused"
+    attention_kernel: str = "flash"  # kernels.attention: sdpa prices at the profile's sdpa_fraction
 
 
 def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, profile) -> float:
@@ -37,7 +38,8 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
     gemm_dtype = work.precision
     overhead = profile.compute.gemm.overhead_us * 1e-6
     if op.category == "attention":
-        eff = profile.attention_efficiency(work.seq_len, backward=op.phase == "backward")
+        eff = profile.attention_efficiency(work.seq_len, backward=op.phase == "backward",
+                                           kernel=work.attention_kernel)
         dtype = "fp32" if work.precision == "fp32" else "bf16"
         return op.flops * work.token_factor / work.tp / (profile.peak_flops(dtype) * eff) + overhead
     if op.category == "grouped":

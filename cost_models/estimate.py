@@ -102,7 +102,8 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     reduce_bytes = 4
     work = RankWork(token_factor=tf, tp=layout.tp, ep=layout.ep, imbalance=imbalance, precision=layout.precision,
                     seq_len=seq, traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
-                    fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused")
+                    fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
+                    attention_kernel=layout.kernels.get("attention", "sdpa"))
     times = group_times(trace, work, profile)
 
     compute = recompute = fsdp_exposed = ep_time = sp_time = tp_time = fsdp_copies = 0.0

@@ -78,6 +78,11 @@ class GemmModel(_Model):
 
     max_fraction: DtypeFractions
     overhead_us: NonNegative
+    #: Share of the output write (epilogue) that does not overlap the main loop: each output
+    #: tile is stored after its K loop ends, so time = max(FLOPs / rate, input bytes / bw)
+    #: + epilogue_fraction x output bytes / bw + overhead. ``null``: fully overlapped (the
+    #: output counts with the inputs in the HBM roofline), as a calibrated profile assumes.
+    epilogue_fraction: NonNegative | None = None
 
 
 class AttentionPass(_Model):
@@ -88,8 +93,15 @@ class AttentionPass(_Model):
 
 
 class AttentionModel(_Model):
+    """The fused flash-attention kernel's efficiency by pass (the ``flash`` kernel choice).
+
+    ``sdpa_fraction``: what torch's ``scaled_dot_product_attention`` kernel reaches relative to
+    that fit on this device (``null``: the same kernel, e.g. FlashAttention-2 on Ampere).
+    """
+
     forward: AttentionPass
     backward: AttentionPass
+    sdpa_fraction: Fraction | None = None
 
 
 class Compute(_Model):
@@ -269,7 +281,10 @@ class Profile(_Model):
         """Seconds for ``groups`` GEMMs of [m, k] x [k, n] issued as one (grouped) call.
 
         time = max(FLOPs / (peak x max_fraction), bytes / achievable HBM bandwidth) + overhead,
-        with FLOPs = 2mnk x groups and bytes = groups x ((mk + kn) x in_bytes + mn x out_bytes).
+        with FLOPs = 2mnk x groups and bytes = groups x ((mk + kn) x in_bytes + mn x out_bytes);
+        with ``gemm.epilogue_fraction`` set, the output bytes leave the roofline and add
+        ``epilogue_fraction x out_bytes / bandwidth`` after it (an epilogue that waits for the
+        main loop: what makes shallow-K GEMMs slow).
         """
         for label, v in (("m", m), ("n", n), ("k", k)):
             if v < 0:
@@ -280,8 +295,13 @@ class Profile(_Model):
         peak = self.peak_flops(d)
         frac = getattr(self.compute.gemm.max_fraction, d)
         flops = 2.0 * m * n * k * groups
-        nbytes = groups * ((m * k + k * n) * _IN_BYTES[d] + m * n * _OUT_BYTES[d])
-        busy = max(flops / (peak * frac), nbytes / self.hbm_bandwidth())
+        in_bytes = groups * (m * k + k * n) * _IN_BYTES[d]
+        out_bytes = groups * m * n * _OUT_BYTES[d]
+        epilogue = self.compute.gemm.epilogue_fraction
+        if epilogue is None:
+            busy = max(flops / (peak * frac), (in_bytes + out_bytes) / self.hbm_bandwidth())
+        else:
+            busy = max(flops / (peak * frac), in_bytes / self.hbm_bandwidth()) + epilogue * out_bytes / self.hbm_bandwidth()
         return busy + self.compute.gemm.overhead_us * 1e-6
 
     def gemm_efficiency(self, m: int, n: int, k: int, dtype: str = "bf16", groups: int = 1) -> float:
@@ -293,16 +313,20 @@ class Profile(_Model):
         t = self.gemm_time(m, n, k, dtype, groups)
         return 2.0 * m * n * k * groups / (self.peak_flops(dtype) * t)
 
-    def attention_efficiency(self, seq_len: float, backward: bool = False) -> float:
+    def attention_efficiency(self, seq_len: float, backward: bool = False, kernel: str = "flash") -> float:
         """Achieved fraction of the dtype's peak for a fused attention kernel at ``seq_len``.
 
         ``max_fraction * s / (s + half_seq)``; multiply by ``peak_flops(dtype)``. For packed
-        variable-length batches pass the document length, not the pack length.
+        variable-length batches pass the document length, not the pack length. ``kernel``
+        ``sdpa`` scales it by ``attention.sdpa_fraction`` where the profile sets one.
         """
         if seq_len <= 0:
             raise ValueError(f"attention_efficiency: seq_len={seq_len} must be > 0")
         p = self.compute.attention.backward if backward else self.compute.attention.forward
-        return p.max_fraction * seq_len / (seq_len + p.half_seq)
+        eff = p.max_fraction * seq_len / (seq_len + p.half_seq)
+        if kernel == "sdpa" and self.compute.attention.sdpa_fraction is not None:
+            eff *= self.compute.attention.sdpa_fraction
+        return eff
 
     # ------------------------------------------------------------------ memory
     def hbm_bytes(self) -> int:

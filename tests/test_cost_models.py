@@ -48,6 +48,20 @@ def test_expert_parallel_time_counts_four_all_to_alls():
     assert comm.expert_parallel_time(h800, 4096, 4096, 8, layout, 2, 1.5) > 4 * one
 
 
+def test_attention_op_priced_by_kernel_choice():
+    from xplan.cost_models.compute import RankWork, op_time
+    from xplan.cost_models.ops import PricedOp
+
+    op = PricedOp(group="dense", phase="forward", category="attention", flops=10**12, flops_dense=2 * 10**12,
+                  nbytes=0)
+    h100 = load_profile("h100")
+    flash = RankWork(token_factor=2.0, seq_len=4096, attention_kernel="flash")
+    sdpa = RankWork(token_factor=2.0, seq_len=4096, attention_kernel="sdpa")
+    eff = 0.677 * 4096 / (4096 + 210)
+    assert op_time(op, flash, h100) == pytest.approx(2e12 / (989e12 * eff) + 3.4e-6)
+    assert op_time(op, sdpa, h100) == pytest.approx(2e12 / (989e12 * eff * 0.47) + 3.4e-6)
+
+
 def test_recompute_fraction_splits_layers():
     assert layers_by_policy(94, 0.5) == {"full": 47, "none": 47}
     assert layers_by_policy(10, "selective") == {"selective": 10}

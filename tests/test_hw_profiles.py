@@ -139,12 +139,13 @@ def test_compute_and_memory_helpers(profiles):
     assert p.host_bandwidth() == pytest.approx(64e9 * 0.8)
     assert p.host_memory_bytes() == 256 * 2**30
     assert p.memory_time(3.015e12) == pytest.approx(1.0)
-    # a big square bf16 GEMM: compute-bound, at the max fraction less the 3.4 us overhead
+    # a big square bf16 GEMM: compute-bound at the max fraction, then the output write (epilogue
+    # fraction 1.0) and the 3.4 us overhead
     n = 8192
     t = p.gemm_time(n, n, n)
-    assert t == pytest.approx(2 * n**3 / (989e12 * 0.80) + 3.4e-6)
+    assert t == pytest.approx(2 * n**3 / (989e12 * 0.80) + n * n * 2 / (3.35e12 * 0.9) + 3.4e-6)
     assert p.gemm_efficiency(n, n, n) == pytest.approx(2 * n**3 / (989e12 * t))
-    # a tiny GEMM: HBM-bound plus overhead
+    # a tiny GEMM: HBM-bound (inputs, then the output) plus overhead
     t_small = p.gemm_time(16, 128, 128)
     nbytes = (16 * 128 + 128 * 128) * 2 + 16 * 128 * 2
     assert t_small == pytest.approx(nbytes / (3.35e12 * 0.9) + 3.4e-6)
@@ -191,6 +192,42 @@ def test_attention_efficiency_rises_with_length(name, profiles):
         assert all(a <= b for a, b in zip(effs, effs[1:], strict=False))
         cap = (p.compute.attention.backward if bwd else p.compute.attention.forward).max_fraction
         assert all(0 < e <= cap for e in effs)
+
+
+def test_gemm_epilogue_fraction_adds_the_output_write():
+    # fp8 on H800, M = N = 8192, K = 256 (the shallow end of the tilelang K sweep the fraction is
+    # fitted to): main loop 2MNK / (1979e12 x 0.71), inputs (MK + KN) x 1 B, output MN x 2 B.
+    data = _raw("h800")
+    m = n = 8192
+    k = 256
+    bw = 3.35e12 * 0.9
+    loop = 2 * m * n * k / (1979e12 * 0.71)
+    inputs, output = (m * k + k * n) * 1, m * n * 2
+    for fraction, expected in ((None, max(loop, (inputs + output) / bw)),
+                               (1.0, max(loop, inputs / bw) + output / bw),
+                               (0.5, max(loop, inputs / bw) + 0.5 * output / bw)):
+        data["compute"]["gemm"]["epilogue_fraction"] = fraction
+        p = profile_from_dict(copy.deepcopy(data))
+        assert p.gemm_time(m, n, k, "fp8") == pytest.approx(expected + 3.4e-6)
+    # the shallow GEMM loses more to the epilogue than a deep one
+    p = load_profile("h800")
+    assert p.gemm_efficiency(m, n, 256, "fp8") < 0.6 * p.gemm_efficiency(m, n, 16384, "fp8")
+    data["compute"]["gemm"]["epilogue_fraction"] = -0.1
+    assert "compute.gemm.epilogue_fraction must be >= 0" in _error(data)
+
+
+def test_sdpa_attention_fraction():
+    h100, a100 = load_profile("h100"), load_profile("a100")
+    flash = h100.attention_efficiency(4096)
+    assert h100.attention_efficiency(4096, kernel="sdpa") == pytest.approx(0.47 * flash)
+    assert h100.attention_efficiency(4096, backward=True, kernel="sdpa") == pytest.approx(
+        0.47 * h100.attention_efficiency(4096, backward=True))
+    # A100: torch SDPA runs FlashAttention-2, the kernel the profile's fit describes
+    assert a100.compute.attention.sdpa_fraction is None
+    assert a100.attention_efficiency(4096, kernel="sdpa") == a100.attention_efficiency(4096)
+    data = _raw("h100")
+    data["compute"]["attention"]["sdpa_fraction"] = 1.5
+    assert "compute.attention.sdpa_fraction must be <= 1" in _error(data)
 
 
 # ---------------------------------------------------------------------- bad input -> InputError naming the field
