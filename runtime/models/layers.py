@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blockwise_attention import blockwise_attention
 from .config import ModelConfig
 
 
@@ -137,25 +138,12 @@ def attention_core(
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
-    if sinks is None and sliding_window is None and q_offset == 0 and q.shape[2] == k.shape[2]:
+    plain = sinks is None and sliding_window is None and q_offset == 0 and q.shape[2] == k.shape[2]
+    # SDPA's fused CPU kernel needs equal query and value widths (else it falls back to the math
+    # path, which keeps [heads, seq, seq] scores); CUDA's memory-efficient kernel does not.
+    if plain and (q.shape[-1] == v.shape[-1] or q.device.type == "cuda"):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    sq, sk = q.shape[2], k.shape[2]
-    q_pos = torch.arange(sq, device=q.device)[:, None] + q_offset
-    k_pos = torch.arange(sk, device=q.device)[None, :]
-    allowed = k_pos <= q_pos
-    if sliding_window is not None:
-        allowed = allowed & (q_pos - k_pos < sliding_window)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    if sinks is None:
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v)
-    sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, sq, 1).to(scores.dtype)
-    logits = torch.cat([scores, sink], dim=-1)
-    # Subtract the row max for stability, as the reference does, then drop the sink column.
-    logits = logits - logits.max(dim=-1, keepdim=True).values
-    probs = logits.softmax(dim=-1, dtype=logits.dtype)[..., :-1].to(v.dtype)
-    return torch.matmul(probs, v)
+    return blockwise_attention(q, k, v, scale, sliding_window, sinks, q_offset)
 
 
 def build_rotary(config: ModelConfig) -> RotaryEmbedding:
