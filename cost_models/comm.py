@@ -8,18 +8,61 @@ Every function returns seconds for one occurrence on one rank.
 from __future__ import annotations
 
 
+def ring_bandwidth(profile, kind: str, group: int, stride: int, devices: int) -> float:
+    """Bus bandwidth (bytes/s per device, NCCL busBw sense) of a ring collective over `group` ranks.
+
+    Inside one level it is that level's per-device bandwidth. A group that spans several units of
+    the level below its own (e.g. FSDP over 64 GPUs = 8 nodes) with `local` members per unit
+    runs one ring per member's NIC: every ring crosses each unit boundary once, so a unit's
+    `local` NICs carry the outer hops side by side while the inner hops stay on the inner links.
+    busBw = min(inner level bandwidth, local x outer per-device bandwidth). NCCL shows exactly
+    this: two 8xA100 nodes with 4x200 Gb/s reach 86 GB/s all-reduce busBw (NVIDIA/nccl #1048) and
+    3 nodes with 4 HDR NICs 85-96 GB/s (NVIDIA/nccl-tests #119), i.e. the node's NIC total, not
+    the 24 GB/s of one NIC; with a NIC per GPU it rises to the NVLink bandwidth (sjeaugey,
+    NVIDIA/nccl #412). A group with one member per unit (stride >= unit) gets one NIC's worth.
+    """
+    level = profile.level_for_group(group, stride, devices)
+    outer = profile.collective_bandwidth(level, kind, group)
+    if level == 0:
+        return outer
+    inner_devices = profile.levels[level - 1].devices or group * stride
+    local = min(group, max(1, inner_devices // stride))
+    if local <= 1:
+        return outer
+    inner = profile.collective_bandwidth(level - 1, kind, local)
+    return min(inner, local * outer)
+
+
+def ring_collective_time(profile, kind: str, nbytes: float, group: int, stride: int, devices: int) -> float:
+    """Alpha-beta time of a ring all-gather / reduce-scatter / all-reduce at `ring_bandwidth`.
+
+    `nbytes` as in `Profile.collective_time`: the full gathered output (all_gather), the full
+    input (reduce_scatter), the buffer (all_reduce). One latency of the outermost level spanned
+    per ring step.
+    """
+    if group <= 1 or nbytes <= 0:
+        return 0.0
+    n = group
+    level = profile.level_for_group(n, stride, devices)
+    if kind == "all_reduce":
+        traffic, steps = 2 * (n - 1) / n * nbytes, 2 * (n - 1)
+    else:
+        traffic, steps = (n - 1) / n * nbytes, n - 1
+    return steps * profile.latency(level) + traffic / ring_bandwidth(profile, kind, n, stride, devices)
+
+
 def all_gather_time(profile, nbytes: float, group: int, stride: int, devices: int) -> float:
     """Ring all-gather producing `nbytes` (the full unsharded buffer)."""
-    return profile.collective_time("all_gather", nbytes, group, stride, devices)
+    return ring_collective_time(profile, "all_gather", nbytes, group, stride, devices)
 
 
 def reduce_scatter_time(profile, nbytes: float, group: int, stride: int, devices: int) -> float:
     """Ring reduce-scatter of an `nbytes` input (the full unsharded gradient)."""
-    return profile.collective_time("reduce_scatter", nbytes, group, stride, devices)
+    return ring_collective_time(profile, "reduce_scatter", nbytes, group, stride, devices)
 
 
 def all_reduce_time(profile, nbytes: float, group: int, stride: int, devices: int) -> float:
-    return profile.collective_time("all_reduce", nbytes, group, stride, devices)
+    return ring_collective_time(profile, "all_reduce", nbytes, group, stride, devices)
 
 
 def all_to_all_time(profile, nbytes: float, group: int, stride: int, devices: int) -> float:

@@ -23,6 +23,9 @@ class RankWork:
     traced_dtype_bytes: int = 2
     fused_elementwise: bool = True  # kernels.elementwise == "fused"
     attention_kernel: str = "flash"  # kernels.attention: sdpa prices at the profile's sdpa_fraction
+    # Selective recompute also redoes every n-th forward aten.mm of a block (torchtitan's op-level
+    # SAC: 2, "every second mm"); 0: every GEMM output is kept (the trace's own policy).
+    recompute_every_mm: int = 0
 
 
 def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, profile) -> float:
@@ -65,8 +68,29 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
     return nbytes * scale * work.token_factor / work.tp / profile.hbm_bandwidth() + overhead
 
 
+def redone_by_selective(op: PricedOp, mm_seen: dict[str, int], every_mm: int) -> bool:
+    """Whether the selective recompute policy runs this forward op again in the backward.
+
+    The trace marks what its policy keeps (GEMMs, attention, collectives): everything else - the
+    memory-bound norms, activations, RoPE - is redone, and costs its time again although it has
+    no FLOPs. With `every_mm` = n, every n-th `mm` of the block (counted in forward order, as
+    torchtitan's op-SAC policy counts aten.mm calls per checkpointed block) is redone as well.
+    `mm_seen` carries the per-group count between calls.
+    """
+    if op.phase != "forward":
+        return False
+    if op.op == "mm" and every_mm > 0:
+        mm_seen[op.group] = mm_seen.get(op.group, 0) + 1
+        if mm_seen[op.group] % every_mm == 0:
+            return True
+    return not op.selective_saved
+
+
 def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     """{(group, phase): seconds} for one instance of each traced group (block kind, embed, head...).
+
+    Phase `selective_recompute` is what the selective recompute policy redoes of the forward (see
+    `redone_by_selective`).
 
     Memoised on the trace per (work, profile): a search prices many layouts with the same work.
     """
@@ -79,6 +103,10 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
 
 def _group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     times: dict[tuple[str, str], float] = defaultdict(float)
+    mm_seen: dict[str, int] = {}
     for op in priced_ops(trace):
-        times[(op.group, op.phase)] += op_time(op, work, profile)
+        t = op_time(op, work, profile)
+        times[(op.group, op.phase)] += t
+        if redone_by_selective(op, mm_seen, work.recompute_every_mm):
+            times[(op.group, "selective_recompute")] += t
     return dict(times)

@@ -26,12 +26,14 @@ from .memory import (
     GIB,
     MemoryBreakdown,
     activation_bytes,
+    backward_moment,
     block_unsharded_numel,
     chunked_head_bytes,
     head_phase_bytes,
     layers_by_policy,
     model_state_bytes,
     parallel_saved_bytes,
+    stage_layers,
 )
 
 # What the runtime runs: torch's foreach AdamW (runtime/train/optim.py) makes 8 passes over fp32
@@ -87,8 +89,13 @@ def _stage_share(count: int, pp: int) -> float:
     return count / pp
 
 
-def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0) -> Estimate:
-    """Price `layout` for `config` traced at `trace` (micro-batch 1, the run's seq_len) on `profile`."""
+def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0,
+             recompute_every_mm: int = 0) -> Estimate:
+    """Price `layout` for `config` traced at `trace` (micro-batch 1, the run's seq_len) on `profile`.
+
+    `recompute_every_mm`: under selective recompute, also redo every n-th forward mm of a block
+    (torchtitan's op-level SAC recomputes every second one: 2); 0 keeps every GEMM output.
+    """
     seq = trace.seq_len
     if trace.micro_batch != 1:
         raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
@@ -103,7 +110,8 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     work = RankWork(token_factor=tf, tp=layout.tp, ep=layout.ep, imbalance=imbalance, precision=layout.precision,
                     seq_len=seq, traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
                     fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
-                    attention_kernel=layout.kernels.get("attention", "sdpa"))
+                    attention_kernel=layout.kernels.get("attention", "sdpa"),
+                    recompute_every_mm=recompute_every_mm if layout.recompute == "selective" else 0)
     times = group_times(trace, work, profile)
 
     compute = recompute = fsdp_exposed = ep_time = sp_time = tp_time = fsdp_copies = 0.0
@@ -124,9 +132,8 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         compute += n * (fwd + bwd)
         forward_total += n * fwd
         backward_total += n * bwd
-        if layout.recompute == "selective" and block.flops_forward:
-            redo = fwd * block.recompute_flops.get("selective", 0) / block.flops_forward
-            recompute += n * redo
+        if layout.recompute == "selective":
+            recompute += n * times.get((kind, "selective_recompute"), 0.0)
         else:
             recompute += n * recompute_fraction * fwd
         routed = block.params.get("routed_expert", 0)
@@ -298,12 +305,11 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
         saved = on_device
     gathered_block = max(block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values())
     gathered = 0.0 if layout.zero1 else 2 * gathered_block * compute_bytes  # running + prefetched
+    extra = 0.0
     if config is not None:
-        counts: dict[str, float] = {}
-        for block in trace.blocks.values():
-            for policy, n in layers_by_policy(-(-block.count // layout.pp), layout.recompute).items():
-                counts[policy] = counts.get(policy, 0) + n
-        moe_layers = sum(-(-b.count // layout.pp) for b in trace.blocks.values() if b.num_experts)
+        counts = layers_by_policy(trace, layout.recompute, layout.pp)
+        moe_layers = sum(1 for kind, _ in stage_layers(trace, layout.recompute, layout.pp)
+                         if trace.blocks[kind].num_experts)
         rank_tokens = tf * trace.seq_len / layout.tp
         extra = parallel_saved_bytes(config, layout, counts, moe_layers, rank_tokens, compute_bytes,
                                      imbalance) * in_flight
@@ -315,17 +321,30 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
         head_params = head_block.params_total / layout.tp if head_block is not None else 0
         logits, head = 0.0, chunked_head_bytes(head_params, config.vocab_size, config.hidden_size,
                                                tf * trace.seq_len / layout.tp, compute_bytes)
-    # Backward of one block: its unsharded gradients (+ fp32 reduce copy) and, when recomputed,
-    # its full set of intermediates rebuilt, with two blocks gathered. End of forward: the head's
-    # buffers and logits, blocks resharded; no gradient exists yet in the first micro-batch.
-    block_phase = gathered_block * (compute_bytes + 4) + (largest_block if layout.recompute != "none" else 0.0)
-    block_moment = grads + gathered + block_phase
-    head_moment = (grads if grad_accum > 1 else 0.0) + logits + head
+    # Backward through the blocks: the worst layer's moment (saved activations of the layers
+    # before it, its traced backward workspace) with its unsharded gradients (+ fp32 reduce copy)
+    # and two blocks gathered. End of forward: the head's buffers and logits, blocks resharded;
+    # no gradient exists yet in the first micro-batch.
+    if "activations" in layout.offload:
+        backward_saved, block_phase = saved, gathered_block * (compute_bytes + 4) + largest_block
+        grads_backward = grads
+    else:
+        ep_copy = 0.0
+        if config is not None and layout.ep > 1 and config.num_experts:
+            ep_copy = tf * trace.seq_len / layout.tp * config.top_k * config.hidden_size * compute_bytes * imbalance
+        backward_saved, workspace, gathered, held, grads_backward = backward_moment(
+            trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance, in_flight, compute_bytes,
+            layout.zero1, grads, grad_accum > 1 or layout.zero1, ep_copy)
+        backward_saved += extra
+        block_phase = workspace + held
+    block_moment = grads_backward + gathered + block_phase + backward_saved
+    head_moment = (grads if grad_accum > 1 else 0.0) + logits + head + saved
     if head_moment >= block_moment:
         logits_loss, temporaries, gathered = logits, head, 0.0
         grads_now = grads if grad_accum > 1 else 0.0
     else:
-        logits_loss, temporaries, grads_now = 0.0, block_phase, grads
+        logits_loss, temporaries, grads_now = 0.0, block_phase, grads_backward
+        saved = backward_saved
     grads = grads_now
     subtotal = params + grads + optim + gathered + saved + logits_loss + temporaries
     reserved, fragmentation = _memory_overheads(profile)

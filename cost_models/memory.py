@@ -89,12 +89,30 @@ def _routed_saved_fraction(trace, kind: str) -> float:
     return routed / total if total else 0.0
 
 
-def layers_by_policy(count: int, recompute) -> dict[str, int]:
-    """How many of `count` layers run under each trace policy for a layout's recompute setting."""
-    if isinstance(recompute, float):
-        full = round(count * recompute)
-        return {"full": full, "none": count - full}
-    return {recompute: count}
+def stage_layers(trace, recompute, pp: int) -> list[tuple[str, str]]:
+    """(block kind, recompute policy) of each layer the busiest pipeline stage (the first) runs.
+    Policies follow `Layout.recompute_policies` over the whole model, as the runtime applies them."""
+    from xplan.layout import recompute_policies
+
+    kinds = trace.layer_kinds
+    policies = recompute_policies(recompute, len(kinds))
+    return list(zip(kinds, policies, strict=True))[:-(-len(kinds) // pp)]
+
+
+def layers_by_policy(trace, recompute, pp: int) -> dict[str, int]:
+    """How many layers of the busiest pipeline stage run under each recompute policy."""
+    counts: dict[str, int] = {}
+    for _, policy in stage_layers(trace, recompute, pp):
+        counts[policy] = counts.get(policy, 0) + 1
+    return counts
+
+
+def _routed_load(trace, kind: str, ep: int, imbalance: float) -> float:
+    """Saved-activation multiplier of a block kind on the busiest EP rank."""
+    block = trace.blocks[kind]
+    if ep > 1 and imbalance > 1 and block.num_experts:
+        return 1.0 + routed_saved_fraction(trace, kind) * (imbalance - 1.0)
+    return 1.0
 
 
 def activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
@@ -110,19 +128,96 @@ def activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep
 def _activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                       in_flight: float) -> tuple[float, float]:
     total = largest = 0.0
-    for kind, block in trace.blocks.items():
-        count = -(-block.count // pp)  # worst stage
-        load = 1.0
-        if ep > 1 and imbalance > 1 and block.num_experts:
-            load = 1.0 + routed_saved_fraction(trace, kind) * (imbalance - 1.0)
-        per_layer_none = block.saved_bytes["none"] * token_factor / tp * load
-        largest = max(largest, per_layer_none)
-        for policy, n in layers_by_policy(count, recompute).items():
-            total += n * block.saved_bytes[policy] * token_factor / tp * load
+    scale = token_factor / tp
+    for kind, policy in stage_layers(trace, recompute, pp):
+        block = trace.blocks[kind]
+        load = _routed_load(trace, kind, ep, imbalance)
+        largest = max(largest, block.saved_bytes["none"] * scale * load)
+        total += block.saved_bytes[policy] * scale * load
     emb = trace.others.get("embedding")
     if emb is not None:
-        total += emb.saved_bytes["none"] * token_factor / tp
+        total += emb.saved_bytes["none"] * scale
     return total * in_flight, largest
+
+
+def fsdp_backward_buffers(block, ep: int, tp: int, compute_bytes: int, zero1: bool) -> dict[str, tuple[float, float]]:
+    """(gathered parameters, other FSDP buffers) bytes during each part of a block's backward.
+
+    One FSDP unit per block: the block and the previous one (backward prefetch) gathered, the
+    block's gradients in compute dtype and the previous reduce-scatter's fp32 input still held.
+    With EP the routed experts are their own unit (runtime.distributed.parallelize): in the MLP's
+    backward the experts are gathered too and the later block's fp32 reduce-scatter input is
+    held; in the attention's backward the experts are resharded and their fp32 reduce-scatter
+    input is held instead. ZeRO-1 (fsdp = 1) gathers nothing.
+    """
+    routed = block.params.get("routed_expert", 0)
+    dense = (block.params_total - routed) / tp
+    routed = routed / ep / tp
+    unit = dense + routed
+    if zero1:
+        return {"attention": (0.0, unit * (compute_bytes + GRAD_BYTES)),
+                "mlp": (0.0, unit * (compute_bytes + GRAD_BYTES))}
+    if ep > 1 and routed:
+        return {"attention": (2 * dense * compute_bytes, dense * compute_bytes + routed * GRAD_BYTES),
+                "mlp": ((2 * dense + routed) * compute_bytes, routed * compute_bytes + dense * GRAD_BYTES)}
+    whole = (2 * unit * compute_bytes, unit * (compute_bytes + GRAD_BYTES))
+    return {"attention": whole, "mlp": whole}
+
+
+def backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
+                    in_flight: float, compute_bytes: int = 2, zero1: bool = False, grads: float = 0.0,
+                    accumulated: bool = True, ep_copy: float = 0.0) -> tuple[float, ...]:
+    memo = trace.__dict__.setdefault("_backward_moment", {})
+    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, grads, accumulated,
+           ep_copy)
+    if key not in memo:
+        memo[key] = _backward_moment(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
+                                     compute_bytes, zero1, grads, accumulated, ep_copy)
+    return memo[key]
+
+
+def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
+                     in_flight: float, compute_bytes: int, zero1: bool, grads: float, accumulated: bool,
+                     ep_copy: float) -> tuple[float, ...]:
+    """(activations, workspace, gathered parameters, FSDP buffers, gradients) bytes at the worst
+    moment of the backward through the blocks.
+
+    Walking the layers backwards, layer i's backward starts with the saved activations of layers
+    0..i (and the embedding) still alive; each part of it (MLP, then attention) adds its traced
+    `backward_peak` under the layer's policy (recomputed activations, gradients in flight,
+    attention workspace) and its FSDP buffers (`fsdp_backward_buffers`); with EP an MoE layer's
+    MLP part also holds the gradients' all-to-all output (`ep_copy` bytes, one routed copy of the
+    tokens). Micro-batches in flight under pipeline parallelism keep their saved activations; one
+    runs its backward at a time. Sharded gradients (`grads` bytes when complete) are all resident
+    once accumulated; in a step's only micro-batch (`accumulated` False) they appear as the
+    backward reaches each unit: the head's and the layers' after i.
+    """
+    scale = token_factor / tp
+    emb = trace.others.get("embedding")
+    running = emb.saved_bytes["none"] * scale if emb is not None else 0.0
+    layers = stage_layers(trace, recompute, pp)
+    cumulative = []
+    for kind, policy in layers:
+        running += trace.blocks[kind].saved_bytes[policy] * scale * _routed_load(trace, kind, ep, imbalance)
+        cumulative.append(running)
+    earlier = (in_flight - 1.0) * cumulative[-1] if cumulative else 0.0
+    buffers = {kind: fsdp_backward_buffers(block, ep, tp, compute_bytes, zero1) for kind, block in trace.blocks.items()}
+    total_params = max(1, trace.params_total)
+    after = total_params - sum(o.params_total for o in trace.others.values() if o.kind == "embedding")
+    best = (0.0, 0.0, 0.0, 0.0, 0.0)
+    for (kind, policy), saved in zip(layers, cumulative, strict=True):
+        block = trace.blocks[kind]
+        after -= block.params_total  # parameters whose gradients exist once layer i's backward starts
+        grads_now = grads if accumulated else grads * max(0, after) / total_params
+        load = _routed_load(trace, kind, ep, imbalance)
+        for part, peak in block.backward_peak.get(policy, {}).items():
+            gathered, held = buffers[kind][part]
+            if part == "mlp" and block.num_experts and ep > 1:
+                held += ep_copy
+            moment = (saved + earlier, peak * scale * load, gathered, held, grads_now)
+            if sum(moment) > sum(best):
+                best = moment
+    return best
 
 
 def head_phase_bytes(trace, token_factor: float, tp: int, compute_bytes: int) -> tuple[float, float]:

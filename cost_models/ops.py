@@ -27,6 +27,8 @@ class PricedOp:
     token_scaled: bool = True  # whether the first dim scales with tokens
     module: str = ""
     fused_nbytes: int = 0  # memory ops: bytes left when chains of elementwise ops run as one kernel
+    op: str = ""  # aten op name (trailing underscore dropped), e.g. mm, addmm, mul
+    selective_saved: bool = True  # forward ops: kept by the selective recompute policy (else redone)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -77,7 +79,8 @@ def priced_ops(trace) -> list[PricedOp]:
         name, flops = d["op"].rstrip("_"), int(d.get("flops", 0))
         nbytes = int(d.get("bytes_read", 0)) + int(d.get("bytes_written", 0))
         common = dict(group=d["stage"], phase=d["phase"], flops=flops, flops_dense=int(d.get("flops_dense", flops)),
-                      nbytes=nbytes, module=d.get("module", ""))
+                      nbytes=nbytes, module=d.get("module", ""), op=name,
+                      selective_saved=bool(d.get("selective_saved", True)))
         shape = _shape(d.get("out_shape", ""))
         if d.get("attention"):
             out.append(PricedOp(category="attention", **common))

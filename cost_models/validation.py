@@ -97,6 +97,7 @@ class Case:
     loss: str = "full"
     imbalance: float = 1.0
     notes: tuple[str, ...] = ()
+    recompute_every_mm: int = 0  # selective recompute also redoes every n-th forward mm (torchtitan: 2)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def load_cases(path: str | Path | None = None,
             layout=dict(_need(entry, "layout", cid)), seq_len=int(_need(entry, "seq_len", cid)),
             global_batch=int(_need(entry, "global_batch", cid)), metrics=metrics, flops=entry.get("flops"),
             loss=entry.get("loss", "full"), imbalance=float(entry.get("imbalance", 1.0)),
-            notes=tuple(entry.get("notes") or ()),
+            notes=tuple(entry.get("notes") or ()), recompute_every_mm=int(entry.get("recompute_every_mm", 0)),
         ))
     return cases, skipped
 
@@ -285,7 +286,8 @@ def evaluate_case(case: Case, trace, config, profile) -> list[ValidationRow]:
     kernels.setdefault("loss", case.loss)
     layout_dict["kernels"] = kernels
     layout = layout_from_dict(layout_dict)
-    est = estimate(trace, config, layout, profile, case.global_batch, imbalance=case.imbalance)
+    est = estimate(trace, config, layout, profile, case.global_batch, imbalance=case.imbalance,
+                   recompute_every_mm=case.recompute_every_mm)
     details = est.to_dict()
     out = []
     for m in case.metrics:

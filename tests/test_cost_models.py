@@ -8,7 +8,7 @@ import pytest
 
 from xplan.cli import main
 from xplan.cost_models import comm
-from xplan.cost_models.memory import layers_by_policy, model_state_bytes
+from xplan.cost_models.memory import model_state_bytes
 from xplan.errors import InputError
 from xplan.hw_profiles import load_profile
 from xplan.layout import check_layout, layout_from_dict
@@ -60,11 +60,6 @@ def test_attention_op_priced_by_kernel_choice():
     eff = 0.677 * 4096 / (4096 + 210)
     assert op_time(op, flash, h100) == pytest.approx(2e12 / (989e12 * eff) + 3.4e-6)
     assert op_time(op, sdpa, h100) == pytest.approx(2e12 / (989e12 * eff * 0.47) + 3.4e-6)
-
-
-def test_recompute_fraction_splits_layers():
-    assert layers_by_policy(94, 0.5) == {"full": 47, "none": 47}
-    assert layers_by_policy(10, "selective") == {"selective": 10}
 
 
 @pytest.mark.parametrize(
@@ -140,3 +135,65 @@ def test_estimate_bad_input_exits_2(tiny_moe_dir, capsys, args, message):
 def test_estimate_unknown_profile_exits_2(tiny_moe_dir, capsys):
     code, _, err = run(["estimate", tiny_moe_dir, "h900", "--devices", "8"], capsys)
     assert code == 2 and "h800" in err
+
+
+def test_ring_bandwidth_uses_every_nic_of_a_node():
+    # FSDP over 64 H100 (8 nodes x 8): 8 rings side by side, one per NIC, each crossing every node
+    # boundary once: busBw = min(NVLink 450 x 0.82, 8 x 50 x 0.94) = 369 GB/s, not one NIC's 47.
+    h100 = load_profile("h100")
+    assert comm.ring_bandwidth(h100, "all_gather", 64, 1, 64) == pytest.approx(min(450e9 * 0.82, 8 * 50e9 * 0.94))
+    # Two members per node (stride 4): two NICs carry the outer hops.
+    assert comm.ring_bandwidth(h100, "all_gather", 16, 4, 64) == pytest.approx(2 * 50e9 * 0.94)
+    # One member per node (stride 8, e.g. the DP group of TP 8): one NIC's worth.
+    assert comm.ring_bandwidth(h100, "all_gather", 8, 8, 64) == pytest.approx(50e9 * 0.94)
+    # Inside a node: the NVLink level.
+    assert comm.ring_bandwidth(h100, "all_gather", 8, 1, 64) == pytest.approx(450e9 * 0.82)
+    nbytes = 1e9
+    expected = 63 * 3.7e-6 + (63 / 64) * nbytes / (450e9 * 0.82)
+    assert comm.all_gather_time(h100, nbytes, 64, 1, 64) == pytest.approx(expected)
+    assert comm.all_reduce_time(h100, nbytes, 64, 1, 64) == pytest.approx(
+        126 * 3.7e-6 + 2 * (63 / 64) * nbytes / (450e9 * 0.82))
+
+
+def test_selective_recompute_redoes_unsaved_ops_and_every_second_mm():
+    from xplan.cost_models.compute import redone_by_selective
+    from xplan.cost_models.ops import PricedOp
+
+    def op(name, saved=True, phase="forward", group="dense"):
+        return PricedOp(group=group, phase=phase, category="gemm" if name == "mm" else "memory", flops=0,
+                        flops_dense=0, nbytes=0, op=name, selective_saved=saved)
+
+    block = [op("mul", saved=False), op("mm"), op("mm"), op("mm"), op("silu", saved=False), op("mm")]
+    seen: dict[str, int] = {}
+    assert [redone_by_selective(o, seen, 0) for o in block] == [True, False, False, False, True, False]
+    seen = {}
+    # torchtitan op SAC: the 2nd and 4th mm of the block are redone, the 1st and 3rd kept.
+    assert [redone_by_selective(o, seen, 2) for o in block] == [True, False, True, False, True, True]
+    assert not redone_by_selective(op("mul", saved=False, phase="backward"), {}, 2)
+
+
+def test_selective_recompute_priced_by_time_not_flops():
+    """Recomputing the memory-bound ops costs their forward time although they have no FLOPs."""
+    from xplan.cost_models.compute import RankWork, group_times
+    from xplan.cost_models.ops import PricedOp
+
+    class Trace:
+        pass
+
+    trace = Trace()
+    trace._priced_ops = [
+        PricedOp(group="dense", phase="forward", category="memory", flops=0, flops_dense=0, nbytes=3 * 10**9,
+                 fused_nbytes=3 * 10**9, op="mul", selective_saved=False),
+        PricedOp(group="dense", phase="forward", category="gemm", flops=2 * 4096**3, flops_dense=2 * 4096**3,
+                 nbytes=0, dims=(4096, 4096, 4096), op="mm"),
+        PricedOp(group="dense", phase="forward", category="gemm", flops=2 * 4096**3, flops_dense=2 * 4096**3,
+                 nbytes=0, dims=(4096, 4096, 4096), op="mm"),
+    ]
+    h100 = load_profile("h100")
+    mem = 3e9 / (3.35e12 * 0.9) + 3.4e-6
+    gemm = h100.gemm_time(4096, 4096, 4096)
+    times = group_times(trace, RankWork(token_factor=1.0), h100)
+    assert times[("dense", "forward")] == pytest.approx(mem + 2 * gemm)
+    assert times[("dense", "selective_recompute")] == pytest.approx(mem)
+    times = group_times(trace, RankWork(token_factor=1.0, recompute_every_mm=2), h100)
+    assert times[("dense", "selective_recompute")] == pytest.approx(mem + gemm)

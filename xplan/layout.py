@@ -14,6 +14,7 @@ Gradient accumulation follows from the global batch:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -31,6 +32,15 @@ KERNEL_CHOICES = {
     "elementwise": ("fused", "eager"),
 }
 DEFAULT_KERNELS = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": "chunked", "elementwise": "fused"}
+
+
+def recompute_policies(recompute: str | float, num_blocks: int) -> list[str]:
+    """Policy of each block in order: the mode for all, or for a fraction f the first
+    ceil(f x blocks) fully recomputed and the rest none (the runtime and the cost model)."""
+    if isinstance(recompute, str):
+        return [recompute] * num_blocks
+    count = min(num_blocks, math.ceil(recompute * num_blocks - 1e-9))
+    return ["full"] * count + ["none"] * (num_blocks - count)
 
 
 def parse_recompute(value: Any) -> str | float:
@@ -98,6 +108,9 @@ class Layout:
         """fsdp == 1: parameters and gradients replicated, optimizer states sharded over the
         data-parallel ranks (Megatron's distributed optimizer); gathered once per step."""
         return self.fsdp == 1
+
+    def recompute_policies(self, num_blocks: int) -> list[str]:
+        return recompute_policies(self.recompute, num_blocks)
 
     def recompute_fraction(self) -> float:
         """Share of blocks that are fully recomputed ('selective' counts as 0 here)."""

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from xplan.runtime.models.blockwise_attention import BlockCount, current_block
 from xplan.runtime.recompute import selective_saves
 
 from .flops import (
@@ -148,6 +149,16 @@ class ScopeTracker:
         return self._seq_scope[max(i, 0)]
 
 
+def block_mask_fraction(block: BlockCount) -> float:
+    """Model-FLOP share of one blockwise-attention matmul: the pairs its block keeps, scaled so
+    that the blocks of one attention add up to `attention_fraction`'s convention (causal = 1/2 of
+    all pairs, not the discrete (s + 1) / 2s); 0 for the backward's recomputed scores."""
+    if not block.kept or not block.kept_total:
+        return 0.0
+    convention = attention_fraction(block.seq_q, block.seq_k, True, block.window) * block.seq_q * block.seq_k
+    return block.kept / block.computed * convention / block.kept_total
+
+
 def _fake_grouped_mm(func, args, kwargs):
     """Output of `_grouped_mm` on fake tensors in dtypes its meta kernel refuses.
 
@@ -186,8 +197,14 @@ def _is_alias(func, ins, outs) -> bool:
 class OpRecorder(TorchDispatchMode):
     """Records the ops below autograd. `detailed=False` only tracks storages (for saved bytes)."""
 
-    def __init__(self, scopes: ScopeTracker, stages: dict[str, StageInfo], seq_len: int, detailed: bool = True):
+    def __init__(self, scopes: ScopeTracker, stages: dict[str, StageInfo], seq_len: int, detailed: bool = True,
+                 timeline: bool = False):
         super().__init__()
+        # timeline: also register backward outputs and note the op at which each storage is first
+        # seen dead, for per-stage backward peaks (`backward_peaks`).
+        self.timeline = timeline
+        self._pending: list[int] = []  # keys of registered storages not yet seen dead
+        self.deaths: dict[int, int] = {}  # storage key -> first op index at which it was dead
         self.scopes = scopes
         self.stages = stages
         self.seq_len = seq_len
@@ -210,6 +227,55 @@ class OpRecorder(TorchDispatchMode):
         if key in self.storages:
             return
         self.storages[key] = [StorageWeakRef(storage), storage.nbytes(), index, stage]
+        if self.timeline:
+            self._pending.append(key)
+
+    def _sweep(self, index: int) -> None:
+        still = []
+        for key in self._pending:
+            if self.storages[key][0].expired():
+                self.deaths[key] = index
+            else:
+                still.append(key)
+        self._pending = still
+
+    def backward_peaks(self, exclude: set[int]) -> dict[str, dict[str, int]]:
+        """Per stage and part ('attention' sub-block, 'mlp' = the rest): the most bytes alive at
+        once while that part's backward ops run, above what was alive when the stage's first
+        backward op started (its saved activations, the incoming gradient and everything outside
+        the stage). Storages in `exclude` (parameter gradients, priced separately) are left out.
+        Needs `timeline=True`."""
+        n = len(self.ops) + 1
+        diff = [0] * (n + 1)
+        created = [0] * n
+        for key, (_, nbytes, index, _) in self.storages.items():
+            if key in exclude:
+                continue
+            diff[index] += nbytes
+            diff[self.deaths.get(key, n)] -= nbytes
+            created[index] += nbytes
+        live, running = [0] * n, 0
+        for t in range(n):
+            running += diff[t]
+            live[t] = running
+        # Per stage, the backward ops of its attention sub-block and of everything else (the MLP /
+        # MoE, norms, a checkpoint's recomputed forward), each against the stage's starting point.
+        first: dict[str, int] = {}
+        parts: dict[tuple[str, str], list[int]] = {}
+        for op in self.ops:
+            if op.phase != "backward":
+                continue
+            stage = op.scope.stage
+            first.setdefault(stage, op.index)
+            info = self.stages.get(stage)
+            prefix = info.attention_prefix if info is not None else "self_attn"
+            in_attention = op.scope.path == prefix or op.scope.path.startswith(prefix + ".")
+            parts.setdefault((stage, "attention" if in_attention else "mlp"), []).append(op.index)
+        peaks: dict[str, dict[str, int]] = {}
+        for (stage, part), indices in parts.items():
+            baseline = live[first[stage]] - created[first[stage]]
+            peaks.setdefault(stage, {})[part] = max(live[t] for t in indices) - baseline
+        return peaks
 
     def alive(self) -> list[tuple[int, int, str]]:
         """(nbytes, creating op, owning stage) of every recorded storage still alive."""
@@ -239,7 +305,9 @@ class OpRecorder(TorchDispatchMode):
         record = OpRecord(index, str(func.overloadpacket).removeprefix("aten."),
                           "backward" if backward else "forward", scope)
         self.ops.append(record)
-        if not backward:
+        if backward and self.timeline:
+            self._sweep(index)
+        if not backward or self.timeline:
             for t in outs:
                 self._register(t, index, scope.stage)
         if self.detailed:
@@ -283,7 +351,12 @@ class OpRecorder(TorchDispatchMode):
                 record.extra["groups"] = groups
                 if args[0].dim() == 2 and args[1].dim() == 3:  # rows split over groups
                     record.extra["rows_per_group"] = args[0].shape[0] / groups
-        if dense and self._is_attention(record, func, args, kwargs, ins, outs):
+        block = current_block()
+        if dense and block is not None:  # one block of the runtime's blockwise attention
+            record.attention = True
+            record.mask_fraction = block_mask_fraction(block)
+            record.flops = round(model * record.mask_fraction)
+        elif dense and self._is_attention(record, func, args, kwargs, ins, outs):
             stage = self.stages.get(record.scope.stage)
             causal = True
             if is_sdpa(func):

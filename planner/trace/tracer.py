@@ -10,8 +10,10 @@ How one trace runs (no memory, no compute):
    `backward`, under `OpRecorder` (a dispatch mode): every aten op with its module, FLOPs, bytes and
    producers. Storages still alive after the forward are what autograd keeps for backward (the
    saved activations).
-3. Run the forward twice more with `xplan.runtime.recompute.apply_recompute` putting the
-   'selective' and 'full' policies on every block, to measure what each policy keeps.
+3. Run the step twice more with `xplan.runtime.recompute.apply_recompute` putting the
+   'selective' and 'full' policies on every block, to measure what each policy keeps. Every
+   pass also records each block's backward peak (`BlockSummary.backward_peak`: recomputed
+   activations, gradients in flight and workspaces above what the block's backward starts with).
 4. Multiply per-kind numbers by the number of layers of that kind.
 
 MoE routing is data dependent; the runtime's dropless MoE has static shapes, so the trace is exact
@@ -65,6 +67,11 @@ class BlockSummary:
     param_bytes: dict[str, int] = field(default_factory=dict)  # bytes by role (traced dtype)
     params_active: int = 0  # numel one token uses (routed experts scaled by top_k / experts)
     saved_bytes: dict[str, int] = field(default_factory=dict)  # kept for backward, by recompute policy
+    # Most bytes alive at once during one block's backward above what was alive as it began (its
+    # saved activations and incoming gradient): recomputed activations, gradients in flight,
+    # attention workspaces; parameter gradients excluded. By recompute policy, then by part:
+    # 'attention' (its attention sub-block's backward) and 'mlp' (the rest).
+    backward_peak: dict[str, dict[str, int]] = field(default_factory=dict)
     recompute_flops: dict[str, int] = field(default_factory=dict)  # forward FLOPs redone in backward
     num_experts: int = 0
     top_k: int = 0
@@ -269,8 +276,11 @@ def training_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
 
 def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len, loss_kind, detailed, backward,
          fake):
+    """One traced training step. Returns (recorder, storages alive after the forward, backward
+    peak bytes per stage; {} without `backward`)."""
     tracker = ScopeTracker(scopes, stage_inputs, param_scopes).install()
-    rec = OpRecorder(tracker, stages, seq_len, detailed=detailed)
+    rec = OpRecorder(tracker, stages, seq_len, detailed=detailed, timeline=backward)
+    peaks: dict[str, dict[str, int]] = {}
     try:
         with fake, rec:
             # Inputs are made under the recorder: the embedding keeps the token ids and the loss
@@ -285,11 +295,14 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
             if backward:
                 loss.backward()
             del loss
+        if backward:
+            grads = {p.grad.untyped_storage()._cdata for p in model.parameters() if p.grad is not None}
+            peaks = rec.backward_peaks(exclude=grads)
     finally:
         tracker.remove()
     for p in model.parameters():
         p.grad = None
-    return rec, alive
+    return rec, alive, peaks
 
 
 def _trace(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.dtype, loss: str) -> ModelTrace:
@@ -310,9 +323,10 @@ def _trace(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.
         sliding = config.layer_attention_type(idx) == "sliding_attention"
         stages[kind] = StageInfo(kind, attention_window=config.sliding_window if sliding else None)
     with torch.enable_grad():
-        rec, alive = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len, loss,
-                          detailed=True, backward=True, fake=fake)
+        rec, alive, peaks = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len, loss,
+                                 detailed=True, backward=True, fake=fake)
         saved = {"none": _saved_by_stage(alive)}
+        backward_peaks = {"none": peaks}
         for nbytes, op_index, _ in alive:
             rec.ops[op_index].saved_bytes += nbytes
         for policy in rc.RECOMPUTE_POLICIES:
@@ -321,12 +335,13 @@ def _trace(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.
             for layer in layers:
                 rc.apply_recompute(layer, policy)
             try:
-                _, alive_p = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len, loss,
-                                  detailed=False, backward=False, fake=fake)
+                _, alive_p, peaks_p = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len,
+                                           loss, detailed=False, backward=True, fake=fake)
             finally:
                 for layer in layers:
                     rc.apply_recompute(layer, "none")
             saved[policy] = _saved_by_stage(alive_p)
+            backward_peaks[policy] = peaks_p
 
     tokens = seq_len * micro_batch
     kinds = _block_kinds(config)
@@ -373,6 +388,8 @@ def _trace(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.
             b.num_experts, b.top_k = moe.num_experts, moe.top_k
             b.tokens_per_expert = tokens * moe.top_k / moe.num_experts
         b.saved_bytes = {p: sum(v for s, v in by_stage.items() if s in stage_names) for p, by_stage in saved.items()}
+        if name in counts:
+            b.backward_peak = {p: dict(by_stage.get(name, {})) for p, by_stage in backward_peaks.items()}
         return b
 
     blocks = {k: summary(k, {k}, counts[k]) for k in rep_kinds}

@@ -23,7 +23,6 @@ computes in bf16 with fp32 gradient reduction; ``fp32`` computes and reduces in 
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.distributed as dist
@@ -58,11 +57,7 @@ def check_runtime_layout(layout: Layout, config, seq_len: int | None = None, glo
 
 def recompute_policies(layout: Layout, num_blocks: int) -> list[str]:
     """Policy per block: 'none'/'selective'/'full', or a fraction = the first blocks fully recomputed."""
-    mode = layout.recompute
-    if isinstance(mode, str):
-        return [mode] * num_blocks
-    count = min(num_blocks, math.ceil(mode * num_blocks - 1e-9))
-    return ["full"] * count + ["none"] * (num_blocks - count)
+    return layout.recompute_policies(num_blocks)
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
