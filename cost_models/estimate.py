@@ -33,6 +33,7 @@ from .memory import (
     layers_by_policy,
     model_state_bytes,
     parallel_saved_bytes,
+    routed_copy_bytes,
     stage_layers,
 )
 
@@ -305,7 +306,7 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
         saved = on_device
     gathered_block = max(block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values())
     gathered = 0.0 if layout.zero1 else 2 * gathered_block * compute_bytes  # running + prefetched
-    extra = 0.0
+    extra = ep_copy = 0.0
     if config is not None:
         counts = layers_by_policy(trace, layout.recompute, layout.pp)
         moe_layers = sum(1 for kind, _ in stage_layers(trace, layout.recompute, layout.pp)
@@ -313,6 +314,8 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
         rank_tokens = tf * trace.seq_len / layout.tp
         extra = parallel_saved_bytes(config, layout, counts, moe_layers, rank_tokens, compute_bytes,
                                      imbalance) * in_flight
+        if layout.ep > 1 and config.num_experts:  # the busiest rank's gradient all-to-all output
+            ep_copy = routed_copy_bytes(config, rank_tokens, compute_bytes) * imbalance
         if "activations" not in layout.offload:
             saved += extra
     logits, head = head_phase_bytes(trace, tf, layout.tp, compute_bytes)
@@ -329,9 +332,6 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
         backward_saved, block_phase = saved, gathered_block * (compute_bytes + 4) + largest_block
         grads_backward = grads
     else:
-        ep_copy = 0.0
-        if config is not None and layout.ep > 1 and config.num_experts:
-            ep_copy = tf * trace.seq_len / layout.tp * config.top_k * config.hidden_size * compute_bytes * imbalance
         backward_saved, workspace, gathered, held, grads_backward = backward_moment(
             trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance, in_flight, compute_bytes,
             layout.zero1, grads, grad_accum > 1 or layout.zero1, ep_copy)

@@ -125,19 +125,25 @@ def activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep
     return memo[key]
 
 
+def _saved_walk(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float):
+    """(embedding saved bytes, [(kind, policy, saved bytes)] per layer of the busiest stage), scaled
+    to this rank's tokens and the busiest EP rank's routed load."""
+    scale = token_factor / tp
+    emb = trace.others.get("embedding")
+    embedding = emb.saved_bytes["none"] * scale if emb is not None else 0.0
+    layers = [(kind, policy, trace.blocks[kind].saved_bytes[policy] * scale * _routed_load(trace, kind, ep, imbalance))
+              for kind, policy in stage_layers(trace, recompute, pp)]
+    return embedding, layers
+
+
 def _activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                       in_flight: float) -> tuple[float, float]:
-    total = largest = 0.0
-    scale = token_factor / tp
-    for kind, policy in stage_layers(trace, recompute, pp):
-        block = trace.blocks[kind]
-        load = _routed_load(trace, kind, ep, imbalance)
-        largest = max(largest, block.saved_bytes["none"] * scale * load)
-        total += block.saved_bytes[policy] * scale * load
-    emb = trace.others.get("embedding")
-    if emb is not None:
-        total += emb.saved_bytes["none"] * scale
-    return total * in_flight, largest
+    embedding, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance)
+    largest = 0.0
+    for kind, _, _ in layers:
+        largest = max(largest, trace.blocks[kind].saved_bytes["none"] * token_factor / tp
+                      * _routed_load(trace, kind, ep, imbalance))
+    return (embedding + sum(saved for _, _, saved in layers)) * in_flight, largest
 
 
 def fsdp_backward_buffers(block, ep: int, tp: int, compute_bytes: int, zero1: bool) -> dict[str, tuple[float, float]]:
@@ -193,19 +199,17 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
     backward reaches each unit: the head's and the layers' after i.
     """
     scale = token_factor / tp
-    emb = trace.others.get("embedding")
-    running = emb.saved_bytes["none"] * scale if emb is not None else 0.0
-    layers = stage_layers(trace, recompute, pp)
+    running, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance)
     cumulative = []
-    for kind, policy in layers:
-        running += trace.blocks[kind].saved_bytes[policy] * scale * _routed_load(trace, kind, ep, imbalance)
+    for _, _, saved in layers:
+        running += saved
         cumulative.append(running)
     earlier = (in_flight - 1.0) * cumulative[-1] if cumulative else 0.0
     buffers = {kind: fsdp_backward_buffers(block, ep, tp, compute_bytes, zero1) for kind, block in trace.blocks.items()}
     total_params = max(1, trace.params_total)
     after = total_params - sum(o.params_total for o in trace.others.values() if o.kind == "embedding")
     best = (0.0, 0.0, 0.0, 0.0, 0.0)
-    for (kind, policy), saved in zip(layers, cumulative, strict=True):
+    for (kind, policy, _), saved in zip(layers, cumulative, strict=True):
         block = trace.blocks[kind]
         after -= block.params_total  # parameters whose gradients exist once layer i's backward starts
         grads_now = grads if accumulated else grads * max(0, after) / total_params
@@ -244,6 +248,11 @@ def chunked_head_bytes(head_params: float, vocab: int, hidden: int, tokens: floa
     return 3 * head_params * compute_bytes + chunk * vocab * (4 + compute_bytes) + tokens * hidden * compute_bytes
 
 
+def routed_copy_bytes(config, tokens: float, act_bytes: int) -> float:
+    """One routed copy of `tokens` tokens (each sent to top_k experts): an EP all-to-all's output."""
+    return tokens * config.top_k * config.hidden_size * act_bytes
+
+
 def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_layers: float, tokens: float,
                          act_bytes: int, imbalance: float = 1.0) -> float:
     """Activations expert and sequence parallelism add to what the single-device trace measured.
@@ -261,7 +270,7 @@ def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_la
     extra = 0.0
     if layout.ep > 1 and config.num_experts:
         share = moe_layers / max(1.0, sum(policy_counts.values()))
-        copy = tokens * config.top_k * config.hidden_size * act_bytes  # one routed copy of the tokens
+        copy = routed_copy_bytes(config, tokens, act_bytes)
         extra += selective * share * 2 * copy
         # The busiest rank's received dispatch copy (made in the MoE block, outside the experts).
         extra += (selective + none) * share * (imbalance - 1.0) * copy

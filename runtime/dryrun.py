@@ -457,10 +457,9 @@ def fake_process_group(world_size: int, rank: int = 0):
 
 def layer_classes(config, layout) -> list[tuple[str, str]]:
     """(block kind, recompute policy) of every decoder layer of the full model, in order."""
-    from xplan.runtime.distributed.parallelize import recompute_policies
     from xplan.runtime.models.transformer import DecoderLayer
 
-    policies = recompute_policies(layout, config.num_layers)
+    policies = layout.recompute_policies(config.num_layers)
     return [(DecoderLayer.block_kind(config, i), policies[i]) for i in range(config.num_layers)]
 
 

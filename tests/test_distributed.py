@@ -315,10 +315,8 @@ def test_ulysses_head_checks():
 
 
 def test_recompute_fraction_marks_the_first_blocks():
-    from xplan.runtime.distributed.parallelize import recompute_policies
-
-    assert recompute_policies(Layout(devices=1, fsdp=1, recompute=0.5), 4) == ["full", "full", "none", "none"]
-    assert recompute_policies(Layout(devices=1, fsdp=1, recompute="selective"), 2) == ["selective"] * 2
+    assert Layout(devices=1, fsdp=1, recompute=0.5).recompute_policies(4) == ["full", "full", "none", "none"]
+    assert Layout(devices=1, fsdp=1, recompute="selective").recompute_policies(2) == ["selective"] * 2
 
 
 def test_device_type_resolution(monkeypatch):

@@ -58,6 +58,10 @@ class StageInfo:
     attention_window: int | None = None  # sliding window of the stage's attention, if any
     attention_prefix: str = "self_attn"  # module path of the attention sub-block
 
+    def in_attention(self, path: str) -> bool:
+        """Whether a module path of this stage lies in its attention sub-block."""
+        return path == self.attention_prefix or path.startswith(self.attention_prefix + ".")
+
 
 @dataclass
 class OpRecord:
@@ -267,10 +271,8 @@ class OpRecorder(TorchDispatchMode):
                 continue
             stage = op.scope.stage
             first.setdefault(stage, op.index)
-            info = self.stages.get(stage)
-            prefix = info.attention_prefix if info is not None else "self_attn"
-            in_attention = op.scope.path == prefix or op.scope.path.startswith(prefix + ".")
-            parts.setdefault((stage, "attention" if in_attention else "mlp"), []).append(op.index)
+            info = self.stages.get(stage) or StageInfo(stage)
+            parts.setdefault((stage, "attention" if info.in_attention(op.scope.path) else "mlp"), []).append(op.index)
         peaks: dict[str, dict[str, int]] = {}
         for (stage, part), indices in parts.items():
             baseline = live[first[stage]] - created[first[stage]]
@@ -375,9 +377,7 @@ class OpRecorder(TorchDispatchMode):
         stage = self.stages.get(record.scope.stage)
         if stage is None:
             return False
-        path = record.scope.path
-        prefix = stage.attention_prefix
-        if not (path == prefix or path.startswith(prefix + ".")):
+        if not stage.in_attention(record.scope.path):
             return False
         if is_sdpa(func):
             return True

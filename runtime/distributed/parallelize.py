@@ -55,11 +55,6 @@ def check_runtime_layout(layout: Layout, config, seq_len: int | None = None, glo
     check_layout(layout, config, seq_len if seq_len is not None else layout.sp, global_batch)
 
 
-def recompute_policies(layout: Layout, num_blocks: int) -> list[str]:
-    """Policy per block: 'none'/'selective'/'full', or a fraction = the first blocks fully recomputed."""
-    return layout.recompute_policies(num_blocks)
-
-
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
     if precision == "fp32":
         return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None)
@@ -100,7 +95,7 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
             apply_ulysses(block.self_attn, layout.sp, meshes.sp_rank, meshes.sp_group)
 
     # 3. Recompute, then activation offload hooks (around the checkpointed block).
-    for block, policy in zip(blocks, recompute_policies(layout, len(blocks)), strict=True):
+    for block, policy in zip(blocks, layout.recompute_policies(len(blocks)), strict=True):
         apply_recompute(block, policy)
     apply_activation_offload(blocks, layout, meshes.device_type, force=force_activation_offload)
 
@@ -201,4 +196,4 @@ def global_loss(local_loss: torch.Tensor, meshes: Meshes) -> torch.Tensor:
 
 
 __all__ = ["check_runtime_layout", "clip_grad_norm_", "global_loss", "grad_norm", "mixed_precision",
-           "parallelize", "recompute_policies"]
+           "parallelize"]

@@ -138,14 +138,13 @@ class _BlockwiseAttention(torch.autograd.Function):
                 out[:, :, start:stop] = torch.matmul(probs, v[:, :, k0:k1])
             lse[:, :, start:stop] = row_lse
         ctx.save_for_backward(q, k, v, sinks, out, lse)
-        ctx.config = (scale, window, q_offset)
+        ctx.config = (scale, window, q_offset, blocks, kept_total)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, sinks, out, lse = ctx.saved_tensors
-        scale, window, q_offset = ctx.config
-        blocks, kept_total = _plan(q, k, q_offset, window)
+        scale, window, q_offset, blocks, kept_total = ctx.config
         seq_q, seq_k = q.shape[2], k.shape[2]
         acc = _acc(q)
         grad_q = torch.empty_like(q)
