@@ -90,7 +90,8 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     """{(group, phase): seconds} for one instance of each traced group (block kind, embed, head...).
 
     Phase `selective_recompute` is what the selective recompute policy redoes of the forward (see
-    `redone_by_selective`).
+    `redone_by_selective`); phase `gemm` is the GEMM and grouped-GEMM time of both passes (what
+    overlapped tensor-parallel collectives can hide under).
 
     Memoised on the trace per (work, profile): a search prices many layouts with the same work.
     """
@@ -107,6 +108,8 @@ def _group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]
     for op in priced_ops(trace):
         t = op_time(op, work, profile)
         times[(op.group, op.phase)] += t
+        if op.category in ("gemm", "grouped"):
+            times[(op.group, "gemm")] += t
         if redone_by_selective(op, mm_seen, work.recompute_every_mm):
             times[(op.group, "selective_recompute")] += t
     return dict(times)

@@ -8,8 +8,9 @@ Step time of the busiest rank:
   + pipeline bubble ((pp - 1) / vpp micro-batch slots, 1F1B / interleaved)
   + optimizer step (memory-bound on device, or over the host link when offloaded)
 FSDP all-gathers and reduce-scatters overlap the neighbouring block's compute (prefetch depth 1);
-what exceeds that compute is exposed. Expert-parallel and Ulysses all-to-alls, TP collectives
-and pipeline sends sit on the critical path.
+what exceeds that compute is exposed. Expert-parallel and Ulysses all-to-alls and pipeline sends
+sit on the critical path; TP collectives too, unless `kernels.tp_comm` is `overlapped` (then
+only what exceeds the layer's GEMM time).
 """
 
 from __future__ import annotations
@@ -163,7 +164,12 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
             ep_time += n * a2a * (1 + 0.5 * redo_share)
         uly = comm.ulysses_time(profile, tokens, q_width, kv_width, out_width, layout, act_bytes)
         sp_time += n * uly * (1 + 0.5 * recompute_fraction)
-        tp_time += n * comm.tensor_parallel_time(profile, tokens, hidden, layout, act_bytes)
+        tp_comm = comm.tensor_parallel_time(profile, tokens, hidden, layout, act_bytes)
+        if layout.kernels.get("tp_comm") == "overlapped" and overlap:
+            # Each collective is pipelined with the GEMM it feeds or follows: what the layer's
+            # GEMMs cannot cover stays exposed.
+            tp_comm = max(0.0, tp_comm - times.get((kind, "gemm"), 0.0))
+        tp_time += n * tp_comm
 
     for name in ("embed", "rotary", "model", "norm", "head", "loss"):
         compute += (times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)) / layout.pp
@@ -203,7 +209,8 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         optimizer += 2 * params_on_rank * 4 / profile.host_bandwidth()
     offload_time = 0.0
     if "activations" in layout.offload:
-        saved, _ = activation_bytes(trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance, 1.0)
+        saved, _ = activation_bytes(trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance, 1.0,
+                                    work.recompute_every_mm)
         offload_time = grad_accum * 2 * saved / profile.host_bandwidth()  # out in forward, back in backward
         offload_time = max(0.0, offload_time - grad_accum * compute)  # hidden under compute when it can be
 
@@ -224,7 +231,8 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     tokens_per_s = global_batch * seq / step / layout.devices
     mfu = trace.flops_per_token * tokens_per_s / profile.peak_flops("bf16")
 
-    memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config)
+    memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config,
+                             recompute_every_mm if layout.recompute == "selective" else 0)
     hbm, host = float(profile.hbm_bytes()), float(profile.host_memory_bytes())
     notes = []
     if memory.total > hbm:
@@ -259,11 +267,7 @@ def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) ->
 
 def _memory_overheads(profile) -> tuple[float, float]:
     """(reserved bytes, fragmentation fraction) from the profile (0 where it states none)."""
-    memory = profile.memory
-    fields = type(memory).model_fields if hasattr(type(memory), "model_fields") else {}
-    reserved = memory.reserved_gib if "reserved_gib" in fields else 0.0
-    fragmentation = memory.fragmentation if "fragmentation" in fields else 0.0
-    return (reserved or 0.0) * GIB, fragmentation or 0.0
+    return 0.0, profile.memory.fragmentation or 0.0
 
 
 def rank_param_split(trace, layout: Layout) -> tuple[float, float]:
@@ -275,12 +279,13 @@ def rank_param_split(trace, layout: Layout) -> tuple[float, float]:
 
 
 def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float = 1.0,
-                    config=None) -> MemoryBreakdown:
+                    config=None, recompute_every_mm: int = 0) -> MemoryBreakdown:
     """Peak memory of the busiest rank (see cost_models.memory for the accounting).
 
-    The peak is the larger of two moments: the end of the forward (LM head and loss live) and a
+    The peak is the larger of two moments: the head's backward (loss and LM head live) and a
     block's backward (two blocks gathered, its gradients and recomputed activations live).
-    `config` (the ModelConfig) adds what EP / Ulysses keep beyond the single-device trace.
+    `config` (the ModelConfig) adds what EP / Ulysses keep beyond the single-device trace;
+    `recompute_every_mm` is the selective policy's every-n-th-mm rule (see `estimate`).
     """
     tf = layout.micro_batch / layout.sp
     compute_bytes = COMPUTE_BYTES[layout.precision]
@@ -299,7 +304,7 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
     if layout.pp > 1:  # 1F1B: the first stage holds up to pp micro-batches (more when interleaved)
         in_flight = min(layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.vpp)), max(grad_accum, 1))
     saved, largest_block = activation_bytes(trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance,
-                                            in_flight)
+                                            in_flight, recompute_every_mm)
     if "activations" in layout.offload:
         on_device = min(saved, 2 * largest_block)  # the block in flight and the one being copied
         offloaded += saved - on_device
@@ -326,7 +331,7 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
                                                tf * trace.seq_len / layout.tp, compute_bytes)
     # Backward through the blocks: the worst layer's moment (saved activations of the layers
     # before it, its traced backward workspace) with its unsharded gradients (+ fp32 reduce copy)
-    # and two blocks gathered. End of forward: the head's buffers and logits, blocks resharded;
+    # and two blocks gathered. Head's backward: its buffers, logits and their gradients, blocks resharded;
     # no gradient exists yet in the first micro-batch.
     if "activations" in layout.offload:
         backward_saved, block_phase = saved, gathered_block * (compute_bytes + 4) + largest_block
@@ -334,7 +339,7 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
     else:
         backward_saved, workspace, gathered, held, grads_backward = backward_moment(
             trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance, in_flight, compute_bytes,
-            layout.zero1, grads, grad_accum > 1 or layout.zero1, ep_copy)
+            layout.zero1, grads, grad_accum > 1 or layout.zero1, ep_copy, recompute_every_mm)
         backward_saved += extra
         block_phase = workspace + held
     block_moment = grads_backward + gathered + block_phase + backward_saved

@@ -11,8 +11,9 @@ Accounting (bytes per rank), FSDP2 with mixed precision:
   policy, scaled to this rank's tokens (micro_batch / sp / tp), for every layer on the rank
   (times the micro-batches in flight under pipeline parallelism); routed-expert activations of
   the busiest EP rank scaled by the routing imbalance.
-- head phase: LM-head weight unsharded with its gradient, and the logits/loss tensors the trace
-  measured for the chosen loss kernel.
+- head phase: LM-head weight unsharded, the logits/loss tensors the trace measured as saved for
+  the chosen loss kernel, and the larger of the loss's traced backward peak (logit gradients)
+  and the head weight's gradient.
 - overhead: the profile's reserved memory (runtime context, communicator buffers) plus its
   allocator fragmentation fraction of everything else.
 """
@@ -116,29 +117,54 @@ def _routed_load(trace, kind: str, ep: int, imbalance: float) -> float:
 
 
 def activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                     in_flight: float) -> tuple[float, float]:
+                     in_flight: float, every_mm: int = 0) -> tuple[float, float]:
     """(saved activations on the rank, largest single-block saved bytes) in bytes."""
     memo = trace.__dict__.setdefault("_activation_bytes", {})
-    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight)
+    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm)
     if key not in memo:
-        memo[key] = _activation_bytes(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight)
+        memo[key] = _activation_bytes(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm)
     return memo[key]
 
 
-def _saved_walk(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float):
+def redone_mm_bytes(trace, kind: str, every_mm: int) -> int:
+    """Output bytes (traced micro-batch) of the forward `mm`s of a block kind that a selective
+    policy redoing every `every_mm`-th one (torchtitan's op-level SAC, counted in forward order as
+    `compute.redone_by_selective` does) no longer keeps; the trace's own policy keeps them all."""
+    if every_mm <= 0:
+        return 0
+    memo = trace.__dict__.setdefault("_redone_mm_bytes", {})
+    if (kind, every_mm) not in memo:
+        count = total = 0
+        for _, d in trace.graph.nodes(data=True):
+            if (d.get("type") == "op" and d.get("stage") == kind and d.get("phase") == "forward"
+                    and str(d.get("op", "")).rstrip("_") == "mm"):
+                count += 1
+                if count % every_mm == 0 and d.get("selective_saved", True):
+                    total += int(d.get("bytes_written", 0))
+        memo[(kind, every_mm)] = total
+    return memo[(kind, every_mm)]
+
+
+def _saved_walk(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
+                every_mm: int = 0):
     """(embedding saved bytes, [(kind, policy, saved bytes)] per layer of the busiest stage), scaled
-    to this rank's tokens and the busiest EP rank's routed load."""
+    to this rank's tokens and the busiest EP rank's routed load; selective layers drop the
+    outputs of the mms redone under `every_mm` (see `redone_mm_bytes`)."""
     scale = token_factor / tp
     emb = trace.others.get("embedding")
     embedding = emb.saved_bytes["none"] * scale if emb is not None else 0.0
-    layers = [(kind, policy, trace.blocks[kind].saved_bytes[policy] * scale * _routed_load(trace, kind, ep, imbalance))
-              for kind, policy in stage_layers(trace, recompute, pp)]
+    layers = []
+    for kind, policy in stage_layers(trace, recompute, pp):
+        kept = trace.blocks[kind].saved_bytes[policy]
+        if policy == "selective":
+            kept -= redone_mm_bytes(trace, kind, every_mm)
+        layers.append((kind, policy, kept * scale * _routed_load(trace, kind, ep, imbalance)))
     return embedding, layers
 
 
 def _activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                      in_flight: float) -> tuple[float, float]:
-    embedding, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance)
+                      in_flight: float, every_mm: int) -> tuple[float, float]:
+    embedding, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm)
     largest = 0.0
     for kind, _, _ in layers:
         largest = max(largest, trace.blocks[kind].saved_bytes["none"] * token_factor / tp
@@ -172,19 +198,19 @@ def fsdp_backward_buffers(block, ep: int, tp: int, compute_bytes: int, zero1: bo
 
 def backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                     in_flight: float, compute_bytes: int = 2, zero1: bool = False, grads: float = 0.0,
-                    accumulated: bool = True, ep_copy: float = 0.0) -> tuple[float, ...]:
+                    accumulated: bool = True, ep_copy: float = 0.0, every_mm: int = 0) -> tuple[float, ...]:
     memo = trace.__dict__.setdefault("_backward_moment", {})
     key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, grads, accumulated,
-           ep_copy)
+           ep_copy, every_mm)
     if key not in memo:
         memo[key] = _backward_moment(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
-                                     compute_bytes, zero1, grads, accumulated, ep_copy)
+                                     compute_bytes, zero1, grads, accumulated, ep_copy, every_mm)
     return memo[key]
 
 
 def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                      in_flight: float, compute_bytes: int, zero1: bool, grads: float, accumulated: bool,
-                     ep_copy: float) -> tuple[float, ...]:
+                     ep_copy: float, every_mm: int) -> tuple[float, ...]:
     """(activations, workspace, gathered parameters, FSDP buffers, gradients) bytes at the worst
     moment of the backward through the blocks.
 
@@ -196,10 +222,11 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
     tokens). Micro-batches in flight under pipeline parallelism keep their saved activations; one
     runs its backward at a time. Sharded gradients (`grads` bytes when complete) are all resident
     once accumulated; in a step's only micro-batch (`accumulated` False) they appear as the
-    backward reaches each unit: the head's and the layers' after i.
+    backward reaches each unit: the head's and the layers' after i. Under `every_mm` a selective
+    layer's MLP part also holds the mm outputs its recomputation redid.
     """
     scale = token_factor / tp
-    running, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance)
+    running, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm)
     cumulative = []
     for _, _, saved in layers:
         running += saved
@@ -218,6 +245,8 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
             gathered, held = buffers[kind][part]
             if part == "mlp" and block.num_experts and ep > 1:
                 held += ep_copy
+            if part == "mlp" and policy == "selective":
+                peak += redone_mm_bytes(trace, kind, every_mm)
             moment = (saved + earlier, peak * scale * load, gathered, held, grads_now)
             if sum(moment) > sum(best):
                 best = moment
@@ -225,16 +254,23 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
 
 
 def head_phase_bytes(trace, token_factor: float, tp: int, compute_bytes: int) -> tuple[float, float]:
-    """(logits/loss bytes at the start of backward, LM head gathered weight + gradient bytes)."""
+    """(logits/loss bytes saved for backward, LM-head phase bytes on top) as the backward starts.
+
+    The phase bytes are the head's gathered weight plus the larger of two moments the trace tells
+    apart: the loss's backward (its traced peak: the logit gradients of nll_loss and log_softmax
+    beside the saved log-softmax, with the full loss two fp32 [tokens, vocab] tensors) and the
+    head GEMM's backward (the weight gradient in compute dtype and its fp32 reduce copy).
+    """
+    scale = token_factor / tp
     logits = 0.0
     for name in ("head", "loss"):
         group = trace.others.get(name)
         if group is not None:
-            logits += group.saved_bytes["none"] * token_factor / tp
+            logits += group.saved_bytes["none"] * scale
     head = trace.others.get("head")
     head_params = head.params_total / tp if head is not None else 0
-    # Weight gathered in compute dtype, its gradient in compute dtype and the fp32 reduce copy.
-    return logits, head_params * (compute_bytes + compute_bytes + GRAD_BYTES)
+    loss_peak = max(head.backward_peak.get("none", {}).values(), default=0) * scale if head is not None else 0.0
+    return logits, head_params * compute_bytes + max(loss_peak, head_params * (compute_bytes + GRAD_BYTES))
 
 
 LOSS_CHUNK_TOKENS = 1024  # the runtime's chunked loss (runtime/train/loss.py DEFAULT_CHUNK_TOKENS)

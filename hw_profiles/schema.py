@@ -128,6 +128,9 @@ class Memory(_Model):
     hbm_gib: Positive
     hbm_tbps: Positive
     hbm_fraction: Fraction
+    # Optional: what the framework's caching allocator reserves beyond the allocated peak, as a
+    # fraction of that peak (fragmentation); absent / null = 0. Capacity checks use the sum.
+    fragmentation: Annotated[float, Field(ge=0, lt=1)] | None = None
 
 
 class Host(_Model):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xplan.errors import InputError
-from xplan.layout import Layout, check_layout
+from xplan.layout import DEFAULT_KERNELS, Layout, check_layout
 
 from .pricing import Workload, get_trace, load_hw, load_model_config
 
@@ -161,7 +161,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
             progress(i, len(cores))
         loss = core.pop("loss")
         trace = traces[loss]
-        kernels = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": loss, "elementwise": elementwise}
+        kernels = {**DEFAULT_KERNELS, "loss": loss, "elementwise": elementwise}
         try:
             check_layout(Layout(**core, precision=precision, kernels=kernels), config, workload.seq_len,
                          workload.global_batch)

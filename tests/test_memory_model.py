@@ -4,7 +4,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from xplan.cost_models.memory import backward_moment, fsdp_backward_buffers, layers_by_policy, stage_layers
+from xplan.cost_models.memory import (
+    backward_moment,
+    fsdp_backward_buffers,
+    head_phase_bytes,
+    layers_by_policy,
+    redone_mm_bytes,
+    stage_layers,
+)
 from xplan.layout import Layout, recompute_policies
 
 
@@ -67,3 +74,47 @@ def test_first_micro_batch_gradients_appear_as_the_backward_reaches_each_layer()
     assert backward_moment(trace, "none", 1.0, 1, 1, 1, 1.0, 1.0, grads=100.0) == (40, 5, 100, 150, 100.0)
     moment = backward_moment(trace, "none", 1.0, 1, 1, 1, 1.0, 1.0, grads=100.0, accumulated=False)
     assert moment == (10, 5, 100, 150, 75.0)  # layer 0: 10 + 75 beats layer 3: 40 + 0
+
+
+def test_head_phase_takes_the_larger_of_the_loss_backward_and_the_weight_gradient():
+    head = SimpleNamespace(saved_bytes={"none": 100}, params_total=10, backward_peak={"none": {"mlp": 1000}})
+    trace = SimpleNamespace(others={"head": head})
+    # Gathered weight (10 x 2 B) + the loss's logit gradients (1000 B, scaled by this rank's tokens).
+    assert head_phase_bytes(trace, 1.0, 1, 2) == (100, 20 + 1000)
+    assert head_phase_bytes(trace, 0.5, 1, 2) == (50, 20 + 500)
+    # A small loss peak leaves the weight gradient (bf16 + its fp32 reduce copy) as the larger.
+    head.backward_peak = {"none": {"mlp": 1}}
+    assert head_phase_bytes(trace, 1.0, 1, 2) == (100, 20 + 10 * 6)
+
+
+def test_full_loss_backward_holds_two_fp32_logit_gradients():
+    """nll_loss's gradient and log_softmax's gradient, both [tokens, vocab] fp32, beside the saved
+    log-softmax: what the head's traced backward peak must show (the runtime's own full loss)."""
+    from tests.trace_configs import tiny_config
+    from xplan.planner.trace import trace_model
+
+    config = tiny_config("qwen3_moe")
+    seq = 32
+    trace = trace_model(config, seq, loss="full", use_cache=False)
+    fp32_logits = seq * config.vocab_size * 4
+    assert max(trace.others["head"].backward_peak["none"].values()) == pytest.approx(2 * fp32_logits, rel=0.05)
+
+
+def test_torchtitan_selective_policy_keeps_fewer_mm_outputs():
+    """Redoing every second mm (op-level SAC) drops those mms' outputs from what selective keeps."""
+    from tests.trace_configs import tiny_config
+    from xplan.planner.trace import trace_model
+
+    trace = trace_model(tiny_config("qwen3"), 32, use_cache=False)
+    kind = next(iter(trace.blocks))
+    mms = [d for _, d in trace.graph.nodes(data=True)
+           if d.get("type") == "op" and d.get("stage") == kind and d.get("phase") == "forward"
+           and str(d.get("op", "")).rstrip("_") == "mm"]
+    assert len(mms) >= 4
+    assert redone_mm_bytes(trace, kind, 2) == sum(int(d["bytes_written"]) for d in mms[1::2])
+    assert redone_mm_bytes(trace, kind, 0) == 0
+    from xplan.cost_models.memory import activation_bytes
+
+    kept_all, _ = activation_bytes(trace, "selective", 1.0, 1, 1, 1, 1.0, 1.0)
+    kept_half, _ = activation_bytes(trace, "selective", 1.0, 1, 1, 1, 1.0, 1.0, every_mm=2)
+    assert kept_all - kept_half == pytest.approx(trace.blocks[kind].count * redone_mm_bytes(trace, kind, 2))

@@ -30,8 +30,12 @@ KERNEL_CHOICES = {
     # fused: chains of elementwise ops run as one kernel (torch.compile of each block on
     # accelerators); eager: one kernel per aten op.
     "elementwise": ("fused", "eager"),
+    # Tensor-parallel collectives: exposed on the critical path, or overlapped with the layer's
+    # GEMMs as Megatron's --tp-comm-overlap (Transformer Engine userbuffers) pipelines them.
+    "tp_comm": ("exposed", "overlapped"),
 }
-DEFAULT_KERNELS = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": "chunked", "elementwise": "fused"}
+DEFAULT_KERNELS = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": "chunked", "elementwise": "fused",
+                   "tp_comm": "exposed"}
 
 
 def recompute_policies(recompute: str | float, num_blocks: int) -> list[str]:

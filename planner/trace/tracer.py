@@ -70,7 +70,8 @@ class BlockSummary:
     # Most bytes alive at once during one block's backward above what was alive as it began (its
     # saved activations and incoming gradient): recomputed activations, gradients in flight,
     # attention workspaces; parameter gradients excluded. By recompute policy, then by part:
-    # 'attention' (its attention sub-block's backward) and 'mlp' (the rest).
+    # 'attention' (its attention sub-block's backward) and 'mlp' (the rest). The head group's is
+    # its worst stage's (the loss: logit gradients beside the saved log-softmax).
     backward_peak: dict[str, dict[str, int]] = field(default_factory=dict)
     recompute_flops: dict[str, int] = field(default_factory=dict)  # forward FLOPs redone in backward
     num_experts: int = 0
@@ -390,6 +391,8 @@ def _trace(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.
         b.saved_bytes = {p: sum(v for s, v in by_stage.items() if s in stage_names) for p, by_stage in saved.items()}
         if name in counts:
             b.backward_peak = {p: dict(by_stage.get(name, {})) for p, by_stage in backward_peaks.items()}
+        else:  # head / embedding: their stages' backwards run one after another, so the worst one
+            b.backward_peak = {p: _worst_stage_peak(by_stage, stage_names) for p, by_stage in backward_peaks.items()}
         return b
 
     blocks = {k: summary(k, {k}, counts[k]) for k in rep_kinds}
@@ -409,6 +412,15 @@ def _trace(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.
     trace.graph = build_graph(trace, rec.ops, roles, scopes)
     trace.trace_time_s = time.perf_counter() - start
     return trace
+
+
+def _worst_stage_peak(by_stage: dict[str, dict[str, int]], stage_names: set[str]) -> dict[str, int]:
+    """Per part, the largest backward peak among `stage_names` (e.g. the loss's logit gradients)."""
+    out: dict[str, int] = {}
+    for stage in stage_names:
+        for part, peak in by_stage.get(stage, {}).items():
+            out[part] = max(out.get(part, 0), peak)
+    return out
 
 
 def group_of(stage: str) -> str:
