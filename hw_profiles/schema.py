@@ -97,11 +97,14 @@ class AttentionModel(_Model):
 
     ``sdpa_fraction``: what torch's ``scaled_dot_product_attention`` kernel reaches relative to
     that fit on this device (``null``: the same kernel, e.g. FlashAttention-2 on Ampere).
+    ``flash1_fraction``: the same for FlashAttention-1 (the ``flash1`` choice; ``null``: not
+    priced on this device).
     """
 
     forward: AttentionPass
     backward: AttentionPass
     sdpa_fraction: Fraction | None = None
+    flash1_fraction: Fraction | None = None
 
 
 class Compute(_Model):
@@ -321,7 +324,8 @@ class Profile(_Model):
 
         ``max_fraction * s / (s + half_seq)``; multiply by ``peak_flops(dtype)``. For packed
         variable-length batches pass the document length, not the pack length. ``kernel``
-        ``sdpa`` scales it by ``attention.sdpa_fraction`` where the profile sets one.
+        ``sdpa`` scales it by ``attention.sdpa_fraction`` where the profile sets one, ``flash1`` by
+        ``attention.flash1_fraction`` (an InputError where the profile sets none).
         """
         if seq_len <= 0:
             raise ValueError(f"attention_efficiency: seq_len={seq_len} must be > 0")
@@ -329,6 +333,11 @@ class Profile(_Model):
         eff = p.max_fraction * seq_len / (seq_len + p.half_seq)
         if kernel == "sdpa" and self.compute.attention.sdpa_fraction is not None:
             eff *= self.compute.attention.sdpa_fraction
+        if kernel == "flash1":
+            if self.compute.attention.flash1_fraction is None:
+                raise InputError(f"hardware profile {self.name!r} states no FlashAttention-1 efficiency "
+                                 "(compute.attention.flash1_fraction); use kernels.attention flash or sdpa.")
+            eff *= self.compute.attention.flash1_fraction
         return eff
 
     # ------------------------------------------------------------------ memory

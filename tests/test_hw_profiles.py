@@ -469,3 +469,11 @@ def test_allocator_fragmentation_is_optional_and_below_one():
     assert profile_from_dict(copy.deepcopy(data)).memory.fragmentation is None
     data["memory"]["fragmentation"] = 1.0
     assert "memory.fragmentation" in _error(data)
+
+
+def test_flash1_attention_fraction():
+    a100, h100 = load_profile("a100"), load_profile("h100")
+    # FlashAttention-2 paper: FA2 is about 2x FlashAttention-1 on A100.
+    assert a100.attention_efficiency(4096, kernel="flash1") == pytest.approx(0.5 * a100.attention_efficiency(4096))
+    with pytest.raises(InputError, match="FlashAttention-1"):
+        h100.attention_efficiency(4096, kernel="flash1")

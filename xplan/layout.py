@@ -24,7 +24,9 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 OFFLOAD_KINDS = ("optimizer", "params", "activations")
 PRECISIONS = ("fp32", "bf16", "fp8")
 KERNEL_CHOICES = {
-    "attention": ("sdpa", "eager", "flash"),
+    # flash: the fused FlashAttention kernel of the profile's fit; flash1: FlashAttention-1 (older
+    # stacks); sdpa: torch's scaled_dot_product_attention.
+    "attention": ("sdpa", "eager", "flash", "flash1"),
     "moe_gemm": ("grouped_mm", "loop"),
     "loss": ("full", "chunked"),
     # fused: chains of elementwise ops run as one kernel (torch.compile of each block on
