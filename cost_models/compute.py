@@ -36,31 +36,31 @@ def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, pro
     return groups * (m * k + k * n) * 3 / profile.hbm_bandwidth()
 
 
+def rank_gemm(op: PricedOp, work: RankWork) -> tuple[float, float, float, int, float]:
+    """(m, n, k, groups, repeat) of a GEMM or grouped-GEMM op on one rank under `work`: the call
+    is `groups` GEMMs of [m, k] x [k, n] issued as one, made `repeat` times."""
+    m, n, k = op.dims
+    if op.category == "grouped":  # m = rows per expert on the busiest EP rank
+        load = work.imbalance if work.ep > 1 else 1.0
+        return m * work.token_factor * work.ep * load, n / work.tp, k, max(1, op.groups // work.ep), 1.0
+    if op.token_scaled:
+        return m * work.token_factor, n / work.tp, k, op.groups, 1.0
+    # Token count sits in a batch dimension (e.g. per-head matmuls): cost scales linearly.
+    return m, n, k, op.groups, work.token_factor / work.tp
+
+
 def op_time(op: PricedOp, work: RankWork, profile) -> float:
     """Seconds for one traced op on one rank under `work`."""
-    gemm_dtype = work.precision
     overhead = profile.compute.gemm.overhead_us * 1e-6
     if op.category == "attention":
         eff = profile.attention_efficiency(work.seq_len, backward=op.phase == "backward",
                                            kernel=work.attention_kernel)
         dtype = "fp32" if work.precision == "fp32" else "bf16"
         return op.flops * work.token_factor / work.tp / (profile.peak_flops(dtype) * eff) + overhead
-    if op.category == "grouped":
-        rows, n, k = op.dims
-        load = work.imbalance if work.ep > 1 else 1.0
-        groups = max(1, op.groups // work.ep)
-        m = rows * work.token_factor * work.ep * load
-        return profile.gemm_time(m, n / work.tp, k, gemm_dtype, groups) + fp8_cast_time(m, n / work.tp, k, groups,
-                                                                                       work, profile)
-    if op.category == "gemm":
-        m, n, k = op.dims
-        if op.token_scaled:
-            m = m * work.token_factor
-            return profile.gemm_time(m, n / work.tp, k, gemm_dtype, op.groups) + fp8_cast_time(
-                m, n / work.tp, k, op.groups, work, profile)
-        # Token count sits in a batch dimension (e.g. per-head matmuls): cost scales linearly.
-        return (profile.gemm_time(m, n, k, gemm_dtype, op.groups)
-                + fp8_cast_time(m, n, k, op.groups, work, profile)) * work.token_factor / work.tp
+    if op.category in ("grouped", "gemm"):
+        m, n, k, groups, repeat = rank_gemm(op, work)
+        return repeat * (profile.gemm_time(m, n, k, work.precision, groups)
+                         + fp8_cast_time(m, n, k, groups, work, profile))
     scale = _BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
     nbytes = op.fused_nbytes if work.fused_elementwise else op.nbytes
     if work.fused_elementwise and not nbytes:

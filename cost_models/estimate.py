@@ -91,6 +91,16 @@ def _stage_share(count: int, pp: int) -> float:
     return count / pp
 
 
+def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm: int = 0) -> RankWork:
+    """How one rank of `layout` relates to the traced micro-batch (what `op_time` prices)."""
+    return RankWork(token_factor=layout.micro_batch / layout.sp, tp=layout.tp, ep=layout.ep, imbalance=imbalance,
+                    precision=layout.precision, seq_len=trace.seq_len,
+                    traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
+                    fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
+                    attention_kernel=layout.kernels.get("attention", "sdpa"),
+                    recompute_every_mm=recompute_every_mm if layout.recompute == "selective" else 0)
+
+
 def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0,
              recompute_every_mm: int = 0) -> Estimate:
     """Price `layout` for `config` traced at `trace` (micro-batch 1, the run's seq_len) on `profile`.
@@ -109,11 +119,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     act_bytes = COMPUTE_BYTES[layout.precision]
     param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = 4
-    work = RankWork(token_factor=tf, tp=layout.tp, ep=layout.ep, imbalance=imbalance, precision=layout.precision,
-                    seq_len=seq, traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
-                    fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
-                    attention_kernel=layout.kernels.get("attention", "sdpa"),
-                    recompute_every_mm=recompute_every_mm if layout.recompute == "selective" else 0)
+    work = rank_work(trace, layout, imbalance, recompute_every_mm)
     times = group_times(trace, work, profile)
 
     compute = recompute = fsdp_exposed = ep_time = sp_time = tp_time = fsdp_copies = 0.0

@@ -214,3 +214,24 @@ def test_cli_only_without_match_exits_2(capsys):
     code = main(["validate", "--only", "no-such-row-id", "--json"])
     assert code == 2
     assert "no published row id contains" in capsys.readouterr().err
+
+
+def test_gemm_shapes_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/gemm_shapes.py (the GPU check of the GEMM ceiling) runs end to end on CPU: each
+    case's top GEMMs by predicted time, their shares, and a measured/predicted ratio per shape."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_shapes.py"
+    spec = importlib.util.spec_from_file_location("xplan_benchmarks_gemm_shapes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "rows.json"
+    assert module.main(["--device", "cpu", "--quick", "--only", "tt_l8b_8_fsdp_compile_fp8", "--top", "2",
+                        "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 and all(r["measured_tflops"] > 0 and r["ratio"] > 0 for r in rows)
+    shares = [c["share"] for r in rows for c in r["cases"]]
+    assert all(0 < s <= 1 for s in shares) and sum(shares) <= 1 + 1e-9
+    assert "per case" in capsys.readouterr().out
+    assert module.main(["--device", "cpu", "--quick", "--only", "no-such-case"]) == 2
