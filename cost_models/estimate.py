@@ -271,11 +271,6 @@ def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) ->
     return memory.total <= hbm_bytes and memory.offloaded_to_host <= host_bytes
 
 
-def _memory_overheads(profile) -> tuple[float, float]:
-    """(reserved bytes, fragmentation fraction) from the profile (0 where it states none)."""
-    return 0.0, profile.memory.fragmentation or 0.0
-
-
 def rank_param_split(trace, layout: Layout) -> tuple[float, float]:
     """(dense, routed-expert) parameters one rank holds unsharded by FSDP (after TP, PP and EP)."""
     routed = sum(b.count * b.params.get("routed_expert", 0) for b in trace.blocks.values())
@@ -358,8 +353,8 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
         saved = backward_saved
     grads = grads_now
     subtotal = params + grads + optim + gathered + saved + logits_loss + temporaries
-    reserved, fragmentation = _memory_overheads(profile)
-    overhead = reserved + fragmentation * subtotal
+    # What the caching allocator reserves beyond the allocated peak (profile memory.fragmentation).
+    overhead = (profile.memory.fragmentation or 0.0) * subtotal
     return MemoryBreakdown(parameters=params, gradients=grads, optimizer=optim, gathered_parameters=gathered,
                            activations=saved, logits_loss=logits_loss, temporaries=temporaries, overhead=overhead,
                            offloaded_to_host=offloaded)

@@ -14,8 +14,8 @@ Accounting (bytes per rank), FSDP2 with mixed precision:
 - head phase: LM-head weight unsharded, the logits/loss tensors the trace measured as saved for
   the chosen loss kernel, and the larger of the loss's traced backward peak (logit gradients)
   and the head weight's gradient.
-- overhead: the profile's reserved memory (runtime context, communicator buffers) plus its
-  allocator fragmentation fraction of everything else.
+- overhead: what the caching allocator reserves beyond the allocated peak, the profile's
+  `memory.fragmentation` fraction of everything else.
 """
 
 from __future__ import annotations

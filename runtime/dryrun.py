@@ -33,8 +33,8 @@ Which rank: every rank runs the same shapes under fake tensors; rank 0 holds the
 (even split × the routing imbalance, see `runtime.distributed.expert_parallel`), so rank 0's peak is
 the per-rank peak of the largest rank.
 
-Not simulated: allocator rounding and fragmentation, the CUDA/NCCL context (the cost model's
-`overhead`, excluded from the compared peak), and host offload (fake tensors all live on one
+Not simulated: allocator rounding and fragmentation (the cost model's `overhead`, excluded from
+the compared peak), the CUDA/NCCL context, and host offload (fake tensors all live on one
 device: offloaded bytes are counted on the device, a note says so).
 
 Reduced depth (`layers=`, at least 3): the layer sequence is cut into runs of a repeated block
@@ -677,7 +677,7 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None, rep
         notes.append(f"offload ({', '.join(layout.offload)}) is not simulated: fake tensors live on one device, so "
                      "the measured peak counts offloaded bytes on the device.")
     if predicted.get("overhead"):
-        notes.append(f"the predicted overhead ({predicted['overhead'] / GIB:.2f} GiB: reserved memory and "
+        notes.append(f"the predicted overhead ({predicted['overhead'] / GIB:.2f} GiB: the caching allocator's "
                      "fragmentation) is not measurable under fake tensors and is left out of the compared peak.")
 
     classes = layer_classes(config, layout)
