@@ -32,14 +32,13 @@ def case_gemms(case, top: int):
     from xplan.cost_models.compute import op_time, rank_gemm
     from xplan.cost_models.estimate import rank_work
     from xplan.cost_models.ops import priced_ops
-    from xplan.cost_models.validation import _model_config
+    from xplan.cost_models.validation import _model_config, case_layout
     from xplan.hw_profiles import load_profile
-    from xplan.layout import layout_from_dict
     from xplan.planner.trace import trace_model
 
     config = _model_config(case)
     trace = trace_model(config, case.seq_len, micro_batch=1, loss=case.loss)
-    layout = layout_from_dict({**case.layout, "kernels": {**(case.layout.get("kernels") or {}), "loss": case.loss}})
+    layout = case_layout(case)
     work = rank_work(trace, layout, case.imbalance, case.recompute_every_mm)
     profile = load_profile(case.hardware)
     counts = {kind: block.count for kind, block in trace.blocks.items()}

@@ -237,8 +237,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     tokens_per_s = global_batch * seq / step / layout.devices
     mfu = trace.flops_per_token * tokens_per_s / profile.peak_flops("bf16")
 
-    memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config,
-                             recompute_every_mm if layout.recompute == "selective" else 0)
+    memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, work.recompute_every_mm)
     hbm, host = float(profile.hbm_bytes()), float(profile.host_memory_bytes())
     notes = []
     if memory.total > hbm:

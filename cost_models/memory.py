@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .compute import redone_by_selective
+from .ops import priced_ops
+
 GIB = 2**30
 MASTER_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 2}  # fp8 training keeps bf16 weights for all-gather
@@ -128,20 +131,16 @@ def activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep
 
 def redone_mm_bytes(trace, kind: str, every_mm: int) -> int:
     """Output bytes (traced micro-batch) of the forward `mm`s of a block kind that a selective
-    policy redoing every `every_mm`-th one (torchtitan's op-level SAC, counted in forward order as
-    `compute.redone_by_selective` does) no longer keeps; the trace's own policy keeps them all."""
+    policy redoing every `every_mm`-th one (torchtitan's op-level SAC, the rule of
+    `compute.redone_by_selective`) no longer keeps; the trace's own policy keeps them all."""
     if every_mm <= 0:
         return 0
     memo = trace.__dict__.setdefault("_redone_mm_bytes", {})
     if (kind, every_mm) not in memo:
-        count = total = 0
-        for _, d in trace.graph.nodes(data=True):
-            if (d.get("type") == "op" and d.get("stage") == kind and d.get("phase") == "forward"
-                    and str(d.get("op", "")).rstrip("_") == "mm"):
-                count += 1
-                if count % every_mm == 0 and d.get("selective_saved", True):
-                    total += int(d.get("bytes_written", 0))
-        memo[(kind, every_mm)] = total
+        seen: dict[str, int] = {}
+        memo[(kind, every_mm)] = sum(
+            op.out_bytes for op in priced_ops(trace)
+            if op.group == kind and op.op == "mm" and redone_by_selective(op, seen, every_mm) and op.selective_saved)
     return memo[(kind, every_mm)]
 
 

@@ -29,6 +29,7 @@ class PricedOp:
     fused_nbytes: int = 0  # memory ops: bytes left when chains of elementwise ops run as one kernel
     op: str = ""  # aten op name (trailing underscore dropped), e.g. mm, addmm, mul
     selective_saved: bool = True  # forward ops: kept by the selective recompute policy (else redone)
+    out_bytes: int = 0  # bytes the op writes (its outputs)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -80,7 +81,7 @@ def priced_ops(trace) -> list[PricedOp]:
         nbytes = int(d.get("bytes_read", 0)) + int(d.get("bytes_written", 0))
         common = dict(group=d["stage"], phase=d["phase"], flops=flops, flops_dense=int(d.get("flops_dense", flops)),
                       nbytes=nbytes, module=d.get("module", ""), op=name,
-                      selective_saved=bool(d.get("selective_saved", True)))
+                      selective_saved=bool(d.get("selective_saved", True)), out_bytes=int(d.get("bytes_written", 0)))
         shape = _shape(d.get("out_shape", ""))
         if d.get("attention"):
             out.append(PricedOp(category="attention", **common))

@@ -276,16 +276,22 @@ def _model_config(case: Case):
     return load_config(case.model)
 
 
-def evaluate_case(case: Case, trace, config, profile) -> list[ValidationRow]:
-    """Price one case and compare each of its metrics (raises InputError if the layout is invalid)."""
-    from xplan.cost_models import estimate
+def case_layout(case: Case):
+    """The case's Layout; its loss kernel is the trace's unless the layout names one."""
     from xplan.layout import layout_from_dict
 
     layout_dict = dict(case.layout)
     kernels = dict(layout_dict.get("kernels") or {})
     kernels.setdefault("loss", case.loss)
     layout_dict["kernels"] = kernels
-    layout = layout_from_dict(layout_dict)
+    return layout_from_dict(layout_dict)
+
+
+def evaluate_case(case: Case, trace, config, profile) -> list[ValidationRow]:
+    """Price one case and compare each of its metrics (raises InputError if the layout is invalid)."""
+    from xplan.cost_models import estimate
+
+    layout = case_layout(case)
     est = estimate(trace, config, layout, profile, case.global_batch, imbalance=case.imbalance,
                    recompute_every_mm=case.recompute_every_mm)
     details = est.to_dict()

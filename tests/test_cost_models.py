@@ -220,7 +220,8 @@ def test_allocator_fragmentation_adds_its_fraction_of_the_allocated_peak():
 
 
 def test_overlapped_tensor_parallel_collectives_hide_under_the_layer_gemms():
-    from xplan.cost_models.compute import RankWork, group_times
+    from xplan.cost_models.compute import group_times
+    from xplan.cost_models.estimate import rank_work
 
     base = {"devices": 2, "fsdp": 1, "tp": 2, "kernels": {"attention": "flash", "loss": "full"}}
     exposed, trace = _tiny_estimate(base)
@@ -228,9 +229,7 @@ def test_overlapped_tensor_parallel_collectives_hide_under_the_layer_gemms():
     assert exposed.time["tensor_parallel"] > 0
     # Exposed: every collective on the critical path; overlapped: only what exceeds the GEMMs.
     h100 = load_profile("h100")
-    work = RankWork(token_factor=1.0, tp=2, precision="bf16", seq_len=64,
-                    traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
-                    attention_kernel="flash")
+    work = rank_work(trace, layout_from_dict(base))
     gemm = sum(block.count * group_times(trace, work, h100).get((kind, "gemm"), 0.0)
                for kind, block in trace.blocks.items())
     per_step = exposed.time["tensor_parallel"]

@@ -231,6 +231,8 @@ def test_gemm_shapes_benchmark_smoke(tmp_path, capsys):
                         "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 2 and all(r["measured_tflops"] > 0 and r["ratio"] > 0 for r in rows)
+    # Rank-level shapes: the token dimension is micro-batch 2 x seq 8192 (then / 16 in --quick).
+    assert all(r["m"] == 2 * 8192 // 16 for r in rows)
     shares = [c["share"] for r in rows for c in r["cases"]]
     assert all(0 < s <= 1 for s in shares) and sum(shares) <= 1 + 1e-9
     assert "per case" in capsys.readouterr().out
