@@ -10,6 +10,7 @@ this device.
 
     python benchmarks/gemm_shapes.py --profile h100                 # on an H100 (its rows' shapes)
     python benchmarks/gemm_shapes.py --profile h200 --cases-on h100  # H100 rows' shapes, priced as h200
+    python benchmarks/gemm_shapes.py --profile h200 --cases-on all   # every row's shapes, on an H200
     python benchmarks/gemm_shapes.py --device cpu --quick --only tt_l8b_8_fsdp   # smoke test
 
 Grouped GEMMs are timed as a batched matmul of the same groups (equal rows per expert, as a
@@ -54,6 +55,16 @@ def case_gemms(case, top: int):
     return [(*shape, t / total) for shape, t in ranked]
 
 
+def select_cases(only: str, cases_on: str | None, profile: str | None, device: str):
+    """Expressible validation cases whose id contains `only`, on `cases_on` ('all': any hardware;
+    default: `profile`'s, or any when no profile is named or on CPU)."""
+    from xplan.cost_models.validation import load_cases, load_published
+
+    cases, _ = load_cases(None, load_published())
+    hardware = cases_on or (None if profile is None or device == "cpu" else profile)
+    return [c for c in cases if only in c.id and (hardware in (None, "all") or c.hardware == hardware)]
+
+
 def _operands(m: int, n: int, k: int, groups: int, dtype, device):
     import torch
 
@@ -82,6 +93,18 @@ def _runner(m: int, n: int, k: int, groups: int, precision: str, device: str):
         return fp8
     a, b = _operands(m, n, k, groups, torch.bfloat16, device)
     return (lambda: torch.mm(a[0], b[0])) if groups == 1 else (lambda: torch.bmm(a, b))
+
+
+def _loop_runner(m: int, n: int, k: int, groups: int, device: str):
+    """The groups as one torch.mm call each (a per-expert loop: launch-bound when GEMMs are small)."""
+    import torch
+
+    a, b = _operands(m, n, k, groups, torch.bfloat16, device)
+
+    def loop():
+        for g in range(groups):
+            torch.mm(a[g], b[g])
+    return loop
 
 
 def sustained_seconds(fn, window: float, device: str) -> float:
@@ -115,10 +138,11 @@ def settle(seconds: float, device: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", help="price with this profile (default: each case's own hardware)")
-    parser.add_argument("--cases-on", help="only cases on this hardware profile (default: --profile's name)")
+    parser.add_argument("--cases-on", help="only cases on this hardware profile; 'all' for every case "
+                                           "(default: --profile's name)")
     parser.add_argument("--only", default="", help="only cases whose id contains this text")
     parser.add_argument("--top", type=int, default=3, help="GEMM shapes per case (by predicted time)")
-    parser.add_argument("--window", type=float, default=1.0, help="timed seconds per shape")
+    parser.add_argument("--window", type=float, default=0.5, help="timed seconds per shape")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds of 8192^3 GEMMs first (GPU)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: shapes / 16 per dim, short windows")
@@ -126,15 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from xplan.cost_models.validation import load_cases, load_published
     from xplan.hw_profiles import load_profile
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here; pass --device cpu --quick for a smoke test", file=sys.stderr)
         return 2
-    cases, _ = load_cases(None, load_published())
-    hardware = args.cases_on or (None if args.profile is None or args.device == "cpu" else args.profile)
-    cases = [c for c in cases if args.only in c.id and (hardware is None or c.hardware == hardware)]
+    cases = select_cases(args.only, args.cases_on, args.profile, args.device)
     if not cases:
         print("no expressible case matches --only / --cases-on", file=sys.stderr)
         return 2
@@ -154,11 +175,19 @@ def main(argv: list[str] | None = None) -> int:
         flops = 2.0 * m * n * k * groups
         predicted = flops / profile.gemm_time(m, n, k, dtype, groups)
         window = 0.05 if args.quick else args.window
-        measured = flops / sustained_seconds(_runner(m, n, k, groups, dtype, args.device), window, args.device)
+        try:
+            measured = flops / sustained_seconds(_runner(m, n, k, groups, dtype, args.device), window, args.device)
+        except RuntimeError as err:  # e.g. fp8 kernels want dimensions in multiples of 16
+            print(f"{f'{m} x {n} x {k}':>22} {groups:>6} {dtype:>5}  refused: {str(err).splitlines()[0][:100]}")
+            continue
         rows.append({"m": m, "n": n, "k": k, "groups": groups, "dtype": dtype, "profile": profile.name,
                      "predicted_tflops": predicted / 1e12, "measured_tflops": measured / 1e12,
                      "ratio": measured / predicted, "cases": [{"id": c, "share": s} for c, s in users]})
         names = ", ".join(f"{c} ({s:.0%})" for c, s in users)
+        if groups > 1 and dtype == "bf16":  # also as a per-expert loop (what some MoE stacks issue)
+            loop = flops / sustained_seconds(_loop_runner(m, n, k, groups, args.device), window, args.device)
+            rows[-1]["measured_loop_tflops"] = loop / 1e12
+            names += f"  [per-group loop: {loop / 1e12:.1f} TFLOPS]"
         print(f"{f'{m} x {n} x {k}':>22} {groups:>6} {dtype:>5} {profile.name:>16} {predicted / 1e12:>11.1f} "
               f"{measured / 1e12:>11.1f} {measured / predicted:>9.2f}  {names}", flush=True)
     print("\nper case: share-weighted measured/predicted over its timed shapes (share of its GEMM time covered)")

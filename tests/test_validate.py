@@ -237,3 +237,35 @@ def test_gemm_shapes_benchmark_smoke(tmp_path, capsys):
     assert all(0 < s <= 1 for s in shares) and sum(shares) <= 1 + 1e-9
     assert "per case" in capsys.readouterr().out
     assert module.main(["--device", "cpu", "--quick", "--only", "no-such-case"]) == 2
+
+
+def test_attention_shapes_benchmark_smoke(tmp_path, monkeypatch, capsys):
+    """benchmarks/attention_shapes.py (the GPU check of the attention fit): one layer's attention
+    on one rank (heads split by tp), priced forward and backward for the flash fit and SDPA, and
+    timed end to end on CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    from xplan.cost_models.validation import load_cases, load_published
+    from xplan.hw_profiles import load_profile
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("xplan_benchmarks_attention_shapes", bench / "attention_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    case = next(c for c in load_cases(None, load_published())[0] if c.id == "mlm_gpt_7.1b")
+    shape, predicted = module.case_attention(case, load_profile("h100"))
+    assert shape == (1, 32 // 2, 4096, 128, 128)  # gpt-7.1b: 32 heads over tp 2, micro-batch 1
+    # Causal forward model FLOPs at half of 4 b h s^2 d; SDPA (FlashAttention-2) priced slower.
+    flops = 4 * 16 * 4096**2 * 128 / 2
+    h100 = load_profile("h100")
+    launch = h100.compute.gemm.overhead_us * 1e-6
+    assert abs(predicted["flash"][0] - flops / (989e12 * h100.attention_efficiency(4096)) - launch) < 1e-9
+    assert predicted["sdpa"][0] > predicted["flash"][0] and predicted["flash"][1] > predicted["flash"][0]
+    out = tmp_path / "rows.json"
+    assert module.main(["--device", "cpu", "--quick", "--only", "mlm_gpt_7.1b", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and all(t > 0 for t in rows[0]["measured_s"]["math"].values())
+    assert "pred flash" in capsys.readouterr().out
+    assert module.main(["--device", "cpu", "--quick", "--only", "no-such-case"]) == 2

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks of the cost models, as one script for a lent H100 / H200 (a bare machine with
+# torch but without xplan): GEMM and attention at the validation rows' shapes, then the runtime's
+# real step time and peak memory against the prediction. Writes logs and JSON under $OUT (or ./gpu-out).
+#
+#   bash benchmarks/gpu_session.sh [PROFILE]     # PROFILE prices every row (default: h200)
+#
+# Missing pure-Python packages (pydantic and its deps) are installed from ./.whl when present.
+set -o pipefail
+profile=${1:-h200}
+repo=$(cd "$(dirname "$0")/.." && pwd -P)
+out=${OUT:-$repo/gpu-out}
+mkdir -p "$out" /tmp/site/xplan
+if compgen -G "$repo/.whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$repo"/.whl/*.whl || exit 1
+fi
+# xplan without installing it: its top-level folders are the package's sub-packages.
+cp -r "$repo"/xplan/. /tmp/site/xplan/
+for d in planner runtime cost_models hw_profiles; do ln -sfn "$repo/$d" "/tmp/site/xplan/$d"; done
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+cd /tmp || exit 1
+nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,memory.total --format=csv 2>&1 | tee "$out/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  2>&1 | tee -a "$out/gpu.txt"
+timeout 240 python3 "$repo/benchmarks/gemm_shapes.py" --profile "$profile" --cases-on all --settle 8 \
+  --json "$out/gemm_shapes.json" 2>&1 | tee "$out/gemm_shapes.txt"
+timeout 120 python3 "$repo/benchmarks/attention_shapes.py" --profile "$profile" --cases-on all \
+  --json "$out/attention_shapes.json" 2>&1 | tee "$out/attention_shapes.txt"
+timeout 150 python3 "$repo/benchmarks/gpu_check.py" --profile "$profile" --compare h100 2>&1 \
+  | tee "$out/gpu_check.txt"
