@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r_fit} {r_sdpa}  {', '.join(ids)}", flush=True)
         rows.append({"shape": list(shape), "predicted_s": {k: {"fwd": f, "bwd": b} for k, (f, b) in predicted.items()},
                      "measured_s": {b: {"fwd": f, "bwd": w} for b, (f, w) in measured.items()}, "cases": ids})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        if args.json:  # after every shape: a run cut short keeps what it measured
+            with open(args.json, "w") as out:
+                json.dump(rows, out, indent=1)
     return 0
 
 

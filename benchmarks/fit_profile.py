@@ -1,0 +1,111 @@
+"""Fit a GPU profile's GEMM ceiling and attention constants to gemm_shapes / attention_shapes output.
+
+Reads the JSON that `gemm_shapes.py` and `attention_shapes.py` write on a lent GPU and prints the
+constants of the profile's own cost functions that best fit those timings (least squares on the
+log of the time), with the fit's error per shape, so that a profile's numbers can cite a
+measurement and the command that reproduces it:
+
+    python benchmarks/fit_profile.py --profile h200 \\
+        --gemm benchmarks/results/h200-2026-11-28/gemm_shapes.json \\
+        --attention benchmarks/results/h200-2026-11-28/attention_shapes.json
+
+GEMM: `compute.gemm.max_fraction` per dtype, other gemm constants as the profile has them. Shapes
+with a dimension that is not a multiple of 8 are left out (cuBLAS runs them on slow non-tensor-core
+paths; they come from FLOP-equivalent model translations, not from the published runs).
+Attention (model FLOPs: causal half, backward 2 x forward): per pass, `max_fraction`, `half_seq`
+and `tail_us` of `time = F / (peak x max_fraction x s / (s + half_seq)) + tail + launch` to the cuDNN
+kernel (`flash`), and one `sdpa_fraction` (time / sdpa_fraction) to FlashAttention-2 (`sdpa`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+
+
+def attention_flops(shape, backward: bool) -> float:
+    """Model FLOPs of causal attention at shape (b, h, s, d_qk, d_v): half of the pairs."""
+    b, h, s, d, dv = shape
+    forward = 2.0 * b * h * s * s * (d + dv) / 2
+    return 2 * forward if backward else forward
+
+
+def fit_pass(points, peak: float):
+    """(max_fraction, half_seq, tail_us, max |log error|) of one pass over [(flops, s, seconds)]."""
+    flops = np.array([p[0] for p in points])
+    seqs = np.array([p[1] for p in points], dtype=float)
+    times = np.array([p[2] for p in points])
+    best = None
+    for half in np.arange(0.0, 2001.0, 10.0):
+        for tail in np.arange(0.0, 301e-6, 2e-6):
+            work = times - tail
+            if (work <= 0).any():
+                continue
+            # log-space best max_fraction for this (half, tail): geometric mean of the implied values
+            implied = flops * (seqs + half) / (seqs * peak * work)
+            frac = float(np.exp(np.log(implied).mean()))
+            model = flops * (seqs + half) / (seqs * peak * frac) + tail
+            err = np.log(model / times)
+            score = float((err ** 2).sum())
+            if best is None or score < best[0]:
+                best = (score, frac, float(half), float(tail * 1e6), float(np.abs(err).max()))
+    return best[1:]
+
+
+def with_gemm_fraction(profile, dtype: str, frac: float):
+    """A copy of `profile` whose `compute.gemm.max_fraction.<dtype>` is `frac` (profiles are frozen)."""
+    gemm = profile.compute.gemm
+    fractions = gemm.max_fraction.model_copy(update={dtype: frac})
+    compute = profile.compute.model_copy(update={"gemm": gemm.model_copy(update={"max_fraction": fractions})})
+    return profile.model_copy(update={"compute": compute})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", required=True, help="the profile whose other constants the fit keeps")
+    parser.add_argument("--gemm", help="gemm_shapes.py --json output")
+    parser.add_argument("--attention", help="attention_shapes.py --json output")
+    args = parser.parse_args(argv)
+    from xplan.hw_profiles import load_profile
+
+    profile = load_profile(args.profile)
+    if args.gemm:
+        rows = [r for r in json.load(open(args.gemm)) if all(r[d] % 8 == 0 for d in ("m", "n", "k"))]
+        for dtype in sorted({r["dtype"] for r in rows}):
+            pts = [r for r in rows if r["dtype"] == dtype]
+            old = getattr(profile.compute.gemm.max_fraction, dtype)
+            best = None
+            for frac in np.arange(0.40, 0.90, 0.001):
+                trial = with_gemm_fraction(profile, dtype, float(frac))
+                err = [math.log(trial.gemm_time(r["m"], r["n"], r["k"], dtype, r["groups"])
+                                * r["measured_tflops"] * 1e12 / (2.0 * r["m"] * r["n"] * r["k"] * r["groups"]))
+                       for r in pts]
+                score = sum(e * e for e in err)
+                if best is None or score < best[0]:
+                    best = (score, float(frac), max(abs(e) for e in err), sorted(err)[len(err) // 2])
+            print(f"gemm {dtype}: max_fraction {best[1]:.3f} (profile {old}) over {len(pts)} aligned shapes; "
+                  f"max |time error| {math.exp(best[2]) - 1:.1%}, median error {math.exp(best[3]) - 1:+.1%}")
+    if args.attention:
+        rows = json.load(open(args.attention))
+        peak = profile.peak_flops("bf16")
+        for i, (name, key) in enumerate((("forward", "fwd"), ("backward", "bwd"))):
+            launch = profile.compute.gemm.overhead_us * 1e-6  # op_time adds it to every kernel
+            pts = [(attention_flops(r["shape"], i == 1), r["shape"][2], r["measured_s"]["cudnn"][key] - launch)
+                   for r in rows if "cudnn" in r["measured_s"]]
+            frac, half, tail, err = fit_pass(pts, peak)
+            print(f"attention {name} (cuDNN): max_fraction {frac:.3f}, half_seq {half:.0f}, tail_us {tail:.0f}; "
+                  f"max |time error| {math.exp(err) - 1:.1%} over {len(pts)} shapes")
+        ratios = [r["measured_s"]["cudnn"][p] / r["measured_s"]["flash"][p]
+                  for r in rows if {"cudnn", "flash"} <= set(r["measured_s"]) for p in ("fwd", "bwd")]
+        logs = sorted(math.log(x) for x in ratios)
+        frac = math.exp(sum(logs) / len(logs))
+        print(f"attention sdpa_fraction (FlashAttention-2 time vs cuDNN): {frac:.3f}; per shape and pass "
+              f"{min(ratios):.2f}..{max(ratios):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
