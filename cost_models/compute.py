@@ -26,14 +26,25 @@ class RankWork:
     # Selective recompute also redoes every n-th forward aten.mm of a block (torchtitan's op-level
     # SAC: 2, "every second mm"); 0: every GEMM output is kept (the trace's own policy).
     recompute_every_mm: int = 0
+    # fp8: the share of a weight's cast one micro-batch pays (1 / micro-batches per step; see fp8_cast_time)
+    weight_cast_share: float = 1.0
 
 
 def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, profile) -> float:
-    """fp8 GEMMs quantise both operands first: read bf16 (2 B), write fp8 (1 B) per element (the
-    scaling-factor reductions ride along)."""
+    """fp8 GEMMs quantise their operands: read bf16 (2 B), write fp8 (1 B) per element (the
+    scaling-factor reductions ride along).
+
+    The token-sized operand [m, k] is cast inside the kernel that produces it when elementwise
+    kernels are fused (Transformer Engine's LayerNormLinear / LayerNormMLP and fused
+    cast-transpose kernels, inductor's fusion under torch.compile), standalone otherwise. The
+    weight-sized operand [k, n] is cast once per optimizer step: Transformer Engine caches the fp8
+    weights after the step's first micro-batch (`is_first_microbatch`), so a micro-batch pays
+    `weight_cast_share` = 1 / micro-batches of it.
+    """
     if work.precision != "fp8":
         return 0.0
-    return groups * (m * k + k * n) * 3 / profile.hbm_bandwidth()
+    tokens = 0.0 if work.fused_elementwise else m * k
+    return groups * (tokens + k * n * work.weight_cast_share) * 3 / profile.hbm_bandwidth()
 
 
 def rank_gemm(op: PricedOp, work: RankWork) -> tuple[float, float, float, int, float]:
@@ -53,10 +64,10 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
     """Seconds for one traced op on one rank under `work`."""
     overhead = profile.compute.gemm.overhead_us * 1e-6
     if op.category == "attention":
-        eff = profile.attention_efficiency(work.seq_len, backward=op.phase == "backward",
-                                           kernel=work.attention_kernel)
         dtype = "fp32" if work.precision == "fp32" else "bf16"
-        return op.flops * work.token_factor / work.tp / (profile.peak_flops(dtype) * eff) + overhead
+        return profile.attention_time(op.flops * work.token_factor / work.tp, work.seq_len,
+                                      backward=op.phase == "backward", kernel=work.attention_kernel,
+                                      dtype=dtype) + overhead
     if op.category in ("grouped", "gemm"):
         m, n, k, groups, repeat = rank_gemm(op, work)
         return repeat * (profile.gemm_time(m, n, k, work.precision, groups)

@@ -91,9 +91,11 @@ def _stage_share(count: int, pp: int) -> float:
     return count / pp
 
 
-def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm: int = 0) -> RankWork:
-    """How one rank of `layout` relates to the traced micro-batch (what `op_time` prices)."""
-    return RankWork(token_factor=layout.micro_batch / layout.sp, tp=layout.tp, ep=layout.ep, imbalance=imbalance,
+def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm: int = 0,
+              grad_accum: int = 1) -> RankWork:
+    """How one rank of `layout` relates to the traced micro-batch (what `op_time` prices);
+    `grad_accum`: the micro-batches of one step (fp8 weight casts are paid once per step)."""
+    return RankWork(weight_cast_share=1.0 / max(1, grad_accum), token_factor=layout.micro_batch / layout.sp, tp=layout.tp, ep=layout.ep, imbalance=imbalance,
                     precision=layout.precision, seq_len=trace.seq_len,
                     traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
                     fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
@@ -119,7 +121,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     act_bytes = COMPUTE_BYTES[layout.precision]
     param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = 4
-    work = rank_work(trace, layout, imbalance, recompute_every_mm)
+    work = rank_work(trace, layout, imbalance, recompute_every_mm, grad_accum)
     times = group_times(trace, work, profile)
 
     compute = recompute = fsdp_exposed = ep_time = sp_time = tp_time = fsdp_copies = 0.0

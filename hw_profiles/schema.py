@@ -86,10 +86,15 @@ class GemmModel(_Model):
 
 
 class AttentionPass(_Model):
-    """Efficiency of one attention pass: ``max_fraction * s / (s + half_seq)`` of the peak."""
+    """One attention pass: ``max_fraction * s / (s + half_seq)`` of the peak on model FLOPs
+    (causal half; backward = 2 x forward, the scores a fused backward recomputes left out), plus
+    ``tail_us`` per kernel call beyond the launch overhead: the last, longest causal tiles run on
+    a part of the GPU while the rest idles, a fixed cost that a small call (micro-batch 1, few
+    heads per rank) does not amortise. ``null``: not measured (none priced)."""
 
     max_fraction: Fraction
     half_seq: NonNegative
+    tail_us: NonNegative | None = None
 
 
 class AttentionModel(_Model):
@@ -339,6 +344,17 @@ class Profile(_Model):
                                  "(compute.attention.flash1_fraction); use kernels.attention flash or sdpa.")
             eff *= self.compute.attention.flash1_fraction
         return eff
+
+    def attention_time(self, flops: float, seq_len: float, backward: bool = False, kernel: str = "flash",
+                       dtype: str = "bf16") -> float:
+        """Seconds for one fused attention call of ``flops`` model FLOPs at ``seq_len``:
+        ``flops / (peak x efficiency) + tail``, the whole scaled by the kernel's fraction
+        (``sdpa``, ``flash1``) as in ``attention_efficiency``; launch overhead not included."""
+        p = self.compute.attention.backward if backward else self.compute.attention.forward
+        fast = self.attention_efficiency(seq_len, backward)
+        slow = self.attention_efficiency(seq_len, backward, kernel)
+        tail = 0.0 if kernel == "eager" or p.tail_us is None else p.tail_us * 1e-6  # unfused matmuls: no fused-kernel tail
+        return (flops / (self.peak_flops(dtype) * fast) + tail) * fast / slow
 
     # ------------------------------------------------------------------ memory
     def hbm_bytes(self) -> int:

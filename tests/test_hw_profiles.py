@@ -143,15 +143,19 @@ def test_compute_and_memory_helpers(profiles):
     # fraction 1.0) and the 3.4 us overhead
     n = 8192
     t = p.gemm_time(n, n, n)
-    assert t == pytest.approx(2 * n**3 / (989e12 * 0.753) + n * n * 2 / (3.35e12 * 0.9) + 3.4e-6)
+    assert t == pytest.approx(2 * n**3 / (989e12 * 0.695) + n * n * 2 / (3.35e12 * 0.9) + 3.4e-6)
     assert p.gemm_efficiency(n, n, n) == pytest.approx(2 * n**3 / (989e12 * t))
     # a tiny GEMM: HBM-bound (inputs, then the output) plus overhead
     t_small = p.gemm_time(16, 128, 128)
     nbytes = (16 * 128 + 128 * 128) * 2 + 16 * 128 * 2
     assert t_small == pytest.approx(nbytes / (3.35e12 * 0.9) + 3.4e-6)
     assert p.gemm_efficiency(0, 128, 128) == 0.0
-    assert p.attention_efficiency(210) == pytest.approx(0.677 / 2)
-    assert p.attention_efficiency(425, backward=True) == pytest.approx(0.597 / 2)
+    assert p.attention_efficiency(380) == pytest.approx(0.592 / 2)
+    assert p.attention_efficiency(660, backward=True) == pytest.approx(0.427 / 2)
+    # one call: FLOPs at that efficiency plus the per-call tail (34 us forward, 102 us backward)
+    assert p.attention_time(1e12, 380) == pytest.approx(1e12 / (989e12 * 0.592 / 2) + 34e-6)
+    assert p.attention_time(1e12, 660, backward=True) == pytest.approx(1e12 / (989e12 * 0.427 / 2) + 102e-6)
+    assert profiles["a100"].attention_time(1e12, 210) == pytest.approx(1e12 / (312e12 * 0.73 / 2))  # no tail
     with pytest.raises(InputError, match="no fp8"):
         profiles["a100"].peak_flops("fp8")
     with pytest.raises(InputError, match="unknown dtype"):
@@ -196,12 +200,12 @@ def test_attention_efficiency_rises_with_length(name, profiles):
 
 def test_gemm_epilogue_fraction_adds_the_output_write():
     # fp8 on H800, M = N = 8192, K = 256 (the shallow end of the tilelang K sweep the fraction is
-    # fitted to): main loop 2MNK / (1979e12 x 0.672), inputs (MK + KN) x 1 B, output MN x 2 B.
+    # fitted to): main loop 2MNK / (1979e12 x 0.625), inputs (MK + KN) x 1 B, output MN x 2 B.
     data = _raw("h800")
     m = n = 8192
     k = 256
     bw = 3.35e12 * 0.9
-    loop = 2 * m * n * k / (1979e12 * 0.672)
+    loop = 2 * m * n * k / (1979e12 * 0.625)
     inputs, output = (m * k + k * n) * 1, m * n * 2
     for fraction, expected in ((None, max(loop, (inputs + output) / bw)),
                                (1.0, max(loop, inputs / bw) + output / bw),
@@ -219,9 +223,10 @@ def test_gemm_epilogue_fraction_adds_the_output_write():
 def test_sdpa_attention_fraction():
     h100, a100 = load_profile("h100"), load_profile("a100")
     flash = h100.attention_efficiency(4096)
-    assert h100.attention_efficiency(4096, kernel="sdpa") == pytest.approx(0.47 * flash)
+    assert h100.attention_efficiency(4096, kernel="sdpa") == pytest.approx(0.547 * flash)
     assert h100.attention_efficiency(4096, backward=True, kernel="sdpa") == pytest.approx(
-        0.47 * h100.attention_efficiency(4096, backward=True))
+        0.547 * h100.attention_efficiency(4096, backward=True))
+    assert h100.attention_time(1e12, 4096, kernel="sdpa") == pytest.approx(h100.attention_time(1e12, 4096) / 0.547)
     # A100: torch SDPA runs FlashAttention-2, the kernel the profile's fit describes
     assert a100.compute.attention.sdpa_fraction is None
     assert a100.attention_efficiency(4096, kernel="sdpa") == a100.attention_efficiency(4096)

@@ -261,7 +261,7 @@ def test_attention_shapes_benchmark_smoke(tmp_path, monkeypatch, capsys):
     flops = 4 * 16 * 4096**2 * 128 / 2
     h100 = load_profile("h100")
     launch = h100.compute.gemm.overhead_us * 1e-6
-    assert abs(predicted["flash"][0] - flops / (989e12 * h100.attention_efficiency(4096)) - launch) < 1e-9
+    assert abs(predicted["flash"][0] - h100.attention_time(flops, 4096) - launch) < 1e-9
     assert predicted["sdpa"][0] > predicted["flash"][0] and predicted["flash"][1] > predicted["flash"][0]
     out = tmp_path / "rows.json"
     assert module.main(["--device", "cpu", "--quick", "--only", "mlm_gpt_7.1b", "--json", str(out)]) == 0
@@ -269,3 +269,29 @@ def test_attention_shapes_benchmark_smoke(tmp_path, monkeypatch, capsys):
     assert len(rows) == 1 and all(t > 0 for t in rows[0]["measured_s"]["math"].values())
     assert "pred flash" in capsys.readouterr().out
     assert module.main(["--device", "cpu", "--quick", "--only", "no-such-case"]) == 2
+
+
+def test_hopper_profile_constants_reproduce_from_the_stored_gpu_measurements(capsys):
+    """h100 / h800 / h200 GEMM ceilings and attention constants are what benchmarks/fit_profile.py
+    fits to the H200 measurements kept in benchmarks/results (so each can be re-derived)."""
+    import importlib.util
+    from pathlib import Path
+
+    from xplan.hw_profiles import load_profile
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    results = bench / "results" / "h200-2026-11-28"
+    spec = importlib.util.spec_from_file_location("xplan_benchmarks_fit_profile", bench / "fit_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--profile", "h200", "--gemm", str(results / "gemm_shapes.json"),
+                        "--attention", str(results / "attention_shapes.json")]) == 0
+    out = capsys.readouterr().out
+    for name in ("h100", "h800", "h200"):
+        p = load_profile(name)
+        assert f"gemm bf16: max_fraction {p.compute.gemm.max_fraction.bf16:.3f}" in out
+        assert f"gemm fp8: max_fraction {p.compute.gemm.max_fraction.fp8:.3f}" in out
+        for label, fit in (("forward", p.compute.attention.forward), ("backward", p.compute.attention.backward)):
+            assert (f"attention {label} (cuDNN): max_fraction {fit.max_fraction:.3f}, half_seq {fit.half_seq:.0f}, "
+                    f"tail_us {fit.tail_us:.0f}") in out
+        assert f"sdpa_fraction (FlashAttention-2 time vs cuDNN): {p.compute.attention.sdpa_fraction:.3f}" in out
