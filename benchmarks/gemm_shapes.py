@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             loop = flops / sustained_seconds(_loop_runner(m, n, k, groups, args.device), window, args.device)
             rows[-1]["measured_loop_tflops"] = loop / 1e12
             names += f"  [per-group loop: {loop / 1e12:.1f} TFLOPS]"
+        if args.json:  # after every shape: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
         print(f"{f'{m} x {n} x {k}':>22} {groups:>6} {dtype:>5} {profile.name:>16} {predicted / 1e12:>11.1f} "
               f"{measured / 1e12:>11.1f} {measured / predicted:>9.2f}  {names}", flush=True)
     print("\nper case: share-weighted measured/predicted over its timed shapes (share of its GEMM time covered)")
@@ -199,9 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         covered = sum(s for s, _ in parts)
         print(f"  {cid:52s} {sum(s * r for s, r in parts) / covered:5.2f}  ({covered:.0%})")
     print(f"median measured/predicted over {len(rows)} shapes: {statistics.median(r['ratio'] for r in rows):.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
     return 0
 
 

@@ -3,11 +3,13 @@
 # torch but without xplan): GEMM and attention at the validation rows' shapes, then the runtime's
 # real step time and peak memory against the prediction. Writes logs and JSON under $OUT (or ./gpu-out).
 #
-#   bash benchmarks/gpu_session.sh [PROFILE]     # PROFILE prices every row (default: h200)
+#   bash benchmarks/gpu_session.sh [PROFILE [CASES]]   # PROFILE prices the rows (default: h200);
+#                                                     # CASES: the rows' hardware, or all (default)
 #
 # Missing pure-Python packages (pydantic and its deps) are installed from ./.whl when present.
 set -o pipefail
 profile=${1:-h200}
+cases=${2:-all}
 repo=$(cd "$(dirname "$0")/.." && pwd -P)
 out=${OUT:-$repo/gpu-out}
 mkdir -p "$out" /tmp/site/xplan
@@ -22,9 +24,8 @@ cd /tmp || exit 1
 nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,memory.total --format=csv 2>&1 | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   2>&1 | tee -a "$out/gpu.txt"
-timeout 240 python3 "$repo/benchmarks/gemm_shapes.py" --profile "$profile" --cases-on all --settle 8 \
-  --json "$out/gemm_shapes.json" 2>&1 | tee "$out/gemm_shapes.txt"
-timeout 120 python3 "$repo/benchmarks/attention_shapes.py" --profile "$profile" --cases-on all \
+timeout 120 python3 "$repo/benchmarks/attention_shapes.py" --profile "$profile" --cases-on "$cases" \
   --json "$out/attention_shapes.json" 2>&1 | tee "$out/attention_shapes.txt"
-timeout 150 python3 "$repo/benchmarks/gpu_check.py" --profile "$profile" --compare h100 2>&1 \
-  | tee "$out/gpu_check.txt"
+timeout 240 python3 "$repo/benchmarks/gemm_shapes.py" --profile "$profile" --cases-on "$cases" --settle 8 \
+  --json "$out/gemm_shapes.json" 2>&1 | tee "$out/gemm_shapes.txt"
+timeout 150 python3 "$repo/benchmarks/gpu_check.py" --profile "$profile" --compare 2>&1 | tee "$out/gpu_check.txt"
