@@ -15,6 +15,8 @@ paths; they come from FLOP-equivalent model translations, not from the published
 Attention (model FLOPs: causal half, backward 2 x forward): per pass, `max_fraction`, `half_seq`
 and `tail_us` of `time = F / (peak x max_fraction x s / (s + half_seq)) + tail + launch` to the cuDNN
 kernel (`flash`), and one `sdpa_fraction` (time / sdpa_fraction) to FlashAttention-2 (`sdpa`).
+Host: `host.dispatch_us` to the step times gpu_check.py measured with xplan's runtime (small models,
+where the host's issue rate binds), e.g. `--gpu-check benchmarks/results/*/gpu_check.txt`.
 """
 
 from __future__ import annotations
@@ -63,12 +65,60 @@ def with_gemm_fraction(profile, dtype: str, frac: float):
     return profile.model_copy(update={"compute": compute})
 
 
+def fit_dispatch(check_logs: list[str]) -> None:
+    """Fit `host.dispatch_us` to gpu_check.py's measured step times (its eager-kernel plans at world
+    size 1): one value over every (model, GPU) row of the logs, each priced with its own profile."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+    from gpu_check import MODELS, price
+
+    from xplan.hw_profiles.loader import PROFILE_DIR
+
+    rows = []  # (model, profile name, measured step s)
+    for log in check_logs:
+        seen = set()  # a model's first row is priced with the run's own profile, --compare rows follow
+        for line in Path(log).read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[0] in MODELS and parts[0] not in seen:
+                seen.add(parts[0])
+                rows.append((parts[0], parts[1], float(parts[3])))
+    kernels = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": "chunked", "elementwise": "eager"}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name, (config, _) in MODELS.items():
+            (root / name).mkdir()
+            (root / name / "config.json").write_text(json.dumps(config))
+
+        def predicted(model: str, profile: str, dispatch_us: float) -> float:
+            data = yaml.safe_load((PROFILE_DIR / f"{profile}.yaml").read_text())
+            data["host"]["dispatch_us"] = float(dispatch_us)
+            data["sources"]["host.dispatch_us"] = "trial value of fit_profile.py"
+            path = root / f"{profile}-{dispatch_us:.1f}.yaml"  # a new path: loaded profiles are cached
+            path.write_text(yaml.safe_dump(data))
+            return price(root / model, str(path), MODELS[model][1], kernels, "bf16").step_time_s
+
+        best = None
+        for grid in (np.arange(0.0, 151.0, 5.0), None):  # coarse, then 0.5 us around the best
+            for dispatch_us in grid if grid is not None else np.arange(max(0.0, best[1] - 5), best[1] + 5.5, 0.5):
+                err = [math.log(predicted(m, p, dispatch_us) / t) for m, p, t in rows]
+                score = sum(e * e for e in err)
+                if best is None or score < best[0]:
+                    best = (score, float(dispatch_us), err)
+    ratios = ", ".join(f"{m}@{p} {math.exp(e):.2f}" for (m, p, _), e in zip(rows, best[2], strict=True))
+    print(f"host dispatch_us {best[1]:.1f} over {len(rows)} gpu_check runs; predicted / measured step: {ratios}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", required=True, help="the profile whose other constants the fit keeps")
     parser.add_argument("--gemm", help="gemm_shapes.py --json output")
     parser.add_argument("--attention", help="attention_shapes.py --json output")
+    parser.add_argument("--gpu-check", nargs="+", help="gpu_check.py logs (their table rows) to fit host.dispatch_us")
     args = parser.parse_args(argv)
+    if args.gpu_check:
+        fit_dispatch(args.gpu_check)
     from xplan.hw_profiles import load_profile
 
     profile = load_profile(args.profile)

@@ -102,7 +102,9 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
 
     Phase `selective_recompute` is what the selective recompute policy redoes of the forward (see
     `redone_by_selective`); phase `gemm` is the GEMM and grouped-GEMM time of both passes (what
-    overlapped tensor-parallel collectives can hide under).
+    overlapped tensor-parallel collectives can hide under); phase `ops` counts (not seconds) the
+    ops the host issues for both passes: every traced op when elementwise kernels run eagerly,
+    else the GEMMs, attention and fused chains (what `host.dispatch_us` prices).
 
     Memoised on the trace per (work, profile): a search prices many layouts with the same work.
     """
@@ -123,4 +125,6 @@ def _group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]
             times[(op.group, "gemm")] += t
         if redone_by_selective(op, mm_seen, work.recompute_every_mm):
             times[(op.group, "selective_recompute")] += t
+        if op.category != "memory" or not work.fused_elementwise or op.fused_nbytes:
+            times[(op.group, "ops")] += 1
     return dict(times)

@@ -129,6 +129,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     overlap = profile.device.kind != "cpu"
     fsdp2 = not layout.zero1 and layout.fsdp > 1
     forward_total = backward_total = 0.0  # one micro-batch's block compute, by pass
+    host_ops = 0.0  # ops the host issues for one micro-batch on this rank
     first_gather = 0.0
     hidden = config.hidden_size
     q_width = config.num_heads * config.qk_head_dim
@@ -140,6 +141,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         n = _stage_share(block.count, layout.pp)
         fwd, bwd = times.get((kind, "forward"), 0.0), times.get((kind, "backward"), 0.0)
         compute += n * (fwd + bwd)
+        host_ops += n * times.get((kind, "ops"), 0.0)
         forward_total += n * fwd
         backward_total += n * bwd
         if layout.recompute == "selective":
@@ -181,6 +183,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
 
     for name in ("embed", "rotary", "model", "norm", "head", "loss"):
         compute += (times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)) / layout.pp
+        host_ops += times.get((name, "ops"), 0.0) / layout.pp
     if fsdp2:
         # The root FSDP unit (embedding, final norm, head) is gathered once per micro-batch and its
         # gradients reduce-scattered after the last block: nothing is left to hide either under.
@@ -192,6 +195,11 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     pp_time = comm.pipeline_p2p_time(profile, rank_tokens, hidden, layout, act_bytes)
 
     micro = compute + recompute + fsdp_exposed + first_gather + fsdp_copies + ep_time + sp_time + tp_time + pp_time
+    # Kernels run asynchronously, but no faster than the host issues them: what the host takes
+    # beyond the device's micro-batch is exposed (small models; null dispatch_us: not priced).
+    dispatch = (profile.host.dispatch_us or 0.0) * 1e-6
+    host_bound = max(0.0, host_ops * dispatch - micro)
+    micro += host_bound
     bubble = (layout.pp - 1) / layout.vpp * micro if layout.pp > 1 else 0.0
     zero1_exposed = 0.0
     if layout.zero1:
@@ -235,6 +243,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         "pipeline_bubble": bubble,
         "optimizer": optimizer,
         "offload": offload_time,
+        "host_bound": grad_accum * host_bound,
     }
     tokens_per_s = global_batch * seq / step / layout.devices
     mfu = trace.flops_per_token * tokens_per_s / profile.peak_flops("bf16")

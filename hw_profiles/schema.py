@@ -142,11 +142,16 @@ class Memory(_Model):
 
 
 class Host(_Model):
-    """Host memory and the host<->device link, per device (for offload)."""
+    """Host memory and the host<->device link, per device (for offload).
+
+    ``dispatch_us``: host time to issue one op of the training loop (Python, autograd, the
+    dispatcher, hooks). Kernels run asynchronously, so a micro-batch takes at least its ops x
+    this; it binds only for small models (``null``: not priced)."""
 
     memory_gib: Positive
     link_gbps: Positive
     link_fraction: Fraction
+    dispatch_us: NonNegative | None = None
 
 
 class CollectiveFractions(_Model):

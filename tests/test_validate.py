@@ -271,8 +271,8 @@ def test_attention_shapes_benchmark_smoke(tmp_path, monkeypatch, capsys):
     assert module.main(["--device", "cpu", "--quick", "--only", "no-such-case"]) == 2
 
 
-def test_hopper_profile_constants_reproduce_from_the_stored_gpu_measurements(capsys):
-    """Hopper GEMM ceilings and attention constants are what benchmarks/fit_profile.py fits to the
+def test_hopper_profile_constants_reproduce_from_the_stored_gpu_measurements(capsys, monkeypatch):
+    """Hopper GEMM ceilings, attention and host dispatch constants are what benchmarks/fit_profile.py fits to the
     GPU measurements kept in benchmarks/results (so each can be re-derived): h200's GEMMs from the
     H200 run, h100's and h800's from the H100 run, every Hopper attention fit from the H200 run
     (its 4k..32k sequences; the H100 run covers 4k..8k only)."""
@@ -282,6 +282,7 @@ def test_hopper_profile_constants_reproduce_from_the_stored_gpu_measurements(cap
     from xplan.hw_profiles import load_profile
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))  # fit_profile imports gpu_check's models
     spec = importlib.util.spec_from_file_location("xplan_benchmarks_fit_profile", bench / "fit_profile.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -301,3 +302,9 @@ def test_hopper_profile_constants_reproduce_from_the_stored_gpu_measurements(cap
             assert (f"attention {label} (cuDNN): max_fraction {fit.max_fraction:.3f}, half_seq {fit.half_seq:.0f}, "
                     f"tail_us {fit.tail_us:.0f}") in attention
         assert f"sdpa_fraction (FlashAttention-2 time vs cuDNN): {p.compute.attention.sdpa_fraction:.3f}" in attention
+    # host.dispatch_us: the step times xplan's runtime took on both GPUs (gpu_check.py)
+    logs = [str(bench / "results" / f"{gpu}-2026-11-28" / "gpu_check.txt") for gpu in ("h100", "h200")]
+    assert module.main(["--profile", "h100", "--gpu-check", *logs]) == 0
+    dispatch = capsys.readouterr().out
+    for name in ("h100", "h200"):
+        assert f"host dispatch_us {load_profile(name).host.dispatch_us:.1f} over 4 gpu_check runs" in dispatch
