@@ -104,7 +104,8 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     `redone_by_selective`); phase `gemm` is the GEMM and grouped-GEMM time of both passes (what
     overlapped tensor-parallel collectives can hide under); phase `ops` counts (not seconds) the
     ops the host issues for both passes: every traced op when elementwise kernels run eagerly,
-    else the GEMMs, attention and fused chains (what `host.dispatch_us` prices).
+    else the GEMMs, attention and fused chains (what `host.dispatch_us` prices); `ops_forward`
+    and `ops_selective` count those of the forward and of what selective recompute redoes.
 
     Memoised on the trace per (work, profile): a search prices many layouts with the same work.
     """
@@ -123,8 +124,11 @@ def _group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]
         times[(op.group, op.phase)] += t
         if op.category in ("gemm", "grouped"):
             times[(op.group, "gemm")] += t
+        issued = op.category != "memory" or not work.fused_elementwise or bool(op.fused_nbytes)
         if redone_by_selective(op, mm_seen, work.recompute_every_mm):
             times[(op.group, "selective_recompute")] += t
-        if op.category != "memory" or not work.fused_elementwise or op.fused_nbytes:
+            times[(op.group, "ops_selective")] += issued
+        if issued:
             times[(op.group, "ops")] += 1
+            times[(op.group, "ops_forward")] += op.phase == "forward"
     return dict(times)

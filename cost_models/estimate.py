@@ -146,8 +146,10 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         backward_total += n * bwd
         if layout.recompute == "selective":
             recompute += n * times.get((kind, "selective_recompute"), 0.0)
+            host_ops += n * times.get((kind, "ops_selective"), 0.0)
         else:
             recompute += n * recompute_fraction * fwd
+            host_ops += n * recompute_fraction * times.get((kind, "ops_forward"), 0.0)
         routed = block.params.get("routed_expert", 0)
         dense = block.params_total - routed
         if layout.zero1:

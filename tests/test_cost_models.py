@@ -283,6 +283,10 @@ def test_host_dispatch_floor_binds_only_when_the_host_is_slower_than_the_device(
     assert fused.time["host_bound"] < eager.time["host_bound"]
     a100, _ = _tiny_estimate(eager_layout, "a100")
     assert a100.time["host_bound"] == 0.0
+    # full recompute issues the forward's ops again
+    redo, _ = _tiny_estimate({**eager_layout, "recompute": "full"})
+    device_redo = sum(v for k, v in redo.time.items() if k not in ("host_bound", "optimizer"))
+    assert device_redo + redo.time["host_bound"] > device + eager.time["host_bound"]
 
 
 def block_ops(trace, kind: str):
