@@ -9,9 +9,9 @@ measurement and the command that reproduces it:
         --gemm benchmarks/results/h200-2026-11-28/gemm_shapes.json \\
         --attention benchmarks/results/h200-2026-11-28/attention_shapes.json
 
-GEMM: `compute.gemm.max_fraction` per dtype, other gemm constants as the profile has them. Shapes
-with a dimension that is not a multiple of 8 are left out (cuBLAS runs them on slow non-tensor-core
-paths; they come from FLOP-equivalent model translations, not from the published runs).
+GEMM: `compute.gemm.max_fraction` per dtype, other gemm constants as the profile has them, over the
+shapes whose dimensions are multiples of 8; `compute.gemm.unaligned` (odd / even) from the bf16
+shapes with a width off a multiple of 8 (cuBLAS leaves its tensor-core fast path for them).
 Attention (model FLOPs: causal half, backward 2 x forward): per pass, `max_fraction`, `half_seq`
 and `tail_us` of `time = F / (peak x max_fraction x s / (s + half_seq)) + tail + launch` to the cuDNN
 kernel (`flash`), and one `sdpa_fraction` (time / sdpa_fraction) to FlashAttention-2 (`sdpa`).
@@ -123,7 +123,18 @@ def main(argv: list[str] | None = None) -> int:
 
     profile = load_profile(args.profile)
     if args.gemm:
-        rows = [r for r in json.load(open(args.gemm)) if all(r[d] % 8 == 0 for d in ("m", "n", "k"))]
+        everything = json.load(open(args.gemm))
+        for name, test in (("odd", lambda w: w % 2), ("even", lambda w: w % 2 == 0 and w % 8)):
+            pts = [r for r in everything if r["dtype"] == "bf16" and r["m"] % 8 == 0
+                   and any(test(r[d]) for d in ("n", "k"))]
+            if name == "even":  # both widths even, one not a multiple of 8
+                pts = [r for r in pts if r["n"] % 2 == 0 and r["k"] % 2 == 0]
+            if pts:
+                logs = [math.log(r["measured_tflops"] * 1e12 / profile.peak_flops("bf16")) for r in pts]
+                print(f"gemm unaligned bf16 {name}: {math.exp(sum(logs) / len(logs)):.3f} of the peak over "
+                      f"{len(pts)} shapes ({min(r['measured_tflops'] for r in pts):.0f}.."
+                      f"{max(r['measured_tflops'] for r in pts):.0f} TFLOPS)")
+        rows = [r for r in everything if all(r[d] % 8 == 0 for d in ("m", "n", "k"))]
         for dtype in sorted({r["dtype"] for r in rows}):
             pts = [r for r in rows if r["dtype"] == dtype]
             old = getattr(profile.compute.gemm.max_fraction, dtype)

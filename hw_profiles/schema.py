@@ -67,6 +67,13 @@ class DtypeFractions(_Model):
     fp32: Fraction | None
 
 
+class UnalignedFractions(_Model):
+    """Fractions of the bf16 peak that misaligned GEMM widths reach (see ``GemmModel.unaligned``)."""
+
+    odd: Fraction
+    even: Fraction
+
+
 class GemmModel(_Model):
     """GEMM time = max(FLOPs / (peak x max_fraction), bytes / achievable HBM bw) + overhead.
 
@@ -83,6 +90,11 @@ class GemmModel(_Model):
     #: + epilogue_fraction x output bytes / bw + overhead. ``null``: fully overlapped (the
     #: output counts with the inputs in the HBM roofline), as a calibrated profile assumes.
     epilogue_fraction: NonNegative | None = None
+    #: bf16 GEMMs whose n or k is not a multiple of 8 elements (16 bytes) leave cuBLAS's
+    #: tensor-core fast path: their compute rate is at most this fraction of the bf16 peak, by
+    #: the width's largest power-of-two factor (``odd``; ``even``: 2 or 4). ``null``: not priced.
+    #: fp8 stacks pad their operands to 16 and are not affected.
+    unaligned: UnalignedFractions | None = None
 
 
 class AttentionPass(_Model):
@@ -296,7 +308,8 @@ class Profile(_Model):
     def gemm_time(self, m: int, n: int, k: int, dtype: str = "bf16", groups: int = 1) -> float:
         """Seconds for ``groups`` GEMMs of [m, k] x [k, n] issued as one (grouped) call.
 
-        time = max(FLOPs / (peak x max_fraction), bytes / achievable HBM bandwidth) + overhead,
+        time = max(FLOPs / (peak x max_fraction), bytes / achievable HBM bandwidth) + overhead
+        (max_fraction capped by ``gemm.unaligned`` for bf16 widths n, k off a multiple of 8),
         with FLOPs = 2mnk x groups and bytes = groups x ((mk + kn) x in_bytes + mn x out_bytes);
         with ``gemm.epilogue_fraction`` set, the output bytes leave the roofline and add
         ``epilogue_fraction x out_bytes / bandwidth`` after it (an epilogue that waits for the
@@ -310,6 +323,13 @@ class Profile(_Model):
         d = _dtype(dtype)
         peak = self.peak_flops(d)
         frac = getattr(self.compute.gemm.max_fraction, d)
+        unaligned = self.compute.gemm.unaligned
+        if unaligned is not None and d == "bf16":
+            widths = [round(v) for v in (n, k)]
+            if any(abs(v - w) > 1e-6 or w % 2 for v, w in zip((n, k), widths, strict=True)):
+                frac = min(frac, unaligned.odd)
+            elif any(w % 8 for w in widths):
+                frac = min(frac, unaligned.even)
         flops = 2.0 * m * n * k * groups
         in_bytes = groups * (m * k + k * n) * _IN_BYTES[d]
         out_bytes = groups * m * n * _OUT_BYTES[d]

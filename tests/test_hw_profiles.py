@@ -482,3 +482,24 @@ def test_flash1_attention_fraction():
     assert a100.attention_efficiency(4096, kernel="flash1") == pytest.approx(0.5 * a100.attention_efficiency(4096))
     with pytest.raises(InputError, match="FlashAttention-1"):
         h100.attention_efficiency(4096, kernel="flash1")
+
+
+def test_unaligned_bf16_widths_leave_the_tensor_core_fast_path():
+    """h100 (measured): a bf16 GEMM whose n or k is odd runs at 0.135 of the peak, one whose widths
+    are even but not multiples of 8 at 0.239; aligned widths, the token dimension m and fp8 (padded
+    by its stacks) are unaffected."""
+    p = load_profile("h100")
+    m = 4096
+    aligned = p.gemm_time(m, 5464, 2048)
+    bw = 3.35e12 * 0.9  # the output write after the K loop (epilogue_fraction 1.0)
+    assert p.gemm_time(m, 5461, 2048) == pytest.approx(2 * m * 5461 * 2048 / (989e12 * 0.135) + m * 5461 * 2 / bw
+                                                       + 3.4e-6)
+    assert p.gemm_time(m, 2048, 5461) > 4 * aligned * 5461 / 5464
+    assert p.gemm_time(m, 5462, 2048) == pytest.approx(2 * m * 5462 * 2048 / (989e12 * 0.239) + m * 5462 * 2 / bw
+                                                       + 3.4e-6)
+    assert p.gemm_time(m + 1, 5464, 2048) == pytest.approx(aligned * (m + 1) / m, rel=0.01)
+    assert p.gemm_time(m, 5461, 2048, "fp8") < 1.1 * p.gemm_time(m, 5464, 2048, "fp8")
+    assert load_profile("a100").compute.gemm.unaligned is None  # not measured there
+    data = _raw("h100")
+    data["compute"]["gemm"]["unaligned"]["odd"] = 1.5
+    assert "compute.gemm.unaligned.odd must be <= 1" in _error(data)

@@ -298,6 +298,8 @@ def test_hopper_profile_constants_reproduce_from_the_stored_gpu_measurements(cap
         p = load_profile(name)
         assert f"gemm bf16: max_fraction {p.compute.gemm.max_fraction.bf16:.3f}" in gemm[run]
         assert f"gemm fp8: max_fraction {p.compute.gemm.max_fraction.fp8:.3f}" in gemm[run]
+        assert f"gemm unaligned bf16 odd: {p.compute.gemm.unaligned.odd:.3f} of the peak" in gemm[run]
+        assert f"gemm unaligned bf16 even: {p.compute.gemm.unaligned.even:.3f} of the peak" in gemm[run]
         for label, fit in (("forward", p.compute.attention.forward), ("backward", p.compute.attention.backward)):
             assert (f"attention {label} (cuDNN): max_fraction {fit.max_fraction:.3f}, half_seq {fit.half_seq:.0f}, "
                     f"tail_us {fit.tail_us:.0f}") in attention
