@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from gemm_shapes import select_cases, sustained_seconds
+from gemm_shapes import add_case_arguments, cases_from_args, sustained_seconds
 
 KERNELS = ("flash", "sdpa")  # the profile's fused-kernel fit (FlashAttention-3 on Hopper), torch SDPA
 
@@ -86,26 +85,15 @@ def _runners(shape, backend: str, device: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", help="price with this profile (default: each case's own hardware)")
-    parser.add_argument("--cases-on", help="only cases on this profile; 'all' for every case "
-                                           "(default: --profile's name)")
-    parser.add_argument("--only", default="", help="only cases whose id contains this text")
+    add_case_arguments(parser)
     parser.add_argument("--window", type=float, default=0.5, help="timed seconds per kernel")
     parser.add_argument("--backends", nargs="+", default=["flash", "cudnn"], choices=("flash", "cudnn", "math"))
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: seq / 16, math kernel, short windows")
-    parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    import torch
-
     from xplan.hw_profiles import load_profile
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here; pass --device cpu --quick for a smoke test", file=sys.stderr)
-        return 2
-    cases = select_cases(args.only, args.cases_on, args.profile, args.device)
-    if not cases:
-        print("no expressible case matches --only / --cases-on", file=sys.stderr)
+    cases = cases_from_args(args)
+    if cases is None:
         return 2
     backends = ["math"] if args.device == "cpu" else args.backends
     shapes: dict[tuple, tuple[dict, list[str]]] = {}

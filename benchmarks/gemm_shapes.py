@@ -55,6 +55,32 @@ def case_gemms(case, top: int):
     return [(*shape, t / total) for shape, t in ranked]
 
 
+def add_case_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick validation cases, the device and the JSON output (shared by the
+    shape benchmarks)."""
+    parser.add_argument("--profile", help="price with this profile (default: each case's own hardware)")
+    parser.add_argument("--cases-on", help="only cases on this hardware profile; 'all' for every case "
+                                           "(default: --profile's name)")
+    parser.add_argument("--only", default="", help="only cases whose id contains this text")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--json", help="also write the rows here (after every shape)")
+
+
+def cases_from_args(args):
+    """The cases `add_case_arguments`' options pick, or None (after saying why) when there is no
+    CUDA device for --device cuda or no case matches."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here; pass --device cpu --quick for a smoke test", file=sys.stderr)
+        return None
+    cases = select_cases(args.only, args.cases_on, args.profile, args.device)
+    if not cases:
+        print("no expressible case matches --only / --cases-on", file=sys.stderr)
+        return None
+    return cases
+
+
 def select_cases(only: str, cases_on: str | None, profile: str | None, device: str):
     """Expressible validation cases whose id contains `only`, on `cases_on` ('all': any hardware;
     default: `profile`'s, or any when no profile is named or on CPU)."""
@@ -137,27 +163,16 @@ def settle(seconds: float, device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", help="price with this profile (default: each case's own hardware)")
-    parser.add_argument("--cases-on", help="only cases on this hardware profile; 'all' for every case "
-                                           "(default: --profile's name)")
-    parser.add_argument("--only", default="", help="only cases whose id contains this text")
+    add_case_arguments(parser)
     parser.add_argument("--top", type=int, default=3, help="GEMM shapes per case (by predicted time)")
     parser.add_argument("--window", type=float, default=0.5, help="timed seconds per shape")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds of 8192^3 GEMMs first (GPU)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: shapes / 16 per dim, short windows")
-    parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
-    import torch
-
     from xplan.hw_profiles import load_profile
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here; pass --device cpu --quick for a smoke test", file=sys.stderr)
-        return 2
-    cases = select_cases(args.only, args.cases_on, args.profile, args.device)
-    if not cases:
-        print("no expressible case matches --only / --cases-on", file=sys.stderr)
+    cases = cases_from_args(args)
+    if cases is None:
         return 2
     shapes: dict[tuple, list[tuple[str, float]]] = defaultdict(list)
     for case in cases:
