@@ -99,13 +99,16 @@ def fit_dispatch(check_logs: list[str]) -> None:
             path.write_text(yaml.safe_dump(data))
             return price(root / model, str(path), MODELS[model][1], kernels, "bf16").step_time_s
 
-        best = None
-        for grid in (np.arange(0.0, 151.0, 5.0), None):  # coarse, then 0.5 us around the best
-            for dispatch_us in grid if grid is not None else np.arange(max(0.0, best[1] - 5), best[1] + 5.5, 0.5):
+        def best_of(values, best=None):
+            for dispatch_us in values:
                 err = [math.log(predicted(m, p, dispatch_us) / t) for m, p, t in rows]
                 score = sum(e * e for e in err)
                 if best is None or score < best[0]:
                     best = (score, float(dispatch_us), err)
+            return best
+
+        best = best_of(np.arange(0.0, 151.0, 5.0))  # coarse, then 0.5 us around the best
+        best = best_of(np.arange(max(0.0, best[1] - 5), best[1] + 5.5, 0.5), best)
     ratios = ", ".join(f"{m}@{p} {math.exp(e):.2f}" for (m, p, _), e in zip(rows, best[2], strict=True))
     print(f"host dispatch_us {best[1]:.1f} over {len(rows)} gpu_check runs; predicted / measured step: {ratios}")
 
@@ -120,15 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_check:
         fit_dispatch(args.gpu_check)
     from xplan.hw_profiles import load_profile
+    from xplan.hw_profiles.schema import width_alignment
 
     profile = load_profile(args.profile)
     if args.gemm:
         everything = json.load(open(args.gemm))
-        for name, test in (("odd", lambda w: w % 2), ("even", lambda w: w % 2 == 0 and w % 8)):
+        for name in ("odd", "even"):
             pts = [r for r in everything if r["dtype"] == "bf16" and r["m"] % 8 == 0
-                   and any(test(r[d]) for d in ("n", "k"))]
-            if name == "even":  # both widths even, one not a multiple of 8
-                pts = [r for r in pts if r["n"] % 2 == 0 and r["k"] % 2 == 0]
+                   and width_alignment(r["n"], r["k"]) == name]
             if pts:
                 logs = [math.log(r["measured_tflops"] * 1e12 / profile.peak_flops("bf16")) for r in pts]
                 print(f"gemm unaligned bf16 {name}: {math.exp(sum(logs) / len(logs)):.3f} of the peak over "
@@ -152,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.attention:
         rows = json.load(open(args.attention))
         peak = profile.peak_flops("bf16")
+        launch = profile.compute.gemm.overhead_us * 1e-6  # op_time adds it to every kernel
         for i, (name, key) in enumerate((("forward", "fwd"), ("backward", "bwd"))):
-            launch = profile.compute.gemm.overhead_us * 1e-6  # op_time adds it to every kernel
             pts = [(attention_flops(r["shape"], i == 1), r["shape"][2], r["measured_s"]["cudnn"][key] - launch)
                    for r in rows if "cudnn" in r["measured_s"]]
             frac, half, tail, err = fit_pass(pts, peak)
@@ -161,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"max |time error| {math.exp(err) - 1:.1%} over {len(pts)} shapes")
         ratios = [r["measured_s"]["cudnn"][p] / r["measured_s"]["flash"][p]
                   for r in rows if {"cudnn", "flash"} <= set(r["measured_s"]) for p in ("fwd", "bwd")]
-        logs = sorted(math.log(x) for x in ratios)
-        frac = math.exp(sum(logs) / len(logs))
+        frac = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
         print(f"attention sdpa_fraction (FlashAttention-2 time vs cuDNN): {frac:.3f}; per shape and pass "
               f"{min(ratios):.2f}..{max(ratios):.2f}")
     return 0

@@ -95,12 +95,13 @@ def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm:
               grad_accum: int = 1) -> RankWork:
     """How one rank of `layout` relates to the traced micro-batch (what `op_time` prices);
     `grad_accum`: the micro-batches of one step (fp8 weight casts are paid once per step)."""
-    return RankWork(weight_cast_share=1.0 / max(1, grad_accum), token_factor=layout.micro_batch / layout.sp, tp=layout.tp, ep=layout.ep, imbalance=imbalance,
+    return RankWork(token_factor=layout.micro_batch / layout.sp, tp=layout.tp, ep=layout.ep, imbalance=imbalance,
                     precision=layout.precision, seq_len=trace.seq_len,
                     traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
                     fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
                     attention_kernel=layout.kernels.get("attention", "sdpa"),
-                    recompute_every_mm=recompute_every_mm if layout.recompute == "selective" else 0)
+                    recompute_every_mm=recompute_every_mm if layout.recompute == "selective" else 0,
+                    weight_cast_share=1.0 / max(1, grad_accum))
 
 
 def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0,

@@ -324,12 +324,9 @@ class Profile(_Model):
         peak = self.peak_flops(d)
         frac = getattr(self.compute.gemm.max_fraction, d)
         unaligned = self.compute.gemm.unaligned
-        if unaligned is not None and d == "bf16":
-            widths = [round(v) for v in (n, k)]
-            if any(abs(v - w) > 1e-6 or w % 2 for v, w in zip((n, k), widths, strict=True)):
-                frac = min(frac, unaligned.odd)
-            elif any(w % 8 for w in widths):
-                frac = min(frac, unaligned.even)
+        alignment = width_alignment(n, k) if unaligned is not None and d == "bf16" else None
+        if alignment is not None:
+            frac = min(frac, getattr(unaligned, alignment))
         flops = 2.0 * m * n * k * groups
         in_bytes = groups * (m * k + k * n) * _IN_BYTES[d]
         out_bytes = groups * m * n * _OUT_BYTES[d]
@@ -360,15 +357,20 @@ class Profile(_Model):
         if seq_len <= 0:
             raise ValueError(f"attention_efficiency: seq_len={seq_len} must be > 0")
         p = self.compute.attention.backward if backward else self.compute.attention.forward
-        eff = p.max_fraction * seq_len / (seq_len + p.half_seq)
-        if kernel == "sdpa" and self.compute.attention.sdpa_fraction is not None:
-            eff *= self.compute.attention.sdpa_fraction
+        return p.max_fraction * seq_len / (seq_len + p.half_seq) * self._attention_kernel_fraction(kernel)
+
+    def _attention_kernel_fraction(self, kernel: str) -> float:
+        """What ``kernel`` reaches relative to the profile's fused-kernel fit (1 for ``flash`` and
+        ``eager``, and for ``sdpa`` where the profile sets no sdpa_fraction)."""
+        attention = self.compute.attention
+        if kernel == "sdpa" and attention.sdpa_fraction is not None:
+            return attention.sdpa_fraction
         if kernel == "flash1":
-            if self.compute.attention.flash1_fraction is None:
+            if attention.flash1_fraction is None:
                 raise InputError(f"hardware profile {self.name!r} states no FlashAttention-1 efficiency "
                                  "(compute.attention.flash1_fraction); use kernels.attention flash or sdpa.")
-            eff *= self.compute.attention.flash1_fraction
-        return eff
+            return attention.flash1_fraction
+        return 1.0
 
     def attention_time(self, flops: float, seq_len: float, backward: bool = False, kernel: str = "flash",
                        dtype: str = "bf16") -> float:
@@ -376,10 +378,9 @@ class Profile(_Model):
         ``flops / (peak x efficiency) + tail``, the whole scaled by the kernel's fraction
         (``sdpa``, ``flash1``) as in ``attention_efficiency``; launch overhead not included."""
         p = self.compute.attention.backward if backward else self.compute.attention.forward
-        fast = self.attention_efficiency(seq_len, backward)
-        slow = self.attention_efficiency(seq_len, backward, kernel)
-        tail = 0.0 if kernel == "eager" or p.tail_us is None else p.tail_us * 1e-6  # unfused matmuls: no fused-kernel tail
-        return (flops / (self.peak_flops(dtype) * fast) + tail) * fast / slow
+        fused = self.attention_efficiency(seq_len, backward)
+        tail = 0.0 if kernel == "eager" or p.tail_us is None else p.tail_us * 1e-6  # unfused matmuls: no tail
+        return (flops / (self.peak_flops(dtype) * fused) + tail) / self._attention_kernel_fraction(kernel)
 
     # ------------------------------------------------------------------ memory
     def hbm_bytes(self) -> int:
@@ -517,6 +518,18 @@ class Profile(_Model):
     def to_yaml(self) -> str:
         """YAML text that ``load_profile``/``profile_from_yaml`` reads back to an equal profile."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+
+
+def width_alignment(n: float, k: float) -> str | None:
+    """How a GEMM's widths n, k miss cuBLAS's 8-element (16-byte bf16) alignment: ``odd`` when
+    either is odd (or fractional), ``even`` when both are even but one is off a multiple of 8,
+    None when both are aligned (see ``GemmModel.unaligned``)."""
+    widths = [round(v) for v in (n, k)]
+    if any(abs(v - w) > 1e-6 or w % 2 for v, w in zip((n, k), widths, strict=True)):
+        return "odd"
+    if any(w % 8 for w in widths):
+        return "even"
+    return None
 
 
 def _dtype(dtype: Any) -> str:
