@@ -4,8 +4,8 @@ MFU (defined once, here): model FLOPs per token from the trace (forward + backwa
 attention at half, recompute excluded) × tokens/s per device ÷ the device's dense bf16 peak.
 
 Step time of the busiest rank:
-    grad_accum × (compute + exposed communication of one micro-batch)
-  + pipeline bubble ((pp - 1) / vpp micro-batch slots, 1F1B / interleaved)
+    grad_accum × (compute + exposed communication of one micro-batch on the slowest pipeline rank)
+  + pipeline bubble ((pp - 1) / vpp micro-batch slots of the mean rank, 1F1B / interleaved)
   + optimizer step (memory-bound on device, or over the host link when offloaded)
 FSDP all-gathers and reduce-scatters overlap the neighbouring block's compute (prefetch depth 1);
 what exceeds that compute is exposed. Expert-parallel and Ulysses all-to-alls and pipeline sends
@@ -85,10 +85,50 @@ class Estimate:
         }
 
 
-def _stage_share(count: int, pp: int) -> float:
-    """Layers of one kind per pipeline stage, with stages balanced as Megatron's uneven split
-    (embedding and loss counted as layers) allows."""
-    return count / pp
+# What one micro-batch costs a rank on its critical path, and the step's time keys in report order.
+MICRO_PARTS = ("compute", "recompute", "fsdp_exposed", "fsdp_copies", "expert_all_to_all", "ulysses_all_to_all",
+               "tensor_parallel", "pipeline_p2p")
+TIME_KEYS = MICRO_PARTS[:-1] + ("pipeline_p2p", "pipeline_bubble", "optimizer", "offload", "host_bound")
+# Parts of the model outside the blocks: what every rank runs, what the first and last hold.
+EVERY_RANK_PARTS = ("rotary", "model")
+FIRST_RANK_PARTS = ("embed",)
+LAST_RANK_PARTS = ("norm", "head", "loss")
+
+
+@dataclass(frozen=True)
+class PipelineRank:
+    """What one pipeline rank runs per micro-batch: `layers` transformer layers, plus the
+    embedding on the first rank and the final norm, LM head and loss on the last."""
+
+    layers: float
+    first: bool
+    last: bool
+
+    def parts(self) -> tuple[str, ...]:
+        return (EVERY_RANK_PARTS + (FIRST_RANK_PARTS if self.first else ())
+                + (LAST_RANK_PARTS if self.last else ()))
+
+
+def pipeline_ranks(num_layers: int, pp: int, vpp: int = 1) -> list[tuple[PipelineRank, int]]:
+    """The distinct ranks of a pipeline and how many ranks are alike, split as Megatron splits.
+
+    The layers divide evenly over the pp x vpp model chunks when they can, the embedding and
+    the head riding on the first and last rank. Otherwise, when layers + 2 divide, the embedding
+    and the loss take a layer's slot each (Megatron's account-for-embedding / loss split), so
+    the first and last rank run one layer fewer. Any other count is spread evenly (fractional
+    layers: Megatron would need explicit first / last stage sizes).
+    """
+    if pp == 1:
+        return [(PipelineRank(float(num_layers), first=True, last=True), 1)]
+    chunks = pp * vpp
+    per_rank, edge = num_layers / pp, 0
+    if num_layers % chunks and (num_layers + 2) % chunks == 0:
+        per_rank, edge = (num_layers + 2) / pp, 1
+    ranks = [(PipelineRank(per_rank - edge, first=True, last=False), 1)]
+    if pp > 2:
+        ranks.append((PipelineRank(per_rank, first=False, last=False), pp - 2))
+    ranks.append((PipelineRank(per_rank - edge, first=False, last=True), 1))
+    return ranks
 
 
 def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm: int = 0,
@@ -125,12 +165,14 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     work = rank_work(trace, layout, imbalance, recompute_every_mm, grad_accum)
     times = group_times(trace, work, profile)
 
+    # One layer of the model's mix of block kinds, priced per micro-batch (a pipeline rank runs
+    # `PipelineRank.layers` of them; see pipeline_ranks).
     compute = recompute = fsdp_exposed = ep_time = sp_time = tp_time = fsdp_copies = 0.0
     # gloo on CPU moves data with the same cores that compute: nothing hides under compute there.
     overlap = profile.device.kind != "cpu"
     fsdp2 = not layout.zero1 and layout.fsdp > 1
     forward_total = backward_total = 0.0  # one micro-batch's block compute, by pass
-    host_ops = 0.0  # ops the host issues for one micro-batch on this rank
+    host_ops = 0.0  # ops the host issues for one layer of one micro-batch
     first_gather = 0.0
     hidden = config.hidden_size
     q_width = config.num_heads * config.qk_head_dim
@@ -138,8 +180,9 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     kv_width = kv_heads * (config.qk_head_dim + config.v_dim)
     out_width = config.num_heads * config.v_dim
     recompute_fraction = layout.recompute_fraction()
+    num_layers = sum(block.count for block in trace.blocks.values())
     for kind, block in trace.blocks.items():
-        n = _stage_share(block.count, layout.pp)
+        n = block.count / num_layers
         fwd, bwd = times.get((kind, "forward"), 0.0), times.get((kind, "backward"), 0.0)
         compute += n * (fwd + bwd)
         host_ops += n * times.get((kind, "ops"), 0.0)
@@ -184,26 +227,47 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
             tp_comm = max(0.0, tp_comm - times.get((kind, "gemm"), 0.0))
         tp_time += n * tp_comm
 
-    for name in ("embed", "rotary", "model", "norm", "head", "loss"):
-        compute += (times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)) / layout.pp
-        host_ops += times.get((name, "ops"), 0.0) / layout.pp
+    root_fsdp = 0.0
     if fsdp2:
         # The root FSDP unit (embedding, final norm, head) is gathered once per micro-batch and its
         # gradients reduce-scattered after the last block: nothing is left to hide either under.
         outside = (trace.params_total - sum(b.count * b.params_total for b in trace.blocks.values())) / layout.tp
         root_ag, root_rs = comm.fsdp_block_times(profile, outside / layout.pp, 0.0, layout, param_bytes,
                                                  reduce_bytes)
-        fsdp_exposed += root_ag + root_rs
-        fsdp_copies += fsdp2_copy_time(profile, outside / layout.pp, layout, param_bytes, reduce_bytes, gathers=1)
+        root_fsdp = root_ag + root_rs
+        root_fsdp_copies = fsdp2_copy_time(profile, outside / layout.pp, layout, param_bytes, reduce_bytes, gathers=1)
     pp_time = comm.pipeline_p2p_time(profile, rank_tokens, hidden, layout, act_bytes)
-
-    micro = compute + recompute + fsdp_exposed + first_gather + fsdp_copies + ep_time + sp_time + tp_time + pp_time
-    # Kernels run asynchronously, but no faster than the host issues them: what the host takes
-    # beyond the device's micro-batch is exposed (small models; null dispatch_us: not priced).
     dispatch = (profile.host.dispatch_us or 0.0) * 1e-6
-    host_bound = max(0.0, host_ops * dispatch - micro)
-    micro += host_bound
-    bubble = (layout.pp - 1) / layout.vpp * micro if layout.pp > 1 else 0.0
+
+    def price_rank(rank: PipelineRank) -> dict[str, float]:
+        """One micro-batch on one pipeline rank: its layers plus the model's parts it holds."""
+        parts = {"compute": rank.layers * compute, "recompute": rank.layers * recompute,
+                 "fsdp_exposed": rank.layers * fsdp_exposed + first_gather, "fsdp_copies": rank.layers * fsdp_copies,
+                 "expert_all_to_all": rank.layers * ep_time, "ulysses_all_to_all": rank.layers * sp_time,
+                 "tensor_parallel": rank.layers * tp_time, "pipeline_p2p": pp_time,
+                 "forward": rank.layers * forward_total, "backward": rank.layers * backward_total}
+        if fsdp2:
+            parts["fsdp_exposed"] += root_fsdp
+            parts["fsdp_copies"] += root_fsdp_copies
+        ops = rank.layers * host_ops
+        for name in rank.parts():
+            parts["compute"] += times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)
+            ops += times.get((name, "ops"), 0.0)
+        device = sum(parts[k] for k in MICRO_PARTS)
+        # Kernels run asynchronously, but no faster than the host issues them: what the host
+        # takes beyond the device's micro-batch is exposed (small models; null dispatch_us: not priced).
+        parts["host_bound"] = max(0.0, ops * dispatch - device)
+        parts["micro"] = device + parts["host_bound"]
+        return parts
+
+    # 1F1B: the slowest rank sets the pace of every micro-batch; filling and draining the
+    # pipeline passes each micro-batch slot through the other ranks once.
+    ranks = [(price_rank(rank), count) for rank, count in pipeline_ranks(num_layers, layout.pp, layout.vpp)]
+    busiest = max((parts for parts, _ in ranks), key=lambda parts: parts["micro"])
+    micro = busiest["micro"]
+    compute, forward_total, backward_total = busiest["compute"], busiest["forward"], busiest["backward"]
+    mean_micro = sum(parts["micro"] * count for parts, count in ranks) / layout.pp
+    bubble = (layout.pp - 1) / layout.vpp * mean_micro if layout.pp > 1 else 0.0
     zero1_exposed = 0.0
     if layout.zero1:
         # Distributed optimizer: gradients reduce-scattered and parameters all-gathered once per
@@ -234,20 +298,10 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         offload_time = max(0.0, offload_time - grad_accum * compute)  # hidden under compute when it can be
 
     step = grad_accum * micro + bubble + optimizer + offload_time + zero1_exposed
-    time = {
-        "compute": grad_accum * compute,
-        "recompute": grad_accum * recompute,
-        "fsdp_exposed": grad_accum * (fsdp_exposed + first_gather) + zero1_exposed,
-        "fsdp_copies": grad_accum * fsdp_copies,
-        "expert_all_to_all": grad_accum * ep_time,
-        "ulysses_all_to_all": grad_accum * sp_time,
-        "tensor_parallel": grad_accum * tp_time,
-        "pipeline_p2p": grad_accum * pp_time,
-        "pipeline_bubble": bubble,
-        "optimizer": optimizer,
-        "offload": offload_time,
-        "host_bound": grad_accum * host_bound,
-    }
+    time = {key: grad_accum * busiest[key] for key in MICRO_PARTS + ("host_bound",)}
+    time["fsdp_exposed"] += zero1_exposed
+    time.update(pipeline_bubble=bubble, optimizer=optimizer, offload=offload_time)
+    time = {key: time[key] for key in TIME_KEYS}
     tokens_per_s = global_batch * seq / step / layout.devices
     mfu = trace.flops_per_token * tokens_per_s / profile.peak_flops("bf16")
 

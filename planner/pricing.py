@@ -10,6 +10,15 @@ from xplan.cost_models import Estimate, estimate
 from xplan.errors import InputError
 from xplan.layout import Layout, layout_from_dict
 
+# Longest sequence priced: 16M tokens, far past any published context (traced shapes beyond it
+# overflow tensor sizes).
+MAX_SEQ_LEN = 2**24
+
+
+def check_seq_len(seq_len: int) -> None:
+    if not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise InputError(f"--seq-len must be a positive integer up to {MAX_SEQ_LEN:,}, got {seq_len}.")
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -22,8 +31,7 @@ class Workload:
     imbalance: float = 1.0  # busiest EP rank's routed load over the mean
 
     def check(self) -> None:
-        if self.seq_len < 1:
-            raise InputError(f"--seq-len must be a positive integer, got {self.seq_len}.")
+        check_seq_len(self.seq_len)
         if self.global_batch < 1:
             raise InputError(f"--global-batch must be a positive integer, got {self.global_batch}.")
         if self.imbalance < 1.0:

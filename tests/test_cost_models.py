@@ -292,3 +292,42 @@ def test_host_dispatch_floor_binds_only_when_the_host_is_slower_than_the_device(
 def block_ops(trace, kind: str):
     """The traced op nodes of one block kind."""
     return [(n, d) for n, d in trace.graph.nodes(data=True) if d.get("type") == "op" and d.get("stage") == kind]
+
+
+def test_pipeline_ranks_split_layers_as_megatron_does():
+    from xplan.cost_models.estimate import PipelineRank, pipeline_ranks
+
+    assert pipeline_ranks(48, 1) == [(PipelineRank(48, first=True, last=True), 1)]
+    # even split: the embedding and the head ride on the edge ranks
+    assert pipeline_ranks(48, 2) == [(PipelineRank(24, first=True, last=False), 1),
+                                     (PipelineRank(24, first=False, last=True), 1)]
+    assert pipeline_ranks(80, 8, 5)[1] == (PipelineRank(10, first=False, last=False), 6)
+    # 94 layers on 32 x 3 chunks: embedding and loss take a slot each, the edge ranks run 2 layers
+    assert pipeline_ranks(94, 32, 3) == [(PipelineRank(2, first=True, last=False), 1),
+                                         (PipelineRank(3, first=False, last=False), 30),
+                                         (PipelineRank(2, first=False, last=True), 1)]
+    assert pipeline_ranks(7, 2)[0][0].layers == 3.5  # neither divides: spread evenly
+    assert PipelineRank(3, first=False, last=True).parts() == ("rotary", "model", "norm", "head", "loss")
+
+
+def test_slowest_pipeline_rank_sets_the_pace_and_the_mean_rank_the_bubble():
+    """pp 2 on the 2-layer model: one layer per rank, the LM head and loss on the last rank only."""
+    from xplan.cost_models.compute import group_times
+    from xplan.cost_models.estimate import rank_work
+
+    values = {"devices": 2, "fsdp": 1, "pp": 2, "kernels": {"attention": "flash", "loss": "full"}}
+    est, trace = _tiny_estimate(values, "a100")  # a100: no host floor, device time only
+    times = group_times(trace, rank_work(trace, layout_from_dict(values)), load_profile("a100"))
+
+    def run(names):
+        return sum(times.get((name, phase), 0.0) for name in names for phase in ("forward", "backward"))
+
+    (kind, block), = trace.blocks.items()
+    layer = run([kind])
+    first = layer + run(["rotary", "model", "embed"])
+    last = layer + run(["rotary", "model", "norm", "head", "loss"])
+    assert last > first
+    assert est.time["compute"] == pytest.approx(est.grad_accum * last)
+    micro_last = (est.time["compute"] + est.time["pipeline_p2p"]) / est.grad_accum
+    micro_first = micro_last - last + first
+    assert est.time["pipeline_bubble"] == pytest.approx((micro_first + micro_last) / 2)

@@ -11,12 +11,11 @@ from .app import JSON_OPTION, app, console, human_count, print_json
 
 
 def inspect_summary(model_ref: str, seq_len: int, graph: Path | None = None) -> dict:
-    from xplan.errors import InputError
+    from xplan.planner.pricing import check_seq_len
     from xplan.runtime import build_model, load_config
     from xplan.runtime.models.counting import count_parameters
 
-    if seq_len < 1:
-        raise InputError(f"--seq-len must be a positive integer, got {seq_len}.")
+    check_seq_len(seq_len)
     config = load_config(model_ref)
     counts = count_parameters(build_model(config, device="meta"))
     from xplan.planner.trace import inspect_fields
