@@ -29,6 +29,11 @@ from xplan.runtime import load_config
 from xplan.runtime.models import model_config_from_dict, preset_names
 
 SHARED_PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "published_results.yaml"
+EXTENDED_ASCEND = CASES_PATH.parent / "extended" / "ascend_910b.yaml"
+# (published rows, cases): the shipped set, and the extended Ascend set (one file holding both)
+SETS = pytest.mark.parametrize("published_path, cases_path", [(PUBLISHED_PATH, CASES_PATH),
+                                                               (EXTENDED_ASCEND, EXTENDED_ASCEND)],
+                               ids=["shipped", "ascend_910b"])
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +41,8 @@ def _trace_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XPLAN_CACHE_DIR", str(tmp_path / "trace-cache"))
 
 
-def _raw_cases() -> dict:
-    return yaml.safe_load(CASES_PATH.read_text())
+def _raw_cases(path: Path = CASES_PATH) -> dict:
+    return yaml.safe_load(path.read_text())
 
 
 # ------------------------------------------------------------------------- the mapping file
@@ -47,9 +52,10 @@ def test_published_copy_is_verbatim():
     assert PUBLISHED_PATH.read_bytes() == SHARED_PUBLISHED.read_bytes()
 
 
-def test_every_published_row_has_exactly_one_case():
-    published = load_published()
-    ids = [c["id"] for c in _raw_cases()["cases"]]
+@SETS
+def test_every_published_row_has_exactly_one_case(published_path, cases_path):
+    published = load_published(published_path)
+    ids = [c["id"] for c in _raw_cases(cases_path)["cases"]]
     assert len(ids) == len(set(ids)), "duplicate case ids"
     assert set(ids) == set(published), (f"missing: {sorted(set(published) - set(ids))}; "
                                         f"unknown: {sorted(set(ids) - set(published))}")
@@ -62,9 +68,10 @@ def test_not_expressible_rows_give_a_reason():
             assert "layout" not in c and "metrics" not in c, c["id"]
 
 
-def test_cases_reference_existing_models_profiles_and_valid_layouts():
-    cases, skipped = load_cases()
-    assert cases and skipped
+@SETS
+def test_cases_reference_existing_models_profiles_and_valid_layouts(published_path, cases_path):
+    cases, skipped = load_cases(cases_path, load_published(published_path))
+    assert cases and (skipped or cases_path != CASES_PATH)
     profiles = set(profile_names())
     presets = set(preset_names())
     for case in cases:
@@ -83,9 +90,10 @@ def test_cases_reference_existing_models_profiles_and_valid_layouts():
                 assert case.flops and flops_per_token(case.flops, case.seq_len) > 0, case.id
 
 
-def test_published_figures_carry_over_unchanged():
-    published = load_published()
-    cases, _ = load_cases()
+@SETS
+def test_published_figures_carry_over_unchanged(published_path, cases_path):
+    published = load_published(published_path)
+    cases, _ = load_cases(cases_path, published)
     for case in cases:
         for m in case.metrics:
             value = published_field(published[case.id], m.field)
@@ -214,6 +222,21 @@ def test_cli_only_without_match_exits_2(capsys):
     code = main(["validate", "--only", "no-such-row-id", "--json"])
     assert code == 2
     assert "no published row id contains" in capsys.readouterr().err
+
+
+def test_cli_validates_another_set(tmp_path, capsys):
+    """--published / --cases point the harness at another set (the extended Ascend rows here)."""
+    ext = str(EXTENDED_ASCEND)
+    code = main(["validate", "--published", ext, "--cases", ext, "--only", "ms_llama2_70b", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["rows"]
+    assert row["id"] == "ms_llama2_70b_4k_4x8" and row["published"] == 439 and row["hardware"] == "ascend-910b"
+    assert main(["validate", "--published", str(tmp_path / "missing.yaml"), "--json"]) == 2
+    assert "cannot read the published-results file" in " ".join(capsys.readouterr().err.split())
+    (tmp_path / "bad.yaml").write_text("cases: {not: a list}\n")
+    assert main(["validate", "--cases", str(tmp_path / "bad.yaml"), "--json"]) == 2
+    assert "needs a top-level `cases:` list" in " ".join(capsys.readouterr().err.split())
 
 
 def test_gemm_shapes_benchmark_smoke(tmp_path, capsys):

@@ -27,6 +27,10 @@ def _pct(x: float | None) -> str:
 def validate(
     only: str = typer.Option(None, "--only", help="Validate only the rows whose id contains this text."),
     details: bool = typer.Option(False, "--details", help="With --json: include each row's full estimate."),
+    published: str = typer.Option(None, "--published", help="A published-results YAML (`results:`) to validate "
+                                  "instead of the shipped set, e.g. your own cluster's measurements."),
+    cases: str = typer.Option(None, "--cases", help="The cases YAML mapping those rows onto the estimator "
+                              "(`models:`, `cases:`; may be the same file as --published)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Predicted vs published throughput and memory for every expressible published result.
@@ -39,11 +43,14 @@ def validate(
     Examples:
       [bold]xplan validate[/]
       [bold]xplan validate --only tt_ --json[/]
+      [bold]xplan validate --published cost_models/extended/ascend_910b.yaml --cases cost_models/extended/ascend_910b.yaml[/]
     """
     from xplan.cost_models.validation import run_validation
 
+    paths = {"published_path": published, "cases_path": cases}
+
     if json_out:
-        report = run_validation(only=only)
+        report = run_validation(only=only, **paths)
         print_json(report.to_dict(details=details))
         return
 
@@ -54,7 +61,7 @@ def validate(
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label)
 
-        report = run_validation(only=only, progress=progress)
+        report = run_validation(only=only, progress=progress, **paths)
 
     table = Table(title="xplan validate: predicted vs published (error = predicted / published - 1)")
     for header, justify in (("id", "left"), ("model", "left"), ("hw", "left"), ("layout", "left"),
