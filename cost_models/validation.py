@@ -25,9 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from xplan.errors import InputError
+from xplan.errors import InputError, read_yaml
 
 HERE = Path(__file__).resolve().parent
 CASES_PATH = HERE / "validation_cases.yaml"
@@ -109,21 +107,15 @@ class NotExpressible:
 
 def _read_yaml(path: str | Path, key: str, what: str) -> dict[str, Any]:
     """A YAML mapping that holds a `key` list (exit 2 naming the file otherwise)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read the {what} file {path}: {exc.strerror or exc}.") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"the {what} file {path} is not valid YAML: {exc}") from None
+    data = read_yaml(path, what)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
-        raise InputError(f"the {what} file {path} needs a top-level `{key}:` list.")
+        raise InputError(f"{what} {path} needs a top-level `{key}:` list.")
     return data
 
 
 def load_published(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """{row id: row} of the published-results file."""
-    data = _read_yaml(path or PUBLISHED_PATH, "results", "published-results")
+    data = _read_yaml(path or PUBLISHED_PATH, "results", "the published-results file")
     return {row["id"]: row for row in data["results"]}
 
 
@@ -136,7 +128,7 @@ def _need(entry: dict, key: str, cid: str) -> Any:
 def load_cases(path: str | Path | None = None,
                published: dict[str, dict[str, Any]] | None = None) -> tuple[list[Case], list[NotExpressible]]:
     """Parse the cases file into expressible cases and not-expressible rows (file order)."""
-    data = _read_yaml(path or CASES_PATH, "cases", "validation cases")
+    data = _read_yaml(path or CASES_PATH, "cases", "the validation cases file")
     models = data.get("models") or {}
     published = published if published is not None else load_published()
     cases: list[Case] = []

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from xplan.errors import InputError
+from xplan.errors import InputError, read_yaml
 from xplan.layout import Layout, layout_from_dict
 
 PLAN_VERSION = 1
@@ -138,16 +138,7 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read plan file {path}: {exc.strerror or exc}.") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    return plan_from_dict(data, source=str(path))
+    return plan_from_dict(read_yaml(path, "plan file"), source=str(path))
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:

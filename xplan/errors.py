@@ -1,8 +1,29 @@
 """Errors every stage shares. The CLI turns `InputError` into exit code 2 with its message."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
 
 class InputError(ValueError):
     """Bad user input: unknown model or profile, malformed file, impossible layout.
 
     The message must say what is wrong and what to do about it, in one paragraph.
     """
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The parsed YAML file at `path`; an unreadable or malformed file is an InputError naming
+    it as `what` (e.g. "plan file")."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}.") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{what} {path} is not valid YAML: {exc}".replace("\n", " ")) from None
