@@ -85,10 +85,9 @@ class Estimate:
         }
 
 
-# What one micro-batch costs a rank on its critical path, and the step's time keys in report order.
+# What one micro-batch costs a rank on its critical path (the step's first time keys, in order).
 MICRO_PARTS = ("compute", "recompute", "fsdp_exposed", "fsdp_copies", "expert_all_to_all", "ulysses_all_to_all",
                "tensor_parallel", "pipeline_p2p")
-TIME_KEYS = MICRO_PARTS[:-1] + ("pipeline_p2p", "pipeline_bubble", "optimizer", "offload", "host_bound")
 # Parts of the model outside the blocks: what every rank runs, what the first and last hold.
 EVERY_RANK_PARTS = ("rotary", "model")
 FIRST_RANK_PARTS = ("embed",)
@@ -171,7 +170,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     # gloo on CPU moves data with the same cores that compute: nothing hides under compute there.
     overlap = profile.device.kind != "cpu"
     fsdp2 = not layout.zero1 and layout.fsdp > 1
-    forward_total = backward_total = 0.0  # one micro-batch's block compute, by pass
+    forward_total = backward_total = 0.0  # one layer's block compute, by pass
     host_ops = 0.0  # ops the host issues for one layer of one micro-batch
     first_gather = 0.0
     hidden = config.hidden_size
@@ -227,7 +226,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
             tp_comm = max(0.0, tp_comm - times.get((kind, "gemm"), 0.0))
         tp_time += n * tp_comm
 
-    root_fsdp = 0.0
+    root_fsdp = root_fsdp_copies = 0.0
     if fsdp2:
         # The root FSDP unit (embedding, final norm, head) is gathered once per micro-batch and its
         # gradients reduce-scattered after the last block: nothing is left to hide either under.
@@ -242,13 +241,11 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     def price_rank(rank: PipelineRank) -> dict[str, float]:
         """One micro-batch on one pipeline rank: its layers plus the model's parts it holds."""
         parts = {"compute": rank.layers * compute, "recompute": rank.layers * recompute,
-                 "fsdp_exposed": rank.layers * fsdp_exposed + first_gather, "fsdp_copies": rank.layers * fsdp_copies,
+                 "fsdp_exposed": rank.layers * fsdp_exposed + first_gather + root_fsdp,
+                 "fsdp_copies": rank.layers * fsdp_copies + root_fsdp_copies,
                  "expert_all_to_all": rank.layers * ep_time, "ulysses_all_to_all": rank.layers * sp_time,
                  "tensor_parallel": rank.layers * tp_time, "pipeline_p2p": pp_time,
                  "forward": rank.layers * forward_total, "backward": rank.layers * backward_total}
-        if fsdp2:
-            parts["fsdp_exposed"] += root_fsdp
-            parts["fsdp_copies"] += root_fsdp_copies
         ops = rank.layers * host_ops
         for name in rank.parts():
             parts["compute"] += times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)
@@ -265,7 +262,6 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     ranks = [(price_rank(rank), count) for rank, count in pipeline_ranks(num_layers, layout.pp, layout.vpp)]
     busiest = max((parts for parts, _ in ranks), key=lambda parts: parts["micro"])
     micro = busiest["micro"]
-    compute, forward_total, backward_total = busiest["compute"], busiest["forward"], busiest["backward"]
     mean_micro = sum(parts["micro"] * count for parts, count in ranks) / layout.pp
     bubble = (layout.pp - 1) / layout.vpp * mean_micro if layout.pp > 1 else 0.0
     zero1_exposed = 0.0
@@ -282,7 +278,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
                                    layout.devices)
         # Bucketed: reduce-scatter hides under the last micro-batch's backward, all-gather under
         # the first forward.
-        zero1_exposed = max(0.0, rs - backward_total) + max(0.0, ag - forward_total)
+        zero1_exposed = max(0.0, rs - busiest["backward"]) + max(0.0, ag - busiest["forward"])
 
     params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
     optimizer = profile.memory_time(params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
@@ -295,13 +291,13 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         saved, _ = activation_bytes(trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance, 1.0,
                                     work.recompute_every_mm)
         offload_time = grad_accum * 2 * saved / profile.host_bandwidth()  # out in forward, back in backward
-        offload_time = max(0.0, offload_time - grad_accum * compute)  # hidden under compute when it can be
+        offload_time = max(0.0, offload_time - grad_accum * busiest["compute"])  # hidden under compute when it can be
 
     step = grad_accum * micro + bubble + optimizer + offload_time + zero1_exposed
-    time = {key: grad_accum * busiest[key] for key in MICRO_PARTS + ("host_bound",)}
+    time = {key: grad_accum * busiest[key] for key in MICRO_PARTS}
     time["fsdp_exposed"] += zero1_exposed
-    time.update(pipeline_bubble=bubble, optimizer=optimizer, offload=offload_time)
-    time = {key: time[key] for key in TIME_KEYS}
+    time.update(pipeline_bubble=bubble, optimizer=optimizer, offload=offload_time,
+                host_bound=grad_accum * busiest["host_bound"])
     tokens_per_s = global_batch * seq / step / layout.devices
     mfu = trace.flops_per_token * tokens_per_s / profile.peak_flops("bf16")
 
