@@ -29,10 +29,10 @@ def case_attention(case, profile):
     attention on one rank, priced for each of KERNELS; None without plain causal attention."""
     from dataclasses import replace
 
+    from xplan.app.validation import _model_config, case_layout
     from xplan.cost_models.compute import op_time
     from xplan.cost_models.estimate import rank_work
     from xplan.cost_models.ops import priced_ops
-    from xplan.cost_models.validation import _model_config, case_layout
     from xplan.planner.trace import trace_model
 
     config = _model_config(case)

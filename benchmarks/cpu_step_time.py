@@ -83,7 +83,7 @@ def layout_for(world: int, args):
 
 
 def write_plan(world: int, profile: Path, args, root: Path) -> tuple[Path, dict]:
-    from xplan.planner.plan import make_plan, save_plan
+    from xplan.plan import make_plan, save_plan
     from xplan.planner.pricing import Workload, price
 
     est = price(Workload(str(root / "model"), str(profile), args.seq_len, args.global_batch), layout_for(world, args))

@@ -30,10 +30,10 @@ from collections import defaultdict
 
 def case_gemms(case, top: int):
     """[(m, n, k, groups, precision, share of the case's predicted GEMM time)] of its `top` GEMMs."""
+    from xplan.app.validation import _model_config, case_layout
     from xplan.cost_models.compute import op_time, rank_gemm
     from xplan.cost_models.estimate import rank_work
     from xplan.cost_models.ops import priced_ops
-    from xplan.cost_models.validation import _model_config, case_layout
     from xplan.hw_profiles import load_profile
     from xplan.planner.trace import trace_model
 
@@ -84,7 +84,7 @@ def cases_from_args(args):
 def select_cases(only: str, cases_on: str | None, profile: str | None, device: str):
     """Expressible validation cases whose id contains `only`, on `cases_on` ('all': any hardware;
     default: `profile`'s, or any when no profile is named or on CPU)."""
-    from xplan.cost_models.validation import load_cases, load_published
+    from xplan.app.validation import load_cases, load_published
 
     cases, _ = load_cases(None, load_published())
     hardware = cases_on or (None if profile is None or device == "cpu" else profile)

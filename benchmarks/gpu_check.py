@@ -95,7 +95,7 @@ def main() -> int:
             model_dir.mkdir(exist_ok=True)
             (model_dir / "config.json").write_text(json.dumps(config))
             est = price(model_dir, profile, shape, kernels, precision)
-            from xplan.planner.plan import make_plan, save_plan
+            from xplan.plan import make_plan, save_plan
 
             training = {"seq_len": shape["seq_len"], "global_batch": shape["global_batch"], "steps": args.steps,
                         "optimizer": {"lr": 1e-4}, "schedule": {"kind": "constant"}}

@@ -87,7 +87,7 @@ QUICK = [2, 9, 13, 18]  # 1-based row numbers: one per model, short sequences
 
 def make_row_plan(row: Row, hardware: str):
     from xplan.layout import Layout
-    from xplan.planner.plan import make_plan
+    from xplan.plan import make_plan
 
     layout = Layout(devices=row.devices, fsdp=row.devices, ep=row.ep, sp=row.sp, micro_batch=row.micro_batch,
                     recompute=row.recompute)

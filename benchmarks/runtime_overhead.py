@@ -36,7 +36,7 @@ MODEL = {
 
 def write_plan(root: Path, args) -> Path:
     from xplan.layout import Layout
-    from xplan.planner.plan import make_plan, save_plan
+    from xplan.plan import make_plan, save_plan
 
     model_dir = root / "model"
     model_dir.mkdir()
@@ -57,7 +57,7 @@ def runtime_run(plan_path: Path, args) -> tuple[float, float]:
 
 def plain_run(plan_path: Path, args) -> tuple[float, float]:
     import xplan.runtime as xr
-    from xplan.planner.plan import load_plan
+    from xplan.plan import load_plan
     from xplan.runtime.train.data import SyntheticData
 
     plan = load_plan(plan_path)

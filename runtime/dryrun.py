@@ -648,7 +648,7 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None, rep
             chunk_tokens: int | None = None) -> DryRunReport:
     """Run the plan's training step at full world size and model size under fake tensors.
 
-    `plan`: a loaded `xplan.planner.plan.Plan`. `layers`: None runs every decoder layer; an integer
+    `plan`: a loaded `xplan.plan.Plan`. `layers`: None runs every decoder layer; an integer
     runs that many (and one more) layers of each (block kind, recompute policy) class and
     extrapolates linearly. `imbalance`: busiest EP rank's routed load over the mean (default: the
     plan's `predictions.imbalance`, else 1). `reprice`: ignore the plan's recorded predictions and

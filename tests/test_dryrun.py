@@ -25,7 +25,7 @@ import torch
 from tests.trace_configs import TINY
 from xplan.cli import main
 from xplan.layout import Layout
-from xplan.planner.plan import make_plan, save_plan
+from xplan.plan import make_plan, save_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.03

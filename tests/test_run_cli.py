@@ -18,7 +18,7 @@ import torch
 from tests.parity_utils import max_rel_err
 from xplan.cli import main
 from xplan.layout import Layout
-from xplan.planner.plan import make_plan, save_plan
+from xplan.plan import make_plan, save_plan
 
 TINY_MOE = {
     "model_type": "qwen3_moe", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,

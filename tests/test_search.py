@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from xplan.cli import main
 from xplan.layout import layout_from_dict
-from xplan.planner.plan import load_plan, save_plan
+from xplan.plan import load_plan, save_plan
 from xplan.planner.pricing import Workload, price
 from xplan.planner.search import search
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xplan.errors import InputError
-from xplan.planner.plan import DataSettings
+from xplan.plan import DataSettings
 from xplan.runtime.train.checkpoint import latest_checkpoint, require_checkpoint, step_dir
 from xplan.runtime.train.data import (
     PackedTokens,

@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xplan.cli import main
-from xplan.cost_models import estimate
-from xplan.cost_models.validation import (
+from xplan.app.validation import (
     CASES_PATH,
     METRICS,
     PUBLISHED_PATH,
@@ -22,6 +20,8 @@ from xplan.cost_models.validation import (
     published_field,
     run_validation,
 )
+from xplan.cli import main
+from xplan.cost_models import estimate
 from xplan.hw_profiles import load_profile, profile_names
 from xplan.layout import check_layout, layout_from_dict
 from xplan.planner.trace import trace_model
@@ -269,7 +269,7 @@ def test_attention_shapes_benchmark_smoke(tmp_path, monkeypatch, capsys):
     import importlib.util
     from pathlib import Path
 
-    from xplan.cost_models.validation import load_cases, load_published
+    from xplan.app.validation import load_cases, load_published
     from xplan.hw_profiles import load_profile
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"

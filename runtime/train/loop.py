@@ -52,7 +52,7 @@ class RunOptions:
 
 
 def load_run_plan(plan_path: str | Path):
-    from xplan.planner.plan import load_plan
+    from xplan.plan import load_plan
 
     return load_plan(plan_path)
 

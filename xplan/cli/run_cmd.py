@@ -54,7 +54,7 @@ def run(
       [bold]xplan run plan.yaml --dry-run[/]   (peak memory per device, measured vs predicted)
     """
     from xplan.errors import InputError
-    from xplan.planner.plan import load_plan
+    from xplan.plan import load_plan
 
     loaded = load_plan(plan)
     if not dry_run and (layers is not None or imbalance is not None or reprice):

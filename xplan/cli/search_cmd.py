@@ -72,7 +72,7 @@ def search_cmd(
     """
     from xplan.errors import InputError
     from xplan.layout import parse_offload, parse_recompute
-    from xplan.planner.plan import make_plan, save_plan
+    from xplan.plan import make_plan, save_plan
     from xplan.planner.pricing import Workload
     from xplan.planner.search import explain_nothing_fits, search
 

@@ -45,7 +45,7 @@ def validate(
       [bold]xplan validate --only tt_ --json[/]
       [bold]xplan validate --published cost_models/extended/ascend_910b.yaml --cases cost_models/extended/ascend_910b.yaml[/]
     """
-    from xplan.cost_models.validation import run_validation
+    from xplan.app.validation import run_validation
 
     paths = {"published_path": published, "cases_path": cases}
 

@@ -79,7 +79,7 @@ def whatif(
       [bold]xplan whatif plan.yaml --set seq_len=32768 --set recompute=full[/]
       [bold]xplan whatif plan.yaml --set hardware=a3 --json[/]
     """
-    from xplan.planner.plan import load_plan
+    from xplan.plan import load_plan
     from xplan.planner.pricing import Workload, price
 
     loaded = load_plan(plan)

@@ -1,6 +1,6 @@
 """`xplan validate`: the estimator against the published-results set.
 
-`published_results.yaml` (next to this file) is a verbatim copy of the shared published-results
+`cost_models/published_results.yaml` is a verbatim copy of the shared published-results
 set; `validation_cases.yaml` maps every row of it either onto the estimator (model, hardware
 profile, layout, sequence length, global batch, metric and FLOP convention) or to the reason it
 cannot be expressed. `run_validation()` traces each (model, seq_len, loss kernel) once, prices
@@ -25,9 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xplan import cost_models
 from xplan.errors import InputError, read_yaml
 
-HERE = Path(__file__).resolve().parent
+# The published data and the case translations stay with the cost models they check.
+HERE = Path(cost_models.__file__).resolve().parent
 CASES_PATH = HERE / "validation_cases.yaml"
 PUBLISHED_PATH = HERE / "published_results.yaml"
 
