@@ -42,7 +42,8 @@ def write_plan(root: Path, args) -> Path:
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(MODEL))
     layout = Layout(devices=1, fsdp=1, micro_batch=args.micro_batch, precision="fp32",
-                    kernels={"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": args.loss})
+                    kernels={"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": args.loss,
+                             "elementwise": "eager"})
     training = {"seq_len": args.seq_len, "global_batch": args.global_batch, "steps": args.steps, "seed": 0,
                 "optimizer": {"lr": 1e-3}, "schedule": {"kind": "constant"}}
     return save_plan(make_plan(str(model_dir), "cpu", layout, training), root / "plan.yaml")

@@ -9,7 +9,7 @@ Step time of the busiest rank:
   + optimizer step (memory-bound on device, or over the host link when offloaded)
 FSDP all-gathers and reduce-scatters overlap the neighbouring block's compute (prefetch depth 1);
 what exceeds that compute is exposed. Expert-parallel and Ulysses all-to-alls and pipeline sends
-sit on the critical path; TP collectives too, unless `kernels.tp_comm` is `overlapped` (then
+sit on the critical path; TP collectives too, unless the layout's `tp_comm` is `overlapped` (then
 only what exceeds the layer's GEMM time).
 """
 
@@ -220,7 +220,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         uly = comm.ulysses_time(profile, tokens, q_width, kv_width, out_width, layout, act_bytes)
         sp_time += n * uly * (1 + 0.5 * recompute_fraction)
         tp_comm = comm.tensor_parallel_time(profile, tokens, hidden, layout, act_bytes)
-        if layout.kernels.get("tp_comm") == "overlapped" and overlap:
+        if layout.tp_comm == "overlapped" and overlap:
             # Each collective is pipelined with the GEMM it feeds or follows: what the layer's
             # GEMMs cannot cover stays exposed.
             tp_comm = max(0.0, tp_comm - times.get((kind, "gemm"), 0.0))

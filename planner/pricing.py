@@ -8,7 +8,7 @@ from typing import Any
 
 from xplan.cost_models import Estimate, estimate
 from xplan.errors import InputError
-from xplan.layout import Layout, layout_from_dict
+from xplan.layout import Layout, flat_to_nested, layout_from_dict, parse_knob
 
 # Longest sequence priced: 16M tokens, far past any published context (traced shapes beyond it
 # overflow tensor sizes).
@@ -70,23 +70,8 @@ def price(workload: Workload, layout: Layout) -> Estimate:
     return estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
 
 
-def layout_from_flags(devices: int, **flags: Any) -> Layout:
-    """Layout from CLI flags; unset flags take defaults (fsdp = all data-parallel ranks)."""
-    values: dict[str, Any] = {"devices": devices}
-    kernels = {}
-    for key, value in flags.items():
-        if value is None:
-            continue
-        if key in ("attention", "moe_gemm", "loss"):
-            kernels[key] = value
-        else:
-            values[key] = value
-    if devices is None or devices < 1:
-        raise InputError(f"--devices must be a positive integer, got {devices}.")
-    if "fsdp" not in values:
-        tp, pp = values.get("tp", 1), values.get("pp", 1)
-        if isinstance(tp, int) and isinstance(pp, int) and tp >= 1 and pp >= 1:
-            values["fsdp"] = max(1, devices // (tp * pp))
-    if kernels:
-        values["kernels"] = kernels
-    return layout_from_dict(values)
+def layout_from_flags(flags: dict[str, Any]) -> Layout:
+    """Layout from CLI flags ({knob: value, None where unset}); unset knobs take the declared
+    defaults (see xplan.layout)."""
+    checked = {name: parse_knob(name, value) for name, value in flags.items() if value is not None}
+    return layout_from_dict(flat_to_nested(checked))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xplan.errors import InputError
-from xplan.layout import DEFAULT_KERNELS, Layout, check_layout
+from xplan.layout import DEFAULT_KERNELS, DEVICE_TYPE_OF_KIND, Layout, check_layout, runtime_refusals
 
 from .pricing import Workload, get_trace, load_hw, load_model_config
 
@@ -41,6 +41,8 @@ class SearchResult:
     candidates_evaluated: int
     search_time_s: float
     smallest: dict[str, Any] = field(default_factory=dict)  # lowest-peak estimate without / with offload
+    best_runnable: Any = None  # fastest fitting estimate the runtime executes on the profile's device
+    device_type: str = "cuda"
     rejected: dict[str, int] = field(default_factory=dict)  # constraint -> count
 
 
@@ -66,16 +68,30 @@ def recompute_chains(recomputes: list) -> list[list]:
     return chains
 
 
-def fsdp_choices(dp_world: int, profile, allow_3d: bool = False) -> list[int]:
+def search_dp_mode(fsdp: int, dp_world: int) -> str:
+    """The data-parallel mode the search prices a shard-group size as: fsdp 1 is Megatron's
+    distributed optimizer (ZeRO-1), the comparison layouts of `allow_3d`."""
+    if fsdp == dp_world:
+        return "fsdp"
+    return "zero1" if fsdp == 1 else "hsdp"
+
+
+def fsdp_choices(dp_world: int, profile, allow_3d: bool = False, dp_mode: str | None = None) -> list[int]:
     """Whole world and one unit of each interconnect level (HSDP); 1 (Megatron's distributed
-    optimizer, ZeRO-1) only when pricing 3D layouts for comparison, since the runtime executes
-    FSDP2 and would run fsdp = 1 as plain data parallel."""
+    optimizer, ZeRO-1, priced for comparison only) when pricing 3D layouts. A pinned dp_mode
+    keeps the sizes it allows."""
+    if dp_mode in ("ddp", "zero1"):
+        return [1]
+    if dp_mode == "fsdp":
+        return [dp_world]
     choices = {dp_world}
     if allow_3d or dp_world == 1:
         choices.add(1)
     for level in profile.levels:
         if level.devices and level.devices < dp_world and dp_world % level.devices == 0:
             choices.add(level.devices)
+    if dp_mode == "hsdp":
+        choices = {c for c in choices if 1 < c < dp_world}
     return sorted(choices, reverse=True)
 
 
@@ -106,8 +122,10 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
             continue
         dp_world = devices // (tp * pp)
         vpps = [pinned["vpp"]] if "vpp" in pinned else ([1, 2, 4] if pp > 1 else [1])
-        fsdps = [pinned["fsdp"]] if "fsdp" in pinned else fsdp_choices(dp_world, profile, allow_3d)
+        fsdps = [pinned["fsdp"]] if "fsdp" in pinned else fsdp_choices(dp_world, profile, allow_3d,
+                                                                        pinned.get("dp_mode"))
         for fsdp in fsdps:
+            dp_mode = pinned.get("dp_mode") or search_dp_mode(fsdp, dp_world)
             eps = [pinned["ep"]] if "ep" in pinned else ep_choices(config, fsdp, dp_world)
             sps = [pinned["sp"]] if "sp" in pinned else sp_choices(config, dp_world, workload.seq_len)
             for ep, sp, vpp in itertools.product(eps, sps, vpps):
@@ -118,7 +136,7 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
                     if per_rank and workload.global_batch % (data_parallel * m) == 0]
                 losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
                 for mb, loss in itertools.product(mbs, losses):
-                    out.append({"devices": devices, "fsdp": fsdp, "ep": ep, "sp": sp, "tp": tp, "pp": pp,
+                    out.append({"devices": devices, "dp_mode": dp_mode, "fsdp": fsdp, "ep": ep, "sp": sp, "tp": tp, "pp": pp,
                                 "vpp": vpp, "micro_batch": mb, "loss": loss})
     return out
 
@@ -138,6 +156,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     precision = pinned.pop("precision", "bf16")
     # The runtime compiles blocks (fused elementwise kernels) on accelerators and stays eager on CPU.
     elementwise = pinned.pop("elementwise", "eager" if profile.device.kind == "cpu" else "fused")
+    pinned_kernels = {slot: pinned.pop(slot) for slot in ("attention", "moe_gemm") if slot in pinned}
+    extra = {"tp_comm": pinned.pop("tp_comm")} if "tp_comm" in pinned else {}
     recomputes = [pinned.pop("recompute")] if "recompute" in pinned else list(RECOMPUTE_ORDER)
     offloads = [pinned.pop("offload")] if "offload" in pinned else list(OFFLOAD_ORDER)
     losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
@@ -161,16 +181,17 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
             progress(i, len(cores))
         loss = core.pop("loss")
         trace = traces[loss]
-        kernels = {**DEFAULT_KERNELS, "loss": loss, "elementwise": elementwise}
+        kernels = {**DEFAULT_KERNELS, **pinned_kernels, "loss": loss, "elementwise": elementwise}
         try:
-            check_layout(Layout(**core, precision=precision, kernels=kernels), config, workload.seq_len,
+            check_layout(Layout(**core, **extra, precision=precision, kernels=kernels), config, workload.seq_len,
                          workload.global_batch)
         except InputError as exc:
             reason = str(exc).split(" (")[0][:60]
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
         for offload, chain in itertools.product(offloads, chains):
-            layouts = [Layout(**core, recompute=r, offload=tuple(offload), precision=precision, kernels=kernels)
+            layouts = [Layout(**core, **extra, recompute=r, offload=tuple(offload), precision=precision,
+                              kernels=kernels)
                        for r in chain]
             grad_accum = layouts[0].grad_accum(workload.global_batch)
             if exhaustive:
@@ -200,8 +221,12 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         smallest[kind] = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
     if progress:
         progress(len(cores), len(cores))
-    return SearchResult(plans=rank_plans(fitting)[:top], pareto=pareto_front(fitting), candidates_evaluated=evaluated,
-                        search_time_s=time.perf_counter() - start, smallest=smallest, rejected=rejected)
+    ranked = rank_plans(fitting)
+    device_type = DEVICE_TYPE_OF_KIND.get(profile.device.kind, "cuda")
+    runnable = next((e for e in ranked if not runtime_refusals(e.layout, device_type)), None)
+    return SearchResult(plans=ranked[:top], pareto=pareto_front(fitting), candidates_evaluated=evaluated,
+                        search_time_s=time.perf_counter() - start, smallest=smallest, rejected=rejected,
+                        best_runnable=runnable, device_type=device_type)
 
 
 def rank_plans(estimates: list[Any]) -> list[Any]:

@@ -43,6 +43,7 @@ def model_dir(tmp_path_factory):
 
 
 def write_plan(path, model_dir, devices=1, fsdp=None, ep=1, training=None, predictions=None, **layout):
+    layout.setdefault("kernels", {"elementwise": "eager"})  # the CPU runtime runs elementwise ops eagerly
     lay = Layout(devices=devices, fsdp=fsdp or devices, ep=ep, precision="fp32", **layout)
     plan = make_plan(str(model_dir), "cpu", lay, {**TRAINING, **(training or {})}, predictions=predictions)
     return save_plan(plan, path)

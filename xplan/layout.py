@@ -1,12 +1,22 @@
-"""The parallel layout: one object owns every decision (XTuner-style knobs, one place).
+"""The parallel layout: every knob declared once (type, default, bounds, help, what the runtime runs).
+
+The CLI options of `estimate` and `search`, the `whatif --set` keys, the plan file's `layout`
+section and the runtime's refusals are all derived from the fields of `Layout` and `Kernels`
+below (see `knobs()`); nothing restates them.
 
 Rank arithmetic, used the same way by the cost models, the search and the runtime:
 
-    devices = tp * pp * dp_world            (dp_world: ranks that hold one model slice)
+    devices  = tp * pp * dp_world           (dp_world: ranks that hold one model slice)
     dp_world = sp * data_parallel           (sp ranks split one sequence, Ulysses)
     dp_world = fsdp * hsdp_replicas         (dense weights sharded over `fsdp` ranks)
     fsdp     = ep * expert_fsdp             (routed experts split over `ep`, then sharded)
-    fsdp == 1: no per-micro-batch sharding; optimizer states sharded over dp_world (ZeRO-1)
+
+Data-parallel modes (`dp_mode`), one meaning for planner and runtime:
+    fsdp   parameters, gradients and optimizer states sharded over all dp_world ranks (FSDP2)
+    hsdp   sharded over `fsdp` ranks, replicated across dp_world / fsdp groups (FSDP2, 2-D mesh)
+    ddp    replicated, gradients all-reduced (FSDP2 with a shard group of 1)
+    zero1  parameters and gradients replicated, optimizer states sharded over dp_world
+           (Megatron's distributed optimizer): priced for comparison, not executed yet
 
 Gradient accumulation follows from the global batch:
     global_batch = data_parallel * micro_batch * grad_accum   (sequences)
@@ -14,84 +24,163 @@ Gradient accumulation follows from the global batch:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from xplan.errors import InputError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 OFFLOAD_KINDS = ("optimizer", "params", "activations")
 PRECISIONS = ("fp32", "bf16", "fp8")
-KERNEL_CHOICES = {
-    # flash: the fused FlashAttention kernel of the profile's fit; flash1: FlashAttention-1 (older
-    # stacks); sdpa: torch's scaled_dot_product_attention.
-    "attention": ("sdpa", "eager", "flash", "flash1"),
-    "moe_gemm": ("grouped_mm", "loop"),
-    "loss": ("full", "chunked"),
-    # fused: chains of elementwise ops run as one kernel (torch.compile of each block on
-    # accelerators); eager: one kernel per aten op.
-    "elementwise": ("fused", "eager"),
-    # Tensor-parallel collectives: exposed on the critical path, or overlapped with the layer's
-    # GEMMs as Megatron's --tp-comm-overlap (Transformer Engine userbuffers) pipelines them.
-    "tp_comm": ("exposed", "overlapped"),
-}
-DEFAULT_KERNELS = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": "chunked", "elementwise": "fused",
-                   "tp_comm": "exposed"}
+DP_MODES = ("fsdp", "hsdp", "ddp", "zero1")
+DEVICE_TYPES = ("cpu", "cuda", "npu")
+_ALL = DEVICE_TYPES
+_NONE: tuple[str, ...] = ()
+_ACCELERATORS = ("cuda", "npu")
 
 
-def recompute_policies(recompute: str | float, num_blocks: int) -> list[str]:
-    """Policy of each block in order: the mode for all, or for a fraction f the first
-    ceil(f x blocks) fully recomputed and the rest none (the runtime and the cost model)."""
-    if isinstance(recompute, str):
-        return [recompute] * num_blocks
-    count = min(num_blocks, math.ceil(recompute * num_blocks - 1e-9))
-    return ["full"] * count + ["none"] * (num_blocks - count)
+def knob(default: Any = ..., help: str = "", *, flag: str | None = None, short: str | None = None,
+         runs: dict[str, tuple[str, ...]] | None = None, runtime_max: int | None = None,
+         price_only: bool = False, **bounds: Any) -> Any:
+    """A pydantic Field carrying the knob's CLI flag, help and what the runtime executes:
+    `runs` maps each choice to the device types the runtime runs it on (empty: priced only);
+    `runtime_max` is the largest integer value the runtime runs; `price_only` marks an
+    assumption about another engine that only the cost model reads."""
+    extra = {"flag": flag, "short": short, "runs": runs, "runtime_max": runtime_max, "price_only": price_only}
+    return Field(default, description=help, json_schema_extra={k: v for k, v in extra.items() if v is not None},
+                 **bounds)
 
 
-def parse_recompute(value: Any) -> str | float:
-    """'none' | 'selective' | 'full' | a fraction of blocks in [0, 1] fully recomputed."""
-    if isinstance(value, str) and value in RECOMPUTE_MODES:
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Kernels(_Frozen):
+    """Which implementation runs in each kernel slot."""
+
+    attention: Literal["sdpa", "eager", "flash", "flash1"] = knob(
+        "sdpa", "Attention kernel: sdpa (torch scaled_dot_product_attention; the blockwise path for "
+        "sinks, windows and MLA), eager (unfused matmuls), flash (the profile's fused-kernel fit), "
+        "flash1 (FlashAttention-1, older stacks).",
+        runs={"sdpa": _ALL, "eager": _NONE, "flash": _NONE, "flash1": _NONE})
+    moe_gemm: Literal["grouped_mm", "loop"] = knob(
+        "grouped_mm", "Routed-expert GEMMs: grouped_mm (torch._grouped_mm where aligned) or loop (one per expert).",
+        flag="--moe-gemm", runs={"grouped_mm": _ALL, "loop": _ALL})
+    loss: Literal["full", "chunked"] = knob(
+        "chunked", "Loss kernel: full logits, or chunked (LM head and cross-entropy by token chunks).",
+        runs={"full": _ALL, "chunked": _ALL})
+    elementwise: Literal["fused", "eager"] = knob(
+        "fused", "Elementwise ops: fused (each block compiled on accelerators) or eager (one kernel per op).",
+        runs={"fused": _ACCELERATORS, "eager": _ALL})
+
+    # Dict-style reads (`layout.kernels.get("loss")`) for code that takes a slot name.
+    def get(self, slot: str, default: Any = None) -> Any:
+        return getattr(self, slot, default)
+
+    def __getitem__(self, slot: str) -> Any:
+        return getattr(self, slot)
+
+
+class Layout(_Frozen):
+    """Every layout decision. Build with `layout_from_dict` (messages that name the knob)."""
+
+    devices: int = knob(..., "Total number of devices.", short="-n", ge=1)
+    dp_mode: Literal["fsdp", "hsdp", "ddp", "zero1"] | None = knob(
+        None, "Data-parallel mode: fsdp (shard over all data-parallel ranks), hsdp (shard over --fsdp ranks, "
+        "replicate across groups), ddp (replicate, all-reduce gradients), zero1 (shard optimizer states only, "
+        "Megatron's distributed optimizer; priced, not run). Default: zero1 with tp or pp > 1, else from "
+        "--fsdp (all ranks: fsdp; 1: ddp; between: hsdp).",
+        flag="--dp-mode", runs={"fsdp": _ALL, "hsdp": _ALL, "ddp": _ALL, "zero1": _NONE})
+    fsdp: int | None = knob(None, "FSDP shard-group size in ranks (hsdp: < data-parallel ranks); "
+                            "default all data-parallel ranks, 1 for ddp and zero1.", ge=1)
+    ep: int = knob(1, "Expert-parallel size.", ge=1)
+    sp: int = knob(1, "Ulysses sequence-parallel degree.", ge=1)
+    tp: int = knob(1, "Tensor-parallel degree (priced for comparison, not run).", ge=1, runtime_max=1)
+    pp: int = knob(1, "Pipeline-parallel stages (priced for comparison, not run).", ge=1, runtime_max=1)
+    vpp: int = knob(1, "Virtual pipeline stages per rank (interleaved 1F1B; priced, not run).", ge=1,
+                    runtime_max=1)
+    micro_batch: int = knob(1, "Sequences per micro-batch per data-parallel rank.", ge=1)
+    recompute: str | float = knob("none", "none | selective | full | fraction of layers fully recomputed "
+                                  "(e.g. 0.5).")
+    offload: tuple[str, ...] = knob((), "none | optimizer,params,activations (comma-separated).")
+    precision: Literal["fp32", "bf16", "fp8"] = knob(
+        "bf16", "fp32 | bf16 | fp8 (fp8 GEMMs are priced, not run yet).",
+        runs={"fp32": _ALL, "bf16": _ALL, "fp8": _NONE})
+    tp_comm: Literal["exposed", "overlapped"] = knob(
+        "exposed", "Tensor-parallel collectives exposed, or overlapped with the GEMMs as Megatron's "
+        "--tp-comm-overlap runs them (an assumption about that engine; only the cost model reads it).",
+        flag="--tp-comm", price_only=True)
+    kernels: Kernels = Field(default_factory=Kernels, description="Kernel choice per slot.")
+
+    @field_validator("devices", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        # No coercion: "8" or True in a plan file is a mistake to report, not to guess.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError("must be a positive integer")
         return value
-    try:
-        fraction = float(value)
-    except (TypeError, ValueError):
-        raise InputError(
-            f"recompute must be one of {', '.join(RECOMPUTE_MODES)} or a fraction of layers in [0, 1], got {value!r}."
-        ) from None
-    if not 0.0 <= fraction <= 1.0:
-        raise InputError(f"recompute fraction must be in [0, 1], got {fraction}.")
-    return "none" if fraction == 0 else "full" if fraction == 1 else fraction
 
+    @field_validator("recompute", mode="before")
+    @classmethod
+    def _recompute(cls, value: Any) -> str | float:
+        return parse_recompute(value)
 
-def parse_offload(value: Any) -> tuple[str, ...]:
-    """'none', a comma-separated string, or a list of offload kinds."""
-    if value is None or value == "none" or value == []:
-        return ()
-    items = value.split(",") if isinstance(value, str) else list(value)
-    items = [str(i).strip() for i in items if str(i).strip() and str(i).strip() != "none"]
-    bad = [i for i in items if i not in OFFLOAD_KINDS]
-    if bad:
-        raise InputError(f"offload must be 'none' or a comma-separated subset of {', '.join(OFFLOAD_KINDS)}; "
-                         f"got {', '.join(bad)}.")
-    return tuple(k for k in OFFLOAD_KINDS if k in items)
+    @field_validator("offload", mode="before")
+    @classmethod
+    def _offload(cls, value: Any) -> tuple[str, ...]:
+        return parse_offload(value)
 
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _kernels(cls, value: Any) -> Any:
+        return Kernels(**value) if isinstance(value, dict) else value
 
-@dataclass(frozen=True)
-class Layout:
-    devices: int
-    fsdp: int
-    ep: int = 1
-    sp: int = 1
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    micro_batch: int = 1
-    recompute: str | float = "none"
-    offload: tuple[str, ...] = ()
-    precision: str = "bf16"
-    kernels: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_KERNELS))
+    @model_validator(mode="after")
+    def _resolve_dp_mode(self) -> Layout:
+        tp_pp = self.tp * self.pp
+        if self.devices % tp_pp:
+            raise ValueError(f"devices ({self.devices}) must be a multiple of tp × pp ({self.tp} × {self.pp})")
+        dp_world = self.devices // tp_pp
+        mode, fsdp = self.dp_mode, self.fsdp
+        derived = mode is None
+        if derived:
+            if fsdp is None:
+                mode = "zero1" if tp_pp > 1 else "fsdp"
+            elif fsdp == dp_world:
+                mode = "fsdp"
+            elif fsdp == 1:
+                mode = "zero1" if tp_pp > 1 else "ddp"
+            else:
+                mode = "hsdp"
+        if fsdp is None:
+            if mode == "hsdp":
+                raise ValueError("dp_mode hsdp needs the shard-group size: set fsdp")
+            fsdp = dp_world if mode == "fsdp" else 1
+        expected = {"fsdp": fsdp == dp_world, "hsdp": 1 < fsdp < dp_world, "ddp": fsdp == 1, "zero1": fsdp == 1}
+        # A derived mode is consistent by construction; a size that does not divide dp_world is
+        # check_layout's to report, with the rest of the divisibility rules.
+        if not derived and not expected[mode]:
+            need = {"fsdp": f"fsdp = {dp_world} (all data-parallel ranks)", "hsdp": f"1 < fsdp < {dp_world}",
+                    "ddp": "fsdp = 1", "zero1": "fsdp = 1"}[mode]
+            raise ValueError(f"dp_mode {mode} needs {need}, got fsdp = {fsdp}")
+        object.__setattr__(self, "dp_mode", mode)
+        object.__setattr__(self, "fsdp", fsdp)
+        return self
 
+    # ------------------------------------------------------------------ derived
     @property
     def dp_world(self) -> int:
         return self.devices // (self.tp * self.pp)
@@ -111,9 +200,9 @@ class Layout:
 
     @property
     def zero1(self) -> bool:
-        """fsdp == 1: parameters and gradients replicated, optimizer states sharded over the
-        data-parallel ranks (Megatron's distributed optimizer); gathered once per step."""
-        return self.fsdp == 1
+        """Parameters and gradients replicated, optimizer states sharded over the data-parallel
+        ranks (Megatron's distributed optimizer); gathered once per step."""
+        return self.dp_mode == "zero1"
 
     def recompute_policies(self, num_blocks: int) -> list[str]:
         return recompute_policies(self.recompute, num_blocks)
@@ -129,55 +218,208 @@ class Layout:
         if global_batch % per_step:
             raise InputError(
                 f"global batch {global_batch} is not a multiple of data_parallel ({self.data_parallel}) × "
-                f"micro_batch ({self.micro_batch}) = {per_step}; change --global-batch or --micro-batch."
+                f"micro_batch ({self.micro_batch}) = {per_step}; change the global batch or the micro-batch."
             )
         return global_batch // per_step
 
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+    def settings(self) -> dict[str, Any]:
+        """The declared knobs as plain data (what a plan file's `layout` holds, plus devices)."""
+        out = self.model_dump(mode="json")
         out["offload"] = list(self.offload)
-        out.update(dp_world=self.dp_world, data_parallel=self.data_parallel,
-                   hsdp_replicas=self.hsdp_replicas, expert_fsdp=self.expert_fsdp)
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every knob plus the derived sizes (JSON output)."""
+        return {**self.settings(), **{name: getattr(self, name) for name in DERIVED_FIELDS}}
+
     def with_changes(self, **changes: Any) -> Layout:
-        return replace(self, **changes)
+        return layout_from_dict({**self.settings(), **changes})
 
 
 DERIVED_FIELDS = ("dp_world", "data_parallel", "hsdp_replicas", "expert_fsdp")
+DEFAULT_KERNELS = Kernels().model_dump()
+KERNEL_CHOICES = {name: tuple(info.json_schema_extra["runs"]) for name, info in Kernels.model_fields.items()}
+
+
+# ---------------------------------------------------------------------------- the knob table
+@dataclass(frozen=True)
+class KnobInfo:
+    """One declared knob, as the CLI, whatif and the runtime checks see it."""
+
+    name: str  # key in a flat {knob: value} mapping (kernel slots by their own name)
+    path: tuple[str, ...]  # where it lives in Layout: ("fsdp",) or ("kernels", "loss")
+    flag: str
+    short: str | None
+    help: str
+    kind: type  # int or str: how a command-line string is read
+    default: Any
+    required: bool
+    runs: dict[str, tuple[str, ...]] | None
+    runtime_max: int | None
+    price_only: bool
+
+
+def _kind(annotation: Any) -> type:
+    text = str(annotation)
+    return int if "int" in text and "float" not in text else str
+
+
+def knobs(model: type[BaseModel] | None = None) -> Iterator[KnobInfo]:
+    """Every knob of `model` (default `Layout`), nested models (kernels) flattened."""
+    model = model or Layout
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for sub in knobs(annotation):
+                yield dataclasses.replace(sub, path=(name, *sub.path))
+            continue
+        extra = info.json_schema_extra or {}
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        yield KnobInfo(name, (name,), extra.get("flag") or "--" + name.replace("_", "-"), extra.get("short"),
+                       info.description or "", _kind(annotation), default, info.is_required(), extra.get("runs"),
+                       extra.get("runtime_max"), bool(extra.get("price_only")))
+
+
+def flat_to_nested(flat: dict[str, Any], model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """{knob name: value} (as from CLI flags or `--set`) -> the nested Layout mapping; None values
+    are left out (unset)."""
+    out: dict[str, Any] = {}
+    for info in knobs(model):
+        value = flat.get(info.name)
+        if value is None:
+            continue
+        target = out
+        for part in info.path[:-1]:
+            target = target.setdefault(part, {})
+        target[info.path[-1]] = value
+    return out
+
+
+def knob_value(layout: Layout, info: KnobInfo) -> Any:
+    value: Any = layout
+    for part in info.path:
+        value = getattr(value, part)
+    return value
+
+
+def runtime_refusals(layout: Layout, device_type: str | None) -> list[str]:
+    """Why the runtime would not execute `layout` on `device_type` (empty: it runs as priced).
+    With no device type, only values the runtime executes nowhere are reported."""
+    out = []
+    for info in knobs(type(layout)):
+        value = knob_value(layout, info)
+        if info.runs is not None:
+            where = info.runs.get(value, ())
+            if not where:
+                out.append(f"{'.'.join(info.path)} = {value} is priced only (the runtime does not execute it)")
+            elif device_type is not None and device_type not in where:
+                out.append(f"{'.'.join(info.path)} = {value} runs on {', '.join(where)} only, not {device_type}")
+        if info.runtime_max is not None and value > info.runtime_max:
+            out.append(f"{info.name} = {value} is priced only (the runtime executes {info.name} = "
+                       f"{info.runtime_max})")
+    return out
+
+
+# A hardware profile's device kind -> the torch device type the runtime runs it as.
+DEVICE_TYPE_OF_KIND = {"gpu": "cuda", "npu": "npu", "cpu": "cpu"}
+
+
+def parse_knob(name: str, value: Any) -> Any:
+    """One knob's value checked on its own (a pinned search flag, a `whatif --set`); strings from
+    the command line are read as the knob's type. Raises InputError naming the flag."""
+    info = next((k for k in knobs() if k.name == name), None)
+    if info is None:
+        raise InputError(f"unknown layout knob {name!r}; known: {', '.join(k.name for k in knobs())}.")
+    if info.kind is int and isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise InputError(f"{info.flag} needs an integer, got {value!r}.") from None
+    if name == "recompute":
+        return parse_recompute(value)
+    if name == "offload":
+        return parse_offload(value)
+    model: type[BaseModel] = Layout
+    for part in info.path[:-1]:
+        model = model.model_fields[part].annotation
+    field = model.model_fields[info.path[-1]]
+    try:
+        TypeAdapter(Annotated[field.annotation, field]).validate_python(value)
+        if info.kind is int and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError("must be a positive integer")
+    except (ValidationError, ValueError) as exc:
+        reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        raise InputError(f"{info.flag}: {reason}, got {value!r}.") from None
+    return value
+
+
+# ---------------------------------------------------------------------------- parsing
+def recompute_policies(recompute: str | float, num_blocks: int) -> list[str]:
+    """Policy of each block in order: the mode for all, or for a fraction f the first
+    ceil(f x blocks) fully recomputed and the rest none (the runtime and the cost model)."""
+    if isinstance(recompute, str):
+        return [recompute] * num_blocks
+    count = min(num_blocks, math.ceil(recompute * num_blocks - 1e-9))
+    return ["full"] * count + ["none"] * (num_blocks - count)
+
+
+def parse_recompute(value: Any) -> str | float:
+    """'none' | 'selective' | 'full' | a fraction of blocks in [0, 1] fully recomputed."""
+    if isinstance(value, str) and value in RECOMPUTE_MODES:
+        return value
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"recompute must be one of {', '.join(RECOMPUTE_MODES)} or a fraction of layers in [0, 1], got {value!r}."
+        ) from None
+    if not 0.0 <= fraction <= 1.0:
+        raise InputError(f"recompute fraction must be in [0, 1], got {fraction}.")
+    return "none" if fraction == 0 else "full" if fraction == 1 else fraction
+
+
+def parse_offload(value: Any) -> tuple[str, ...]:
+    """'none', a comma-separated string, or a list of offload kinds."""
+    if value is None or value == "none" or value == [] or value == ():
+        return ()
+    if not isinstance(value, (str, list, tuple)):
+        raise InputError(f"offload must be 'none' or a comma-separated subset of {', '.join(OFFLOAD_KINDS)}; "
+                         f"got {value!r}.")
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [str(i).strip() for i in items if str(i).strip() and str(i).strip() != "none"]
+    bad = [i for i in items if i not in OFFLOAD_KINDS]
+    if bad:
+        raise InputError(f"offload must be 'none' or a comma-separated subset of {', '.join(OFFLOAD_KINDS)}; "
+                         f"got {', '.join(bad)}.")
+    return tuple(k for k in OFFLOAD_KINDS if k in items)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        known = ", ".join(info.name for info in knobs())
+        return f"unknown layout key {where!r}; known: {known}"
+    if error["type"] == "missing":
+        return f"layout.{where} is required"
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, InputError):  # our own parsers' messages already say what was given
+        return f"layout.{where}: {cause}".rstrip(".")
+    given = f", got {error['input']!r}" if "input" in error and not isinstance(error["input"], dict) else ""
+    return f"layout.{where}: {message}{given}" if where else message
 
 
 def layout_from_dict(data: dict[str, Any]) -> Layout:
-    """Build and type-check a Layout from a plain dict (derived fields are ignored)."""
-    known = {f for f in Layout.__dataclass_fields__}
-    unknown = sorted(set(data) - known - set(DERIVED_FIELDS))
-    if unknown:
-        raise InputError(f"unknown layout key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    values = {k: v for k, v in data.items() if k in known}
-    for key in ("devices", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch"):
-        if key in values:
-            v = values[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"layout.{key} must be a positive integer, got {v!r}.")
-    if "devices" not in values:
-        raise InputError("layout.devices is required.")
-    values.setdefault("fsdp", values["devices"])
-    values["recompute"] = parse_recompute(values.get("recompute", "none"))
-    values["offload"] = parse_offload(values.get("offload", ()))
-    precision = values.get("precision", "bf16")
-    if precision not in PRECISIONS:
-        raise InputError(f"layout.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
-    kernels = dict(DEFAULT_KERNELS)
-    given = values.get("kernels") or {}
-    if not isinstance(given, dict):
-        raise InputError("layout.kernels must be a mapping such as {attention: sdpa}.")
-    for kind, choice in given.items():
-        if kind not in KERNEL_CHOICES or choice not in KERNEL_CHOICES[kind]:
-            raise InputError(f"layout.kernels.{kind}={choice!r} is not valid; choices: "
-                             + "; ".join(f"{k}: {', '.join(v)}" for k, v in KERNEL_CHOICES.items()) + ".")
-        kernels[kind] = choice
-    values["kernels"] = kernels
-    return Layout(**values)
+    """Build and type-check a Layout from a plain mapping (derived fields are ignored)."""
+    if not isinstance(data, dict):
+        raise InputError(f"a layout must be a mapping of knobs, got {type(data).__name__}.")
+    values = {k: v for k, v in data.items() if k not in DERIVED_FIELDS}
+    try:
+        return Layout(**values)
+    except ValidationError as exc:
+        raise InputError("; ".join(_describe(e) for e in exc.errors()[:3]) + ".") from None
 
 
 def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None = None) -> None:

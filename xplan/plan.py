@@ -61,27 +61,13 @@ class TrainingSettings(_Strict):
     data: DataSettings = DataSettings()
 
 
-class LayoutSettings(_Strict):
-    fsdp: int = Field(..., ge=1)
-    ep: int = Field(1, ge=1)
-    sp: int = Field(1, ge=1)
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
-    vpp: int = Field(1, ge=1)
-    micro_batch: int = Field(1, ge=1)
-    recompute: str | float = "none"
-    offload: list[str] = []
-    precision: Literal["fp32", "bf16", "fp8"] = "bf16"
-    kernels: dict[str, str] = {}
-
-
 class PlanFile(_Strict):
     xplan_plan: Literal[1]
     model: str = Field(..., min_length=1)  # preset name or config directory
     hardware: str = Field(..., min_length=1)  # profile name or YAML path
     devices: int = Field(..., ge=1)
     devices_per_node: int | None = Field(None, ge=1)
-    layout: LayoutSettings
+    layout: dict[str, Any] = {}  # every knob of xplan.layout.Layout but devices (validated there)
     training: TrainingSettings
     predictions: dict[str, Any] = {}  # what the cost models said; compared with measurements
     notes: str = ""
@@ -92,7 +78,9 @@ class Plan:
 
     def __init__(self, data: PlanFile):
         self.data = data
-        self.layout: Layout = layout_from_dict({"devices": data.devices, **data.layout.model_dump()})
+        if "devices" in data.layout:
+            raise InputError("layout.devices: the device count is the plan's top-level `devices`.")
+        self.layout: Layout = layout_from_dict({"devices": data.devices, **data.layout})
 
     @property
     def model(self) -> str:
@@ -135,6 +123,8 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
     except ValidationError as exc:
         problems = "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
         raise InputError(f"{source} is not a valid plan: {problems}.") from None
+    except InputError as exc:
+        raise InputError(f"{source} is not a valid plan: {exc}") from None
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -154,8 +144,7 @@ def make_plan(model: str, hardware: str, layout: Layout, training: dict[str, Any
               predictions: dict[str, Any] | None = None, devices_per_node: int | None = None,
               notes: str = "") -> Plan:
     """Assemble a plan from a Layout (used by search and by tests that write plans by hand)."""
-    layout_fields = {k: v for k, v in layout.to_dict().items()
-                     if k in LayoutSettings.model_fields}
+    layout_fields = {k: v for k, v in layout.settings().items() if k != "devices"}
     return plan_from_dict({
         "xplan_plan": PLAN_VERSION, "model": model, "hardware": hardware, "devices": layout.devices,
         "devices_per_node": devices_per_node, "layout": layout_fields, "training": training,

@@ -31,7 +31,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from xplan.errors import InputError
-from xplan.layout import Layout, check_layout
+from xplan.layout import Layout, check_layout, runtime_refusals
 
 from ..models.moe import MoE
 from ..recompute import apply_recompute
@@ -44,12 +44,18 @@ log = logging.getLogger("xplan.runtime.distributed")
 
 
 def check_runtime_layout(layout: Layout, config, seq_len: int | None = None, global_batch: int | None = None,
-                         world_size: int | None = None) -> None:
-    """The planner's layout checks plus what this runtime can execute; raises InputError."""
+                         world_size: int | None = None, device_type: str | None = None) -> None:
+    """The planner's layout checks plus what this runtime executes (declared with each knob in
+    xplan.layout; on `device_type` when given); raises InputError."""
     if layout.tp > 1 or layout.pp > 1 or layout.vpp > 1:
         raise InputError(f"the runtime does not execute tensor or pipeline parallelism yet (tp={layout.tp}, "
                          f"pp={layout.pp}, vpp={layout.vpp}); choose a layout with tp = pp = vpp = 1 "
                          "(e.g. `xplan search ... --tp 1 --pp 1`).")
+    refusals = runtime_refusals(layout, device_type)
+    if refusals:
+        raise InputError(f"the runtime would not execute this layout as priced: {'; '.join(refusals)}. "
+                         "Change those values (`xplan whatif PLAN --set key=value` shows the cost) or re-run "
+                         "`xplan search`, which writes only layouts the runtime executes.")
     if world_size is not None and world_size != layout.devices:
         raise InputError(f"the layout is for {layout.devices} devices but the run has {world_size} processes.")
     check_layout(layout, config, seq_len if seq_len is not None else layout.sp, global_batch)

@@ -67,7 +67,7 @@ def check_device(device_type: str, hardware: str, local_world: int) -> None:
 
 def preflight(plan, options: RunOptions, plan_dir: Path | None) -> None:
     """Everything that can be checked before any process starts (each raises InputError)."""
-    check_plan_for_runtime(plan)
+    check_plan_for_runtime(plan, options.device_type)
     check_data_settings(plan.training.data, plan_dir)
     if options.checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be >= 0, got {options.checkpoint_every}.")

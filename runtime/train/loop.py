@@ -57,13 +57,15 @@ def load_run_plan(plan_path: str | Path):
     return load_plan(plan_path)
 
 
-def check_plan_for_runtime(plan) -> Any:
-    """Checks that need the model config; returns it. Raises InputError."""
+def check_plan_for_runtime(plan, device_type: str | None = None) -> Any:
+    """Checks that need the model config (and what the runtime executes on `device_type`);
+    returns the config. Raises InputError."""
     from xplan.runtime import load_config
     from xplan.runtime.distributed import check_runtime_layout
 
     config = load_config(plan.model)
-    check_runtime_layout(plan.layout, config, plan.training.seq_len, plan.training.global_batch)
+    check_runtime_layout(plan.layout, config, plan.training.seq_len, plan.training.global_batch,
+                         device_type=device_type)
     if plan.training.seq_len > config.max_position_embeddings:
         raise InputError(f"seq_len {plan.training.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings}).")
@@ -74,7 +76,7 @@ def train(plan, options: RunOptions, plan_dir: Path | None = None) -> dict[str, 
     """Run the plan on this rank. Returns the run summary on rank 0 (None on other ranks)."""
     from xplan.runtime import load_model
 
-    config = check_plan_for_runtime(plan)
+    config = check_plan_for_runtime(plan, options.device_type)
     training = plan.training
     layout = plan.layout
     ctx = setup(layout, options.device_type, options.timeout_s)

@@ -22,7 +22,7 @@ def render_estimate(title: str, est) -> None:
     summary.add_row("MFU (bf16 peak)", f"{d['mfu']:.1%}")
     summary.add_row("peak memory", f"{mem['total']:.1f} / {mem['capacity']:.0f} GiB")
     lay = d["layout"]
-    summary.add_row("layout", " ".join(f"{k}={lay[k]}" for k in ("devices", "fsdp", "ep", "sp", "tp", "pp", "vpp",
+    summary.add_row("layout", " ".join(f"{k}={lay[k]}" for k in ("devices", "dp_mode", "fsdp", "ep", "sp", "tp", "pp", "vpp",
                                                                    "micro_batch", "recompute", "precision")))
     if lay["offload"]:
         summary.add_row("offload", ",".join(lay["offload"]))
@@ -48,40 +48,30 @@ def render_estimate(title: str, est) -> None:
 
 
 @app.command("estimate")
+@opt.layout_options
 def estimate_cmd(
     model: str = typer.Argument(..., help="Preset name or directory with config.json."),
     hardware: str = typer.Argument(..., help="Hardware profile name (see `xplan hw`) or YAML path."),
-    devices: int = opt.DEVICES,
     seq_len: int = opt.SEQ_LEN,
-    global_batch: int = opt.GLOBAL_BATCH,
-    micro_batch: int = opt.MICRO_BATCH,
-    fsdp: int = opt.FSDP,
-    ep: int = opt.EP,
-    sp: int = opt.SP,
-    tp: int = opt.TP,
-    pp: int = opt.PP,
-    vpp: int = opt.VPP,
-    recompute: str = opt.RECOMPUTE,
-    offload: str = opt.OFFLOAD,
-    precision: str = opt.PRECISION,
-    loss: str = opt.LOSS,
+    global_batch: int = typer.Option(None, "--global-batch", help="Sequences per optimizer step (default: one "
+                                     "micro-batch per data-parallel rank, no accumulation)."),
     imbalance: float = opt.IMBALANCE,
     json_out: bool = JSON_OPTION,
+    layout_flags: dict = None,
 ) -> None:
     """Price one fixed layout: memory and time breakdowns, tokens/s/device, MFU, fits or not.
 
     Examples:
       [bold]xplan estimate qwen3-235b-a22b h800 --devices 256 --ep 8 --micro-batch 8 --recompute full[/]
-      [bold]xplan estimate llama3-70b h100 --devices 64 --tp 4 --pp 4 --fsdp 1 --json[/]
+      [bold]xplan estimate llama3-70b h100 --devices 64 --tp 4 --pp 4 --json[/]
     """
     from xplan.planner.pricing import Workload, layout_from_flags, price
 
-    layout = layout_from_flags(devices, fsdp=fsdp, ep=ep, sp=sp, tp=tp, pp=pp, vpp=vpp, micro_batch=micro_batch,
-                               recompute=recompute, offload=offload, precision=precision, loss=loss)
+    layout = layout_from_flags(layout_flags)
     if global_batch is None:
         global_batch = layout.data_parallel * layout.micro_batch
     est = price(Workload(model, hardware, seq_len, global_batch, imbalance), layout)
     if json_out:
         print_json({"model": model, "hardware": hardware, **est.to_dict()})
         return
-    render_estimate(f"{model} on {devices} × {hardware}, seq {seq_len}, global batch {global_batch}", est)
+    render_estimate(f"{model} on {layout.devices} × {hardware}, seq {seq_len}, global batch {global_batch}", est)

@@ -1,22 +1,58 @@
-"""Command-line options shared by estimate, search and whatif (names from DESIGN.md)."""
+"""Command-line options shared by estimate, search and whatif (names from DESIGN.md).
+
+The layout flags are not written here: `layout_options` derives one option per knob of
+`xplan.layout.Layout` (flag, type, help) when the command is built, so a knob declared there is
+on the command line, in the plan file and among the whatif keys at once.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from typing import Any, Optional
+
 import typer
 
-DEVICES = typer.Option(..., "--devices", "-n", help="Total number of devices.")
 SEQ_LEN = typer.Option(4096, "--seq-len", help="Tokens per sequence.")
-GLOBAL_BATCH = typer.Option(None, "--global-batch",
-                            help="Sequences per optimizer step (default: 4 per device).")
-MICRO_BATCH = typer.Option(None, "--micro-batch", help="Sequences per micro-batch per data-parallel rank.")
-FSDP = typer.Option(None, "--fsdp", help="FSDP shard-group size (devices; < world = HSDP; 1 = ZeRO-1).")
-EP = typer.Option(None, "--ep", help="Expert-parallel size.")
-SP = typer.Option(None, "--sp", help="Ulysses sequence-parallel degree.")
-TP = typer.Option(None, "--tp", help="Tensor-parallel degree (priced for comparison).")
-PP = typer.Option(None, "--pp", help="Pipeline-parallel stages (priced for comparison).")
-VPP = typer.Option(None, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B).")
-RECOMPUTE = typer.Option(None, "--recompute", help="none | selective | full | fraction of layers (e.g. 0.5).")
-OFFLOAD = typer.Option(None, "--offload", help="none | optimizer,params,activations (comma-separated).")
-PRECISION = typer.Option(None, "--precision", help="fp32 | bf16 | fp8.")
-LOSS = typer.Option(None, "--loss", help="Loss kernel: full | chunked.")
 IMBALANCE = typer.Option(1.0, "--imbalance", help="Busiest expert-parallel rank's routed load over the mean.")
+
+LAYOUT_FLAGS = "layout_flags"  # the parameter a decorated command receives the knob values in
+
+
+def _knob_parameters() -> list[inspect.Parameter]:
+    from xplan.layout import knobs
+
+    params = []
+    for info in knobs():
+        names = [info.flag] + ([info.short] if info.short else [])
+        default = ... if info.required else None
+        shown = "" if info.required or info.default in (None, ()) else f" (default: {info.default})"
+        option = typer.Option(default, *names, help=info.help + shown, show_default=False)
+        params.append(inspect.Parameter(info.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[info.kind]))  # noqa: UP045 - typer reads it
+    return params
+
+
+class layout_options:  # noqa: N801 - used as a decorator
+    """Give a typer command one option per layout knob; it receives them as `layout_flags`
+    ({knob name: value, None where unset}). The signature is computed when typer builds the
+    command, from the knobs declared at that moment."""
+
+    def __init__(self, func):
+        functools.update_wrapper(self, func)
+        self._func = func
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        own = [p for p in inspect.signature(self._func, eval_str=True).parameters.values()
+               if p.name != LAYOUT_FLAGS]
+        positional = [p for p in own if p.default is inspect.Parameter.empty or
+                      type(p.default).__name__ == "ArgumentInfo"]
+        rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in positional]
+        return inspect.Signature(positional + _knob_parameters() + rest)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from xplan.layout import knobs
+
+        flags = {info.name: kwargs.pop(info.name, None) for info in knobs()}
+        return self._func(*args, **{LAYOUT_FLAGS: flags}, **kwargs)

@@ -14,7 +14,7 @@ from .app import JSON_OPTION, app, console, console_err, print_json
 
 def layout_summary(d: dict) -> str:
     lay = d["layout"]
-    parts = [f"fsdp{lay['fsdp']}"]
+    parts = [f"{lay['dp_mode']}{lay['fsdp']}" if lay["dp_mode"] in ("fsdp", "hsdp") else lay["dp_mode"]]
     for key in ("ep", "sp", "tp", "pp"):
         if lay[key] > 1:
             parts.append(f"{key}{lay[key]}")
@@ -26,42 +26,37 @@ def layout_summary(d: dict) -> str:
     return " ".join(parts)
 
 
-def plan_table(title: str, estimates) -> Table:
+def plan_table(title: str, estimates, refusals: dict | None = None) -> Table:
+    """`refusals` (id(estimate) -> reasons) marks layouts the runtime does not execute with *."""
     table = Table(title=title)
     for col in ("#", "tok/s/dev", "MFU", "step s", "GiB", "layout", "binding"):
         table.add_column(col, justify="left" if col in ("layout", "binding") else "right")
     for i, est in enumerate(estimates, 1):
         d = est.to_dict()
-        table.add_row(str(i), f"{d['tokens_per_s_per_device']:,.0f}", f"{d['mfu']:.1%}", f"{d['step_time_s']:.2f}",
+        mark = "*" if refusals and refusals.get(id(est)) else ""
+        table.add_row(f"{i}{mark}", f"{d['tokens_per_s_per_device']:,.0f}", f"{d['mfu']:.1%}", f"{d['step_time_s']:.2f}",
                       f"{d['memory_gib']['total']:.1f}", layout_summary(d), d["binding"])
     return table
 
 
 @app.command("search")
+@opt.layout_options
 def search_cmd(
     model: str = typer.Argument(..., help="Preset name or directory with config.json."),
     hardware: str = typer.Argument(..., help="Hardware profile name (see `xplan hw`) or YAML path."),
-    devices: int = opt.DEVICES,
     seq_len: int = opt.SEQ_LEN,
-    global_batch: int = opt.GLOBAL_BATCH,
-    micro_batch: int = opt.MICRO_BATCH,
-    fsdp: int = opt.FSDP,
-    ep: int = opt.EP,
-    sp: int = opt.SP,
-    tp: int = opt.TP,
-    pp: int = opt.PP,
-    vpp: int = opt.VPP,
-    recompute: str = opt.RECOMPUTE,
-    offload: str = opt.OFFLOAD,
-    precision: str = opt.PRECISION,
-    loss: str = opt.LOSS,
+    global_batch: int = typer.Option(None, "--global-batch",
+                                     help="Sequences per optimizer step (default: one per device)."),
     imbalance: float = opt.IMBALANCE,
-    allow_3d: bool = typer.Option(False, "--allow-3d", help="Also explore tensor and pipeline parallelism."),
+    allow_3d: bool = typer.Option(False, "--allow-3d", help="Also price tensor and pipeline parallelism "
+                                  "(listed for comparison; the runtime does not execute them)."),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="Price the whole space without pruning."),
     top: int = typer.Option(10, "--top", help="How many plans to list."),
     steps: int = typer.Option(10, "--steps", help="Training steps written into the plan."),
-    output: Path = typer.Option(None, "-o", "--output", help="Write the best plan to this YAML file."),
+    output: Path = typer.Option(None, "-o", "--output", help="Write the best plan the runtime executes "
+                                "to this YAML file."),
     json_out: bool = JSON_OPTION,
+    layout_flags: dict = None,
 ) -> None:
     """Find the fastest layouts that fit; layout flags pin those decisions.
 
@@ -71,26 +66,13 @@ def search_cmd(
       [bold]xplan search ./tiny-moe cpu --devices 4 --seq-len 64 --global-batch 8 --precision fp32 -o plan.yaml[/]
     """
     from xplan.errors import InputError
-    from xplan.layout import parse_offload, parse_recompute
+    from xplan.layout import parse_knob, runtime_refusals
     from xplan.plan import make_plan, save_plan
-    from xplan.planner.pricing import Workload
+    from xplan.planner.pricing import Workload, load_hw
     from xplan.planner.search import explain_nothing_fits, search
 
-    if devices < 1:
-        raise InputError(f"--devices must be a positive integer, got {devices}.")
-    pinned = {k: v for k, v in dict(fsdp=fsdp, ep=ep, sp=sp, tp=tp, pp=pp, vpp=vpp, micro_batch=micro_batch,
-                                    precision=precision, loss=loss).items() if v is not None}
-    for key in ("fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch"):
-        if key in pinned and pinned[key] < 1:
-            raise InputError(f"--{key.replace('_', '-')} must be a positive integer, got {pinned[key]}.")
-    if precision is not None and precision not in ("fp32", "bf16", "fp8"):
-        raise InputError(f"--precision must be fp32, bf16 or fp8, got {precision!r}.")
-    if loss is not None and loss not in ("full", "chunked"):
-        raise InputError(f"--loss must be full or chunked, got {loss!r}.")
-    if recompute is not None:
-        pinned["recompute"] = parse_recompute(recompute)
-    if offload is not None:
-        pinned["offload"] = parse_offload(offload)
+    devices = parse_knob("devices", layout_flags.pop("devices"))
+    pinned = {name: parse_knob(name, value) for name, value in layout_flags.items() if value is not None}
     if global_batch is None:
         global_batch = devices
     workload = Workload(model, hardware, seq_len, global_batch, imbalance)
@@ -103,27 +85,35 @@ def search_cmd(
                             progress=lambda done, total: bar.update(task, completed=done, total=total))
     if not result.plans:
         raise InputError(explain_nothing_fits(result, workload, devices))
-    best = result.plans[0]
+    refusals = {id(e): runtime_refusals(e.layout, result.device_type) for e in result.plans}
+    best = result.best_runnable
+    if not json_out:
+        console.print(plan_table(f"best layouts: {model} on {devices} × {hardware}, seq {seq_len}, "
+                                 f"global batch {global_batch}", result.plans, refusals))
+        console.print(plan_table("Pareto front (throughput vs peak memory)", result.pareto))
+        console.print(f"{result.candidates_evaluated} candidates priced in {result.search_time_s:.2f} s"
+                      + ("; * = priced for comparison, not executed by the runtime"
+                         if any(refusals.values()) else ""))
     written = None
     if output is not None:
+        if best is None:
+            raise InputError(f"no plan written: no fitting layout is executed by the runtime on {result.device_type} "
+                             f"(the fastest: {'; '.join(refusals[id(result.plans[0])])}). Fitting layouts are listed "
+                             "for comparison; unpin those decisions to get a plan `xplan run` executes.")
         training = {"seq_len": seq_len, "global_batch": global_batch, "steps": steps}
         predictions = {k: v for k, v in best.to_dict().items() if k in (
             "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "time_s", "binding")}
-        from xplan.planner.pricing import load_hw
-
         first_level = load_hw(hardware).levels[0].devices
         plan = make_plan(model, hardware, best.layout, training, predictions, devices_per_node=first_level,
                          notes=f"written by xplan search ({result.candidates_evaluated} candidates)")
         written = str(save_plan(plan, output))
     if json_out:
         print_json({"model": model, "hardware": hardware, "devices": devices, "seq_len": seq_len,
-                    "global_batch": global_batch, "plans": [e.to_dict() for e in result.plans],
+                    "global_batch": global_batch,
+                    # runtime_refusals: why `xplan run` would not execute a layout (empty: it does)
+                    "plans": [{**e.to_dict(), "runtime_refusals": refusals[id(e)]} for e in result.plans],
                     "pareto": [e.to_dict() for e in result.pareto], "search_time_s": result.search_time_s,
                     "candidates_evaluated": result.candidates_evaluated, "plan_file": written})
-        return
-    console.print(plan_table(f"best layouts: {model} on {devices} × {hardware}, seq {seq_len}, "
-                             f"global batch {global_batch}", result.plans))
-    console.print(plan_table("Pareto front (throughput vs peak memory)", result.pareto))
-    console.print(f"{result.candidates_evaluated} candidates priced in {result.search_time_s:.2f} s")
-    if written:
-        console.print(f"best plan written to [bold]{written}[/] — run it with `xplan run {written}`")
+    elif written:
+        note = "" if best is result.plans[0] else " (the fastest layout the runtime executes)"
+        console.print(f"best plan written to [bold]{written}[/]{note} — run it with `xplan run {written}`")

@@ -10,67 +10,74 @@ from rich.table import Table
 
 from .app import JSON_OPTION, app, console, print_json
 
-WORKLOAD_KEYS = {"seq_len", "global_batch", "hardware", "hw", "model", "imbalance"}
-LAYOUT_KEYS = {"devices", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch", "recompute", "offload", "precision",
-               "loss"}
+WORKLOAD_KEYS = ("seq_len", "global_batch", "hardware", "hw", "model", "imbalance")
+
+
+def whatif_keys() -> list[str]:
+    """Workload keys and every declared layout knob (xplan.layout)."""
+    from xplan.layout import knobs
+
+    return list(WORKLOAD_KEYS) + [info.name for info in knobs()]
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:
     from xplan.errors import InputError
 
+    keys = whatif_keys()
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not value.strip():
             raise InputError(f"--set expects key=value, got {item!r}.")
-        if key not in WORKLOAD_KEYS | LAYOUT_KEYS:
-            raise InputError(f"--set {key}: unknown key; use one of {', '.join(sorted(WORKLOAD_KEYS | LAYOUT_KEYS))}.")
+        if key not in keys:
+            raise InputError(f"--set {key}: unknown key; use one of {', '.join(keys)}.")
         out[key] = value.strip()
     return out
 
 
-def _int(key: str, value: str) -> int:
-    from xplan.errors import InputError
-
-    try:
-        return int(value)
-    except ValueError:
-        raise InputError(f"--set {key} needs an integer, got {value!r}.") from None
+# Changing these re-derives the FSDP group of an fsdp-mode plan (all data-parallel ranks) unless
+# fsdp itself is set.
+_RESIZING = ("devices", "tp", "pp", "dp_mode")
 
 
 def apply_changes(workload, layout, changes: dict[str, str]):
-    from xplan.layout import layout_from_dict
+    from xplan.errors import InputError
+    from xplan.layout import flat_to_nested, knob_value, knobs, layout_from_dict, parse_knob
 
     w = {"model": workload.model, "hardware": workload.hardware, "seq_len": workload.seq_len,
          "global_batch": workload.global_batch, "imbalance": workload.imbalance}
-    lay = layout.to_dict()
+    flat = {info.name: knob_value(layout, info) for info in knobs()}
     for key, value in changes.items():
         if key in ("hardware", "hw"):
             w["hardware"] = value
         elif key == "model":
             w["model"] = value
         elif key == "imbalance":
-            w["imbalance"] = float(value)
+            try:
+                w["imbalance"] = float(value)
+            except ValueError:
+                raise InputError(f"--set imbalance needs a number, got {value!r}.") from None
         elif key in ("seq_len", "global_batch"):
-            w[key] = _int(key, value)
-        elif key == "loss":
-            lay["kernels"] = dict(lay["kernels"], loss=value)
-        elif key in ("recompute", "offload", "precision"):
-            lay[key] = value
+            try:
+                w[key] = int(value)
+            except ValueError:
+                raise InputError(f"--set {key} needs an integer, got {value!r}.") from None
         else:
-            lay[key] = _int(key, value)
-    for derived in ("dp_world", "data_parallel", "hsdp_replicas", "expert_fsdp"):
-        lay.pop(derived, None)
-    return replace(workload, **w), layout_from_dict(lay)
+            flat[key] = parse_knob(key, value)
+    if "fsdp" not in changes and any(k in changes for k in _RESIZING) and layout.dp_mode != "hsdp":
+        flat["fsdp"] = None
+        if "dp_mode" not in changes:
+            flat["dp_mode"] = None
+    return replace(workload, **w), layout_from_dict(flat_to_nested(flat))
 
 
 @app.command("whatif")
 def whatif(
     plan: Path = typer.Argument(..., help="Plan file written by `xplan search`."),
-    sets: list[str] = typer.Option([], "--set", help="key=value to change (repeatable): seq_len, devices, "
-                                   "hardware, global_batch, model, fsdp, ep, sp, tp, pp, vpp, micro_batch, "
-                                   "recompute, offload, precision, loss, imbalance."),
+    sets: list[str] = typer.Option([], "--set", help="key=value to change (repeatable): seq_len, global_batch, "
+                                   "hardware, model, imbalance, or any layout knob (the --flags of `xplan "
+                                   "estimate`, with _ for -: devices, dp_mode, fsdp, ep, micro_batch, loss, ...)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Re-price a plan with changes and show old vs new side by side with deltas.
