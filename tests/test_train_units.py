@@ -20,6 +20,7 @@ from xplan.runtime.train.data import (
     split_micro_batches,
 )
 from xplan.runtime.train.loss import chunked_linear_cross_entropy, full_cross_entropy, token_loss_sum
+from xplan.runtime.train.manifest import file_digest, write_manifest
 from xplan.runtime.train.optim import LRSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,8 +207,11 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     with pytest.raises(InputError, match="--checkpoint-dir"):
         require_checkpoint(None)
     (tmp_path / ".tmp-step_00000030").mkdir()  # a save that crashed before its rename
-    step_dir(tmp_path, 20).mkdir()  # no trainer state: not a checkpoint
+    step_dir(tmp_path, 20).mkdir()  # no manifest: the save did not finish
     done = step_dir(tmp_path, 10)
     done.mkdir()
-    (done / "trainer.pt").write_bytes(b"x")
+    (done / "trainer.json").write_text("{}")
+    write_manifest(done, 10, 1, "model", {}, {"trainer.json": file_digest(done / "trainer.json")})
     assert latest_checkpoint(tmp_path) == (10, done)
+    step, path, _, notes = require_checkpoint(tmp_path)
+    assert (step, path) == (10, done) and notes == ["skipped step_00000020: no manifest (the save did not finish)"]

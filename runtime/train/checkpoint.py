@@ -5,21 +5,23 @@ Layout of a checkpoint directory::
 
     <dir>/step_00000010/      one complete checkpoint per saved step
         .metadata, __*_*.distcp   DCP shards: model and optimizer state (each rank writes its own)
-        trainer.pt              step, LR scheduler, data position, world size (rank 0)
-        rng_rank{r}.pt          python / torch / accelerator RNG states of rank r
+        trainer.json            step, LR-schedule position, data position, world size (rank 0)
+        rng_rank{r}.safetensors python / numpy / torch / accelerator RNG states of rank r
+        manifest.json           written last: every file's size and SHA-256, the model's fingerprint
+                                and the training settings (see manifest.py)
     <dir>/hf/                 full model in Hugging Face layout (config.json + safetensors)
 
-Atomicity: every rank writes into ``<dir>/.tmp-step_N``; after a barrier rank 0 renames it to
-``step_N`` (a rename within one directory is atomic on POSIX), so a ``step_*`` directory is always
-complete and a crash leaves at most a ``.tmp-*`` directory, which is ignored and cleared by the next
-save. The HF export is written the same way (``.tmp-hf`` then rename).
+Atomicity: every rank writes into ``<dir>/.tmp-step_N``; after a barrier rank 0 writes the
+manifest and renames the directory to ``step_N`` (a rename within one directory is atomic on
+POSIX), so a crash leaves at most a ``.tmp-*`` directory, which is ignored and cleared by the next
+save. Resume verifies the manifest and falls back to the newest checkpoint that verifies. The HF
+export is written the same way (``.tmp-hf`` then rename).
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,8 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from xplan.errors import InputError
 
-STEP_RE = re.compile(r"^step_(\d{8})$")
-TRAINER_FILE = "trainer.pt"
+from . import manifest
+
 HF_DIR = "hf"
 
 
@@ -46,16 +48,9 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = STEP_RE.match(child.name)
-        if match and child.is_dir() and (child / TRAINER_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    """Checkpoints under `root` whose save finished (a manifest was written), oldest first; see
+    manifest.select_checkpoint for the ones that also verify."""
+    return [(step, path) for step, path in manifest.step_dirs(root) if (path / manifest.MANIFEST).is_file()]
 
 
 def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
@@ -63,41 +58,12 @@ def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def require_checkpoint(root: Path | None) -> tuple[int, Path]:
-    """The checkpoint --resume starts from; InputError when there is none."""
+def require_checkpoint(root: Path | None, fingerprint: str | None = None) -> tuple[int, Path, dict, list[str]]:
+    """The checkpoint --resume starts from (the newest that verifies) with notes on the ones
+    skipped; InputError when there is none."""
     if root is None:
         raise InputError("--resume needs --checkpoint-dir: the directory the earlier run saved checkpoints in.")
-    found = latest_checkpoint(root)
-    if found is None:
-        raise InputError(f"--resume: no complete checkpoint in {root} (expected step_NNNNNNNN/ directories "
-                         "written by `xplan run --checkpoint-dir`); run without --resume to start fresh.")
-    return found
-
-
-def _rng_state(device_type: str) -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        pass
-    mod = getattr(torch, device_type, None) if device_type in ("cuda", "npu") else None
-    if mod is not None:
-        state[device_type] = mod.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device_type: str) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    mod = getattr(torch, device_type, None) if device_type in ("cuda", "npu") else None
-    if mod is not None and device_type in state:
-        mod.set_rng_state(state[device_type])
+    return manifest.select_checkpoint(Path(root), fingerprint)
 
 
 def _barrier(world_size: int) -> None:
@@ -105,47 +71,98 @@ def _barrier(world_size: int) -> None:
         torch.distributed.barrier()
 
 
+def _own_files(directory: Path, rank: int) -> list[Path]:
+    """The files `rank` wrote into a checkpoint directory (DCP names shards __{rank}_{i}.distcp)."""
+    mine = list(directory.glob(f"__{rank}_*.distcp")) + [directory / f"rng_rank{rank}.safetensors"]
+    if rank == 0:
+        mine += [directory / ".metadata", directory / manifest.TRAINER_FILE]
+    return [p for p in mine if p.is_file()]
+
+
+def _storage_error(exc: BaseException | None) -> OSError | None:
+    """The OSError (disk full, quota, permissions) behind a failed save, if any; DCP wraps each
+    rank's failure in a CheckpointException (`failures`: rank -> exception)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS,
+                                                      errno.EPERM):
+            return exc
+        for inner in (getattr(exc, "failures", None) or {}).values():
+            found = _storage_error(inner[0] if isinstance(inner, tuple) else inner)
+            if found is not None:
+                return found
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, trainer_state: dict[str, Any], rank: int, world_size: int,
-                    device_type: str = "cpu") -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+                    device_type: str = "cpu", fingerprint: str = "", training: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory. A save that fails for lack of
+    space or permission removes its partial directory and says so, naming the path."""
     root = Path(root)
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    _barrier(world_size)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(device_type), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        torch.save({**trainer_state, "step": step, "world_size": world_size,
-                    "scheduler": scheduler.state_dict()}, tmp / TRAINER_FILE)
-    _barrier(world_size)
-    if rank == 0:
-        _fsync_dir(tmp)
-        _replace_dir(tmp, final)  # saving the same step again (e.g. a rerun) swaps atomically
-        _fsync_dir(root)
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        _barrier(world_size)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+        manifest.save_rng(tmp / f"rng_rank{rank}.safetensors", device_type)
+        if rank == 0:
+            # The schedule's shape and base LR are the plan's; the checkpoint keeps its position.
+            schedule = {k: v for k, v in scheduler.state_dict().items() if k not in ("lr_lambdas", "base_lrs")}
+            manifest.write_json(tmp / manifest.TRAINER_FILE,
+                                {**trainer_state, "step": step, "world_size": world_size, "scheduler": schedule})
+        _barrier(world_size)
+        digests = {p.name: manifest.file_digest(p) for p in _own_files(tmp, rank)}
+        if world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * world_size
+            torch.distributed.all_gather_object(gathered, digests)
+            digests = {k: v for part in gathered for k, v in part.items()}
+        if rank == 0:
+            for path in tmp.iterdir():  # anything no rank claimed is hashed here
+                if path.is_file() and path.name not in digests:
+                    digests[path.name] = manifest.file_digest(path)
+            manifest.write_manifest(tmp, step, world_size, fingerprint, training or {}, digests)
+            _fsync_dir(tmp)
+            _replace_dir(tmp, final)  # saving the same step again (e.g. a rerun) swaps atomically
+            _fsync_dir(root)
+    except Exception as exc:
+        storage = _storage_error(exc)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if storage is None:
+            raise
+        reason = "the disk is full" if storage.errno in (errno.ENOSPC, errno.EDQUOT) else storage.strerror
+        raise RuntimeError(f"saving the checkpoint of step {step} under {root} failed: {reason} "
+                           f"({storage.filename or tmp}); the partial save was removed. Free space or choose "
+                           "another --checkpoint-dir, then --resume from the last complete checkpoint.") from None
     _barrier(world_size)
     return final
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, rank: int,
                     world_size: int, device_type: str = "cpu") -> dict[str, Any]:
-    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+    """Collective. Restores model, optimizer, the schedule's position and this rank's RNG (same
+    world size only); returns the trainer state. The directory must have verified first."""
     path = Path(path)
-    trainer = torch.load(path / TRAINER_FILE, weights_only=False)
+    trainer = manifest.read_json(path / manifest.TRAINER_FILE, "trainer state")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    rng = path / f"rng_rank{rank}.pt"
+    scheduler.load_state_dict({**scheduler.state_dict(), **trainer["scheduler"]})
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * fn(scheduler.last_epoch)  # the plan's LR at the resumed position
+    rng = path / f"rng_rank{rank}.safetensors"
     if rng.is_file() and trainer.get("world_size") == world_size:
-        _set_rng_state(torch.load(rng, weights_only=False), device_type)
+        manifest.load_rng(rng, device_type)
     return trainer
 
 
