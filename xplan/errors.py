@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 # Plan files, profiles and validation sets are a few KiB; anything this large is the wrong file.
 MAX_INPUT_BYTES = 16 * 2**20
 
