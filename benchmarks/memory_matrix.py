@@ -7,12 +7,12 @@ Each row is a plan (model, devices, FSDP over all ranks, EP, Ulysses, recompute,
 global batch, EP imbalance). The prediction is `planner.pricing.price` (the cost model as it is
 now, not a stored plan); the measurement is `xplan.runtime.dryrun.dry_run`: the runtime's own
 training step at the plan's world size and model size under fake tensors, rank 0 = the largest
-rank. Acceptance (the "close the loop" issue): |error| <= 3% on every row, error =
-(predicted - measured) / measured. Prints one table row per plan as it finishes, then the
-components of every row that misses, and exits 1 if any row misses.
+rank; `xplan.app.dryrun_compare` joins the two. Acceptance (the "close the loop" issue):
+|error| <= 3% on every row, error = (predicted - measured) / measured. Prints one table row per
+plan as it finishes, then the components of every row that misses, and exits 1 if any row misses.
 
 By default every dry run keeps 3 (and, in one extra run per segment, 4) copies of each repeated
-block pattern and extrapolates each memory moment linearly (`dry_run(plan, layers=3)`;
+block pattern and extrapolates each memory moment linearly (`compare_dry_run(plan, layers=3)`;
 `tests/test_dryrun.py` checks that this equals the full-depth run, and on this matrix it is bit-exact
 against `--full-depth`). Timings on 2 shared CPU cores: all 21 rows ~2.5 min with extrapolation,
 ~25 min at full depth. `--quick` runs one row per model (~20 s).
@@ -95,10 +95,10 @@ def make_row_plan(row: Row, hardware: str):
 
 
 def run_row(row: Row, hardware: str, layers: int | None):
-    from xplan.runtime.dryrun import dry_run
+    from xplan.app.dryrun_compare import compare_dry_run
 
     plan = make_row_plan(row, hardware)
-    return dry_run(plan, layers=layers, imbalance=row.imbalance, reprice=True)
+    return compare_dry_run(plan, layers=layers, imbalance=row.imbalance, reprice=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,22 +24,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .compat import COLLECTIVE_NAMESPACES, op_packets
+
 RECOMPUTE_POLICIES = ("none", "selective", "full")
 
 _aten = torch.ops.aten
 
 
-def _packets(namespace, names: tuple[str, ...]) -> set:
-    out = set()
-    for name in names:
-        packet = getattr(namespace, name, None) if namespace is not None else None
-        if packet is not None:
-            out.add(packet)
-    return out
-
-
 def _save_list() -> frozenset:
-    ops = _packets(_aten, (
+    ops = op_packets("aten", (
         # matmuls
         "mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_mm", "_scaled_grouped_mm",
         # fused attention kernels
@@ -52,8 +45,8 @@ def _save_list() -> frozenset:
         "all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce",
         "all_gather_into_tensor_coalesced", "reduce_scatter_tensor_coalesced", "wait_tensor",
     )
-    for namespace in ("_c10d_functional", "_c10d_functional_autograd", "c10d"):
-        ops |= _packets(getattr(torch.ops, namespace, None), collectives)
+    for namespace in COLLECTIVE_NAMESPACES:
+        ops |= op_packets(namespace, collectives)
     return frozenset(ops)
 
 

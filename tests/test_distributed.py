@@ -3,9 +3,10 @@
 Tiny Qwen3-MoE, DeepSeek-V3 (MLA, group-limited routing, shared expert) and GPT-OSS (sinks,
 sliding window, expert biases, kv heads < sp) models; world size 4; layouts FSDP 4 (with gradient
 accumulation), HSDP 2×2, EP 2 × FSDP 2, EP 4, Ulysses 2 × FSDP 2 (HSDP), Ulysses 2 × EP 2, each
-with recompute none and full; plus selective recompute with EP, HSDP × EP, offload, and a bf16 run. Three AdamW steps on a fixed global batch (8 × 16 tokens, the same
-data whatever the world size) with gradient clipping: losses, gradient norms and the updated
-parameters must equal the single-process run (max relative error <= 1e-5).
+with recompute none and full; plus selective recompute with EP, HSDP × EP, offload, and a bf16 run. Three AdamW steps
+(the runtime's own `train_step`) on a fixed global batch (8 × 16 tokens, the same data whatever the
+world size) with gradient clipping: losses, gradient norms and the updated parameters must equal
+the single-process run (max relative error <= 1e-5).
 
 One spawn of 4 processes per model; the layouts run one after the other inside it.
 """
@@ -140,11 +141,33 @@ def reference_run(kind: str) -> dict:
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
+def logits_loss(model, micro_batch) -> torch.Tensor:
+    """The step's loss function here: full logits through the model's own forward, summed token losses."""
+    return token_loss_sum(model(micro_batch.input_ids, micro_batch.positions), micro_batch.labels)
+
+
+def run_steps(model, layout: Layout, meshes) -> tuple[list[float], list[float]]:
+    """STEPS optimizer steps of the runtime's own `train_step` on the fixed global batches:
+    (global mean losses, gradient norms)."""
+    from xplan.runtime.distributed import local_batch
+    from xplan.runtime.train.step import train_step
+
+    opt = make_optimizer(model)
+    losses, norms = [], []
+    for ids in global_batches():
+        batch = local_batch(ids, meshes)
+        result = train_step(model, opt, batch.micro_batches(layout.micro_batch), logits_loss, batch.global_tokens,
+                            meshes, MAX_NORM)
+        norms.append(result.grad_norm.item())
+        losses.append(result.global_loss(meshes))
+    return losses, norms
+
+
 def distributed_worker(rank: int, world: int, configs: dict, out_path: str) -> None:
     """Every model × run on one group of `world` processes; rank 0 saves the results."""
     from torch.distributed.tensor import DTensor
 
-    from xplan.runtime.distributed import build_meshes, clip_grad_norm_, global_loss, local_batch, parallelize
+    from xplan.runtime.distributed import build_meshes, parallelize
 
     # full_tensor() of strided expert shards logs a performance note per call.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
@@ -154,19 +177,7 @@ def distributed_worker(rank: int, world: int, configs: dict, out_path: str) -> N
             layout = Layout(devices=world, **fields)
             meshes = build_meshes(layout, "cpu")
             model = parallelize(make_model(config), layout, meshes, force_activation_offload=True)
-            opt = make_optimizer(model)
-            losses, norms = [], []
-            for ids in global_batches():
-                batch = local_batch(ids, meshes)
-                opt.zero_grad()
-                loss = torch.zeros(())
-                for mb in batch.micro_batches(layout.micro_batch):
-                    mb_loss = token_loss_sum(model(mb.input_ids, mb.positions), mb.labels) / mb.global_tokens
-                    mb_loss.backward()
-                    loss = loss + mb_loss.detach()
-                norms.append(clip_grad_norm_(model, MAX_NORM, meshes).item())
-                opt.step()
-                losses.append(global_loss(loss, meshes).item())
+            losses, norms = run_steps(model, layout, meshes)
             params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                       for n, p in model.named_parameters()}
             if rank == 0:
@@ -221,22 +232,13 @@ def test_layouts_match_single_process(kind, distributed_results):
 
 def single_process_worker(rank: int, world: int, config, out_path: str) -> None:
     """World size 1 through the same runtime path (parallelize on a 1-rank mesh)."""
-    from xplan.runtime.distributed import build_meshes, clip_grad_norm_, local_batch, parallelize
+    from xplan.runtime.distributed import build_meshes, parallelize
 
     layout = Layout(devices=1, fsdp=1, micro_batch=BATCH, precision="fp32", recompute="full")
     meshes = build_meshes(layout, "cpu")
     assert (meshes.dp_size, meshes.sp_size, meshes.ep_size) == (1, 1, 1)
     model = parallelize(make_model(config), layout, meshes)
-    opt = make_optimizer(model)
-    losses = []
-    for ids in global_batches():
-        batch = local_batch(ids, meshes)
-        opt.zero_grad()
-        loss = token_loss_sum(model(batch.input_ids, batch.positions), batch.labels) / batch.global_tokens
-        loss.backward()
-        clip_grad_norm_(model, MAX_NORM, meshes)
-        opt.step()
-        losses.append(loss.item())
+    losses, _ = run_steps(model, layout, meshes)
     params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
               for n, p in model.named_parameters()}
     torch.save({"losses": losses, "params": params}, out_path)
@@ -355,35 +357,23 @@ def test_npu_without_torch_npu_is_an_input_error():
 
 def fake_dry_run_worker(index: int, config) -> None:
     """A dry run's view: fake process group at world size 8, fake tensors, rank 3's program."""
-    import torch.distributed as dist
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from xplan.runtime.distributed import (
-        build_meshes,
-        clip_grad_norm_,
-        local_batch,
-        parallelize,
-        shutdown_distributed,
-    )
+    from xplan.runtime import compat
+    from xplan.runtime.distributed import build_meshes, local_batch, parallelize
+    from xplan.runtime.dryrun import fake_process_group
     from xplan.runtime.models import CausalLM
+    from xplan.runtime.train.step import train_step
 
-    dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
-    try:
+    with fake_process_group(8, rank=3):
         layout = Layout(devices=8, fsdp=4, ep=2, sp=2, micro_batch=2, recompute="selective", precision="bf16",
                         offload=("optimizer", "activations"))
         meshes = build_meshes(layout, "cpu")
         ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
         batch = local_batch(ids, meshes)
-        with FakeTensorMode(allow_non_fake_inputs=True):  # meshes hold real rank tables
+        with compat.fake_tensor_mode(allow_non_fake_inputs=True):  # meshes hold real rank tables
             model = parallelize(CausalLM(config), layout, meshes)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            for mb in batch.micro_batches(layout.micro_batch):
-                (token_loss_sum(model(mb.input_ids, mb.positions), mb.labels) / batch.global_tokens).backward()
-            clip_grad_norm_(model, 1.0, meshes)
-            opt.step()
-    finally:
-        shutdown_distributed()
+            train_step(model, opt, batch.micro_batches(layout.micro_batch), logits_loss, batch.global_tokens,
+                       meshes, 1.0)
 
 
 @pytest.mark.parametrize("kind", ["deepseek_v3"])

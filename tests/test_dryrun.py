@@ -1,7 +1,8 @@
 """`xplan run --dry-run`: the runtime's training step under fake tensors, peak memory vs the cost model.
 
 - the dry run goes through the runtime's own code (meshes, EP, Ulysses, recompute, FSDP2, the
-  chunked loss, clipping, AdamW) and its breakdown sums to its peak;
+  chunked loss, clipping, AdamW: the train loop's `train_step`) and its breakdown sums to its peak;
+- the application's comparison (`xplan.app.dryrun_compare`) joins it with the prediction;
 - reduced depth (`layers=`) extrapolated linearly equals the full-depth run (the benchmark and the
   slice below rely on it);
 - a slice of `benchmarks/memory_matrix.py` at full model size and world size: the cost model's
@@ -71,14 +72,11 @@ def spy(monkeypatch, module, name: str, calls: list) -> None:
 
 def test_dry_run_runs_the_runtime_path_and_the_breakdown_sums_to_the_peak(tmp_path, monkeypatch):
     import xplan.runtime.distributed as D
-    import xplan.runtime.dryrun as dryrun_module
     import xplan.runtime.train.loss as L
+    import xplan.runtime.train.step as S
     from xplan.runtime.dryrun import COMPONENTS, dry_run
 
     P = importlib.import_module("xplan.runtime.distributed.parallelize")  # the package exports a same-named function
-    # Predictions are another test's business (pricing traces the model through token_loss_sum too).
-    monkeypatch.setattr(dryrun_module, "predicted_components",
-                        lambda plan, imbalance, reprice=False: (dict.fromkeys(COMPONENTS, 2.0**30), 9 * 2.0**30, "plan"))
     calls: list[str] = []
     spy(monkeypatch, D, "parallelize", calls)
     spy(monkeypatch, D, "build_meshes", calls)
@@ -86,6 +84,7 @@ def test_dry_run_runs_the_runtime_path_and_the_breakdown_sums_to_the_peak(tmp_pa
     for name in ("apply_expert_parallel", "apply_ulysses", "apply_recompute", "fully_shard"):
         spy(monkeypatch, P, name, calls)
     spy(monkeypatch, L, "token_loss_sum", calls)
+    spy(monkeypatch, S, "train_step", calls)  # the train loop's own step
     # 4 layers: 1 dense + 3 MoE, recompute 0.5 = the first two blocks fully recomputed.
     plan = tiny_plan(model_dir(tmp_path, "deepseek_v3", num_hidden_layers=4), devices=8, ep=2, sp=2, recompute=0.5)
     report = dry_run(plan)
@@ -95,7 +94,7 @@ def test_dry_run_runs_the_runtime_path_and_the_breakdown_sums_to_the_peak(tmp_pa
     assert counts["apply_expert_parallel"] == 3  # one per MoE block
     assert counts["apply_ulysses"] == 4 and counts["apply_recompute"] == 4
     assert counts["fully_shard"] >= 4 + 3 + 1
-    assert counts["token_loss_sum"] == 2 and counts["clip_grad_norm_"] == 1  # two micro-batches, one step
+    assert counts["train_step"] == 1 and counts["token_loss_sum"] == 2 and counts["clip_grad_norm_"] == 1
     assert report.micro_batches_run == 2 and report.world_size == 8 and report.rank == 0
     assert not report.extrapolated and report.layers_run == report.layers_total == 4
 
@@ -115,7 +114,26 @@ def test_dry_run_runs_the_runtime_path_and_the_breakdown_sums_to_the_peak(tmp_pa
     d = report.to_dict()
     assert set(d["components"]) == set(COMPONENTS)
     assert d["measured_peak_gib"] == pytest.approx(report.measured_peak_bytes / 2**30)
+    assert "predicted_peak_gib" not in d  # the comparison is the application's (xplan.app.dryrun_compare)
+
+
+def test_comparison_joins_the_measurement_and_the_prediction(tmp_path, monkeypatch):
+    import xplan.app.dryrun_compare as compare
+    from xplan.runtime.dryrun import COMPONENTS
+
+    predicted = dict.fromkeys(COMPONENTS, 2.0**30)  # overhead included: 1 GiB of the 9 is not compared
+    monkeypatch.setattr(compare, "predicted_components", lambda plan, imbalance, reprice=False: (predicted, 9 * 2.0**30,
+                                                                                                 "plan"))
+    plan = tiny_plan(model_dir(tmp_path, "qwen3_moe"), devices=4, ep=2, sp=1, recompute="none", offload=("optimizer",))
+    result = compare.compare_dry_run(plan)
+    d = result.to_dict()
+    assert d["predicted_peak_gib"] == pytest.approx(8.0) and d["predicted_total_gib"] == pytest.approx(9.0)
     assert d["ratio"] == pytest.approx(d["measured_peak_gib"] / d["predicted_peak_gib"])
+    assert d["error"] == pytest.approx((8.0 - d["measured_peak_gib"]) / d["measured_peak_gib"])
+    assert d["components"]["overhead"] == {"measured": 0.0, "predicted": pytest.approx(1.0)}
+    # Caveats of the run, then the comparison's, then how the run was made.
+    assert [n.split()[0] for n in d["notes"]] == ["offload", "the"]
+    assert d["notes"][1].startswith("the predicted overhead (1.00 GiB")
 
 
 @pytest.mark.parametrize(("family", "layers", "layout"), [
@@ -125,12 +143,9 @@ def test_dry_run_runs_the_runtime_path_and_the_breakdown_sums_to_the_peak(tmp_pa
     # (sliding, full) x 5 with EP and Ulysses: a periodic pattern.
     ("gpt_oss", 10, dict(devices=8, ep=4, sp=2, recompute="none", grad_accum=1)),
 ])
-def test_reduced_depth_extrapolates_to_the_full_run(tmp_path, monkeypatch, family, layers, layout):
-    import xplan.runtime.dryrun as dryrun_module
-    from xplan.runtime.dryrun import COMPONENTS, dry_run
+def test_reduced_depth_extrapolates_to_the_full_run(tmp_path, family, layers, layout):
+    from xplan.runtime.dryrun import dry_run
 
-    monkeypatch.setattr(dryrun_module, "predicted_components",
-                        lambda plan, imbalance, reprice=False: (dict.fromkeys(COMPONENTS, 2.0**30), 9 * 2.0**30, "plan"))
     overrides = {"num_hidden_layers": layers}
     if family == "qwen3_moe":
         overrides["mlp_only_layers"] = []
@@ -226,18 +241,3 @@ def test_cli_dry_run_bad_input_exits_2(tmp_path):
     assert code == 2 and "--dry-run" in err
     code, _, err = xplan("run", good, "--dry-run", "--imbalance", "0.5")
     assert code == 2 and "imbalance" in err
-
-
-@pytest.mark.parametrize(("shape", "chunks", "dim"), [((10, 3), 4, 0), ((7, 5), 8, 0), ((256, 4), 256, 0),
-                                                      ((3, 16), 8, 1), ((5,), 2, 0), ((1, 4), 16, 0)])
-def test_lazy_fsdp_chunks_equal_torch_chunk(shape, chunks, dim):
-    from torch.distributed.fsdp._fully_shard._fsdp_common import _chunk_with_empty
-
-    from xplan.runtime.dryrun import chunk_with_empty
-
-    t = torch.randn(shape)
-    eager, lazy = _chunk_with_empty(t, chunks, dim), chunk_with_empty(t, chunks, dim)
-    assert len(eager) == len(lazy)
-    for a, b in zip(eager, lazy, strict=True):
-        assert a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
-        assert torch.equal(a, b)

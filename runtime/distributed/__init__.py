@@ -6,14 +6,11 @@ Typical use (one process per device, launched by torchrun or `testing.spawn`)::
     meshes = build_meshes(plan.layout, env.device_type)
     model = parallelize(build_model(config, seed=0), plan.layout, meshes)
     batch = local_batch(global_input_ids, meshes)       # this rank's rows / sequence chunk
-    for mb in batch.micro_batches(layout.micro_batch):
-        logits = model(mb.input_ids, mb.positions)
-        loss = cross_entropy(logits, mb.labels, reduction="sum", ignore_index=-100) / mb.global_tokens
-        loss.backward()
-    clip_grad_norm_(model, max_norm, meshes); optimizer.step()
+    result = train_step(model, optimizer, batch.micro_batches(layout.micro_batch), loss_fn,
+                        batch.global_tokens, meshes, max_norm)   # xplan.runtime.train.step
     shutdown_distributed()
 
-See `parallelize` for the loss-normalisation contract.
+See `parallelize` for the loss-normalisation contract `train_step` follows.
 """
 
 from .device import DistEnv, init_distributed, resolve_device_type, shutdown_distributed

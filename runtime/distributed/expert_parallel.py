@@ -31,13 +31,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from xplan.errors import InputError
 
+from .. import compat
 from ..models.moe import MoE
 
 # The expert unit's output feeds only out-of-place ops (the reverse all-to-all), so FSDP2's
@@ -53,17 +53,6 @@ class _Route:
     regroup: torch.Tensor
     send_splits: list[int]
     recv_splits: list[int]
-
-
-def _waited(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a functional collective's result (waits for it)."""
-    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t)
 
 
 def local_experts_forward(experts: nn.Module):
@@ -101,7 +90,7 @@ def shard_experts(experts: nn.Module, num_experts: int, ep_mesh: DeviceMesh) -> 
             raise InputError(f"expert parameter {name} {tuple(param.shape)} is not stacked over the "
                              f"{num_experts} experts; expert parallelism cannot split it.")
         piece = param.detach()[rank * local:(rank + 1) * local].clone()
-        if not _is_fake(piece):
+        if not compat.is_fake(piece):
             piece = DTensor.from_local(piece, ep_mesh, [Shard(0)], run_check=False,
                                        shape=param.shape, stride=param.stride())
         # Under fake tensors (dry runs) the slice stays a plain tensor: FSDP2 would have to combine
@@ -125,7 +114,7 @@ def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, fake_imbalance: float =
     shard_experts(moe.experts, num_experts, ep_mesh)
 
     def splits(counts: torch.Tensor, received: torch.Tensor, rows: int) -> tuple[list[int], list[int]]:
-        if _is_fake(counts):
+        if compat.is_fake(counts):
             even = [rows // ep + (1 if i < rows % ep else 0) for i in range(ep)]
             busiest = math.ceil(rows * fake_imbalance / ep)
             return even, [busiest] * ep
@@ -136,9 +125,9 @@ def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, fake_imbalance: float =
     def dispatch(x: torch.Tensor, expert_ids: torch.Tensor):
         x_sorted, counts, order = base_dispatch(moe, x, expert_ids)
         # received[i * local + l]: rows rank i sends to this rank's local expert l.
-        received = _waited(funcol.all_to_all_single(counts, None, None, group))
+        received = compat.wait_collective(compat.all_to_all_single(counts, None, None, group))
         send_splits, recv_splits = splits(counts, received, x_sorted.shape[0])
-        x_recv = _waited(funcol.all_to_all_single_autograd(x_sorted, recv_splits, send_splits, group))
+        x_recv = compat.wait_collective(compat.all_to_all_single_autograd(x_sorted, recv_splits, send_splits, group))
         rows = sum(recv_splits)
         # Rows arrive grouped by (source rank, local expert); regroup them by local expert,
         # keeping source-rank order inside each expert.
@@ -152,7 +141,7 @@ def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, fake_imbalance: float =
         inverse = torch.empty_like(route.regroup)
         inverse[route.regroup] = torch.arange(route.regroup.shape[0], device=route.regroup.device)
         y_recv = y_local[inverse]
-        y_sorted = _waited(funcol.all_to_all_single_autograd(y_recv, route.send_splits, route.recv_splits, group))
+        y_sorted = compat.wait_collective(compat.all_to_all_single_autograd(y_recv, route.send_splits, route.recv_splits, group))
         return base_combine(moe, y_sorted, weights, route.order)
 
     moe.__dict__["dispatch"] = dispatch
@@ -174,28 +163,12 @@ class _OutsideRecomputeRegion:
     def __init__(self) -> None:
         self.popped: list[list] = []
 
-    @staticmethod
-    def _is_sac_mode(mode) -> bool:
-        from torch.utils import checkpoint
-
-        kinds = tuple(getattr(checkpoint, n) for n in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode")
-                      if hasattr(checkpoint, n))
-        return isinstance(mode, kinds)
-
     def leave(self, *unused) -> None:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode
-
-        modes = []
-        while self._is_sac_mode(_get_current_dispatch_mode()):
-            modes.append(_pop_mode())
-        self.popped.append(modes)
+        self.popped.append(compat.pop_dispatch_modes_while(compat.is_selective_checkpoint_mode))
 
     def reenter(self, *unused) -> None:
-        from torch.utils._python_dispatch import _push_mode
-
         if self.popped:
-            for mode in reversed(self.popped.pop()):
-                _push_mode(mode)
+            compat.push_dispatch_modes(self.popped.pop())
 
 
 def run_fsdp_hooks_outside_recompute(module: nn.Module) -> None:

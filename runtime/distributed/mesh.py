@@ -1,6 +1,6 @@
 """Device meshes for one Layout, built once, and the batch slice each rank trains on.
 
-All meshes are views of one 1-D world mesh (`DeviceMesh._unflatten`), so FSDP2 can combine the
+All meshes are views of one 1-D world mesh (`compat.unflatten_mesh`), so FSDP2 can combine the
 expert mesh with the expert-parallel mesh into one SPMD mesh. Rank arithmetic (xplan.layout):
 
     world = hsdp_replicas × fsdp                      dense weights:  (dp_replicate, dp_shard)
@@ -30,6 +30,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from xplan.errors import InputError
 from xplan.layout import Layout
+
+from ..compat import unflatten_mesh
 
 IGNORE_INDEX = -100
 
@@ -92,9 +94,9 @@ def _mesh_views(device_type: str, world: int, replicas: int, fsdp: int, ep: int,
     if cached is not None:
         return cached
     root = init_device_mesh(device_type, (world,), mesh_dim_names=("world",))
-    dense = root._unflatten(0, (replicas, fsdp), ("dp_replicate", "dp_shard"))
-    expert = root._unflatten(0, (replicas, fsdp // ep, ep), ("dp_replicate", "efsdp", "ep"))
-    data = root._unflatten(0, (world // sp, sp), ("dp", "sp"))
+    dense = unflatten_mesh(root, 0, (replicas, fsdp), ("dp_replicate", "dp_shard"))
+    expert = unflatten_mesh(root, 0, (replicas, fsdp // ep, ep), ("dp_replicate", "efsdp", "ep"))
+    data = unflatten_mesh(root, 0, (world // sp, sp), ("dp", "sp"))
     views = {
         "world": root,
         "dense": dense,

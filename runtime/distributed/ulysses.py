@@ -22,22 +22,19 @@ same FSDP reduction as over data-parallel ranks.
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed import ProcessGroup
 
 from xplan.errors import InputError
 
-
-def _waited(t: torch.Tensor) -> torch.Tensor:
-    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
+from ..compat import all_to_all_single_autograd, wait_collective
 
 
 def seq_to_heads(x: torch.Tensor, sp: int, group: ProcessGroup) -> torch.Tensor:
     """[b, h, s/sp, d] (sequence chunk) -> [b, h/sp, s, d] (head shard, full sequence)."""
     b, h, s, d = x.shape
     x = x.reshape(b, sp, h // sp, s, d).permute(1, 0, 2, 3, 4).contiguous()
-    y = _waited(funcol.all_to_all_single_autograd(x, None, None, group))  # dim 0: source = sequence chunk
+    y = wait_collective(all_to_all_single_autograd(x, None, None, group))  # dim 0: source = sequence chunk
     return y.permute(1, 2, 0, 3, 4).reshape(b, h // sp, sp * s, d)
 
 
@@ -45,7 +42,7 @@ def heads_to_seq(x: torch.Tensor, sp: int, group: ProcessGroup) -> torch.Tensor:
     """[b, h/sp, s, d] (head shard) -> [b, h, s/sp, d] (sequence chunk)."""
     b, hl, s, d = x.shape
     x = x.reshape(b, hl, sp, s // sp, d).permute(2, 0, 1, 3, 4).contiguous()
-    y = _waited(funcol.all_to_all_single_autograd(x, None, None, group))  # dim 0: source = head shard
+    y = wait_collective(all_to_all_single_autograd(x, None, None, group))  # dim 0: source = head shard
     return y.permute(1, 0, 2, 3, 4).reshape(b, sp * hl, s // sp, d)
 
 

@@ -1,10 +1,9 @@
 """The train loop: executes a plan on this process's rank.
 
-Per optimizer step: this rank's micro-batches of the step's global batch; for each, the forward
-returns the sum of token losses, divided by the global step's token count (so gradients summed
-over micro-batches and ranks are the gradient of the global mean loss), and backward; then
-gradient clipping on the global norm, AdamW and the LR schedule. The logged loss is the global
-mean (one all-reduce). Checkpoints every `checkpoint_every` steps and at the end of the run.
+Per optimizer step: this rank's micro-batches of the step's global batch through `step.train_step`
+(forward and backward per micro-batch, gradient clipping on the global norm, AdamW and the LR
+schedule). The logged loss is the global mean (one all-reduce). Checkpoints every
+`checkpoint_every` steps and at the end of the run.
 """
 
 from __future__ import annotations
@@ -20,19 +19,10 @@ from xplan.errors import InputError
 
 from . import checkpoint as ckpt
 from .data import build_data
-from .loss import token_loss_sum
 from .metrics import MetricsLog, memory_kind, peak_memory_gib, reset_peak_memory, summarize, synchronize
 from .optim import build_optimizer, build_scheduler
-from .parallel import (
-    Context,
-    all_reduce_max,
-    all_reduce_sum,
-    clip_grad_norm,
-    micro_batches,
-    parallelize,
-    setup,
-    teardown,
-)
+from .parallel import Context, all_reduce_max, micro_batches, parallelize, setup, teardown
+from .step import token_loss_fn, train_step
 
 
 @dataclass
@@ -123,39 +113,21 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
                  f"{source.describe()}")
         log = MetricsLog(metrics_path, append=resume_from is not None, live=options.live, title=title,
                          predictions=plan.data.predictions, memory=memory)
-    kind = layout.kernels.get("loss", "chunked")
-    # With fsdp == 1 nothing is sharded, so accumulating unsharded gradients over micro-batches
-    # costs no memory and saves one gradient reduction (copies at world size 1, all-reduces across
-    # HSDP replicas) per extra micro-batch. With fsdp > 1 every micro-batch reduce-scatters, so the
-    # accumulated gradients stay sharded.
-    defer_sync = layout.fsdp == 1 and layout.grad_accum(global_batch) > 1 and \
-        hasattr(model, "set_requires_gradient_sync")
+    loss_fn = token_loss_fn(layout.kernels.get("loss", "chunked"), options.loss_chunk_tokens, ctx.device)
     records: list[dict[str, Any]] = []
     try:
         for step in range(start, target_steps):
             reset_peak_memory(ctx.device_type)
             synchronize(ctx.device_type)
             t0, c0 = time.perf_counter(), time.process_time()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
             batches = micro_batches(source, step, global_batch, layout.micro_batch, ctx)
-            for index, batch in enumerate(batches):
-                if defer_sync:  # reduce once, after the last micro-batch
-                    model.set_requires_gradient_sync(index == len(batches) - 1)
-                batch = batch.to(ctx.device)
-                token_loss = token_loss_sum(model, batch.input_ids, batch.labels, batch.positions, kind,
-                                            options.loss_chunk_tokens)
-                (token_loss / tokens_per_step).backward()
-                loss_sum += token_loss.detach().double()
-            grad_norm = clip_grad_norm(model, training.grad_clip, ctx)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = float(all_reduce_sum(loss_sum, ctx).item()) / tokens_per_step
+            result = train_step(model, optimizer, batches, loss_fn, tokens_per_step, ctx.meshes,
+                                training.grad_clip, scheduler)
+            loss = result.global_loss(ctx.meshes)
             synchronize(ctx.device_type)
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             peak = all_reduce_max(peak_memory_gib(ctx.device_type), ctx)
-            record = {"step": step + 1, "loss": loss, "grad_norm": float(grad_norm), "lr": float(lr),
+            record = {"step": step + 1, "loss": loss, "grad_norm": float(result.grad_norm), "lr": result.lr,
                       "step_time_s": elapsed, "host_cpu_s": cpu,
                       "tokens_per_s_per_device": tokens_per_step / elapsed / ctx.world_size, "peak_memory_gib": peak}
             records.append(record)

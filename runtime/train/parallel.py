@@ -1,5 +1,6 @@
 """The train loop's view of the distributed runtime (`xplan.runtime.distributed`): process group,
-meshes, the parallelized model, gradient clipping, and this rank's share of a step's data.
+meshes, the parallelized model, and this rank's share of a step's data (gradient clipping is part of
+the step, `step.train_step`).
 
 Every run, world size 1 included, goes through the same path: a process group, the plan's meshes
 and `parallelize` (EP → Ulysses → recompute → offload → FSDP2 with SUM gradient reductions).
@@ -83,12 +84,6 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
-def all_reduce_sum(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if ctx.world_size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 def all_reduce_max(value: float, ctx: Context) -> float:
     if ctx.world_size > 1:
         t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
@@ -125,11 +120,6 @@ def compile_blocks(model: nn.Module, layout, device_type: str) -> None:
         return
     for block in model.model.layers:
         block.compile()
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float, ctx: Context) -> torch.Tensor:
-    """Global gradient norm over dense and expert meshes (before clipping); clips when max_norm > 0."""
-    return D.clip_grad_norm_(model, max_norm, ctx.meshes)
 
 
 def micro_batches(source: DataSource, step: int, global_batch: int, micro_batch: int, ctx: Context) -> list[Batch]:

@@ -104,10 +104,10 @@ def run(
 
 
 def _dry_run(loaded, layers: int | None, imbalance: float | None, reprice: bool, json_out: bool) -> None:
-    from xplan.runtime.dryrun import COMPONENTS, dry_run
+    from xplan.app.dryrun_compare import compare_dry_run
+    from xplan.runtime.dryrun import COMPONENTS
 
-    report = dry_run(loaded, layers=layers, imbalance=imbalance, reprice=reprice)
-    result = report.to_dict()
+    result = compare_dry_run(loaded, layers=layers, imbalance=imbalance, reprice=reprice).to_dict()
     if json_out:
         print_json(result)
         return

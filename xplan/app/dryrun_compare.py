@@ -1,0 +1,126 @@
+"""The dry run against the cost model: `xplan run --dry-run` and `benchmarks/memory_matrix.py`.
+
+The runtime measures (`xplan.runtime.dryrun.dry_run`: rank 0's peak memory under fake tensors);
+this module joins it with the prediction: the plan's recorded `predictions.memory_gib`, or the
+cost model priced now (`planner.pricing.price`), component by component.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from xplan.errors import InputError
+from xplan.runtime.dryrun import COMPONENTS, GIB, DryRunReport, check_dry_run, dry_run
+
+
+def predicted_components(plan, imbalance: float, reprice: bool = False) -> tuple[dict[str, float], float, str]:
+    """(component -> bytes, total bytes, source): the plan's recorded `predictions.memory_gib`, else
+    `planner.pricing.price` now (source 'plan' or 'price')."""
+    memory = None if reprice else (plan.data.predictions or {}).get("memory_gib")
+    source = "plan"
+    if not memory:
+        from xplan.planner.pricing import Workload, price
+
+        est = price(Workload(plan.model, plan.hardware, plan.training.seq_len, plan.training.global_batch,
+                             imbalance), plan.layout)
+        memory, source = est.memory.gib(), "price"
+    if not isinstance(memory, dict):
+        raise InputError("the plan's predictions.memory_gib must be a mapping of components to GiB (as `xplan search` "
+                         "writes it); fix it or pass --reprice.")
+    try:
+        out = {k: float(memory.get(k, 0.0) or 0.0) * GIB for k in COMPONENTS}
+        total = float(memory["total"]) * GIB if memory.get("total") is not None else sum(out.values())
+    except (TypeError, ValueError):
+        raise InputError("the plan's predictions.memory_gib holds a value that is not a number; fix it or pass "
+                         "--reprice.") from None
+    return out, total, source
+
+
+@dataclass
+class DryRunComparison:
+    """A dry run's measured per-rank peak against the predicted one, in bytes."""
+
+    report: DryRunReport
+    predicted: dict[str, float]  # component -> bytes (cost model), overhead included
+    predicted_total_bytes: float  # the cost model's total (= the components' sum when it has them)
+    predicted_source: str  # 'plan' or 'price'
+    elapsed_s: float  # pricing and the dry run
+
+    @property
+    def measured_peak_bytes(self) -> float:
+        return self.report.measured_peak_bytes
+
+    @property
+    def predicted_peak_bytes(self) -> float:
+        """The cost model's per-rank peak without `overhead` (what a fake-tensor run can see)."""
+        return self.predicted_total_bytes - self.predicted.get("overhead", 0.0)
+
+    @property
+    def ratio(self) -> float:
+        return self.measured_peak_bytes / self.predicted_peak_bytes if self.predicted_peak_bytes else math.inf
+
+    @property
+    def error(self) -> float:
+        """(predicted - measured) / measured."""
+        return (self.predicted_peak_bytes - self.measured_peak_bytes) / self.measured_peak_bytes
+
+    @property
+    def notes(self) -> list[str]:
+        """What neither side sees (the run's caveats, then the unmeasurable overhead), then how it ran."""
+        comparison = []
+        if self.predicted.get("overhead"):
+            comparison.append(f"the predicted overhead ({self.predicted['overhead'] / GIB:.2f} GiB: the caching "
+                              "allocator's fragmentation) is not measurable under fake tensors and is left out of "
+                              "the compared peak.")
+        return [*self.report.caveats, *comparison, *self.report.run_notes]
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.report
+        return {
+            "model": r.model,
+            "hardware": r.hardware,
+            "layout": r.layout,
+            "seq_len": r.seq_len,
+            "global_batch": r.global_batch,
+            "grad_accum": r.grad_accum,
+            "micro_batches_run": r.micro_batches_run,
+            "world_size": r.world_size,
+            "rank": r.rank,
+            "imbalance": r.imbalance,
+            "measured_peak_gib": r.measured_peak_bytes / GIB,
+            "predicted_peak_gib": self.predicted_peak_bytes / GIB,
+            "predicted_total_gib": self.predicted_total_bytes / GIB,
+            "ratio": self.ratio if math.isfinite(self.ratio) else None,  # measured / predicted
+            "error": self.error,  # (predicted - measured) / measured
+            "components": {k: {"measured": r.measured.get(k, 0.0) / GIB, "predicted": self.predicted.get(k, 0.0) / GIB}
+                           for k in COMPONENTS},
+            "peak_phase": r.peak_phase,
+            "peak_where": r.peak_where,
+            "phases": r.phases_gib(),
+            "tracker_categories_gib": {k: v / GIB for k, v in r.categories.items()},
+            "predicted_source": self.predicted_source,
+            "layers_total": r.layers_total,
+            "layers_run": r.layers_run,
+            "extrapolated": r.extrapolated,
+            "elapsed_s": self.elapsed_s,
+            "timings_s": dict(r.timings_s),
+            "notes": self.notes,
+        }
+
+
+def compare_dry_run(plan, layers: int | None = None, imbalance: float | None = None,
+                    reprice: bool = False) -> DryRunComparison:
+    """Dry-run `plan` (see `xplan.runtime.dryrun.dry_run`) and compare its peak with the plan's
+    recorded prediction, or with the cost model now when the plan has none or `reprice` is set.
+    The plan and options are checked before anything is priced or run (InputError)."""
+    start = time.perf_counter()
+    _, imbalance = check_dry_run(plan, layers, imbalance)
+    predicted, total, source = predicted_components(plan, imbalance, reprice)
+    report = dry_run(plan, layers=layers, imbalance=imbalance)
+    return DryRunComparison(report, predicted, total, source, time.perf_counter() - start)
+
+
+__all__ = ["DryRunComparison", "compare_dry_run", "predicted_components"]
