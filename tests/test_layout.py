@@ -4,6 +4,7 @@ modes mean the same thing everywhere; what the runtime does not execute is refus
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -132,3 +133,16 @@ def test_search_writes_only_what_the_runtime_executes(tmp_path, tiny_moe_dir, ca
     result = json.loads(stdout)
     assert result["plan_file"] and load_plan(out).layout.kernels.elementwise == "eager"
     assert all(plan["runtime_refusals"] == [] for plan in result["plans"])
+
+
+def test_plan_paths_are_relative_to_the_plan_file(tmp_path, tiny_moe_dir, monkeypatch, capsys):
+    """A plan written from one directory runs (and prices) from any other."""
+    monkeypatch.chdir(tmp_path)
+    layout = layout_from_dict({"devices": 1, "precision": "fp32", "kernels": {"elementwise": "eager"}})
+    path = save_plan(make_plan(tiny_moe_dir, "cpu", layout, TRAINING), tmp_path / "plans" / "p.yaml")
+    stored = yaml.safe_load(path.read_text())["model"]
+    assert not stored.startswith("/") and stored.startswith("..")
+    monkeypatch.chdir("/")
+    assert load_plan(path).model == str(Path(tiny_moe_dir).resolve())
+    code, _, err = run(["whatif", str(path), "--set", "micro_batch=2", "--json"], capsys)
+    assert code == 0, err

@@ -6,6 +6,7 @@ a message that names it; unknown keys are errors (a typo must not silently chang
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,13 +128,32 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
         raise InputError(f"{source} is not a valid plan: {exc}") from None
 
 
+def _is_path(reference: str) -> bool:
+    """A model or hardware reference that names a file or directory rather than a preset."""
+    return "/" in reference or reference.endswith((".yaml", ".yml")) or reference.startswith(".")
+
+
+def _with_references(plan: Plan, convert) -> Plan:
+    changes = {key: convert(getattr(plan.data, key)) for key in ("model", "hardware")
+               if _is_path(getattr(plan.data, key))}
+    return Plan(plan.data.model_copy(update=changes)) if changes else plan
+
+
 def load_plan(path: str | Path) -> Plan:
-    return plan_from_dict(read_yaml(path, "plan file"), source=str(path))
+    """A plan file; model and hardware paths in it are relative to the plan file's folder (or
+    absolute), so the plan runs from any working directory."""
+    path = Path(path)
+    plan = plan_from_dict(read_yaml(path, "plan file"), source=str(path))
+    base = path.resolve().parent
+    return _with_references(plan, lambda ref: ref if Path(ref).is_absolute() else os.path.normpath(base / ref))
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
+    """Write atomically; model and hardware paths are stored relative to the plan's folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.resolve().parent
+    plan = _with_references(plan, lambda ref: os.path.relpath(Path(ref).resolve(), base))
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(plan.to_yaml())
     tmp.replace(path)
