@@ -133,6 +133,11 @@ def _is_path(reference: str) -> bool:
     return "/" in reference or reference.endswith((".yaml", ".yml")) or reference.startswith(".")
 
 
+def _relative(path: Path, base: Path) -> str:
+    rel = os.path.relpath(path, base)
+    return rel if rel.startswith(".") else f"./{rel}"  # "./name" stays a path, not a preset name
+
+
 def _with_references(plan: Plan, convert) -> Plan:
     changes = {key: convert(getattr(plan.data, key)) for key in ("model", "hardware")
                if _is_path(getattr(plan.data, key))}
@@ -153,7 +158,7 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.resolve().parent
-    plan = _with_references(plan, lambda ref: os.path.relpath(Path(ref).resolve(), base))
+    plan = _with_references(plan, lambda ref: _relative(Path(ref).resolve(), base))
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(plan.to_yaml())
     tmp.replace(path)

@@ -11,6 +11,7 @@ timeout (`RunOptions.timeout_s`), so a rank that hangs is bounded as well.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -24,7 +25,7 @@ import torch
 
 from xplan.errors import InputError
 
-from .checkpoint import require_checkpoint
+from . import manifest, resume
 from .data import check_data_settings
 from .loop import RunOptions, check_plan_for_runtime, load_run_plan, train
 
@@ -65,9 +66,10 @@ def check_device(device_type: str, hardware: str, local_world: int) -> None:
                          "launch with torchrun across nodes, or use a plan for fewer devices.")
 
 
-def preflight(plan, options: RunOptions, plan_dir: Path | None) -> None:
-    """Everything that can be checked before any process starts (each raises InputError)."""
-    check_plan_for_runtime(plan, options.device_type)
+def preflight(plan, options: RunOptions, plan_dir: Path | None) -> RunOptions:
+    """Everything that can be checked before any process starts (each raises InputError); returns
+    the options with the resume point chosen."""
+    config = check_plan_for_runtime(plan, options.device_type)
     check_data_settings(plan.training.data, plan_dir)
     if options.checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be >= 0, got {options.checkpoint_every}.")
@@ -75,8 +77,12 @@ def preflight(plan, options: RunOptions, plan_dir: Path | None) -> None:
         raise InputError("--checkpoint-every needs --checkpoint-dir (where to write the checkpoints).")
     if options.steps is not None and options.steps < 1:
         raise InputError(f"--steps must be at least 1, got {options.steps}.")
-    if options.resume:
-        require_checkpoint(Path(options.checkpoint_dir) if options.checkpoint_dir else None)
+    resume.prepare_directory(options.checkpoint_dir, options.resume, options.overwrite)
+    if options.resume and int(os.environ.get("RANK", "0")) == 0:  # rank 0 verifies; the others follow it
+        point = resume.choose(options.checkpoint_dir, manifest.model_fingerprint(config),
+                              plan.training.model_dump(mode="json"), options.accept_plan_changes)
+        return dataclasses.replace(options, resume_point=point)
+    return options
 
 
 def free_port() -> int:
@@ -176,13 +182,13 @@ def run_plan(plan_path: str | Path, options: RunOptions) -> dict[str, Any] | Non
         if env_world != world:
             raise InputError(f"the plan is for {world} devices but torchrun started WORLD_SIZE={env_world} "
                              f"processes; launch with a total of {world} processes or use a plan for {env_world}.")
-        preflight(plan, options, plan_dir)
+        options = preflight(plan, options, plan_dir)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         check_device(options.device_type, plan.hardware, local_world)
         if int(os.environ.get("RANK", 0)) != 0:
             options = RunOptions(**{**options.__dict__, "live": False})
         return train(plan, options, plan_dir)
-    preflight(plan, options, plan_dir)
+    options = preflight(plan, options, plan_dir)
     check_device(options.device_type, plan.hardware, world)
     if world == 1:
         with _env(_rank_env(0, 1, free_port())):

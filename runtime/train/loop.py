@@ -8,6 +8,7 @@ schedule). The logged loss is the global mean (one all-reduce). Checkpoints ever
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from xplan.errors import InputError
 
 from . import checkpoint as ckpt
+from . import manifest, resume
 from .data import build_data
 from .metrics import MetricsLog, memory_kind, peak_memory_gib, reset_peak_memory, summarize, synchronize
 from .optim import build_optimizer, build_scheduler
@@ -39,6 +41,10 @@ class RunOptions:
     timeout_s: float = 300.0
     export_hf: bool = True  # write <checkpoint_dir>/hf at the end
     loss_chunk_tokens: int = 1024
+    overwrite: bool = False  # a fresh run may replace another run's checkpoints in checkpoint_dir
+    accept_plan_changes: bool = False  # resume with training settings that differ from the checkpoint's
+    max_nonfinite_skips: int = 0  # steps with non-finite gradients skipped before the run stops
+    resume_point: Any = None  # chosen before spawning (resume.ResumePoint): workers need not re-verify
 
 
 def load_run_plan(plan_path: str | Path):
@@ -80,8 +86,18 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
     target_steps = options.steps if options.steps is not None else training.steps
     if target_steps < 1:
         raise InputError(f"--steps must be at least 1, got {target_steps}.")
-    resume_from = ckpt.require_checkpoint(Path(options.checkpoint_dir) if options.checkpoint_dir else None) \
-        if options.resume else None
+    fingerprint = manifest.model_fingerprint(config)
+    training_settings = training.model_dump(mode="json")
+    resume_from = None
+    if options.resume:
+        point, error = options.resume_point, None
+        if ctx.is_main and point is None:
+            try:
+                point = resume.choose(options.checkpoint_dir, fingerprint, training_settings,
+                                      options.accept_plan_changes)
+            except InputError as exc:
+                error = str(exc)
+        resume_from = resume.agree(point, error, ctx.is_main, ctx.world_size)
 
     source = build_data(training.data, config.vocab_size, training.seq_len, plan_dir)
     torch.manual_seed(training.seed)
@@ -93,12 +109,12 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
 
     start = 0
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from[1], model, optimizer, scheduler, ctx.rank, ctx.world_size,
-                                     ctx.device_type)
+        state = ckpt.load_checkpoint(Path(resume_from.path), model, optimizer, scheduler, ctx.rank,
+                                     ctx.world_size, ctx.device_type)
         start = int(state["step"])
         if state.get("global_batch", training.global_batch) != training.global_batch or \
                 state.get("seq_len", training.seq_len) != training.seq_len:
-            raise InputError(f"checkpoint {resume_from[1]} was written with global batch {state.get('global_batch')}"
+            raise InputError(f"checkpoint {resume_from.path} was written with global batch {state.get('global_batch')}"
                              f" and seq_len {state.get('seq_len')}; the plan now has {training.global_batch} and "
                              f"{training.seq_len}. Resume with the plan the run started with.")
 
@@ -111,10 +127,13 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         title = (f"xplan run: {config.name} on {ctx.world_size} × {ctx.device_type} "
                  f"(fsdp {layout.fsdp}, ep {layout.ep}, sp {layout.sp}, {layout.precision}), "
                  f"{source.describe()}")
+        if resume_from is not None:
+            resume.truncate_metrics(options.metrics_path, start)
         log = MetricsLog(metrics_path, append=resume_from is not None, live=options.live, title=title,
                          predictions=plan.data.predictions, memory=memory)
     loss_fn = token_loss_fn(layout.kernels.get("loss", "chunked"), options.loss_chunk_tokens, ctx.device)
     records: list[dict[str, Any]] = []
+    skips = 0  # steps whose gradients were not finite (skipped, not applied)
     try:
         for step in range(start, target_steps):
             reset_peak_memory(ctx.device_type)
@@ -122,12 +141,21 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
             t0, c0 = time.perf_counter(), time.process_time()
             batches = micro_batches(source, step, global_batch, layout.micro_batch, ctx)
             result = train_step(model, optimizer, batches, loss_fn, tokens_per_step, ctx.meshes,
-                                training.grad_clip, scheduler)
+                                training.grad_clip, scheduler, skip_nonfinite=True)
             loss = result.global_loss(ctx.meshes)
+            if result.skipped or not math.isfinite(loss):
+                skips += 1
+                if skips > options.max_nonfinite_skips:
+                    last = ckpt.latest_checkpoint(Path(options.checkpoint_dir)) if options.checkpoint_dir else None
+                    raise RuntimeError(
+                        f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({float(result.grad_norm)}); the "
+                        f"run stops without saving (last good checkpoint: {last[1] if last else 'none'}). Lower the "
+                        "learning rate, check the data, or allow skips with --max-nonfinite-skips.")
             synchronize(ctx.device_type)
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             peak = all_reduce_max(peak_memory_gib(ctx.device_type), ctx)
             record = {"step": step + 1, "loss": loss, "grad_norm": float(result.grad_norm), "lr": result.lr,
+                      "skipped": result.skipped,
                       "step_time_s": elapsed, "host_cpu_s": cpu,
                       "tokens_per_s_per_device": tokens_per_step / elapsed / ctx.world_size, "peak_memory_gib": peak}
             records.append(record)
@@ -139,7 +167,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
                 ckpt.save_checkpoint(Path(options.checkpoint_dir), done, model, optimizer, scheduler,
                                      {"global_batch": global_batch, "seq_len": seq_len,
                                       "samples_consumed": done * global_batch},
-                                     ctx.rank, ctx.world_size, ctx.device_type)
+                                     ctx.rank, ctx.world_size, ctx.device_type, fingerprint, training_settings)
     finally:
         if log is not None:
             log.close()
@@ -157,5 +185,9 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         checkpoint=str(latest[1]) if latest else None,
         hf_export=str(hf_dir) if hf_dir else None,
         metrics_file=options.metrics_path,
+        resumed_from=resume_from.path if resume_from else None,
+        skipped_checkpoints=resume_from.skipped if resume_from else [],
+        plan_changes=resume_from.plan_changes if resume_from else [],
+        nonfinite_steps_skipped=skips,
     )
     return summary

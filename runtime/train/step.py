@@ -67,6 +67,7 @@ class StepResult:
     global_tokens: int  # the step's normaliser: label tokens of the whole global batch
     grad_norm: torch.Tensor  # global gradient norm before clipping
     lr: float  # the learning rate the optimizer step used
+    skipped: bool = False  # non-finite gradients: no optimizer step was taken
 
     def global_loss(self, meshes: D.Meshes) -> float:
         """Mean token loss of the whole global batch (one all-reduce over every rank)."""
@@ -83,8 +84,12 @@ def defers_grad_sync(model: nn.Module, meshes: D.Meshes, num_micro_batches: int)
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence, loss_fn: LossFn,
                global_tokens: int, meshes: D.Meshes, max_norm: float, scheduler=None,
-               hooks: StepHooks | None = None) -> StepResult:
-    """One optimizer step over this rank's `micro_batches` (see the module docstring)."""
+               hooks: StepHooks | None = None, skip_nonfinite: bool = False) -> StepResult:
+    """One optimizer step over this rank's `micro_batches` (see the module docstring).
+
+    `skip_nonfinite`: when the global gradient norm (the same on every rank) is not finite, leave
+    the weights, optimizer and schedule untouched and report the step as skipped (real tensors
+    only: the check reads the norm's value)."""
     hooks = hooks or StepHooks()
     defer_sync = defers_grad_sync(model, meshes, len(micro_batches))
     loss_sum = torch.zeros((), dtype=torch.float64, device=meshes.device)
@@ -101,12 +106,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     hooks.optimizer_start()
     lr = float(optimizer.param_groups[0]["lr"])
     grad_norm = D.clip_grad_norm_(model, max_norm, meshes)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    skipped = skip_nonfinite and not bool(torch.isfinite(grad_norm))
+    if not skipped:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     hooks.optimizer_done()
-    return StepResult(loss_sum, global_tokens, grad_norm, lr)
+    return StepResult(loss_sum, global_tokens, grad_norm, lr, skipped)
 
 
 __all__ = ["LossFn", "StepHooks", "StepResult", "defers_grad_sync", "token_loss_fn", "train_step"]

@@ -26,6 +26,14 @@ def run(
                                          "the end of the run)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in "
                                 "--checkpoint-dir (exact: model, optimizer, LR schedule, data position, RNG)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start fresh in a --checkpoint-dir that holds "
+                                   "another run's checkpoints, removing them (without it that is an error)."),
+    accept_plan_changes: bool = typer.Option(False, "--accept-plan-changes", help="--resume even though the plan's "
+                                             "training settings (learning rate, schedule, ...) differ from the "
+                                             "checkpoint's; the plan's values apply from the resumed step."),
+    max_nonfinite_skips: int = typer.Option(0, "--max-nonfinite-skips", help="Skip up to this many steps whose "
+                                            "gradients are not finite (weights untouched) before stopping; "
+                                            "0: stop at the first."),
     device: str = typer.Option(None, "--device", help="cpu | cuda | npu (default: from the plan's hardware)."),
     metrics: Path = typer.Option(None, "--metrics", help="JSON-lines file with one record per step (default: "
                                  "<checkpoint-dir>/metrics.jsonl, else next to the plan as <plan>.metrics.jsonl)."),
@@ -75,6 +83,9 @@ def run(
         metrics_path=str(metrics),
         live=not json_out,
         timeout_s=timeout,
+        overwrite=overwrite,
+        accept_plan_changes=accept_plan_changes,
+        max_nonfinite_skips=max_nonfinite_skips,
     )
     summary = run_plan(plan, options)
     if summary is None:  # a non-zero torchrun rank: rank 0 reports
@@ -96,7 +107,10 @@ def run(
         table.add_row("step time / predicted", _fmt(summary["step_time_ratio"], ".2f"))
     if summary["predicted_peak_gib"] is not None:
         table.add_row("peak memory / predicted", _fmt(summary["peak_memory_ratio"], ".2f"))
-    for key, label in (("checkpoint", "checkpoint"), ("hf_export", "Hugging Face export"),
+    for note in summary.get("skipped_checkpoints", []) + [f"plan change: {c}" for c in summary.get("plan_changes", [])]:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    for key, label in (("resumed_from", "resumed from"), ("checkpoint", "checkpoint"),
+                       ("hf_export", "Hugging Face export"),
                        ("metrics_file", "metrics")):
         if summary.get(key):
             table.add_row(label, summary[key])
