@@ -26,6 +26,7 @@ import torch
 from xplan.errors import InputError
 
 from . import manifest, resume
+from .checkpoint import latest_checkpoint
 from .data import check_data_settings
 from .loop import RunOptions, check_plan_for_runtime, load_run_plan, train
 
@@ -45,8 +46,48 @@ def device_type_for(hardware: str, override: str | None = None) -> str:
     return resolve_device_type(hardware, override)
 
 
-def check_device(device_type: str, hardware: str, local_world: int) -> None:
+# Processes per core a CPU run may start: gloo tolerates some oversubscription (the tests run 4
+# ranks on 2 cores), but 64 ranks on 2 cores only crawl until a collective times out.
+CPU_RANKS_PER_CORE = 2
+HOST_MEMORY_FRACTION = 0.9  # of MemAvailable a CPU run may plan to use
+CPU_BYTES_PER_PARAM = 4 + 16  # the fp32 model each rank builds before sharding + its shard's states
+
+
+def _available_host_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_cpu_capacity(plan, local_world: int) -> None:
+    """A CPU run fits this machine's cores and memory before any process starts."""
+    cores = os.cpu_count() or 1
+    limit = max(4, CPU_RANKS_PER_CORE * cores)
+    if local_world > limit:
+        raise InputError(f"the plan starts {local_world} ranks on this machine's {cores} CPU cores (at most "
+                         f"{limit} here): use a plan for fewer devices (`xplan whatif PLAN --set devices=N` "
+                         "prices one), or launch with torchrun across nodes.")
+    from xplan.runtime import build_model, load_config
+    from xplan.runtime.models.counting import count_parameters
+
+    params = count_parameters(build_model(load_config(plan.model), device="meta")).total
+    fsdp = max(1, plan.layout.fsdp)
+    need = local_world * params * (4 + (CPU_BYTES_PER_PARAM - 4) / fsdp)
+    available = _available_host_bytes()
+    if available is not None and need > HOST_MEMORY_FRACTION * available:
+        raise InputError(f"the plan's {local_world} ranks need about {need / 2**30:.1f} GiB of host memory for "
+                         f"{params / 1e6:.1f}M parameters (fp32 model, gradients and AdamW states) but "
+                         f"{available / 2**30:.1f} GiB is available: use a smaller model or fewer ranks.")
+
+
+def check_device(device_type: str, hardware: str, local_world: int, plan=None) -> None:
     if device_type == "cpu":
+        if plan is not None:
+            check_cpu_capacity(plan, local_world)
         return
     if device_type == "npu":
         try:
@@ -77,7 +118,8 @@ def preflight(plan, options: RunOptions, plan_dir: Path | None) -> RunOptions:
         raise InputError("--checkpoint-every needs --checkpoint-dir (where to write the checkpoints).")
     if options.steps is not None and options.steps < 1:
         raise InputError(f"--steps must be at least 1, got {options.steps}.")
-    resume.prepare_directory(options.checkpoint_dir, options.resume, options.overwrite)
+    resume.prepare_directory(options.checkpoint_dir, options.resume, options.overwrite,
+                             remove=int(os.environ.get("RANK", "0")) == 0)
     if options.resume and int(os.environ.get("RANK", "0")) == 0:  # rank 0 verifies; the others follow it
         point = resume.choose(options.checkpoint_dir, manifest.model_fingerprint(config),
                               plan.training.model_dump(mode="json"), options.accept_plan_changes)
@@ -182,14 +224,18 @@ def run_plan(plan_path: str | Path, options: RunOptions) -> dict[str, Any] | Non
         if env_world != world:
             raise InputError(f"the plan is for {world} devices but torchrun started WORLD_SIZE={env_world} "
                              f"processes; launch with a total of {world} processes or use a plan for {env_world}.")
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restarts and options.checkpoint_dir and latest_checkpoint(Path(options.checkpoint_dir)):
+            # torchrun --max-restarts brought the job back after a failure: continue the run.
+            options = dataclasses.replace(options, resume=True)
         options = preflight(plan, options, plan_dir)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        check_device(options.device_type, plan.hardware, local_world)
+        check_device(options.device_type, plan.hardware, local_world, plan)
         if int(os.environ.get("RANK", 0)) != 0:
             options = RunOptions(**{**options.__dict__, "live": False})
         return train(plan, options, plan_dir)
     options = preflight(plan, options, plan_dir)
-    check_device(options.device_type, plan.hardware, world)
+    check_device(options.device_type, plan.hardware, world, plan)
     if world == 1:
         with _env(_rank_env(0, 1, free_port())):
             return train(plan, options, plan_dir)

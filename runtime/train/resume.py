@@ -52,9 +52,9 @@ def agree(point: ResumePoint | None, error: str | None, is_main: bool, world_siz
     return payload[0]["point"]
 
 
-def prepare_directory(checkpoint_dir: str | None, resume: bool, overwrite: bool) -> None:
+def prepare_directory(checkpoint_dir: str | None, resume: bool, overwrite: bool, remove: bool = True) -> None:
     """A fresh run does not write into another run's checkpoints: exit 2 unless --resume, or
-    --overwrite, which removes them first."""
+    --overwrite, which removes them first (where `remove`: one rank of a torchrun job)."""
     if not checkpoint_dir or resume:
         return
     root = Path(checkpoint_dir)
@@ -67,7 +67,7 @@ def prepare_directory(checkpoint_dir: str | None, resume: bool, overwrite: bool)
         raise InputError(f"{root} already holds another run's checkpoints ({', '.join(p.name for p in earlier[:3])}"
                          f"{' ...' if len(earlier) > 3 else ''}); pass --resume to continue it, --overwrite to "
                          "replace it, or choose another --checkpoint-dir.")
-    for path in earlier + list(root.glob(".tmp-*")):
+    for path in earlier + list(root.glob(".tmp-*")) if remove else ():
         shutil.rmtree(path, ignore_errors=True)
 
 
