@@ -107,6 +107,6 @@ def test_a_checkpoint_of_another_model_is_refused(history, tmp_path, model_dir):
 
 def test_a_plan_too_wide_for_this_machine_is_refused_before_spawning(tmp_path, model_dir, monkeypatch):  # noqa: F811
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    plan = write_plan(tmp_path / "wide.yaml", model_dir, devices=64, fsdp=64)
+    plan = write_plan(tmp_path / "wide.yaml", model_dir, devices=64, fsdp=64, training={"global_batch": 64})
     code, _, err = xplan("run", plan, "--steps", 1)
     assert code == 2 and "64 ranks on this machine's 2 CPU cores" in " ".join(err.split())
