@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gpu_check:
         fit_dispatch(args.gpu_check)
+    from xplan.cost_models.kernels import gemm_time, width_alignment
     from xplan.hw_profiles import load_profile
-    from xplan.hw_profiles.schema import width_alignment
 
     profile = load_profile(args.profile)
     if args.gemm:
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             best = None
             for frac in np.arange(0.40, 0.90, 0.001):
                 trial = with_gemm_fraction(profile, dtype, float(frac))
-                err = [math.log(trial.gemm_time(r["m"], r["n"], r["k"], dtype, r["groups"])
+                err = [math.log(gemm_time(trial, r["m"], r["n"], r["k"], dtype, r["groups"])
                                 * r["measured_tflops"] * 1e12 / (2.0 * r["m"] * r["n"] * r["k"] * r["groups"]))
                        for r in pts]
                 score = sum(e * e for e in err)

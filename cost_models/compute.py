@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .kernels import DTYPE_BYTES, attention_time, gemm_time, memory_time
 from .ops import PricedOp, priced_ops
-
-_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, pro
     if work.precision != "fp8":
         return 0.0
     tokens = 0.0 if work.fused_elementwise else m * k
-    return groups * (tokens + k * n * work.weight_cast_share) * 3 / profile.hbm_bandwidth()
+    return memory_time(profile, groups * (tokens + k * n * work.weight_cast_share) * 3)
 
 
 def rank_gemm(op: PricedOp, work: RankWork) -> tuple[float, float, float, int, float]:
@@ -65,18 +64,17 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
     overhead = profile.compute.gemm.overhead_us * 1e-6
     if op.category == "attention":
         dtype = "fp32" if work.precision == "fp32" else "bf16"
-        return profile.attention_time(op.flops * work.token_factor / work.tp, work.seq_len,
-                                      backward=op.phase == "backward", kernel=work.attention_kernel,
-                                      dtype=dtype) + overhead
+        return attention_time(profile, op.flops * work.token_factor / work.tp, work.seq_len,
+                              backward=op.phase == "backward", kernel=work.attention_kernel, dtype=dtype) + overhead
     if op.category in ("grouped", "gemm"):
         m, n, k, groups, repeat = rank_gemm(op, work)
-        return repeat * (profile.gemm_time(m, n, k, work.precision, groups)
+        return repeat * (gemm_time(profile, m, n, k, work.precision, groups)
                          + fp8_cast_time(m, n, k, groups, work, profile))
-    scale = _BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
+    scale = DTYPE_BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
     nbytes = op.fused_nbytes if work.fused_elementwise else op.nbytes
     if work.fused_elementwise and not nbytes:
         return 0.0  # folded into a neighbouring kernel: no launch of its own
-    return nbytes * scale * work.token_factor / work.tp / profile.hbm_bandwidth() + overhead
+    return memory_time(profile, nbytes * scale * work.token_factor / work.tp) + overhead
 
 
 def redone_by_selective(op: PricedOp, mm_seen: dict[str, int], every_mm: int) -> bool:

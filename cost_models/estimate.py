@@ -22,6 +22,7 @@ from xplan.layout import Layout, check_layout
 
 from . import comm
 from .compute import RankWork, group_times
+from .kernels import memory_time
 from .memory import (
     COMPUTE_BYTES,
     GIB,
@@ -281,7 +282,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         zero1_exposed = max(0.0, rs - busiest["backward"]) + max(0.0, ag - busiest["forward"])
 
     params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
-    optimizer = profile.memory_time(params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
+    optimizer = memory_time(profile, params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
     if "optimizer" in layout.offload or "params" in layout.offload:
         # Gradients to host and updated parameters back over the host link, on top of the update
         # itself (priced as if it ran at device speed: offload never looks cheaper than none).
@@ -326,7 +327,7 @@ def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, red
     shard = numel / layout.fsdp
     per_gather = 2 * shard * param_bytes + 2 * numel * param_bytes
     reduce = 2 * numel * reduce_bytes + 2 * shard * reduce_bytes
-    return profile.memory_time(gathers * per_gather + reduce)
+    return memory_time(profile, gathers * per_gather + reduce)
 
 
 def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) -> bool:

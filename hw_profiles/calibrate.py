@@ -642,7 +642,7 @@ def fit_saturation(xs: Sequence[float], effs: Sequence[float], cap: float = math
 
 
 def collective_terms(kind: str, nbytes: float, n: int) -> tuple[float, float]:
-    """(ring steps, per-device traffic bytes) of one collective, as ``Profile.collective_time``."""
+    """(ring steps, per-device traffic bytes) of one collective, as ``cost_models.kernels.collective_terms``."""
     if kind == "all_reduce":
         return 2.0 * (n - 1), 2.0 * (n - 1) / n * nbytes
     if kind == "p2p":
