@@ -104,17 +104,7 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     ops the host issues for both passes: every traced op when elementwise kernels run eagerly,
     else the GEMMs, attention and fused chains (what `host.dispatch_us` prices); `ops_forward`
     and `ops_selective` count those of the forward and of what selective recompute redoes.
-
-    Memoised on the trace per (work, profile): a search prices many layouts with the same work.
     """
-    memo = trace.__dict__.setdefault("_group_times", {})
-    key = (work, profile.name, id(profile))
-    if key not in memo:
-        memo[key] = _group_times(trace, work, profile)
-    return memo[key]
-
-
-def _group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     times: dict[tuple[str, str], float] = defaultdict(float)
     mm_seen: dict[str, int] = {}
     for op in priced_ops(trace):
@@ -130,3 +120,33 @@ def _group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]
             times[(op.group, "ops")] += 1
             times[(op.group, "ops_forward")] += op.phase == "forward"
     return dict(times)
+
+
+class PricingContext:
+    """The group times one search (or one estimate) has priced on `profile`, per trace and
+    `RankWork`: a search prices many layouts that share both, so it makes one context and passes
+    it to every estimate. The context holds the traces it has seen, so its memo lives exactly as
+    long as the search that made it and never outlives a trace."""
+
+    def __init__(self, profile) -> None:
+        self.profile = profile
+        self._memos: list[tuple[object, dict[RankWork, dict[tuple[str, str], float]]]] = []
+
+    def group_times(self, trace, work: RankWork) -> dict[tuple[str, str], float]:
+        """`group_times(trace, work, self.profile)`, priced once per (trace, work)."""
+        memo = next((m for known, m in self._memos if known is trace), None)
+        if memo is None:  # a search holds one trace per loss kernel: a short list
+            memo = {}
+            self._memos.append((trace, memo))
+        if work not in memo:
+            memo[work] = group_times(trace, work, self.profile)
+        return memo[work]
+
+
+def pricing_for(profile, pricing: PricingContext | None) -> PricingContext:
+    """`pricing` when it prices on `profile`, a fresh context when None (one estimate alone)."""
+    if pricing is None:
+        return PricingContext(profile)
+    if pricing.profile is not profile:
+        raise ValueError(f"a pricing context for profile {pricing.profile.name!r} cannot price on {profile.name!r}")
+    return pricing

@@ -21,7 +21,7 @@ from typing import Any
 from xplan.layout import Layout, check_layout
 
 from . import comm
-from .compute import RankWork, group_times
+from .compute import PricingContext, RankWork, pricing_for
 from .kernels import memory_time
 from .memory import (
     COMPUTE_BYTES,
@@ -145,11 +145,12 @@ def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm:
 
 
 def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0,
-             recompute_every_mm: int = 0) -> Estimate:
+             recompute_every_mm: int = 0, pricing: PricingContext | None = None) -> Estimate:
     """Price `layout` for `config` traced at `trace` (micro-batch 1, the run's seq_len) on `profile`.
 
     `recompute_every_mm`: under selective recompute, also redo every n-th forward mm of a block
     (torchtitan's op-level SAC recomputes every second one: 2); 0 keeps every GEMM output.
+    `pricing`: the search's PricingContext on `profile` (its op times priced once per rank work).
     """
     seq = trace.seq_len
     if trace.micro_batch != 1:
@@ -163,7 +164,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = 4
     work = rank_work(trace, layout, imbalance, recompute_every_mm, grad_accum)
-    times = group_times(trace, work, profile)
+    times = pricing_for(profile, pricing).group_times(trace, work)
 
     # One layer of the model's mix of block kinds, priced per micro-batch (a pipeline rank runs
     # `PipelineRank.layers` of them; see pipeline_ranks).

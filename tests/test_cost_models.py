@@ -235,6 +235,32 @@ def _tiny_estimate(layout_values: dict, profile_name: str = "h100"):
     return estimate(trace, config, layout, load_profile(profile_name), global_batch=layout.devices), trace
 
 
+def test_pricing_context_prices_each_trace_and_work_once():
+    """A search passes one PricingContext to every estimate: the same numbers as pricing alone,
+    each (trace, rank work) priced once, traces told apart by identity, one profile per context."""
+    from tests.trace_configs import tiny_config
+    from xplan.cost_models import PricingContext, estimate
+    from xplan.cost_models.compute import RankWork, group_times
+    from xplan.planner.trace import trace_model
+
+    config = tiny_config("qwen3")
+    full, chunked = (trace_model(config, 64, loss=loss, use_cache=False) for loss in ("full", "chunked"))
+    h100 = load_profile("h100")
+    pricing = PricingContext(h100)
+    work = RankWork(token_factor=1.0, seq_len=64)
+    times = pricing.group_times(full, work)
+    assert times == group_times(full, work, h100)
+    assert pricing.group_times(full, work) is times  # priced once
+    assert pricing.group_times(chunked, work) == group_times(chunked, work, h100)
+    assert pricing.group_times(chunked, work) is not times
+    for values in ({"devices": 2, "fsdp": 2}, {"devices": 2, "fsdp": 2, "micro_batch": 2, "recompute": "full"}):
+        layout = layout_from_dict(values)
+        alone = estimate(full, config, layout, h100, global_batch=4)
+        assert estimate(full, config, layout, h100, global_batch=4, pricing=pricing) == alone
+    with pytest.raises(ValueError, match="pricing context"):
+        estimate(full, config, layout, load_profile("h800"), global_batch=4, pricing=pricing)
+
+
 def test_allocator_fragmentation_adds_its_fraction_of_the_allocated_peak():
     est, _ = _tiny_estimate({"devices": 2, "fsdp": 2})
     m = est.memory
