@@ -13,6 +13,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from xplan.errors import InputError
 from xplan.hw_profiles.calibrate import AttentionResult, Fitted, MatmulResult
 from xplan.hw_profiles.schema import COLLECTIVES, Profile
@@ -26,7 +28,8 @@ def fit_calibration(data: dict[str, Any], cpu: bool) -> Fitted:
     memory bandwidth, GEMM peaks per dtype, attention efficiency per pass and collectives.
     ``cpu``: attention is then fitted against the fp32 peak (the dtype CPU runs use)."""
     # per-kernel overhead: the tiny decoder block's seconds per counted kernel (median over sizes)
-    overhead = statistics.median(r["seconds_per_kernel"] for r in data["overhead"] if r.get("kind", "block") == "block")
+    overhead = statistics.median(r["seconds_per_kernel"] for r in data["overhead"]
+                                 if r.get("kind", "block") == "block")
     mem_bw = fit_bandwidth(data["elementwise"])
     # GEMMs: per dtype, the peak that fits the sweep with the roofline's bytes and overhead
     gemms = [MatmulResult(**r) for r in data["gemm"]]
@@ -142,8 +145,6 @@ def fit_collectives(records: Sequence[dict[str, float]]) -> dict[str, Any]:
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     """Least squares ``a x ~ b`` (small, dense; float64)."""
-    import torch  # only calibration fits need it, not the cost models
-
     sol = torch.linalg.lstsq(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)[:, None])
     return [float(v) for v in sol.solution[:, 0]]
 
