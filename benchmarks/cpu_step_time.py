@@ -43,7 +43,7 @@ KERNELS = {"attention": "sdpa", "moe_gemm": "grouped_mm", "loss": "chunked", "el
 def profile_for(world: int, args, root: Path) -> Path:
     if args.profile:
         return Path(args.profile).resolve()
-    from xplan.hw_profiles.calibrate import calibrate
+    from xplan.cli.calibrate_cmd import run_calibration
 
     t0 = time.perf_counter()
     last = [""]
@@ -54,9 +54,9 @@ def profile_for(world: int, args, root: Path) -> Path:
             last[0] = label
 
     threads = threads_for(world, args)
-    result = calibrate(processes=world, threads=threads, quick=args.quick_calibrate, progress=progress,
-                       command=f"xplan calibrate --processes {world} --threads {threads}"
-                       + (" --quick" if args.quick_calibrate else ""))
+    result = run_calibration(processes=world, threads=threads, quick=args.quick_calibrate, progress=progress,
+                             command=f"xplan calibrate --processes {world} --threads {threads}"
+                             + (" --quick" if args.quick_calibrate else ""))
     path = root / f"cpu-{world}rank.yaml"
     from xplan.hw_profiles import save_profile
 

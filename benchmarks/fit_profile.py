@@ -17,6 +17,9 @@ and `tail_us` of `time = F / (peak x max_fraction x s / (s + half_seq)) + tail +
 kernel (`flash`), and one `sdpa_fraction` (time / sdpa_fraction) to FlashAttention-2 (`sdpa`).
 Host: `host.dispatch_us` to the step times gpu_check.py measured with xplan's runtime (small models,
 where the host's issue rate binds), e.g. `--gpu-check benchmarks/results/*/gpu_check.txt`.
+
+The fitting math (inverting the cost formulas of `xplan.cost_models.kernels`) is in
+`xplan.cost_models.fit`; this script reads the stored runs and prints the fits.
 """
 
 from __future__ import annotations
@@ -25,45 +28,6 @@ import argparse
 import json
 import math
 
-import numpy as np
-
-
-def attention_flops(shape, backward: bool) -> float:
-    """Model FLOPs of causal attention at shape (b, h, s, d_qk, d_v): half of the pairs."""
-    b, h, s, d, dv = shape
-    forward = 2.0 * b * h * s * s * (d + dv) / 2
-    return 2 * forward if backward else forward
-
-
-def fit_pass(points, peak: float):
-    """(max_fraction, half_seq, tail_us, max |log error|) of one pass over [(flops, s, seconds)]."""
-    flops = np.array([p[0] for p in points])
-    seqs = np.array([p[1] for p in points], dtype=float)
-    times = np.array([p[2] for p in points])
-    best = None
-    for half in np.arange(0.0, 2001.0, 10.0):
-        for tail in np.arange(0.0, 301e-6, 2e-6):
-            work = times - tail
-            if (work <= 0).any():
-                continue
-            # log-space best max_fraction for this (half, tail): geometric mean of the implied values
-            implied = flops * (seqs + half) / (seqs * peak * work)
-            frac = float(np.exp(np.log(implied).mean()))
-            model = flops * (seqs + half) / (seqs * peak * frac) + tail
-            err = np.log(model / times)
-            score = float((err ** 2).sum())
-            if best is None or score < best[0]:
-                best = (score, frac, float(half), float(tail * 1e6), float(np.abs(err).max()))
-    return best[1:]
-
-
-def with_gemm_fraction(profile, dtype: str, frac: float):
-    """A copy of `profile` whose `compute.gemm.max_fraction.<dtype>` is `frac` (profiles are frozen)."""
-    gemm = profile.compute.gemm
-    fractions = gemm.max_fraction.model_copy(update={dtype: frac})
-    compute = profile.compute.model_copy(update={"gemm": gemm.model_copy(update={"max_fraction": fractions})})
-    return profile.model_copy(update={"compute": compute})
-
 
 def fit_dispatch(check_logs: list[str]) -> None:
     """Fit `host.dispatch_us` to gpu_check.py's measured step times (its eager-kernel plans at world
@@ -71,6 +35,7 @@ def fit_dispatch(check_logs: list[str]) -> None:
     import tempfile
     from pathlib import Path
 
+    import numpy as np
     import yaml
     from gpu_check import MODELS, price
 
@@ -122,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gpu_check:
         fit_dispatch(args.gpu_check)
+    from xplan.cost_models.fit import fit_attention_pass, fit_gemm_fraction, geometric_mean
+    from xplan.cost_models.kernels import causal_attention_flops, width_alignment
     from xplan.hw_profiles import load_profile
-    from xplan.hw_profiles.schema import width_alignment
 
     profile = load_profile(args.profile)
     if args.gemm:
@@ -132,38 +98,30 @@ def main(argv: list[str] | None = None) -> int:
             pts = [r for r in everything if r["dtype"] == "bf16" and r["m"] % 8 == 0
                    and width_alignment(r["n"], r["k"]) == name]
             if pts:
-                logs = [math.log(r["measured_tflops"] * 1e12 / profile.peak_flops("bf16")) for r in pts]
-                print(f"gemm unaligned bf16 {name}: {math.exp(sum(logs) / len(logs)):.3f} of the peak over "
+                fraction = geometric_mean([r["measured_tflops"] * 1e12 / profile.peak_flops("bf16") for r in pts])
+                print(f"gemm unaligned bf16 {name}: {fraction:.3f} of the peak over "
                       f"{len(pts)} shapes ({min(r['measured_tflops'] for r in pts):.0f}.."
                       f"{max(r['measured_tflops'] for r in pts):.0f} TFLOPS)")
         rows = [r for r in everything if all(r[d] % 8 == 0 for d in ("m", "n", "k"))]
         for dtype in sorted({r["dtype"] for r in rows}):
             pts = [r for r in rows if r["dtype"] == dtype]
             old = getattr(profile.compute.gemm.max_fraction, dtype)
-            best = None
-            for frac in np.arange(0.40, 0.90, 0.001):
-                trial = with_gemm_fraction(profile, dtype, float(frac))
-                err = [math.log(trial.gemm_time(r["m"], r["n"], r["k"], dtype, r["groups"])
-                                * r["measured_tflops"] * 1e12 / (2.0 * r["m"] * r["n"] * r["k"] * r["groups"]))
-                       for r in pts]
-                score = sum(e * e for e in err)
-                if best is None or score < best[0]:
-                    best = (score, float(frac), max(abs(e) for e in err), sorted(err)[len(err) // 2])
-            print(f"gemm {dtype}: max_fraction {best[1]:.3f} (profile {old}) over {len(pts)} aligned shapes; "
-                  f"max |time error| {math.exp(best[2]) - 1:.1%}, median error {math.exp(best[3]) - 1:+.1%}")
+            fraction, max_err, median_err = fit_gemm_fraction(profile, dtype, pts)
+            print(f"gemm {dtype}: max_fraction {fraction:.3f} (profile {old}) over {len(pts)} aligned shapes; "
+                  f"max |time error| {math.exp(max_err) - 1:.1%}, median error {math.exp(median_err) - 1:+.1%}")
     if args.attention:
         rows = json.load(open(args.attention))
         peak = profile.peak_flops("bf16")
         launch = profile.compute.gemm.overhead_us * 1e-6  # op_time adds it to every kernel
         for i, (name, key) in enumerate((("forward", "fwd"), ("backward", "bwd"))):
-            pts = [(attention_flops(r["shape"], i == 1), r["shape"][2], r["measured_s"]["cudnn"][key] - launch)
-                   for r in rows if "cudnn" in r["measured_s"]]
-            frac, half, tail, err = fit_pass(pts, peak)
+            pts = [(causal_attention_flops(*r["shape"], backward=i == 1), r["shape"][2],
+                    r["measured_s"]["cudnn"][key] - launch) for r in rows if "cudnn" in r["measured_s"]]
+            frac, half, tail, err = fit_attention_pass(pts, peak)
             print(f"attention {name} (cuDNN): max_fraction {frac:.3f}, half_seq {half:.0f}, tail_us {tail:.0f}; "
                   f"max |time error| {math.exp(err) - 1:.1%} over {len(pts)} shapes")
         ratios = [r["measured_s"]["cudnn"][p] / r["measured_s"]["flash"][p]
                   for r in rows if {"cudnn", "flash"} <= set(r["measured_s"]) for p in ("fwd", "bwd")]
-        frac = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        frac = geometric_mean(ratios)
         print(f"attention sdpa_fraction (FlashAttention-2 time vs cuDNN): {frac:.3f}; per shape and pass "
               f"{min(ratios):.2f}..{max(ratios):.2f}")
     return 0

@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=10.0, help="seconds of 8192^3 GEMMs first (GPU)")
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: shapes / 16 per dim, short windows")
     args = parser.parse_args(argv)
+    from xplan.cost_models.kernels import gemm_time
     from xplan.hw_profiles import load_profile
 
     cases = cases_from_args(args)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = "fp32" if args.device == "cpu" else precision
         profile = load_profile(args.profile or ("cpu" if args.device == "cpu" else case_hw))
         flops = 2.0 * m * n * k * groups
-        predicted = flops / profile.gemm_time(m, n, k, dtype, groups)
+        predicted = flops / gemm_time(profile, m, n, k, dtype, groups)
         window = 0.05 if args.quick else args.window
         try:
             measured = flops / sustained_seconds(_runner(m, n, k, groups, dtype, args.device), window, args.device)

@@ -78,11 +78,12 @@ def main() -> int:
         if args.profile:
             profile = args.profile
         else:
+            from xplan.cli.calibrate_cmd import run_calibration
             from xplan.hw_profiles import save_profile
-            from xplan.hw_profiles.calibrate import calibrate
 
             t0 = time.perf_counter()
-            cal = calibrate(processes=1, quick=True, device=args.device, command="xplan calibrate --processes 1 --quick")
+            cal = run_calibration(processes=1, quick=True, device=args.device,
+                                  command="xplan calibrate --processes 1 --quick")
             profile = str(save_profile(cal.profile, root / "calibrated.yaml", header=cal.header))
             print(f"calibrated in {time.perf_counter() - t0:.0f} s: {json.dumps(cal.summary())}", flush=True)
         rows = []

@@ -7,6 +7,8 @@ Every function returns seconds for one occurrence on one rank.
 
 from __future__ import annotations
 
+from .kernels import alpha_beta_time, collective_bandwidth, collective_time
+
 
 def ring_bandwidth(profile, kind: str, group: int, stride: int, devices: int) -> float:
     """Bus bandwidth (bytes/s per device, NCCL busBw sense) of a ring collective over `group` ranks.
@@ -22,33 +24,29 @@ def ring_bandwidth(profile, kind: str, group: int, stride: int, devices: int) ->
     NVIDIA/nccl #412). A group with one member per unit (stride >= unit) gets one NIC's worth.
     """
     level = profile.level_for_group(group, stride, devices)
-    outer = profile.collective_bandwidth(level, kind, group)
+    outer = collective_bandwidth(profile, level, kind, group)
     if level == 0:
         return outer
     inner_devices = profile.levels[level - 1].devices or group * stride
     local = min(group, max(1, inner_devices // stride))
     if local <= 1:
         return outer
-    inner = profile.collective_bandwidth(level - 1, kind, local)
+    inner = collective_bandwidth(profile, level - 1, kind, local)
     return min(inner, local * outer)
 
 
 def ring_collective_time(profile, kind: str, nbytes: float, group: int, stride: int, devices: int) -> float:
     """Alpha-beta time of a ring all-gather / reduce-scatter / all-reduce at `ring_bandwidth`.
 
-    `nbytes` as in `Profile.collective_time`: the full gathered output (all_gather), the full
+    `nbytes` as in `kernels.collective_terms`: the full gathered output (all_gather), the full
     input (reduce_scatter), the buffer (all_reduce). One latency of the outermost level spanned
     per ring step.
     """
     if group <= 1 or nbytes <= 0:
         return 0.0
-    n = group
-    level = profile.level_for_group(n, stride, devices)
-    if kind == "all_reduce":
-        traffic, steps = 2 * (n - 1) / n * nbytes, 2 * (n - 1)
-    else:
-        traffic, steps = (n - 1) / n * nbytes, n - 1
-    return steps * profile.latency(level) + traffic / ring_bandwidth(profile, kind, n, stride, devices)
+    level = profile.level_for_group(group, stride, devices)
+    return alpha_beta_time(kind, nbytes, group, profile.latency(level),
+                           ring_bandwidth(profile, kind, group, stride, devices))
 
 
 def all_gather_time(profile, nbytes: float, group: int, stride: int, devices: int) -> float:
@@ -77,16 +75,16 @@ def all_to_all_time(profile, nbytes: float, group: int, stride: int, devices: in
     inner = profile.levels[0].devices
     local = min(group, max(1, (inner or group) // stride))
     if level == 0 or local <= 1:
-        return profile.collective_time("all_to_all", nbytes, group, stride, devices)
+        return collective_time(profile, "all_to_all", nbytes, group, stride, devices)
     local_bytes = nbytes * (local - 1) / group
     remote_bytes = nbytes * (group - local) / group
-    t_local = local_bytes / profile.collective_bandwidth(0, "all_to_all", local)
-    t_remote = remote_bytes / profile.collective_bandwidth(level, "all_to_all", group)
+    t_local = local_bytes / collective_bandwidth(profile, 0, "all_to_all", local)
+    t_remote = remote_bytes / collective_bandwidth(profile, level, "all_to_all", group)
     return (group - 1) * profile.latency(level) + max(t_local, t_remote)
 
 
 def p2p_time(profile, nbytes: float, stride: int, devices: int) -> float:
-    return profile.collective_time("p2p", nbytes, 2, stride, devices)
+    return collective_time(profile, "p2p", nbytes, 2, stride, devices)
 
 
 def fsdp_block_times(profile, dense_numel: float, routed_numel: float, layout, param_bytes: int,

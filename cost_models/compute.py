@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .kernels import DTYPE_BYTES, attention_time, gemm_time, memory_time
 from .ops import PricedOp, priced_ops
-
-_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, pro
     if work.precision != "fp8":
         return 0.0
     tokens = 0.0 if work.fused_elementwise else m * k
-    return groups * (tokens + k * n * work.weight_cast_share) * 3 / profile.hbm_bandwidth()
+    return memory_time(profile, groups * (tokens + k * n * work.weight_cast_share) * 3)
 
 
 def rank_gemm(op: PricedOp, work: RankWork) -> tuple[float, float, float, int, float]:
@@ -65,18 +64,17 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
     overhead = profile.compute.gemm.overhead_us * 1e-6
     if op.category == "attention":
         dtype = "fp32" if work.precision == "fp32" else "bf16"
-        return profile.attention_time(op.flops * work.token_factor / work.tp, work.seq_len,
-                                      backward=op.phase == "backward", kernel=work.attention_kernel,
-                                      dtype=dtype) + overhead
+        return attention_time(profile, op.flops * work.token_factor / work.tp, work.seq_len,
+                              backward=op.phase == "backward", kernel=work.attention_kernel, dtype=dtype) + overhead
     if op.category in ("grouped", "gemm"):
         m, n, k, groups, repeat = rank_gemm(op, work)
-        return repeat * (profile.gemm_time(m, n, k, work.precision, groups)
+        return repeat * (gemm_time(profile, m, n, k, work.precision, groups)
                          + fp8_cast_time(m, n, k, groups, work, profile))
-    scale = _BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
+    scale = DTYPE_BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
     nbytes = op.fused_nbytes if work.fused_elementwise else op.nbytes
     if work.fused_elementwise and not nbytes:
         return 0.0  # folded into a neighbouring kernel: no launch of its own
-    return nbytes * scale * work.token_factor / work.tp / profile.hbm_bandwidth() + overhead
+    return memory_time(profile, nbytes * scale * work.token_factor / work.tp) + overhead
 
 
 def redone_by_selective(op: PricedOp, mm_seen: dict[str, int], every_mm: int) -> bool:
@@ -106,17 +104,7 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     ops the host issues for both passes: every traced op when elementwise kernels run eagerly,
     else the GEMMs, attention and fused chains (what `host.dispatch_us` prices); `ops_forward`
     and `ops_selective` count those of the forward and of what selective recompute redoes.
-
-    Memoised on the trace per (work, profile): a search prices many layouts with the same work.
     """
-    memo = trace.__dict__.setdefault("_group_times", {})
-    key = (work, profile.name, id(profile))
-    if key not in memo:
-        memo[key] = _group_times(trace, work, profile)
-    return memo[key]
-
-
-def _group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     times: dict[tuple[str, str], float] = defaultdict(float)
     mm_seen: dict[str, int] = {}
     for op in priced_ops(trace):
@@ -132,3 +120,33 @@ def _group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]
             times[(op.group, "ops")] += 1
             times[(op.group, "ops_forward")] += op.phase == "forward"
     return dict(times)
+
+
+class PricingContext:
+    """The group times one search (or one estimate) has priced on `profile`, per trace and
+    `RankWork`: a search prices many layouts that share both, so it makes one context and passes
+    it to every estimate. The context holds the traces it has seen, so its memo lives exactly as
+    long as the search that made it and never outlives a trace."""
+
+    def __init__(self, profile) -> None:
+        self.profile = profile
+        self._memos: list[tuple[object, dict[RankWork, dict[tuple[str, str], float]]]] = []
+
+    def group_times(self, trace, work: RankWork) -> dict[tuple[str, str], float]:
+        """`group_times(trace, work, self.profile)`, priced once per (trace, work)."""
+        memo = next((m for known, m in self._memos if known is trace), None)
+        if memo is None:  # a search holds one trace per loss kernel: a short list
+            memo = {}
+            self._memos.append((trace, memo))
+        if work not in memo:
+            memo[work] = group_times(trace, work, self.profile)
+        return memo[work]
+
+
+def pricing_for(profile, pricing: PricingContext | None) -> PricingContext:
+    """`pricing` when it prices on `profile`, a fresh context when None (one estimate alone)."""
+    if pricing is None:
+        return PricingContext(profile)
+    if pricing.profile is not profile:
+        raise ValueError(f"a pricing context for profile {pricing.profile.name!r} cannot price on {profile.name!r}")
+    return pricing

@@ -21,7 +21,8 @@ from typing import Any
 from xplan.layout import Layout, check_layout
 
 from . import comm
-from .compute import RankWork, group_times
+from .compute import PricingContext, RankWork, pricing_for
+from .kernels import memory_time
 from .memory import (
     COMPUTE_BYTES,
     GIB,
@@ -144,11 +145,12 @@ def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm:
 
 
 def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0,
-             recompute_every_mm: int = 0) -> Estimate:
+             recompute_every_mm: int = 0, pricing: PricingContext | None = None) -> Estimate:
     """Price `layout` for `config` traced at `trace` (micro-batch 1, the run's seq_len) on `profile`.
 
     `recompute_every_mm`: under selective recompute, also redo every n-th forward mm of a block
     (torchtitan's op-level SAC recomputes every second one: 2); 0 keeps every GEMM output.
+    `pricing`: the search's PricingContext on `profile` (its op times priced once per rank work).
     """
     seq = trace.seq_len
     if trace.micro_batch != 1:
@@ -162,7 +164,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = 4
     work = rank_work(trace, layout, imbalance, recompute_every_mm, grad_accum)
-    times = group_times(trace, work, profile)
+    times = pricing_for(profile, pricing).group_times(trace, work)
 
     # One layer of the model's mix of block kinds, priced per micro-batch (a pipeline rank runs
     # `PipelineRank.layers` of them; see pipeline_ranks).
@@ -281,7 +283,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         zero1_exposed = max(0.0, rs - busiest["backward"]) + max(0.0, ag - busiest["forward"])
 
     params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
-    optimizer = profile.memory_time(params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
+    optimizer = memory_time(profile, params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
     if "optimizer" in layout.offload or "params" in layout.offload:
         # Gradients to host and updated parameters back over the host link, on top of the update
         # itself (priced as if it ran at device speed: offload never looks cheaper than none).
@@ -326,7 +328,7 @@ def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, red
     shard = numel / layout.fsdp
     per_gather = 2 * shard * param_bytes + 2 * numel * param_bytes
     reduce = 2 * numel * reduce_bytes + 2 * shard * reduce_bytes
-    return profile.memory_time(gathers * per_gather + reduce)
+    return memory_time(profile, gathers * per_gather + reduce)
 
 
 def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) -> bool:

@@ -1,13 +1,16 @@
 """Hardware profiles: one YAML per device/cluster kind, the schema, the loader, measurements.
 
+Data only: the formulas that price work on a profile are in ``xplan.cost_models.kernels`` (this
+package imports nothing from the cost models, the planner, the runtime or the CLI).
+
 Public API::
 
     from xplan.hw_profiles import load_profile, profile_names, save_profile
     p = load_profile("h800")                 # or a path to a profile YAML
     p.peak_flops("bf16")                     # FLOP/s
-    p.gemm_efficiency(4096, 1536, 4096)      # fraction of peak for this GEMM shape
+    p.hbm_bandwidth()                        # achievable bytes/s of device memory
     i = p.level_for_group(16)                # 1: a 16-GPU group spans the network level
-    p.collective_bandwidth(i, "all_gather")  # achievable bytes/s per device and direction
+    p.latency(i)                             # seconds per message on that level
 
 The schema and what one "device" is per profile: hw_profiles/README.md.
 """

@@ -1,4 +1,4 @@
-"""The hardware-profile schema (pydantic v2) and the helpers the cost models call.
+"""The hardware-profile schema (pydantic v2) and the data accessors the cost models read.
 
 A profile describes one kind of *device* (what one device is, e.g. one GPU or one Ascend 910C
 package, is stated in ``device.definition``) and the hierarchy of interconnect levels that joins
@@ -10,8 +10,9 @@ devices into a cluster. Units are fixed by the field names and documented in
 - ``*_tbps``: 10^12 bytes/s; ``*_gbps``: 10^9 **bytes**/s (GB/s, not Gb/s), per direction
 - ``*_us``: microseconds; ``*fraction``: a number in (0, 1]
 
-The helper methods return SI units (FLOP/s, bytes, bytes/s, seconds) so cost models never
-convert units themselves.
+The accessor methods return SI units (FLOP/s, bytes, bytes/s, seconds) so cost models never
+convert units themselves. The time formulas that use these numbers live in
+``xplan.cost_models.kernels``; this package imports nothing from the cost models.
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ _DTYPE_ALIASES = {
     "fp8": "fp8", "float8": "fp8", "float8_e4m3fn": "fp8", "e4m3": "fp8", "torch.float8_e4m3fn": "fp8",
     "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
 }
-#: Bytes per element of GEMM inputs and of the GEMM output (fp8 GEMMs write bf16).
-_IN_BYTES = {"bf16": 2, "fp8": 1, "fp32": 4}
-_OUT_BYTES = {"bf16": 2, "fp8": 2, "fp32": 4}
 
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
@@ -75,7 +73,8 @@ class UnalignedFractions(_Model):
 
 
 class GemmModel(_Model):
-    """GEMM time = max(FLOPs / (peak x max_fraction), bytes / achievable HBM bw) + overhead.
+    """GEMM time = max(FLOPs / (peak x max_fraction), bytes / achievable HBM bw) + overhead
+    (``xplan.cost_models.kernels.gemm_time``).
 
     ``max_fraction`` is what the largest, best-shaped GEMMs reach (a MAMF-style number);
     small GEMMs fall below it because their bytes (HBM roofline) and the fixed per-call
@@ -296,7 +295,7 @@ class Profile(_Model):
     # ------------------------------------------------------------------ compute
     def peak_flops(self, dtype: str = "bf16") -> float:
         """Dense peak FLOP/s for ``dtype`` (``bf16``, ``fp8`` or ``fp32``)."""
-        d = _dtype(dtype)
+        d = canonical_dtype(dtype)
         tflops = getattr(self.compute.peak_tflops, d)
         if tflops is None:
             raise InputError(
@@ -304,83 +303,6 @@ class Profile(_Model):
                 "choose another --precision (e.g. bf16) or another profile"
             )
         return tflops * 1e12
-
-    def gemm_time(self, m: int, n: int, k: int, dtype: str = "bf16", groups: int = 1) -> float:
-        """Seconds for ``groups`` GEMMs of [m, k] x [k, n] issued as one (grouped) call.
-
-        time = max(FLOPs / (peak x max_fraction), bytes / achievable HBM bandwidth) + overhead
-        (max_fraction capped by ``gemm.unaligned`` for bf16 widths n, k off a multiple of 8),
-        with FLOPs = 2mnk x groups and bytes = groups x ((mk + kn) x in_bytes + mn x out_bytes);
-        with ``gemm.epilogue_fraction`` set, the output bytes leave the roofline and add
-        ``epilogue_fraction x out_bytes / bandwidth`` after it (an epilogue that waits for the
-        main loop: what makes shallow-K GEMMs slow).
-        """
-        for label, v in (("m", m), ("n", n), ("k", k)):
-            if v < 0:
-                raise ValueError(f"gemm_time: {label}={v} must be >= 0")
-        if groups < 1:
-            raise ValueError(f"gemm_time: groups={groups} must be >= 1")
-        d = _dtype(dtype)
-        peak = self.peak_flops(d)
-        frac = getattr(self.compute.gemm.max_fraction, d)
-        unaligned = self.compute.gemm.unaligned
-        alignment = width_alignment(n, k) if unaligned is not None and d == "bf16" else None
-        if alignment is not None:
-            frac = min(frac, getattr(unaligned, alignment))
-        flops = 2.0 * m * n * k * groups
-        in_bytes = groups * (m * k + k * n) * _IN_BYTES[d]
-        out_bytes = groups * m * n * _OUT_BYTES[d]
-        epilogue = self.compute.gemm.epilogue_fraction
-        if epilogue is None:
-            busy = max(flops / (peak * frac), (in_bytes + out_bytes) / self.hbm_bandwidth())
-        else:
-            busy = max(flops / (peak * frac), in_bytes / self.hbm_bandwidth()) + epilogue * out_bytes / self.hbm_bandwidth()
-        return busy + self.compute.gemm.overhead_us * 1e-6
-
-    def gemm_efficiency(self, m: int, n: int, k: int, dtype: str = "bf16", groups: int = 1) -> float:
-        """Achieved fraction of ``peak_flops(dtype)`` for this GEMM shape (see ``gemm_time``).
-
-        Rises with every dimension and with ``groups`` and stays below
-        ``compute.gemm.max_fraction``; 0 for an empty GEMM.
-        """
-        t = self.gemm_time(m, n, k, dtype, groups)
-        return 2.0 * m * n * k * groups / (self.peak_flops(dtype) * t)
-
-    def attention_efficiency(self, seq_len: float, backward: bool = False, kernel: str = "flash") -> float:
-        """Achieved fraction of the dtype's peak for a fused attention kernel at ``seq_len``.
-
-        ``max_fraction * s / (s + half_seq)``; multiply by ``peak_flops(dtype)``. For packed
-        variable-length batches pass the document length, not the pack length. ``kernel``
-        ``sdpa`` scales it by ``attention.sdpa_fraction`` where the profile sets one, ``flash1`` by
-        ``attention.flash1_fraction`` (an InputError where the profile sets none).
-        """
-        if seq_len <= 0:
-            raise ValueError(f"attention_efficiency: seq_len={seq_len} must be > 0")
-        p = self.compute.attention.backward if backward else self.compute.attention.forward
-        return p.max_fraction * seq_len / (seq_len + p.half_seq) * self._attention_kernel_fraction(kernel)
-
-    def _attention_kernel_fraction(self, kernel: str) -> float:
-        """What ``kernel`` reaches relative to the profile's fused-kernel fit (1 for ``flash`` and
-        ``eager``, and for ``sdpa`` where the profile sets no sdpa_fraction)."""
-        attention = self.compute.attention
-        if kernel == "sdpa" and attention.sdpa_fraction is not None:
-            return attention.sdpa_fraction
-        if kernel == "flash1":
-            if attention.flash1_fraction is None:
-                raise InputError(f"hardware profile {self.name!r} states no FlashAttention-1 efficiency "
-                                 "(compute.attention.flash1_fraction); use kernels.attention flash or sdpa.")
-            return attention.flash1_fraction
-        return 1.0
-
-    def attention_time(self, flops: float, seq_len: float, backward: bool = False, kernel: str = "flash",
-                       dtype: str = "bf16") -> float:
-        """Seconds for one fused attention call of ``flops`` model FLOPs at ``seq_len``:
-        ``flops / (peak x efficiency) + tail``, the whole scaled by the kernel's fraction
-        (``sdpa``, ``flash1``) as in ``attention_efficiency``; launch overhead not included."""
-        p = self.compute.attention.backward if backward else self.compute.attention.forward
-        fused = self.attention_efficiency(seq_len, backward)
-        tail = 0.0 if kernel == "eager" or p.tail_us is None else p.tail_us * 1e-6  # unfused matmuls: no tail
-        return (flops / (self.peak_flops(dtype) * fused) + tail) / self._attention_kernel_fraction(kernel)
 
     # ------------------------------------------------------------------ memory
     def hbm_bytes(self) -> int:
@@ -390,10 +312,6 @@ class Profile(_Model):
     def hbm_bandwidth(self) -> float:
         """Achievable device-memory bandwidth, bytes/s (nominal x hbm_fraction)."""
         return self.memory.hbm_tbps * 1e12 * self.memory.hbm_fraction
-
-    def memory_time(self, nbytes: float) -> float:
-        """Seconds for a memory-bound op that reads plus writes ``nbytes`` in total."""
-        return nbytes / self.hbm_bandwidth()
 
     def host_memory_bytes(self) -> int:
         """Host memory available per device, bytes."""
@@ -448,51 +366,9 @@ class Profile(_Model):
             "use fewer devices or a profile whose outermost level is unbounded"
         )
 
-    def collective_bandwidth(self, level: int | str, kind: str, group_size: int | None = None) -> float:
-        """Achievable per-device, per-direction bandwidth (bytes/s) of collective ``kind``.
-
-        Nominal ``bandwidth_gbps`` x ``fraction[kind]``, in the NCCL "bus bandwidth" sense: a
-        ring all-gather of S bytes over n devices takes (n-1)/n x S / bandwidth (see
-        ``collective_time``). On a ``full_mesh`` level a ``group_size`` smaller than the level
-        uses only (group_size-1)/(devices-1) of the links.
-        """
-        lv = self.interconnect.levels[self.level_index(level)]
-        if kind not in COLLECTIVES:
-            raise ValueError(f"unknown collective kind {kind!r}; kinds: {', '.join(COLLECTIVES)}")
-        bw = lv.bandwidth_gbps * 1e9 * getattr(lv.fraction, kind)
-        if lv.topology == "full_mesh" and group_size is not None and lv.devices is not None and group_size > 1:
-            bw *= (min(group_size, lv.devices) - 1) / (lv.devices - 1)
-        return bw
-
     def latency(self, level: int | str) -> float:
         """One-message latency of a level, seconds."""
         return self.interconnect.levels[self.level_index(level)].latency_us * 1e-6
-
-    def collective_time(
-        self, kind: str, nbytes: float, group_size: int, stride: int = 1, total_devices: int | None = None
-    ) -> float:
-        """Reference alpha-beta time of one collective (cost models may refine it).
-
-        ``nbytes``: the full gathered output (all_gather), the full input (reduce_scatter), the
-        buffer (all_reduce), one device's whole send buffer (all_to_all), the message (p2p).
-        Per-device traffic is (n-1)/n x nbytes (all_gather, reduce_scatter, all_to_all),
-        2(n-1)/n x nbytes (all_reduce) or nbytes (p2p), at ``collective_bandwidth`` of the level
-        the group spans, plus one latency per ring step ((n-1), 2(n-1) or 1).
-        """
-        if kind not in COLLECTIVES:
-            raise ValueError(f"unknown collective kind {kind!r}; kinds: {', '.join(COLLECTIVES)}")
-        if group_size <= 1 or nbytes <= 0:
-            return 0.0
-        n = group_size
-        i = self.level_for_group(n, stride, total_devices)
-        bw = self.collective_bandwidth(i, kind, n)
-        if kind == "all_reduce":
-            traffic, steps = 2 * (n - 1) / n * nbytes, 2 * (n - 1)
-        elif kind == "p2p":
-            traffic, steps = nbytes, 1
-        else:
-            traffic, steps = (n - 1) / n * nbytes, n - 1
-        return steps * self.latency(i) + traffic / bw
 
     # ------------------------------------------------------------------ output
     def summary(self) -> dict[str, Any]:
@@ -520,19 +396,9 @@ class Profile(_Model):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
 
 
-def width_alignment(n: float, k: float) -> str | None:
-    """How a GEMM's widths n, k miss cuBLAS's 8-element (16-byte bf16) alignment: ``odd`` when
-    either is odd (or fractional), ``even`` when both are even but one is off a multiple of 8,
-    None when both are aligned (see ``GemmModel.unaligned``)."""
-    widths = [round(v) for v in (n, k)]
-    if any(abs(v - w) > 1e-6 or w % 2 for v, w in zip((n, k), widths, strict=True)):
-        return "odd"
-    if any(w % 8 for w in widths):
-        return "even"
-    return None
-
-
-def _dtype(dtype: Any) -> str:
+def canonical_dtype(dtype: Any) -> str:
+    """``bf16``, ``fp8`` or ``fp32`` for any spelling of a compute dtype (``torch.bfloat16``,
+    ``float8_e4m3fn``, ``float32`` ...); an InputError for anything else."""
     d = _DTYPE_ALIASES.get(str(dtype).lower())
     if d is None:
         raise InputError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")

@@ -145,7 +145,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
            exhaustive: bool = False, top: int = 10,
            progress: Callable[[int, int], None] | None = None) -> SearchResult:
     """Find the fastest layouts that fit; see the module docstring for the space and pruning."""
-    from xplan.cost_models import estimate, fits_memory, memory_estimate
+    from xplan.cost_models import PricingContext, estimate, fits_memory, memory_estimate
 
     workload.check()
     if devices < 1:
@@ -153,6 +153,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     pinned = dict(pinned or {})
     config = load_model_config(workload.model)
     profile = load_hw(workload.hardware)
+    pricing = PricingContext(profile)  # op times priced once per (trace, rank work) for this search
     precision = pinned.pop("precision", "bf16")
     # The runtime compiles blocks (fused elementwise kernels) on accelerators and stays eager on CPU.
     elementwise = pinned.pop("elementwise", "eager" if profile.device.kind == "cpu" else "fused")
@@ -211,14 +212,16 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                 candidates = layouts[lo:lo + 1]
             for layout in candidates:
                 evaluated += exhaustive
-                est = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
+                est = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance,
+                               pricing=pricing)
                 if est.fits:
                     fitting.append(est)
                 else:
                     track(est.memory, layout, trace)
     smallest = {}
     for kind, (_, layout, trace) in smallest_memory.items():
-        smallest[kind] = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
+        smallest[kind] = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance,
+                                  pricing=pricing)
     if progress:
         progress(len(cores), len(cores))
     ranked = rank_plans(fitting)

@@ -11,7 +11,9 @@ import math
 import pytest
 import yaml
 
-from xplan.cli import main
+from xplan.cli import calibrate_cmd, main
+from xplan.cost_models import fit
+from xplan.cost_models.kernels import collective_bandwidth, collective_terms
 from xplan.hw_profiles import COLLECTIVES, load_profile, profile_from_dict, profile_from_yaml, save_profile
 from xplan.hw_profiles import calibrate as cal
 
@@ -40,8 +42,8 @@ TINY_MOE = {
 def calibration():
     """One real calibration: compute in this process (1 thread), gloo collectives between 2."""
     seen = []
-    result = cal.calibrate(processes=1, threads=1, sweep=TINY_SWEEP, name="cpu-test",
-                           progress=lambda done, total, label: seen.append((done, total, label)))
+    result = calibrate_cmd.run_calibration(processes=1, threads=1, sweep=TINY_SWEEP, name="cpu-test",
+                                           progress=lambda done, total, label: seen.append((done, total, label)))
     result.progress_seen = seen
     return result
 
@@ -79,7 +81,7 @@ def test_numbers_are_positive_plausible_and_sourced(calibration):
     assert level.devices is None and 0 <= level.latency_us < 100_000
     for kind in COLLECTIVES:
         assert 0 < getattr(level.fraction, kind) <= 1
-        assert p.collective_bandwidth(0, kind) > 1e6
+        assert collective_bandwidth(p, 0, kind) > 1e6
     # every measured number says where it came from
     for key in ("compute.peak_tflops", "compute.gemm.overhead_us", "compute.attention", "memory.hbm_tbps",
                 "host.link_gbps", "interconnect.levels[0].latency_us", "interconnect.levels[0].fraction"):
@@ -121,23 +123,75 @@ def test_fits_recover_known_parameters():
     peak, bw, t0 = 2e11, 5e10, 4e-6
     rs = []
     for m, n, k in ((16, 16, 16), (64, 256, 128), (512, 512, 512), (1024, 2048, 512)):
-        r = cal.MatmulResult(m, n, k, "fp32", 1.0)
-        rs.append(cal.MatmulResult(m, n, k, "fp32", max(r.flops / peak, r.nbytes / bw) + t0))
-    assert cal.fit_gemm_peak(rs, bw, t0) == pytest.approx(peak, rel=0.01)
-    assert cal.fit_bandwidth([{"bytes": 1e6, "seconds": 1e-4}, {"bytes": 1e6, "seconds": 4e-4}]) == pytest.approx(5e9)
+        flops, nbytes = 2 * m * n * k, (m * k + k * n + m * n) * 4
+        rs.append(cal.MatmulResult(m, n, k, "fp32", max(flops / peak, nbytes / bw) + t0))
+    assert fit.fit_gemm_peak(rs, bw, t0) == pytest.approx(peak, rel=0.01)
+    assert fit.fit_bandwidth([{"bytes": 1e6, "seconds": 1e-4}, {"bytes": 1e6, "seconds": 4e-4}]) == pytest.approx(5e9)
+    xs = [128, 256, 512, 1024, 4096]
+    a, h = fit.fit_saturation(xs, [0.6 * x / (x + 256) for x in xs])
+    assert a == pytest.approx(0.6, rel=0.02) and h == pytest.approx(256, rel=0.05)
     alpha, busbw = 50e-6, {"all_gather": 1e9, "reduce_scatter": 8e8, "all_reduce": 2e9, "all_to_all": 5e8,
                            "p2p": 3e9}
     records = []
     for kind in COLLECTIVES:
         for nbytes in (4e3, 1e6, 3e7):
-            steps, traffic = cal.collective_terms(kind, nbytes, 2)
+            steps, traffic = collective_terms(kind, nbytes, 2)
             records.append({"kind": kind, "bytes": nbytes, "seconds": steps * alpha + traffic / busbw[kind],
                             "world": 2.0})
-    fit = cal.fit_collectives(records)
-    assert fit["latency_s"] == pytest.approx(alpha, rel=1e-6)
+    got = fit.fit_collectives(records)
+    assert got["latency_s"] == pytest.approx(alpha, rel=1e-6)
     for kind in COLLECTIVES:
-        assert fit["busbw"][kind] == pytest.approx(busbw[kind], rel=1e-6)
-        assert fit["per_kind"][kind][0] == pytest.approx(alpha, rel=1e-6)
+        assert got["busbw"][kind] == pytest.approx(busbw[kind], rel=1e-6)
+        assert got["per_kind"][kind][0] == pytest.approx(alpha, rel=1e-6)
+
+
+def test_gpu_run_fits_recover_known_parameters():
+    """The fits benchmarks/fit_profile.py prints, on synthetic runs made with known constants."""
+    from xplan.cost_models.kernels import gemm_flops, gemm_time
+
+    h100 = load_profile("h100")
+    truth = fit.with_gemm_fraction(h100, "bf16", 0.62)
+    points = []
+    for m, n, k in ((4096, 4096, 4096), (8192, 1536, 4096), (1024, 7168, 2048), (16384, 4096, 512)):
+        t = gemm_time(truth, m, n, k, "bf16")
+        points.append({"m": m, "n": n, "k": k, "groups": 1, "measured_tflops": gemm_flops(m, n, k) / t / 1e12})
+    fraction, max_err, median_err = fit.fit_gemm_fraction(h100, "bf16", points)
+    assert fraction == pytest.approx(0.62, abs=1e-6) and max_err < 1e-6 and abs(median_err) < 1e-6
+    # attention: 0.6 of a 1 PFLOP/s peak at half_seq 400 with a 30 us tail, on the grid the fit searches
+    peak, points = 1e15, []
+    for s in (1024, 2048, 4096, 8192, 16384):
+        flops = 4 * 16 * s * s * 128 / 2
+        points.append((flops, s, flops / (peak * 0.6 * s / (s + 400)) + 30e-6))
+    frac, half, tail_us, err = fit.fit_attention_pass(points, peak)
+    assert (frac, half, tail_us) == (pytest.approx(0.6, rel=1e-6), 400.0, pytest.approx(30.0))
+    assert err < 1e-6
+    assert fit.geometric_mean([0.5, 2.0, 1.0]) == pytest.approx(1.0)
+
+
+def test_fit_calibration_needs_a_bf16_gemm():
+    from xplan.errors import InputError
+
+    data = {"overhead": [{"kind": "block", "seconds_per_kernel": 1e-5}],
+            "elementwise": [{"bytes": 1e6, "seconds": 1e-4}],
+            "gemm": [{"m": 64, "n": 64, "k": 64, "dtype": "fp32", "seconds": 1e-4}], "attention": []}
+    with pytest.raises(InputError, match="no bf16 GEMMs"):
+        fit.fit_calibration(data, cpu=True)
+
+
+def test_measure_helpers_smoke():
+    rs = cal.measure_matmul([(8, 8, 8), (64, 32, 16)], "fp32", min_time=0.001)
+    assert [(r.m, r.n, r.k) for r in rs] == [(8, 8, 8), (64, 32, 16)]
+    assert all(r.seconds > 0 and r.tflops > 0 for r in rs)
+    assert cal.measure_copy_bandwidth(2**20, min_time=0.001, allocations=1) > 0
+    att = cal.measure_attention([16], heads=2, head_dim=8, dtype="fp32", min_time=0.001)
+    assert att[0].fwd_tflops > 0 and att[0].bwd_tflops > 0
+
+
+def test_significant_digits():
+    from xplan.hw_profiles.calibrate.build import _sig
+
+    assert math.isclose(_sig(0.0123456), 0.01235)
+    assert _sig(0.0) == 0.0 and _sig(123456.0) == 123500.0
 
 
 def test_timer_reports_median_and_spread():
@@ -160,7 +214,7 @@ def test_cli_writes_output_and_json(tmp_path):
 
 
 def test_cli_prints_yaml_by_default(calibration, monkeypatch):
-    monkeypatch.setattr(cal, "calibrate", lambda **kwargs: calibration)
+    monkeypatch.setattr(calibrate_cmd, "run_calibration", lambda **kwargs: calibration)
     code, stdout, err = xplan("calibrate")
     assert code == 0, err
     assert stdout.startswith("# Measured")

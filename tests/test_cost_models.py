@@ -199,6 +199,7 @@ def test_selective_recompute_redoes_unsaved_ops_and_every_second_mm():
 def test_selective_recompute_priced_by_time_not_flops():
     """Recomputing the memory-bound ops costs their forward time although they have no FLOPs."""
     from xplan.cost_models.compute import RankWork, group_times
+    from xplan.cost_models.kernels import gemm_time
     from xplan.cost_models.ops import PricedOp
 
     class Trace:
@@ -215,7 +216,7 @@ def test_selective_recompute_priced_by_time_not_flops():
     ]
     h100 = load_profile("h100")
     mem = 3e9 / (3.35e12 * 0.9) + 3.4e-6
-    gemm = h100.gemm_time(4096, 4096, 4096)
+    gemm = gemm_time(h100, 4096, 4096, 4096)
     times = group_times(trace, RankWork(token_factor=1.0), h100)
     assert times[("dense", "forward")] == pytest.approx(mem + 2 * gemm)
     assert times[("dense", "selective_recompute")] == pytest.approx(mem)
@@ -232,6 +233,32 @@ def _tiny_estimate(layout_values: dict, profile_name: str = "h100"):
     trace = trace_model(config, 64, loss="full", use_cache=False)
     layout = layout_from_dict(layout_values)
     return estimate(trace, config, layout, load_profile(profile_name), global_batch=layout.devices), trace
+
+
+def test_pricing_context_prices_each_trace_and_work_once():
+    """A search passes one PricingContext to every estimate: the same numbers as pricing alone,
+    each (trace, rank work) priced once, traces told apart by identity, one profile per context."""
+    from tests.trace_configs import tiny_config
+    from xplan.cost_models import PricingContext, estimate
+    from xplan.cost_models.compute import RankWork, group_times
+    from xplan.planner.trace import trace_model
+
+    config = tiny_config("qwen3")
+    full, chunked = (trace_model(config, 64, loss=loss, use_cache=False) for loss in ("full", "chunked"))
+    h100 = load_profile("h100")
+    pricing = PricingContext(h100)
+    work = RankWork(token_factor=1.0, seq_len=64)
+    times = pricing.group_times(full, work)
+    assert times == group_times(full, work, h100)
+    assert pricing.group_times(full, work) is times  # priced once
+    assert pricing.group_times(chunked, work) == group_times(chunked, work, h100)
+    assert pricing.group_times(chunked, work) is not times
+    for values in ({"devices": 2, "fsdp": 2}, {"devices": 2, "fsdp": 2, "micro_batch": 2, "recompute": "full"}):
+        layout = layout_from_dict(values)
+        alone = estimate(full, config, layout, h100, global_batch=4)
+        assert estimate(full, config, layout, h100, global_batch=4, pricing=pricing) == alone
+    with pytest.raises(ValueError, match="pricing context"):
+        estimate(full, config, layout, load_profile("h800"), global_batch=4, pricing=pricing)
 
 
 def test_allocator_fragmentation_adds_its_fraction_of_the_allocated_peak():
@@ -331,3 +358,252 @@ def test_slowest_pipeline_rank_sets_the_pace_and_the_mean_rank_the_bubble():
     micro_last = (est.time["compute"] + est.time["pipeline_p2p"]) / est.grad_accum
     micro_first = micro_last - last + first
     assert est.time["pipeline_bubble"] == pytest.approx((micro_first + micro_last) / 2)
+
+
+# ---------------------------------------------------------------------- kernels: the formulas by hand
+def _with_gemm(name: str, **gemm) -> object:
+    """A shipped profile with some `compute.gemm` fields replaced."""
+    from xplan.hw_profiles import profile_from_dict
+
+    data = load_profile(name).to_dict()
+    data["compute"]["gemm"].update(gemm)
+    return profile_from_dict(data)
+
+
+def test_roofline_is_the_slower_of_compute_and_memory_plus_overhead():
+    from xplan.cost_models.kernels import roofline_time
+
+    # 1 TFLOP at 1 PFLOP/s = 1 ms; 3 GB at 1 TB/s = 3 ms: memory-bound, plus 0.5 ms overhead
+    assert roofline_time(1e12, 1e15, 2e9, 1e9, 1e12, 5e-4) == pytest.approx(3.5e-3)
+    # 10x the FLOPs: compute-bound at 10 ms
+    assert roofline_time(1e13, 1e15, 2e9, 1e9, 1e12, 5e-4) == pytest.approx(10.5e-3)
+    # an epilogue of 0.5: the output's 1 ms leaves the max and half of it comes after
+    assert roofline_time(1e12, 1e15, 2e9, 1e9, 1e12, 5e-4, epilogue_fraction=0.5) == pytest.approx(
+        max(1e-3, 2e-3) + 0.5e-3 + 5e-4)
+
+
+def test_gemm_time_by_hand():
+    from xplan.cost_models.kernels import gemm_bytes, gemm_efficiency, gemm_flops, gemm_time
+
+    assert gemm_flops(2, 3, 4, groups=5) == 2 * 2 * 3 * 4 * 5
+    assert gemm_bytes(2, 3, 4, "bf16") == ((2 * 4 + 4 * 3) * 2, 2 * 3 * 2)
+    assert gemm_bytes(2, 3, 4, "float8_e4m3fn", groups=2) == (2 * (2 * 4 + 4 * 3) * 1, 2 * 2 * 3 * 2)  # fp8 writes bf16
+    assert gemm_bytes(2, 3, 4, "fp32") == ((2 * 4 + 4 * 3) * 4, 2 * 3 * 4)
+    p = load_profile("h800")  # bf16 989 TFLOPS x 0.675, HBM 3.35 TB/s x 0.9, epilogue 1.0, 3.4 us
+    bw = 3.35e12 * 0.9
+    # a big square bf16 GEMM: compute-bound at the max fraction, then the output write
+    n = 8192
+    t = gemm_time(p, n, n, n)
+    assert t == pytest.approx(2 * n**3 / (989e12 * 0.675) + n * n * 2 / bw + 3.4e-6)
+    assert gemm_efficiency(p, n, n, n) == pytest.approx(2 * n**3 / (989e12 * t))
+    # a tiny GEMM: HBM-bound (inputs, then the output) plus the overhead
+    assert gemm_time(p, 16, 128, 128) == pytest.approx(((16 * 128 + 128 * 128) * 2 + 16 * 128 * 2) / bw + 3.4e-6)
+    assert gemm_efficiency(p, 0, 128, 128) == 0.0
+    # a grouped call pays the overhead once
+    one = gemm_time(p, 4096, 4096, 4096) - 3.4e-6
+    assert gemm_time(p, 4096, 4096, 4096, groups=8) == pytest.approx(8 * one + 3.4e-6)
+    with pytest.raises(ValueError, match="m=-1"):
+        gemm_time(p, -1, 8, 8)
+    with pytest.raises(ValueError, match="groups=0"):
+        gemm_time(p, 8, 8, 8, groups=0)
+    with pytest.raises(InputError, match="no fp8"):
+        gemm_time(load_profile("a100"), 8, 8, 8, "fp8")
+
+
+def test_gemm_epilogue_fraction_adds_the_output_write():
+    from xplan.cost_models.kernels import gemm_efficiency, gemm_time
+
+    # fp8 on H800, M = N = 8192, K = 256 (the shallow end of the tilelang K sweep the fraction is
+    # fitted to): main loop 2MNK / (1979e12 x 0.609), inputs (MK + KN) x 1 B, output MN x 2 B.
+    m = n = 8192
+    k = 256
+    bw = 3.35e12 * 0.9
+    loop = 2 * m * n * k / (1979e12 * 0.609)
+    inputs, output = (m * k + k * n) * 1, m * n * 2
+    for fraction, expected in ((None, max(loop, (inputs + output) / bw)),
+                               (1.0, max(loop, inputs / bw) + output / bw),
+                               (0.5, max(loop, inputs / bw) + 0.5 * output / bw)):
+        p = _with_gemm("h800", epilogue_fraction=fraction)
+        assert gemm_time(p, m, n, k, "fp8") == pytest.approx(expected + 3.4e-6)
+    # the shallow GEMM loses more to the epilogue than a deep one
+    p = load_profile("h800")
+    assert gemm_efficiency(p, m, n, 256, "fp8") < 0.6 * gemm_efficiency(p, m, n, 16384, "fp8")
+
+
+def test_width_alignment():
+    from xplan.cost_models.kernels import width_alignment
+
+    assert width_alignment(4096, 2048) is None
+    assert width_alignment(5461, 2048) == "odd"
+    assert width_alignment(2048, 5461) == "odd"
+    assert width_alignment(5462, 2048) == "even"  # even, but 5462 % 8 == 6
+    assert width_alignment(4096.5, 8) == "odd"  # a fractional width (a split that does not divide)
+
+
+def test_unaligned_bf16_widths_leave_the_tensor_core_fast_path():
+    """h100 (measured): a bf16 GEMM whose n or k is odd runs at 0.135 of the peak, one whose widths
+    are even but not multiples of 8 at 0.239; aligned widths, the token dimension m and fp8 (padded
+    by its stacks) are unaffected."""
+    from xplan.cost_models.kernels import gemm_rate, gemm_time
+
+    p = load_profile("h100")
+    m = 4096
+    aligned = gemm_time(p, m, 5464, 2048)
+    bw = 3.35e12 * 0.9  # the output write after the K loop (epilogue_fraction 1.0)
+    assert gemm_time(p, m, 5461, 2048) == pytest.approx(2 * m * 5461 * 2048 / (989e12 * 0.135) + m * 5461 * 2 / bw
+                                                        + 3.4e-6)
+    assert gemm_time(p, m, 2048, 5461) > 4 * aligned * 5461 / 5464
+    assert gemm_time(p, m, 5462, 2048) == pytest.approx(2 * m * 5462 * 2048 / (989e12 * 0.239) + m * 5462 * 2 / bw
+                                                        + 3.4e-6)
+    assert gemm_time(p, m + 1, 5464, 2048) == pytest.approx(aligned * (m + 1) / m, rel=0.01)
+    assert gemm_time(p, m, 5461, 2048, "fp8") < 1.1 * gemm_time(p, m, 5464, 2048, "fp8")
+    assert gemm_rate(p, 5461, 2048, "fp8") == gemm_rate(p, 5464, 2048, "fp8")
+    assert load_profile("a100").compute.gemm.unaligned is None  # not measured there
+
+
+@pytest.mark.parametrize("name", ["a100", "a3", "ascend-910b", "cpu", "h100", "h200", "h800"])
+def test_gemm_efficiency_monotone_and_below_max(name):
+    from xplan.cost_models.kernels import gemm_efficiency
+
+    p = load_profile(name)
+    sizes = [1, 8, 64, 256, 1024, 4096, 16384]
+    for dtype in ("bf16", "fp8", "fp32"):
+        cap = getattr(p.compute.gemm.max_fraction, dtype)
+        if cap is None:
+            continue
+        for axis in range(3):
+            effs = []
+            for s in sizes:
+                dims = [2048, 2048, 2048]
+                dims[axis] = s
+                effs.append(gemm_efficiency(p, *dims, dtype=dtype))
+            assert all(a < b for a, b in zip(effs, effs[1:], strict=False)), (name, dtype, axis, effs)
+            assert all(0 < e < cap for e in effs)
+        grouped = [gemm_efficiency(p, 128, 1536, 4096, dtype, groups=g) for g in (1, 4, 16, 64)]
+        assert all(a < b for a, b in zip(grouped, grouped[1:], strict=False))
+    # small per-expert GEMMs are far from the (tensor-core) peak
+    assert gemm_efficiency(p, 16, 1536, 4096, "bf16") < 0.5 * p.compute.gemm.max_fraction.bf16
+
+
+def test_attention_by_hand():
+    from xplan.cost_models.kernels import attention_efficiency, attention_time, causal_attention_flops
+
+    # causal: half of 4 b h s^2 d (qk and v dims equal), backward twice the forward
+    assert causal_attention_flops(1, 16, 4096, 128, 128) == 4 * 16 * 4096**2 * 128 / 2
+    assert causal_attention_flops(2, 16, 4096, 192, 128, backward=True) == 2 * (2 * 2 * 16 * 4096**2 * 320 / 2)
+    p = load_profile("h800")  # forward 0.592 at half_seq 380, tail 34 us; backward 0.427 at 660, 102 us
+    assert attention_efficiency(p, 380) == pytest.approx(0.592 / 2)
+    assert attention_efficiency(p, 660, backward=True) == pytest.approx(0.427 / 2)
+    # one call: FLOPs at that efficiency plus the per-call tail; unfused (eager) matmuls pay no tail
+    assert attention_time(p, 1e12, 380) == pytest.approx(1e12 / (989e12 * 0.592 / 2) + 34e-6)
+    assert attention_time(p, 1e12, 660, backward=True) == pytest.approx(1e12 / (989e12 * 0.427 / 2) + 102e-6)
+    assert attention_time(p, 1e12, 380, kernel="eager") == pytest.approx(1e12 / (989e12 * 0.592 / 2))
+    assert attention_time(load_profile("a100"), 1e12, 210) == pytest.approx(1e12 / (312e12 * 0.73 / 2))  # no tail
+    with pytest.raises(ValueError, match="seq_len"):
+        attention_efficiency(p, 0)
+
+
+@pytest.mark.parametrize("name", ["a100", "a3", "ascend-910b", "cpu", "h100", "h200", "h800"])
+def test_attention_efficiency_rises_with_length(name):
+    from xplan.cost_models.kernels import attention_efficiency
+
+    p = load_profile(name)
+    for bwd in (False, True):
+        effs = [attention_efficiency(p, s, backward=bwd) for s in (128, 512, 2048, 8192, 65536)]
+        assert all(a <= b for a, b in zip(effs, effs[1:], strict=False))
+        cap = (p.compute.attention.backward if bwd else p.compute.attention.forward).max_fraction
+        assert all(0 < e <= cap for e in effs)
+
+
+def test_sdpa_and_flash1_attention_fractions():
+    from xplan.cost_models.kernels import attention_efficiency, attention_time
+
+    h100, a100 = load_profile("h100"), load_profile("a100")
+    flash = attention_efficiency(h100, 4096)
+    assert attention_efficiency(h100, 4096, kernel="sdpa") == pytest.approx(0.547 * flash)
+    assert attention_efficiency(h100, 4096, backward=True, kernel="sdpa") == pytest.approx(
+        0.547 * attention_efficiency(h100, 4096, backward=True))
+    assert attention_time(h100, 1e12, 4096, kernel="sdpa") == pytest.approx(attention_time(h100, 1e12, 4096) / 0.547)
+    # A100: torch SDPA runs FlashAttention-2, the kernel the profile's fit describes
+    assert a100.compute.attention.sdpa_fraction is None
+    assert attention_efficiency(a100, 4096, kernel="sdpa") == attention_efficiency(a100, 4096)
+    # FlashAttention-2 paper: FA2 is about 2x FlashAttention-1 on A100.
+    assert attention_efficiency(a100, 4096, kernel="flash1") == pytest.approx(0.5 * attention_efficiency(a100, 4096))
+    with pytest.raises(InputError, match="FlashAttention-1"):
+        attention_efficiency(h100, 4096, kernel="flash1")
+
+
+def test_memory_time_at_the_achievable_bandwidth():
+    from xplan.cost_models.kernels import memory_time
+
+    assert memory_time(load_profile("h800"), 3.35e12 * 0.9) == pytest.approx(1.0)
+
+
+def test_collective_bandwidth_per_level_kind_and_topology():
+    from xplan.cost_models.kernels import collective_bandwidth
+
+    h800 = load_profile("h800")
+    assert collective_bandwidth(h800, 0, "all_gather") == pytest.approx(200e9 * 0.8)
+    assert collective_bandwidth(h800, "nvlink", "all_to_all") == pytest.approx(200e9 * 0.77)
+    assert collective_bandwidth(h800, "ib", "all_to_all") == pytest.approx(50e9 * 0.8)
+    assert collective_bandwidth(h800, 1, "reduce_scatter") == pytest.approx(47e9)
+    a3 = load_profile("a3")
+    assert collective_bandwidth(a3, 1, "all_to_all") == pytest.approx(392e9 * 0.68)
+    assert collective_bandwidth(a3, 2, "all_gather") == pytest.approx(50e9 * 0.7)
+    # full mesh (910B: 8 NPUs, 7 links each): a group of n uses n-1 of them
+    b = load_profile("ascend-910b")
+    full = 196e9 * 0.7
+    assert collective_bandwidth(b, 0, "all_gather") == pytest.approx(full)
+    assert collective_bandwidth(b, 0, "all_gather", group_size=8) == pytest.approx(full)
+    assert collective_bandwidth(b, 0, "all_gather", group_size=4) == pytest.approx(full * 3 / 7)
+    assert collective_bandwidth(b, 0, "all_gather", group_size=2) == pytest.approx(full / 7)
+    assert collective_bandwidth(b, 1, "all_gather", group_size=2) == pytest.approx(25e9 * 0.7)
+    with pytest.raises(ValueError, match="broadcast"):
+        collective_bandwidth(h800, 0, "broadcast")
+
+
+def test_alpha_beta_terms_by_hand():
+    from xplan.cost_models.kernels import alpha_beta_time, collective_terms
+
+    s = 1.2e6
+    # 4 ranks: a ring all-gather / reduce-scatter / all-to-all moves 3/4 of the buffer in 3 steps,
+    # an all-reduce (reduce-scatter then all-gather) twice that, a p2p the message in one step
+    assert collective_terms("all_gather", s, 4) == (3.0, pytest.approx(0.9e6))
+    assert collective_terms("reduce_scatter", s, 4) == (3.0, pytest.approx(0.9e6))
+    assert collective_terms("all_to_all", s, 4) == (3.0, pytest.approx(0.9e6))
+    assert collective_terms("all_reduce", s, 4) == (6.0, pytest.approx(1.8e6))
+    assert collective_terms("p2p", s, 2) == (1.0, s)
+    # alpha 2 us, beta 1 GB/s
+    assert alpha_beta_time("all_gather", s, 4, 2e-6, 1e9) == pytest.approx(3 * 2e-6 + 0.9e6 / 1e9)
+    assert alpha_beta_time("all_reduce", s, 4, 2e-6, 1e9) == pytest.approx(6 * 2e-6 + 1.8e6 / 1e9)
+    assert alpha_beta_time("p2p", s, 2, 2e-6, 1e9) == pytest.approx(2e-6 + 1.2e6 / 1e9)
+    assert alpha_beta_time("all_gather", s, 1, 2e-6, 1e9) == 0.0
+    assert alpha_beta_time("all_gather", 0.0, 4, 2e-6, 1e9) == 0.0
+    with pytest.raises(ValueError, match="broadcast"):
+        collective_terms("broadcast", s, 4)
+
+
+def test_collective_time_on_the_level_the_group_spans():
+    from xplan.cost_models.kernels import collective_time
+
+    p = load_profile("h800")  # NVLink 200 GB/s x 0.8, 3.33 us; IB busbw 47 GB/s, 3.7 us
+    gib = 2**30
+    # 8 consecutive GPUs: one NVLink island
+    assert collective_time(p, "all_gather", gib, 8) == pytest.approx(7 * 3.33e-6 + 7 / 8 * gib / 160e9)
+    # 16: two nodes, so the network level's latency and bandwidth
+    assert collective_time(p, "all_reduce", gib, 16) == pytest.approx(30 * 3.7e-6 + 2 * 15 / 16 * gib / 47e9)
+    # a pipeline send between ranks 8 apart crosses nodes
+    assert collective_time(p, "p2p", 1e6, 2, stride=8) == pytest.approx(3.7e-6 + 1e6 / 47e9)
+    assert collective_time(p, "all_gather", gib, 1) == 0.0
+    with pytest.raises(ValueError, match="broadcast"):
+        collective_time(p, "broadcast", gib, 1)
+
+
+def test_ring_collective_time_is_the_alpha_beta_model_at_the_ring_bandwidth():
+    p = load_profile("h800")
+    gib = 2**30
+    # FSDP over 64 GPUs = 8 nodes, 8 per node: every NIC carries a ring (busBw min(160, 8 x 47) GB/s)
+    busbw = min(200e9 * 0.8, 8 * 47e9)
+    assert comm.ring_bandwidth(p, "all_gather", 64, 1, 64) == pytest.approx(busbw)
+    assert comm.all_gather_time(p, gib, 64, 1, 64) == pytest.approx(63 * 3.7e-6 + 63 / 64 * gib / busbw)
+    assert comm.all_reduce_time(p, gib, 64, 1, 64) == pytest.approx(126 * 3.7e-6 + 2 * 63 / 64 * gib / busbw)

@@ -270,6 +270,7 @@ def test_attention_shapes_benchmark_smoke(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
     from xplan.app.validation import load_cases, load_published
+    from xplan.cost_models.kernels import attention_time
     from xplan.hw_profiles import load_profile
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -284,7 +285,7 @@ def test_attention_shapes_benchmark_smoke(tmp_path, monkeypatch, capsys):
     flops = 4 * 16 * 4096**2 * 128 / 2
     h100 = load_profile("h100")
     launch = h100.compute.gemm.overhead_us * 1e-6
-    assert abs(predicted["flash"][0] - h100.attention_time(flops, 4096) - launch) < 1e-9
+    assert abs(predicted["flash"][0] - attention_time(h100, flops, 4096) - launch) < 1e-9
     assert predicted["sdpa"][0] > predicted["flash"][0] and predicted["flash"][1] > predicted["flash"][0]
     out = tmp_path / "rows.json"
     assert module.main(["--device", "cpu", "--quick", "--only", "mlm_gpt_7.1b", "--json", str(out)]) == 0

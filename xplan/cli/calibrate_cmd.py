@@ -1,4 +1,8 @@
-"""`xplan calibrate [-o profile.yaml]`: measure this machine into a hardware profile."""
+"""`xplan calibrate [-o profile.yaml]`: measure this machine into a hardware profile.
+
+The command joins two layers: ``xplan.hw_profiles.calibrate`` measures and assembles the
+profile, ``xplan.cost_models.fit`` fits its constants with the cost formulas they feed.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,20 @@ import typer
 from rich.table import Table
 
 from .app import JSON_OPTION, app, console, console_err, print_json
+
+
+def run_calibration(processes: int = 2, threads: int | None = None, quick: bool = False, device: str | None = None,
+                    name: str | None = None, command: str = "xplan calibrate", progress=None, collectives: bool = True,
+                    sweep=None):
+    """Measure this machine, fit the profile's constants to the measurements and build the
+    profile (a ``Calibration``). Options as ``xplan.hw_profiles.calibrate.prepare``; ``progress``
+    is called with (done, total, label) after every measurement."""
+    from xplan.cost_models.fit import fit_calibration
+    from xplan.hw_profiles.calibrate import build_profile, measure, prepare
+
+    setup, profile_name = prepare(processes, threads, quick, device, name, collectives, sweep)
+    data = measure(setup, progress)
+    return build_profile(data, setup, fit_calibration(data, setup.device == "cpu"), profile_name, command)
 
 
 def _progress_bar(enabled: bool):
@@ -45,7 +63,6 @@ def calibrate(
     """
     from xplan.errors import InputError
     from xplan.hw_profiles import save_profile
-    from xplan.hw_profiles.calibrate import calibrate as run_calibration
 
     if output is not None and (output.is_dir() or not output.parent.exists()):
         raise InputError(f"cannot write the profile to {output}: "
