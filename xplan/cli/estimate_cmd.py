@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import options as opt
@@ -13,7 +14,7 @@ def render_estimate(title: str, est) -> None:
     d = est.to_dict()
     mem = d["memory_gib"]
     verdict = "[green]fits[/]" if d["fits"] else "[bold red]does not fit[/]"
-    console.print(f"[bold]{title}[/]  {verdict}  binding: {d['binding']}")
+    console.print(f"[bold]{escape(title)}[/]  {verdict}  binding: {d['binding']}")
     summary = Table(show_header=False)
     summary.add_column("metric")
     summary.add_column("value", justify="right")
@@ -44,7 +45,7 @@ def render_estimate(title: str, est) -> None:
             times.add_row(key, f"{value:.3f}", f"{value / d['step_time_s']:.0%}")
     console.print(times)
     for note in d["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
 
 
 @app.command("estimate")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -28,7 +29,7 @@ def layout_summary(d: dict) -> str:
 
 def plan_table(title: str, estimates, refusals: dict | None = None) -> Table:
     """`refusals` (id(estimate) -> reasons) marks layouts the runtime does not execute with *."""
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for col in ("#", "tok/s/dev", "MFU", "step s", "GiB", "layout", "binding"):
         table.add_column(col, justify="left" if col in ("layout", "binding") else "right")
     for i, est in enumerate(estimates, 1):
@@ -116,4 +117,4 @@ def search_cmd(
                     "candidates_evaluated": result.candidates_evaluated, "plan_file": written})
     elif written:
         note = "" if best is result.plans[0] else " (the fastest layout the runtime executes)"
-        console.print(f"best plan written to [bold]{written}[/]{note} — run it with `xplan run {written}`")
+        console.print(f"best plan written to [bold]{escape(written)}[/]{note} — run it with `xplan run {escape(written)}`")

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .app import JSON_OPTION, app, console, print_json
@@ -107,7 +108,7 @@ def whatif(
                     "delta": {name: (new - old if isinstance(old, (int, float)) and not isinstance(old, bool)
                                      else None) for name, old, new in rows}})
         return
-    table = Table(title=f"what if: {', '.join(sets) or 'no change'}")
+    table = Table(title=escape(f"what if: {', '.join(sets) or 'no change'}"))
     for col in ("", "plan", "what-if", "delta"):
         table.add_column(col, justify="left" if not col else "right")
     for name, old, new in rows:
