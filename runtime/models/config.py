@@ -241,8 +241,9 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in files.iterdir() if p.name.endswith(".json"))
 
 
-def load_config(name_or_path: str | Path) -> ModelConfig:
-    """A preset name or a directory (or file) holding a Hugging Face config.json."""
+def read_config_json(name_or_path: str | Path) -> tuple[Any, str]:
+    """(the parsed config.json, the model's name) of a preset name or a directory (or file)
+    holding a Hugging Face config.json; nothing validated yet (see `model_config_from_dict`)."""
     text = str(name_or_path)
     path = Path(text)
     if path.is_dir():
@@ -252,14 +253,20 @@ def load_config(name_or_path: str | Path) -> ModelConfig:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"cannot read {path}: {exc}") from exc
-        return model_config_from_dict(raw, name=str(name_or_path))
+        return raw, str(name_or_path)
     presets = preset_names()
     if text in presets:
         data = resources.files(PRESET_PACKAGE.rsplit(".", 1)[0]).joinpath(f"presets/{text}.json").read_text()
-        return model_config_from_dict(json.loads(data), name=text)
+        return json.loads(data), text
     if path.exists() or "/" in text:
         raise InputError(f"{text} has no config.json; pass a directory holding a Hugging Face config.json.")
     raise InputError(
         f"unknown model {text!r}: not a preset and not a directory with a config.json. "
         f"Presets: {', '.join(presets)} (see `xplan models`)."
     )
+
+
+def load_config(name_or_path: str | Path) -> ModelConfig:
+    """A preset name or a directory (or file) holding a Hugging Face config.json."""
+    raw, name = read_config_json(name_or_path)
+    return model_config_from_dict(raw, name=name)
