@@ -41,9 +41,9 @@ class Workload:
 
 @lru_cache(maxsize=32)
 def load_model_config(model: str):
-    from xplan.runtime.models import load_config
+    from xplan.planner.trace.configs import load_model_config as cached_config
 
-    return load_config(model)
+    return cached_config(model)
 
 
 @lru_cache(maxsize=16)

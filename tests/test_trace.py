@@ -196,7 +196,7 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     assert not trace_model(config, 64, cache_dir=tmp_path).from_cache  # code change invalidates
     monkeypatch.setenv("XPLAN_CACHE_DIR", str(tmp_path / "env"))
     trace_model(config, 16)
-    assert list((tmp_path / "env" / "traces").glob("*.pkl"))
+    assert list((tmp_path / "env" / "traces").glob("*.json"))
 
 
 def test_recompute_argument_selects_policy_on_layers():

@@ -4,22 +4,71 @@
 tensors under a dispatch-mode recorder and returns a `ModelTrace`: the `networkx.DiGraph` (see
 `graph`), per-block-kind summaries (FLOPs, parameters by role, saved bytes per recompute policy,
 expected tokens per expert) and model totals. `inspect_fields` is what `xplan inspect --json` adds.
+
+A cached trace loads without torch: the tracer (and torch with it) is imported on a cache miss
+only, and the names below that need torch load on first use.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
+from typing import Any
 
-import torch
-
+from . import cache
 from .cache import code_version, default_cache_dir
-from .flops import attention_fraction
-from .graph import export_graphml, graphml_ready
-from .tracer import LOSS_KERNELS, ROLES, BlockSummary, ModelTrace, trace_model, training_loss
+from .model_trace import LOSS_KERNELS, RECOMPUTE_POLICIES, ROLES, BlockSummary, ModelTrace
+
+# Public name -> the module (needing torch or networkx) that defines it.
+_LAZY = {"attention_fraction": ".flops", "export_graphml": ".graph", "graphml_ready": ".graph",
+         "training_loss": ".tracer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def trace_model(config, seq_len: int, micro_batch: int = 1, recompute: str = "none", dtype: Any = "bfloat16",
+                cache_dir: str | Path | None = None, use_cache: bool = True, loss: str = "full") -> ModelTrace:
+    """Trace `config` (a ModelConfig, preset name or config directory) at (seq_len, micro_batch).
+
+    `recompute` selects the policy whose saved bytes and recompute FLOPs the graph's layer nodes
+    carry; summaries hold every policy. `dtype` is a torch dtype or its name. `loss` is the
+    runtime's loss kernel ('full' logits or 'chunked'). Results are cached under `cache_dir`
+    (default $XPLAN_CACHE_DIR or ~/.cache/xplan) unless `use_cache` is False.
+    """
+    from xplan.errors import InputError
+
+    if not hasattr(config, "family"):
+        from .configs import load_model_config
+
+        config = load_model_config(config)
+    if int(seq_len) < 1 or int(micro_batch) < 1:
+        raise InputError(f"seq_len and micro_batch must be positive; got {seq_len} and {micro_batch}.")
+    if recompute not in RECOMPUTE_POLICIES:
+        raise InputError(f"recompute policy must be one of {', '.join(RECOMPUTE_POLICIES)}; got {recompute!r}")
+    if loss not in LOSS_KERNELS:
+        raise InputError(f"loss kernel must be one of {', '.join(LOSS_KERNELS)}; got {loss!r}.")
+    seq_len, micro_batch = int(seq_len), int(micro_batch)
+    key = cache.cache_key(config, seq_len, micro_batch, recompute, dtype, loss) if use_cache else None
+    if key is not None:
+        hit = cache.load(cache_dir, key)
+        if hit is not None and (hit.seq_len, hit.micro_batch, hit.recompute, hit.loss, hit.dtype) == (
+                seq_len, micro_batch, recompute, loss, cache.dtype_name(dtype)):
+            hit.from_cache = True
+            return hit
+    from .tracer import trace_uncached
+
+    trace = trace_uncached(config, seq_len, micro_batch, recompute, dtype, loss)
+    if key is not None:
+        cache.store_trace(cache_dir, key, trace)
+    return trace
 
 
 def inspect_fields(config, seq_len: int, graph_path: str | Path | None = None, *, micro_batch: int = 1,
-                   recompute: str = "none", dtype: torch.dtype = torch.bfloat16, loss: str = "full",
+                   recompute: str = "none", dtype: Any = "bfloat16", loss: str = "full",
                    cache_dir: str | Path | None = None) -> dict:
     """The fields `xplan inspect MODEL --seq-len S --json` adds to its output.
 
@@ -36,16 +85,20 @@ def inspect_fields(config, seq_len: int, graph_path: str | Path | None = None, *
     trace = trace_model(config, seq_len, micro_batch=micro_batch, recompute=recompute, dtype=dtype,
                         cache_dir=cache_dir, loss=loss)
     if graph_path is not None:
+        from .graph import export_graphml
+
         export_graphml(trace.graph, graph_path)
     return trace.to_summary()
 
 
 __all__ = [
     "LOSS_KERNELS",
+    "RECOMPUTE_POLICIES",
     "ROLES",
     "BlockSummary",
     "ModelTrace",
     "attention_fraction",
+    "cache",
     "code_version",
     "default_cache_dir",
     "export_graphml",

@@ -2,9 +2,10 @@
 loss kernel, code version).
 
 The code version hashes the source of the tracer, the recompute policies, the training loss and
-the runtime's model zoo (plus the torch version, whose dispatch decides which ops run), so editing any of them
-invalidates every cached trace. Entries are pickles written atomically; an unreadable or stale
-entry is treated as a miss, and an unwritable cache directory only disables caching.
+the runtime's model zoo (plus the torch version, whose dispatch decides which ops run), so editing
+any of them invalidates every cached trace. It is computed from the files and package metadata,
+without importing torch or the runtime, so a cache hit needs neither. Entries are checked JSON
+(store.py, codec in model_trace.py): a damaged or stale entry is a miss.
 """
 
 from __future__ import annotations
@@ -12,38 +13,58 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import pickle
-import tempfile
 from functools import lru_cache
+from importlib import util
 from pathlib import Path
 from typing import Any
 
-import torch
+from . import store
+from .model_trace import ModelTrace, same_trace, trace_from_json, trace_to_json
+from .store import default_cache_dir
 
-FORMAT = 1
+KIND = "traces"
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("XPLAN_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "xplan"
+@lru_cache(maxsize=8)
+def package_version(name: str) -> str:
+    """An installed distribution's version, read from its dist-info folder name next to the package
+    (importing importlib.metadata costs more than a warm CLI's whole budget for it)."""
+    spec = util.find_spec(name)
+    if spec is None:
+        return "absent"
+    if spec.origin:
+        site = Path(spec.origin).parent.parent
+        found = sorted(site.glob(f"{name.replace('-', '_')}-*.dist-info"))
+        if len(found) == 1:
+            return found[0].name.removesuffix(".dist-info").split("-", 1)[1]
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def runtime_dir() -> Path:
+    """The runtime package's folder, found without running its code (only `xplan` is imported)."""
+    spec = util.find_spec("xplan.runtime")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("xplan.runtime is not installed")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def _source_files() -> list[Path]:
-    import xplan.runtime.models as models
-    import xplan.runtime.recompute as recompute
-    import xplan.runtime.train.loss as loss
-
     here = Path(__file__).resolve().parent
+    runtime = runtime_dir()
     files = sorted(here.glob("*.py"))
-    files += sorted(Path(models.__file__).resolve().parent.glob("*.py"))
-    files += [Path(recompute.__file__).resolve(), Path(loss.__file__).resolve()]
+    files += sorted((runtime / "models").glob("*.py"))
+    files += [runtime / "recompute.py", runtime / "train" / "loss.py"]
     return files
 
 
 @lru_cache(maxsize=1)
 def _version_cached(stamp: tuple) -> str:
-    h = hashlib.sha256(f"format={FORMAT};torch={torch.__version__}".encode())
+    h = hashlib.sha256(f"format={store.STORE_FORMAT};torch={package_version('torch')}".encode())
     for path, _, _ in stamp:
         h.update(path.encode())
         h.update(Path(path).read_bytes())
@@ -66,39 +87,40 @@ def config_hash(config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_key(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.dtype, loss: str = "full") -> str:
-    dtype_name = str(dtype).removeprefix("torch.")
-    return (f"{config.family}-{config_hash(config)}-s{seq_len}-b{micro_batch}-{recompute}-{dtype_name}-{loss}"
+def dtype_name(dtype: Any) -> str:
+    """'bfloat16' for torch.bfloat16 or 'bfloat16'."""
+    return str(dtype).removeprefix("torch.")
+
+
+def cache_key(config, seq_len: int, micro_batch: int, recompute: str, dtype: Any, loss: str = "full") -> str:
+    return (f"{config.family}-{config_hash(config)}-s{seq_len}-b{micro_batch}-{recompute}-{dtype_name(dtype)}-{loss}"
             f"-{code_version()}")
 
 
 def entry_path(cache_dir: str | Path | None, key: str) -> Path:
-    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return base / "traces" / f"{key}.pkl"
+    return store.entry_path(cache_dir, KIND, key)
 
 
-def load(cache_dir: str | Path | None, key: str) -> Any | None:
-    path = entry_path(cache_dir, key)
-    try:
-        with open(path, "rb") as f:
-            stored_key, value = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, TypeError):
+def load(cache_dir: str | Path | None, key: str) -> ModelTrace | None:
+    """The cached trace, or None when absent, damaged, malformed or stale."""
+    data = store.read_entry(cache_dir, KIND, key)
+    if data is None:
         return None
-    return value if stored_key == key else None
-
-
-def store(cache_dir: str | Path | None, key: str, value: Any) -> Path | None:
-    path = entry_path(cache_dir, key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pkl")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump((key, value), f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError:
+        return trace_from_json(data)
+    except Exception:  # noqa: BLE001 - a payload of the wrong shape is a miss, whatever it trips over
         return None
-    return path
+
+
+def store_trace(cache_dir: str | Path | None, key: str, trace: ModelTrace) -> Path | None:
+    """Write `trace` unless its JSON form would not read back as the same trace."""
+    data = trace_to_json(trace)
+    try:
+        if not same_trace(trace_from_json(json.loads(json.dumps(data, allow_nan=False))), trace):
+            return None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return store.write_entry(cache_dir, KIND, key, data)
+
+
+__all__ = ["cache_key", "code_version", "config_hash", "default_cache_dir", "entry_path", "load", "store_trace"]

@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import networkx as nx
 import torch
@@ -42,143 +40,12 @@ from torch import nn
 from xplan.runtime import recompute as rc
 
 from . import cache as trace_cache
+from .model_trace import ROLES, BlockSummary, ModelTrace
 from .recorder import OpRecorder, Scope, ScopeTracker, StageInfo
 
-ROLES = ("embedding", "head", "attention", "dense", "shared_expert", "routed_expert")
 NON_BLOCK_GROUPS = {"embed": "embedding", "rotary": "embedding", "model": "embedding", "norm": "head",
                     "head": "head"}
-LOSS_KERNELS = ("full", "chunked")
 _STAGE_OF_CHILD = {"embed_tokens": "embed", "rotary_emb": "rotary", "norm": "norm", "lm_head": "head"}
-
-
-@dataclass
-class BlockSummary:
-    """One block kind (or the embedding / head group), per instance and one micro-batch."""
-
-    kind: str
-    count: int
-    layer_indices: tuple[int, ...] = ()
-    flops_forward: int = 0
-    flops_backward: int = 0
-    flops_dense_forward: int = 0  # as dispatched, attention unmasked
-    bytes_forward: int = 0  # bytes read + written by forward ops
-    bytes_backward: int = 0
-    params: dict[str, int] = field(default_factory=dict)  # numel by role
-    param_bytes: dict[str, int] = field(default_factory=dict)  # bytes by role (traced dtype)
-    params_active: int = 0  # numel one token uses (routed experts scaled by top_k / experts)
-    saved_bytes: dict[str, int] = field(default_factory=dict)  # kept for backward, by recompute policy
-    # Most bytes alive at once during one block's backward above what was alive as it began (its
-    # saved activations and incoming gradient): recomputed activations, gradients in flight,
-    # attention workspaces; parameter gradients excluded. By recompute policy, then by part:
-    # 'attention' (its attention sub-block's backward) and 'mlp' (the rest). The head group's is
-    # its worst stage's (the loss: logit gradients beside the saved log-softmax).
-    backward_peak: dict[str, dict[str, int]] = field(default_factory=dict)
-    recompute_flops: dict[str, int] = field(default_factory=dict)  # forward FLOPs redone in backward
-    num_experts: int = 0
-    top_k: int = 0
-    tokens_per_expert: float | None = None  # expected (balanced) rows per expert GEMM
-
-    @property
-    def params_total(self) -> int:
-        return sum(self.params.values())
-
-
-@dataclass
-class ModelTrace:
-    model: str
-    family: str
-    seq_len: int
-    micro_batch: int
-    dtype: str
-    recompute: str
-    loss: str
-    layer_kinds: tuple[str, ...]
-    blocks: dict[str, BlockSummary]  # decoder block kinds, in order of first appearance
-    others: dict[str, BlockSummary]  # 'embedding' (+ rotary), 'head' (final norm, LM head, loss)
-    graph: nx.DiGraph
-    params_total: int
-    params_active: int
-    trace_time_s: float = 0.0
-    code_version: str = ""
-    from_cache: bool = field(default=False, compare=False)
-
-    @property
-    def tokens(self) -> int:
-        return self.seq_len * self.micro_batch
-
-    @property
-    def layers(self) -> dict[str, int]:
-        return dict(Counter(self.layer_kinds))
-
-    def _groups(self):
-        yield from self.others.values()
-        yield from self.blocks.values()
-
-    @property
-    def flops_forward(self) -> int:
-        """Model FLOPs of one micro-batch's forward."""
-        return sum(b.count * b.flops_forward for b in self._groups())
-
-    @property
-    def flops_backward(self) -> int:
-        return sum(b.count * b.flops_backward for b in self._groups())
-
-    @property
-    def flops_per_token_forward(self) -> float:
-        return self.flops_forward / self.tokens
-
-    @property
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token: forward + backward, causal attention at half, no recompute."""
-        return (self.flops_forward + self.flops_backward) / self.tokens
-
-    def recompute_flops(self, policy: str | None = None) -> int:
-        """Forward FLOPs redone in backward for one micro-batch when every block uses `policy`."""
-        policy = policy or self.recompute
-        return sum(b.count * b.recompute_flops.get(policy, 0) for b in self.blocks.values())
-
-    def saved_bytes(self, policy: str | None = None) -> int:
-        """Bytes kept alive for backward after one micro-batch's forward, whole model."""
-        policy = policy or self.recompute
-        return sum(b.count * b.saved_bytes[policy] for b in self._groups())
-
-    def activation_bytes_per_token(self) -> dict[str, dict[str, float]]:
-        """Per group (embedding, each block kind per layer, head) and recompute policy."""
-        out = {}
-        groups = [self.others["embedding"], *self.blocks.values(), self.others["head"]]
-        for b in groups:
-            out[b.kind] = {p: b.saved_bytes[p] / self.tokens for p in rc.RECOMPUTE_POLICIES}
-        return out
-
-    def to_summary(self) -> dict:
-        """The fields `xplan inspect --json` adds (see `inspect_fields`), plus trace details."""
-        blocks = {}
-        for b in self._groups():
-            blocks[b.kind] = {
-                "count": b.count,
-                "flops_forward_per_token": b.flops_forward / self.tokens,
-                "flops_backward_per_token": b.flops_backward / self.tokens,
-                "recompute_flops_per_token": {p: v / self.tokens for p, v in b.recompute_flops.items()},
-                "params": dict(b.params),
-                "params_active": b.params_active,
-                "tokens_per_expert": b.tokens_per_expert,
-            }
-        return {
-            "flops_per_token": self.flops_per_token,
-            "flops_per_token_forward": self.flops_per_token_forward,
-            "activation_bytes_per_token": self.activation_bytes_per_token(),
-            "layers": self.layers,
-            "trace": {
-                "seq_len": self.seq_len,
-                "micro_batch": self.micro_batch,
-                "dtype": self.dtype,
-                "recompute": self.recompute,
-                "loss": self.loss,
-                "params_total": self.params_total,
-                "params_active": self.params_active,
-                "blocks": blocks,
-            },
-        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +173,12 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
     return rec, alive, peaks
 
 
-def _trace(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.dtype, loss: str) -> ModelTrace:
+def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.dtype,
+                   loss: str) -> ModelTrace:
+    """Trace `config` now (see the module docstring); `trace_model` is the cached front. `dtype` is
+    a torch dtype or its name."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .graph import build_graph
@@ -442,39 +314,3 @@ def _moe_module(layer: nn.Module):
         if isinstance(module, MoE):
             return module
     return None
-
-
-def trace_model(config, seq_len: int, micro_batch: int = 1, recompute: str = "none",
-                dtype: torch.dtype = torch.bfloat16, cache_dir: str | Path | None = None,
-                use_cache: bool = True, loss: str = "full") -> ModelTrace:
-    """Trace `config` (a ModelConfig, preset name or config directory) at (seq_len, micro_batch).
-
-    `recompute` selects the policy whose saved bytes and recompute FLOPs the graph's layer nodes
-    carry; summaries hold every policy. `loss` is the runtime's loss kernel ('full' logits or
-    'chunked'). Results are cached under `cache_dir` (default $XPLAN_CACHE_DIR or ~/.cache/xplan)
-    unless `use_cache` is False.
-    """
-    from xplan.errors import InputError
-    from xplan.runtime import load_config
-
-    if not hasattr(config, "family"):
-        config = load_config(config)
-    if int(seq_len) < 1 or int(micro_batch) < 1:
-        raise InputError(f"seq_len and micro_batch must be positive; got {seq_len} and {micro_batch}.")
-    try:
-        rc.check_policy(recompute)
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
-    if loss not in LOSS_KERNELS:
-        raise InputError(f"loss kernel must be one of {', '.join(LOSS_KERNELS)}; got {loss!r}.")
-    seq_len, micro_batch = int(seq_len), int(micro_batch)
-    key = trace_cache.cache_key(config, seq_len, micro_batch, recompute, dtype, loss) if use_cache else None
-    if key is not None:
-        hit = trace_cache.load(cache_dir, key)
-        if isinstance(hit, ModelTrace):
-            hit.from_cache = True
-            return hit
-    trace = _trace(config, seq_len, micro_batch, recompute, dtype, loss)
-    if key is not None:
-        trace_cache.store(cache_dir, key, trace)
-    return trace

@@ -12,13 +12,12 @@ from .app import JSON_OPTION, app, console, human_count, print_json
 
 def inspect_summary(model_ref: str, seq_len: int, graph: Path | None = None) -> dict:
     from xplan.planner.pricing import check_seq_len
-    from xplan.runtime import build_model, load_config
-    from xplan.runtime.models.counting import count_parameters
+    from xplan.planner.trace import inspect_fields
+    from xplan.planner.trace.configs import load_model_config, parameter_counts
 
     check_seq_len(seq_len)
-    config = load_config(model_ref)
-    counts = count_parameters(build_model(config, device="meta"))
-    from xplan.planner.trace import inspect_fields
+    config = load_model_config(model_ref)
+    counts = parameter_counts(config)
 
     traced = inspect_fields(config, seq_len, graph_path=graph)
     return {

@@ -8,14 +8,14 @@ from .app import JSON_OPTION, app, console, human_count, print_json
 
 
 def preset_rows() -> list[dict]:
-    from xplan.runtime import build_model, load_config
-    from xplan.runtime.models import preset_names
-    from xplan.runtime.models.counting import count_parameters
+    # Configs and counts come from the cache after the first run (no torch, no transformers).
+    from xplan.planner.trace.configs import load_model_config, parameter_counts
+    from xplan.runtime.models.config import preset_names
 
     rows = []
     for name in preset_names():
-        config = load_config(name)
-        counts = count_parameters(build_model(config, device="meta"))
+        config = load_model_config(name)
+        counts = parameter_counts(config)
         rows.append({
             "name": name, "model_type": config.model_type, "num_layers": config.num_layers,
             "hidden_size": config.hidden_size, "num_experts": config.num_experts, "top_k": config.top_k,
