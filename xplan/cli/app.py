@@ -20,6 +20,20 @@ app = typer.Typer(
 console = Console()
 console_err = Console(stderr=True)
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from xplan import __version__
+
+        typer.echo(f"xplan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print xplan's version and exit.")) -> None:
+    pass
+
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 
 
