@@ -15,6 +15,7 @@ only what exceeds the layer's GEMM time).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +142,72 @@ def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm:
                     fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
                     attention_kernel=layout.kernels.get("attention", "sdpa"),
                     recompute_every_mm=recompute_every_mm if layout.recompute == "selective" else 0,
-                    weight_cast_share=1.0 / max(1, grad_accum))
+                    # Only fp8 GEMMs cast weights: other precisions share one work (and its memo).
+                    weight_cast_share=1.0 / max(1, grad_accum) if layout.precision == "fp8" else 1.0)
+
+
+def communication_terms(trace, config, layout: Layout, profile, imbalance: float = 1.0):
+    """What one micro-batch's communication costs a rank, before overlap and recompute:
+    ({block kind: (FSDP all-gather, FSDP reduce-scatter incl. the HSDP all-reduce, FSDP2 copies,
+    EP all-to-alls, Ulysses all-to-alls, TP collectives)}, (root unit's FSDP gather + reduce,
+    its FSDP2 copies, pipeline p2p)); seconds, for the terms `estimate` uses.
+
+    Communication depends on the sharding, not on recompute or offload (`estimate` applies
+    their effects): the terms are priced on the layout without them and memoised on the trace
+    per (that layout, imbalance, profile, config), so the recompute and offload variants of one
+    layout a search prices share them. The memo holds the profile and config it was computed
+    for, so their ids cannot name other objects.
+    """
+    memo = trace.__dict__.setdefault("_communication_terms", {})
+    key = (layout_key(layout, without=("recompute", "offload")), imbalance, id(profile), id(config))
+    return _memoised(memo, key, lambda: (profile, config, _communication_terms(
+        trace, config, layout.with_changes(recompute="none", offload=()), profile, imbalance)))[2]
+
+
+def _communication_terms(trace, config, layout: Layout, profile, imbalance: float):
+    tokens = layout.micro_batch / layout.sp * trace.seq_len  # the micro-batch this TP group works on
+    rank_tokens = tokens / layout.tp
+    act_bytes = param_bytes = COMPUTE_BYTES[layout.precision]
+    reduce_bytes = 4
+    fsdp2 = not layout.zero1 and layout.fsdp > 1
+    hidden = config.hidden_size
+    q_width = config.num_heads * config.qk_head_dim
+    kv_heads = config.num_heads if config.attention_kind == "mla" else max(config.num_kv_heads, layout.sp)
+    kv_width = kv_heads * (config.qk_head_dim + config.v_dim)
+    out_width = config.num_heads * config.v_dim
+    blocks = {}
+    for kind, block in trace.blocks.items():
+        routed = block.params.get("routed_expert", 0)
+        dense = block.params_total - routed
+        if layout.zero1:
+            ag = rs = 0.0
+        else:
+            ag, rs = comm.fsdp_block_times(profile, dense / layout.tp, routed / layout.ep / layout.tp, layout,
+                                           param_bytes, reduce_bytes)
+        if layout.hsdp_replicas > 1 and not layout.zero1:  # gradients of each shard are also summed across replicas
+            shard = block_unsharded_numel(block, layout.ep, layout.tp) / max(1, layout.fsdp // layout.ep)
+            rs += comm.all_reduce_time(profile, shard * reduce_bytes, layout.hsdp_replicas,
+                                       layout.fsdp * layout.tp, layout.devices)
+        copies = a2a = 0.0
+        if fsdp2:
+            copies = fsdp2_copy_time(profile, block_unsharded_numel(block, layout.ep, layout.tp), layout,
+                                     param_bytes, reduce_bytes, gathers=2)
+        if block.num_experts:
+            a2a = comm.expert_parallel_time(profile, rank_tokens, hidden, block.top_k, layout, act_bytes, imbalance)
+        uly = comm.ulysses_time(profile, tokens, q_width, kv_width, out_width, layout, act_bytes)
+        tp_comm = comm.tensor_parallel_time(profile, tokens, hidden, layout, act_bytes)
+        blocks[kind] = (ag, rs, copies, a2a, uly, tp_comm)
+    root_fsdp = root_fsdp_copies = 0.0
+    if fsdp2:
+        # The root FSDP unit (embedding, final norm, head) is gathered once per micro-batch and its
+        # gradients reduce-scattered after the last block: nothing is left to hide either under.
+        outside = (trace.params_total - sum(b.count * b.params_total for b in trace.blocks.values())) / layout.tp
+        root_ag, root_rs = comm.fsdp_block_times(profile, outside / layout.pp, 0.0, layout, param_bytes,
+                                                 reduce_bytes)
+        root_fsdp = root_ag + root_rs
+        root_fsdp_copies = fsdp2_copy_time(profile, outside / layout.pp, layout, param_bytes, reduce_bytes, gathers=1)
+    pp_time = comm.pipeline_p2p_time(profile, rank_tokens, hidden, layout, act_bytes)
+    return blocks, (root_fsdp, root_fsdp_copies, pp_time)
 
 
 def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0,
@@ -158,9 +224,6 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     check_layout(layout, config, seq, global_batch)
     grad_accum = layout.grad_accum(global_batch)
     tf = layout.micro_batch / layout.sp  # this rank's tokens per micro-batch, in traced sequences
-    tokens = tf * seq  # tokens of the micro-batch this TP group works on
-    rank_tokens = tokens / layout.tp  # sequence-parallel TP: each rank holds a slice between collectives
-    act_bytes = COMPUTE_BYTES[layout.precision]
     param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = 4
     work = rank_work(trace, layout, imbalance, recompute_every_mm, grad_accum)
@@ -175,11 +238,8 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     forward_total = backward_total = 0.0  # one layer's block compute, by pass
     host_ops = 0.0  # ops the host issues for one layer of one micro-batch
     first_gather = 0.0
-    hidden = config.hidden_size
-    q_width = config.num_heads * config.qk_head_dim
-    kv_heads = config.num_heads if config.attention_kind == "mla" else max(config.num_kv_heads, layout.sp)
-    kv_width = kv_heads * (config.qk_head_dim + config.v_dim)
-    out_width = config.num_heads * config.v_dim
+    block_comm, (root_fsdp, root_fsdp_copies, pp_time) = communication_terms(trace, config, layout, profile,
+                                                                             imbalance)
     recompute_fraction = layout.recompute_fraction()
     num_layers = sum(block.count for block in trace.blocks.values())
     for kind, block in trace.blocks.items():
@@ -195,17 +255,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         else:
             recompute += n * recompute_fraction * fwd
             host_ops += n * recompute_fraction * times.get((kind, "ops_forward"), 0.0)
-        routed = block.params.get("routed_expert", 0)
-        dense = block.params_total - routed
-        if layout.zero1:
-            ag = rs = 0.0
-        else:
-            ag, rs = comm.fsdp_block_times(profile, dense / layout.tp, routed / layout.ep / layout.tp, layout,
-                                           param_bytes, reduce_bytes)
-        if layout.hsdp_replicas > 1 and not layout.zero1:  # gradients of each shard are also summed across replicas
-            shard = block_unsharded_numel(block, layout.ep, layout.tp) / max(1, layout.fsdp // layout.ep)
-            rs += comm.all_reduce_time(profile, shard * reduce_bytes, layout.hsdp_replicas,
-                                       layout.fsdp * layout.tp, layout.devices)
+        ag, rs, copies, a2a, uly, tp_comm = block_comm[kind]
         if overlap:
             first_gather = max(first_gather, ag)
             # forward: gather overlaps the previous block; backward: re-gather + reduce-scatter.
@@ -213,31 +263,17 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         else:
             fsdp_exposed += n * (2 * ag + rs)
         if fsdp2:
-            fsdp_copies += n * fsdp2_copy_time(profile, block_unsharded_numel(block, layout.ep, layout.tp), layout,
-                                               param_bytes, reduce_bytes, gathers=2)
+            fsdp_copies += n * copies
         if block.num_experts:
-            a2a = comm.expert_parallel_time(profile, rank_tokens, hidden, block.top_k, layout, act_bytes, imbalance)
             redo_share = recompute_fraction if layout.recompute != "selective" else 0.0
             ep_time += n * a2a * (1 + 0.5 * redo_share)
-        uly = comm.ulysses_time(profile, tokens, q_width, kv_width, out_width, layout, act_bytes)
         sp_time += n * uly * (1 + 0.5 * recompute_fraction)
-        tp_comm = comm.tensor_parallel_time(profile, tokens, hidden, layout, act_bytes)
         if layout.tp_comm == "overlapped" and overlap:
             # Each collective is pipelined with the GEMM it feeds or follows: what the layer's
             # GEMMs cannot cover stays exposed.
             tp_comm = max(0.0, tp_comm - times.get((kind, "gemm"), 0.0))
         tp_time += n * tp_comm
 
-    root_fsdp = root_fsdp_copies = 0.0
-    if fsdp2:
-        # The root FSDP unit (embedding, final norm, head) is gathered once per micro-batch and its
-        # gradients reduce-scattered after the last block: nothing is left to hide either under.
-        outside = (trace.params_total - sum(b.count * b.params_total for b in trace.blocks.values())) / layout.tp
-        root_ag, root_rs = comm.fsdp_block_times(profile, outside / layout.pp, 0.0, layout, param_bytes,
-                                                 reduce_bytes)
-        root_fsdp = root_ag + root_rs
-        root_fsdp_copies = fsdp2_copy_time(profile, outside / layout.pp, layout, param_bytes, reduce_bytes, gathers=1)
-    pp_time = comm.pipeline_p2p_time(profile, rank_tokens, hidden, layout, act_bytes)
     dispatch = (profile.host.dispatch_us or 0.0) * 1e-6
 
     def price_rank(rank: PipelineRank) -> dict[str, float]:
@@ -301,7 +337,8 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     time.update(pipeline_bubble=bubble, optimizer=optimizer, offload=offload_time,
                 host_bound=grad_accum * busiest["host_bound"])
     tokens_per_s = global_batch * seq / step / layout.devices
-    mfu = trace.flops_per_token * tokens_per_s / profile.peak_flops("bf16")
+    flops_per_token = trace.flops_per_token
+    mfu = flops_per_token * tokens_per_s / profile.peak_flops("bf16")
 
     memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, work.recompute_every_mm)
     hbm, host = float(profile.hbm_bytes()), float(profile.host_memory_bytes())
@@ -316,7 +353,14 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         notes.append(f"busiest EP rank carries {imbalance:.2f}x the mean routed load")
     return Estimate(layout=layout, seq_len=seq, global_batch=global_batch, grad_accum=grad_accum, memory=memory,
                     time=time, step_time_s=step, tokens_per_s_per_device=tokens_per_s, mfu=mfu,
-                    flops_per_token=trace.flops_per_token, hbm_bytes=hbm, host_bytes=host, binding=binding, notes=notes)
+                    flops_per_token=flops_per_token, hbm_bytes=hbm, host_bytes=host, binding=binding, notes=notes)
+
+
+def _stage_policy_counts(trace, recompute, pp: int) -> tuple[dict[str, int], int]:
+    """(layers per recompute policy, MoE layers) of the busiest pipeline stage."""
+    counts = layers_by_policy(trace, recompute, pp)
+    moe_layers = sum(1 for kind, _ in stage_layers(trace, recompute, pp) if trace.blocks[kind].num_experts)
+    return counts, moe_layers
 
 
 def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, reduce_bytes: int,
@@ -344,6 +388,24 @@ def rank_param_split(trace, layout: Layout) -> tuple[float, float]:
     return dense / (layout.tp * layout.pp), routed / (layout.ep * expert_tp * layout.pp)
 
 
+def layout_key(layout: Layout, without: tuple[str, ...] = ()) -> tuple:
+    """Every field of `layout` but those named in `without`, as a tuple to key memos with (kernels
+    given as a dict, which has no hash, become a tuple of items)."""
+    return tuple(tuple(value.items()) if type(value) is dict else value
+                 for name, value in vars(layout).items() if name not in without)
+
+
+def _memoised(memo: dict, key: tuple, compute: Callable[[], Any]) -> Any:
+    """memo[key], computed on a miss; computed every time when the key cannot be hashed."""
+    try:
+        hit = memo.get(key)
+    except TypeError:
+        return compute()
+    if hit is None:
+        hit = memo[key] = compute()
+    return hit
+
+
 def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float = 1.0,
                     config=None, recompute_every_mm: int = 0) -> MemoryBreakdown:
     """Peak memory of the busiest rank (see cost_models.memory for the accounting).
@@ -352,7 +414,19 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
     block's backward (two blocks gathered, its gradients and recomputed activations live).
     `config` (the ModelConfig) adds what EP / Ulysses keep beyond the single-device trace;
     `recompute_every_mm` is the selective policy's every-n-th-mm rule (see `estimate`).
+
+    Memoised on the trace per (layout, grad_accum, imbalance, rule, profile, config): a search
+    checks a layout's memory and then prices the same layout. Profiles are frozen; the memo holds
+    the profile and config it was computed for, so their ids cannot be reused by other objects.
     """
+    memo = trace.__dict__.setdefault("_memory_estimate", {})
+    key = (layout_key(layout), grad_accum, imbalance, recompute_every_mm, id(profile), id(config))
+    return _memoised(memo, key, lambda: (profile, config, _memory_estimate(
+        trace, layout, profile, grad_accum, imbalance, config, recompute_every_mm)))[2]
+
+
+def _memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float, config,
+                     recompute_every_mm: int) -> MemoryBreakdown:
     tf = layout.micro_batch / layout.sp
     compute_bytes = COMPUTE_BYTES[layout.precision]
     if layout.zero1:
@@ -375,21 +449,27 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
         on_device = min(saved, 2 * largest_block)  # the block in flight and the one being copied
         offloaded += saved - on_device
         saved = on_device
-    gathered_block = max(block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values())
+    parts = trace.__dict__.setdefault("_memory_parts", {})  # pieces many layouts share
+    gathered_block = _memoised(parts, ("gathered_block", layout.ep, layout.tp), lambda: max(
+        block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values()))
     gathered = 0.0 if layout.zero1 else 2 * gathered_block * compute_bytes  # running + prefetched
     extra = ep_copy = 0.0
     if config is not None:
-        counts = layers_by_policy(trace, layout.recompute, layout.pp)
-        moe_layers = sum(1 for kind, _ in stage_layers(trace, layout.recompute, layout.pp)
-                         if trace.blocks[kind].num_experts)
         rank_tokens = tf * trace.seq_len / layout.tp
-        extra = parallel_saved_bytes(config, layout, counts, moe_layers, rank_tokens, compute_bytes,
-                                     imbalance) * in_flight
+        parallel_key = ("parallel_saved", id(config), layout.ep, layout.sp, layout.recompute, layout.pp, rank_tokens,
+                        compute_bytes, imbalance)
+        stage_counts = _memoised(parts, ("stage_counts", layout.recompute, layout.pp),
+                                 lambda: _stage_policy_counts(trace, layout.recompute, layout.pp))
+        # The memo keeps the config it was computed for alive, so its id names no other object.
+        _, extra = _memoised(parts, parallel_key, lambda: (config, parallel_saved_bytes(
+            config, layout, *stage_counts, rank_tokens, compute_bytes, imbalance)))
+        extra *= in_flight
         if layout.ep > 1 and config.num_experts:  # the busiest rank's gradient all-to-all output
             ep_copy = routed_copy_bytes(config, rank_tokens, compute_bytes) * imbalance
         if "activations" not in layout.offload:
             saved += extra
-    logits, head = head_phase_bytes(trace, tf, layout.tp, compute_bytes)
+    logits, head = _memoised(parts, ("head_phase", tf, layout.tp, compute_bytes),
+                             lambda: head_phase_bytes(trace, tf, layout.tp, compute_bytes))
     if config is not None and layout.kernels.get("loss") == "chunked":
         head_block = trace.others.get("head")
         head_params = head_block.params_total / layout.tp if head_block is not None else 0

@@ -20,7 +20,7 @@ Accounting (bytes per rank), FSDP2 with mixed precision:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from .compute import redone_by_selective
 from .ops import priced_ops
@@ -47,13 +47,17 @@ class MemoryBreakdown:
         return (self.parameters + self.gradients + self.optimizer + self.gathered_parameters + self.activations
                 + self.logits_loss + self.temporaries + self.overhead)
 
+    def parts(self) -> dict[str, float]:
+        """Every field by name (`asdict` without its deep copies: the values are floats)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def gib(self) -> dict[str, float]:
-        out = {k: v / GIB for k, v in asdict(self).items()}
+        out = {k: v / GIB for k, v in self.parts().items()}
         out["total"] = self.total / GIB
         return out
 
     def dominant(self) -> str:
-        parts = {k: v for k, v in asdict(self).items() if k not in ("offloaded_to_host",)}
+        parts = {k: v for k, v in self.parts().items() if k not in ("offloaded_to_host",)}
         return max(parts, key=parts.get)
 
 
@@ -148,7 +152,17 @@ def _saved_walk(trace, recompute, token_factor: float, tp: int, pp: int, ep: int
                 every_mm: int = 0):
     """(embedding saved bytes, [(kind, policy, saved bytes)] per layer of the busiest stage), scaled
     to this rank's tokens and the busiest EP rank's routed load; selective layers drop the
-    outputs of the mms redone under `every_mm` (see `redone_mm_bytes`)."""
+    outputs of the mms redone under `every_mm` (see `redone_mm_bytes`). Memoised on the trace
+    (callers only read the result)."""
+    memo = trace.__dict__.setdefault("_saved_walk", {})
+    key = (recompute, token_factor, tp, pp, ep, imbalance, every_mm)
+    if key not in memo:
+        memo[key] = _saved_walk_uncached(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm)
+    return memo[key]
+
+
+def _saved_walk_uncached(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
+                         every_mm: int):
     scale = token_factor / tp
     emb = trace.others.get("embedding")
     embedding = emb.saved_bytes["none"] * scale if emb is not None else 0.0
@@ -224,6 +238,30 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
     backward reaches each unit: the head's and the layers' after i. Under `every_mm` a selective
     layer's MLP part also holds the mm outputs its recomputation redid.
     """
+    rows, total_params = _backward_rows(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
+                                        compute_bytes, zero1, every_mm)
+    best = (0.0, 0.0, 0.0, 0.0, 0.0)
+    best_sum = sum(best)
+    for saved, workspace, gathered, held, adds_ep_copy, after in rows:
+        if adds_ep_copy:
+            held += ep_copy
+        grads_now = grads if accumulated else grads * max(0, after) / total_params
+        moment = (saved, workspace, gathered, held, grads_now)
+        if sum(moment) > best_sum:
+            best, best_sum = moment, sum(moment)
+    return best
+
+
+def _backward_rows(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
+                   in_flight: float, compute_bytes: int, zero1: bool, every_mm: int) -> tuple[list[tuple], int]:
+    """The parts of `_backward_moment` that do not depend on the gradients or the EP copy: per
+    part of each layer's backward (in walk order) (saved activations, scaled workspace, gathered
+    parameters, FSDP buffers without the EP copy, whether the EP copy adds, parameters whose
+    gradients exist then), and the model's parameter count. Memoised on the trace."""
+    memo = trace.__dict__.setdefault("_backward_rows", {})
+    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, every_mm)
+    if key in memo:
+        return memo[key]
     scale = token_factor / tp
     running, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm)
     cumulative = []
@@ -234,22 +272,19 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
     buffers = {kind: fsdp_backward_buffers(block, ep, tp, compute_bytes, zero1) for kind, block in trace.blocks.items()}
     total_params = max(1, trace.params_total)
     after = total_params - sum(o.params_total for o in trace.others.values() if o.kind == "embedding")
-    best = (0.0, 0.0, 0.0, 0.0, 0.0)
+    rows = []
     for (kind, policy, _), saved in zip(layers, cumulative, strict=True):
         block = trace.blocks[kind]
         after -= block.params_total  # parameters whose gradients exist once layer i's backward starts
-        grads_now = grads if accumulated else grads * max(0, after) / total_params
         load = _routed_load(trace, kind, ep, imbalance)
         for part, peak in block.backward_peak.get(policy, {}).items():
             gathered, held = buffers[kind][part]
-            if part == "mlp" and block.num_experts and ep > 1:
-                held += ep_copy
             if part == "mlp" and policy == "selective":
                 peak += redone_mm_bytes(trace, kind, every_mm)
-            moment = (saved + earlier, peak * scale * load, gathered, held, grads_now)
-            if sum(moment) > sum(best):
-                best = moment
-    return best
+            adds_ep_copy = part == "mlp" and bool(block.num_experts) and ep > 1
+            rows.append((saved + earlier, peak * scale * load, gathered, held, adds_ep_copy, after))
+    memo[key] = (rows, total_params)
+    return memo[key]
 
 
 def head_phase_bytes(trace, token_factor: float, tp: int, compute_bytes: int) -> tuple[float, float]:

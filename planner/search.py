@@ -18,6 +18,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from xplan.errors import InputError
@@ -184,32 +185,34 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         trace = traces[loss]
         kernels = {**DEFAULT_KERNELS, **pinned_kernels, "loss": loss, "elementwise": elementwise}
         try:
-            check_layout(Layout(**core, **extra, precision=precision, kernels=kernels), config, workload.seq_len,
-                         workload.global_batch)
+            base = Layout(**core, **extra, precision=precision, kernels=kernels)
+            check_layout(base, config, workload.seq_len, workload.global_batch)
         except InputError as exc:
             reason = str(exc).split(" (")[0][:60]
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
+        grad_accum = base.grad_accum(workload.global_batch)  # recompute and offload leave it alone
         for offload, chain in itertools.product(offloads, chains):
-            layouts = [Layout(**core, **extra, recompute=r, offload=tuple(offload), precision=precision,
-                              kernels=kernels)
-                       for r in chain]
-            grad_accum = layouts[0].grad_accum(workload.global_batch)
+            offload = tuple(offload)
             if exhaustive:
-                candidates = layouts
+                candidates = [Layout(**core, **extra, recompute=r, offload=offload, precision=precision,
+                                     kernels=kernels) for r in chain]
             else:
-                # Memory falls along the chain: bisect for the first layout that fits.
-                lo, hi = 0, len(layouts)
+                # Memory falls along the chain: bisect for the first layout that fits (only the
+                # layouts the bisection reaches are built).
+                make = partial(Layout, **core, **extra, offload=offload, precision=precision, kernels=kernels)
+                lo, hi, first_fitting = 0, len(chain), None
                 while lo < hi:
                     mid = (lo + hi) // 2
+                    layout = make(recompute=chain[mid])
                     evaluated += 1
-                    memory = memory_estimate(trace, layouts[mid], profile, grad_accum, workload.imbalance, config)
+                    memory = memory_estimate(trace, layout, profile, grad_accum, workload.imbalance, config)
                     if fits_memory(memory, hbm, host):
-                        hi = mid
+                        hi, first_fitting = mid, layout
                     else:
                         lo = mid + 1
-                        track(memory, layouts[mid], trace)
-                candidates = layouts[lo:lo + 1]
+                        track(memory, layout, trace)
+                candidates = [first_fitting] if first_fitting is not None else []
             for layout in candidates:
                 evaluated += exhaustive
                 est = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance,
