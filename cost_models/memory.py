@@ -238,26 +238,35 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
     backward reaches each unit: the head's and the layers' after i. Under `every_mm` a selective
     layer's MLP part also holds the mm outputs its recomputation redid.
     """
-    rows, total_params = _backward_rows(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
-                                        compute_bytes, zero1, every_mm)
-    best = (0.0, 0.0, 0.0, 0.0, 0.0)
-    best_sum = sum(best)
-    for saved, workspace, gathered, held, adds_ep_copy, after in rows:
+    parts, rows, total_params = _backward_rows(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
+                                               compute_bytes, zero1, every_mm)
+    # The moment compared is sum((saved, workspace, gathered, held, gradients)), added left to
+    # right: the first three come summed per row, so each comparison is the same floating-point
+    # sum as the tuple's. The first largest moment wins.
+    best, best_sum = -1, 0.0
+    for i, (first_three, held, adds_ep_copy, after) in enumerate(rows):
         if adds_ep_copy:
             held += ep_copy
-        grads_now = grads if accumulated else grads * max(0, after) / total_params
-        moment = (saved, workspace, gathered, held, grads_now)
-        if sum(moment) > best_sum:
-            best, best_sum = moment, sum(moment)
-    return best
+        moment_sum = first_three + held + (grads if accumulated else grads * max(0, after) / total_params)
+        if moment_sum > best_sum:
+            best, best_sum = i, moment_sum
+    if best < 0:
+        return (0.0, 0.0, 0.0, 0.0, 0.0)
+    saved, workspace, gathered = parts[best]
+    _, held, adds_ep_copy, after = rows[best]
+    if adds_ep_copy:
+        held += ep_copy
+    return saved, workspace, gathered, held, grads if accumulated else grads * max(0, after) / total_params
 
 
 def _backward_rows(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                   in_flight: float, compute_bytes: int, zero1: bool, every_mm: int) -> tuple[list[tuple], int]:
-    """The parts of `_backward_moment` that do not depend on the gradients or the EP copy: per
-    part of each layer's backward (in walk order) (saved activations, scaled workspace, gathered
-    parameters, FSDP buffers without the EP copy, whether the EP copy adds, parameters whose
-    gradients exist then), and the model's parameter count. Memoised on the trace."""
+                   in_flight: float, compute_bytes: int, zero1: bool,
+                   every_mm: int) -> tuple[list[tuple], list[tuple], int]:
+    """The parts of `_backward_moment` that do not depend on the gradients or the EP copy, per
+    part of each layer's backward in walk order: (saved activations, scaled workspace, gathered
+    parameters); (their sum, FSDP buffers without the EP copy, whether the EP copy adds,
+    parameters whose gradients exist then); and the model's parameter count. Memoised on the
+    trace."""
     memo = trace.__dict__.setdefault("_backward_rows", {})
     key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, every_mm)
     if key in memo:
@@ -272,7 +281,7 @@ def _backward_rows(trace, recompute, token_factor: float, tp: int, pp: int, ep: 
     buffers = {kind: fsdp_backward_buffers(block, ep, tp, compute_bytes, zero1) for kind, block in trace.blocks.items()}
     total_params = max(1, trace.params_total)
     after = total_params - sum(o.params_total for o in trace.others.values() if o.kind == "embedding")
-    rows = []
+    parts, rows = [], []
     for (kind, policy, _), saved in zip(layers, cumulative, strict=True):
         block = trace.blocks[kind]
         after -= block.params_total  # parameters whose gradients exist once layer i's backward starts
@@ -282,8 +291,10 @@ def _backward_rows(trace, recompute, token_factor: float, tp: int, pp: int, ep: 
             if part == "mlp" and policy == "selective":
                 peak += redone_mm_bytes(trace, kind, every_mm)
             adds_ep_copy = part == "mlp" and bool(block.num_experts) and ep > 1
-            rows.append((saved + earlier, peak * scale * load, gathered, held, adds_ep_copy, after))
-    memo[key] = (rows, total_params)
+            moment = (saved + earlier, peak * scale * load, gathered)
+            parts.append(moment)
+            rows.append((moment[0] + moment[1] + moment[2], held, adds_ep_copy, after))
+    memo[key] = (parts, rows, total_params)
     return memo[key]
 
 
