@@ -26,3 +26,16 @@ def test_listing_commands_import_no_torch():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_hw_rows_come_from_the_cache_and_equal_the_profiles(tmp_path, monkeypatch):
+    from xplan.cli.hw_cmd import SUMMARY_KIND, profile_rows
+    from xplan.hw_profiles import load_profile, profile_names
+
+    monkeypatch.setenv("XPLAN_CACHE_DIR", str(tmp_path))
+    expected = [{"name": n, **load_profile(n).summary()} for n in profile_names()]
+    assert profile_rows() == expected  # computed and stored
+    (entry,) = (tmp_path / SUMMARY_KIND).glob("*.json")
+    assert profile_rows() == expected  # read back
+    entry.write_bytes(entry.read_bytes()[:-10])
+    assert profile_rows() == expected  # damaged: recomputed

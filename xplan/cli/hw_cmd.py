@@ -2,9 +2,52 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from importlib import util
+from pathlib import Path
+
 from rich.table import Table
 
 from .app import JSON_OPTION, app, console, print_json
+
+SUMMARY_KIND = "hw_summaries"
+
+
+def _profile_folder() -> Path:
+    """The shipped profiles' folder, found without importing the package (pydantic schemas)."""
+    spec = util.find_spec("xplan.hw_profiles")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _valid_rows(rows, names: list[str]) -> bool:
+    return (type(rows) is list and [r.get("name") if type(r) is dict else None for r in rows] == names
+            and all(type(k) is str and (v is None or type(v) in (bool, int, float, str))
+                    for r in rows for k, v in r.items()))
+
+
+def profile_rows() -> list[dict]:
+    """Name and summary of every shipped profile. Validating the YAML files is most of this
+    command's time, so the rows are kept in the cache, keyed by every profile file and every
+    module of the loader and schema: any edit there recomputes them."""
+    from xplan.planner.trace import store
+
+    folder = _profile_folder()
+    profiles = sorted(folder.glob("*.yaml"))
+    digest = hashlib.sha256()
+    for path in profiles + sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    key = digest.hexdigest()[:32]
+    names = sorted(p.stem for p in profiles)  # profile_names' order
+    cached = store.read_entry(None, SUMMARY_KIND, key)
+    if _valid_rows(cached, names):
+        return cached
+    from xplan.hw_profiles import load_profile, profile_names
+
+    rows = [{"name": name, **load_profile(name).summary()} for name in profile_names()]
+    if _valid_rows(rows, names) and json.loads(json.dumps(rows)) == rows:
+        store.write_entry(None, SUMMARY_KIND, key, rows)
+    return rows
 
 
 @app.command("hw")
@@ -13,12 +56,7 @@ def hw(json_out: bool = JSON_OPTION) -> None:
 
     Example: [bold]xplan hw --json[/]
     """
-    from xplan.hw_profiles import load_profile, profile_names
-
-    rows = []
-    for name in profile_names():
-        profile = load_profile(name)
-        rows.append({"name": name, **profile.summary()})
+    rows = profile_rows()
     if json_out:
         print_json({"profiles": rows})
         return

@@ -1,0 +1,73 @@
+"""The cost models' memos (issue #14: search speed) never change a number: every layout priced
+on a trace that has priced many others equals the same layout priced on a fresh copy."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from tests.trace_configs import tiny_config
+from xplan.cost_models import estimate, memory_estimate
+from xplan.cost_models.estimate import communication_terms, layout_key
+from xplan.hw_profiles import load_profile
+from xplan.layout import DEFAULT_KERNELS, Layout
+from xplan.planner.trace import trace_model
+from xplan.planner.trace.model_trace import trace_from_json, trace_to_json
+
+
+@pytest.fixture(scope="module")
+def traced():
+    config = tiny_config("qwen3_moe", num_hidden_layers=4)
+    return config, trace_model(config, 64, use_cache=False, loss="chunked")
+
+
+def layouts():
+    kernels = {**DEFAULT_KERNELS, "loss": "chunked"}
+    shapes = [dict(devices=16, fsdp=16, ep=4, sp=2), dict(devices=16, fsdp=8, ep=2), dict(devices=16, fsdp=1, ep=2),
+              dict(devices=16, fsdp=4, tp=2, pp=2, vpp=2), dict(devices=8, fsdp=8, ep=8, sp=4)]
+    combos = itertools.product(shapes, (1, 2), ("none", "selective", 0.25, "full"),
+                               ((), ("optimizer",), ("activations",), ("params",)))
+    for i, (shape, mb, recompute, offload) in enumerate(combos):
+        yield Layout(**shape, micro_batch=mb, recompute=recompute, offload=offload,
+                     precision=("bf16", "fp8")[i % 2], kernels=kernels)
+
+
+def test_memoised_prices_equal_fresh_ones(traced):
+    config, trace = traced
+    profile = load_profile("h800")
+    shared = trace_from_json(json.loads(json.dumps(trace_to_json(trace))))
+    checked = 0
+    for i, layout in enumerate(layouts()):
+        imbalance, every_mm = ((1.0, 0), (1.3, 2), (1.0, 2), (1.3, 0))[i % 4]
+        global_batch = 4 * layout.data_parallel * layout.micro_batch
+        fresh = trace_from_json(json.loads(json.dumps(trace_to_json(trace))))
+        for grad_accum in (1, 4):
+            assert memory_estimate(shared, layout, profile, grad_accum, imbalance, config, every_mm) == \
+                memory_estimate(fresh, layout, profile, grad_accum, imbalance, config, every_mm)
+        a = estimate(shared, config, layout, profile, global_batch, imbalance, every_mm).to_dict()
+        b = estimate(fresh, config, layout, profile, global_batch, imbalance, every_mm).to_dict()
+        assert a == b, layout
+        checked += 1
+    assert checked == 5 * 2 * 4 * 4
+
+
+def test_layout_key_sees_every_field():
+    base = Layout(devices=8, fsdp=8)
+    changed = [dict(devices=16), dict(fsdp=4), dict(ep=2), dict(sp=2), dict(tp=2), dict(pp=2), dict(vpp=2),
+               dict(micro_batch=2), dict(recompute="full"), dict(offload=("optimizer",)), dict(precision="fp8"),
+               dict(kernels={**DEFAULT_KERNELS, "loss": "full"})]
+    assert {f for c in changed for f in c} == set(vars(base))
+    keys = {layout_key(base.with_changes(**c)) for c in changed}
+    assert len(keys) == len(changed) and layout_key(base) not in keys
+
+
+def test_communication_terms_ignore_recompute_and_offload(traced):
+    config, trace = traced
+    profile = load_profile("h800")
+    layout = Layout(devices=16, fsdp=8, ep=2, sp=2, micro_batch=2)
+    first = communication_terms(trace, config, layout, profile)
+    for change in (dict(recompute="full"), dict(offload=("optimizer", "activations")), dict(recompute=0.5)):
+        fresh = trace_from_json(json.loads(json.dumps(trace_to_json(trace))))
+        assert communication_terms(fresh, config, layout.with_changes(**change), profile) == first
