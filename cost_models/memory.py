@@ -363,3 +363,11 @@ def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_la
         extra += selective * tokens * widths * act_bytes
         extra += none * tokens * config.num_heads * config.v_dim * act_bytes
     return extra
+
+
+def rank_param_split(trace, layout) -> tuple[float, float]:
+    """(dense, routed-expert) parameters one rank holds unsharded by FSDP (after TP, PP and EP)."""
+    routed = sum(b.count * b.params.get("routed_expert", 0) for b in trace.blocks.values())
+    dense = trace.params_total - routed
+    expert_tp = layout.tp if layout.ep <= layout.dp_world else 1  # EP spanning TP ranks: experts not TP-split
+    return dense / (layout.tp * layout.pp), routed / (layout.ep * expert_tp * layout.pp)

@@ -10,7 +10,8 @@ import pytest
 
 from tests.trace_configs import tiny_config
 from xplan.cost_models import estimate, memory_estimate
-from xplan.cost_models.estimate import communication_terms, layout_key
+from xplan.cost_models.estimate import communication_terms
+from xplan.cost_models.memos import layout_key
 from xplan.hw_profiles import load_profile
 from xplan.layout import DEFAULT_KERNELS, Layout
 from xplan.planner.trace import trace_model
@@ -55,8 +56,10 @@ def test_memoised_prices_equal_fresh_ones(traced):
 
 def test_layout_key_sees_every_field():
     base = Layout(devices=8, fsdp=8)
-    changed = [dict(devices=16), dict(fsdp=4), dict(ep=2), dict(sp=2), dict(tp=2), dict(pp=2), dict(vpp=2),
-               dict(micro_batch=2), dict(recompute="full"), dict(offload=("optimizer",)), dict(precision="fp8"),
+    changed = [dict(devices=16, fsdp=16), dict(dp_mode="hsdp", fsdp=4), dict(dp_mode="ddp", fsdp=1), dict(ep=2),
+               dict(sp=2), dict(tp=2, dp_mode="zero1", fsdp=1), dict(pp=2, dp_mode="zero1", fsdp=1),
+               dict(pp=2, vpp=2, dp_mode="zero1", fsdp=1), dict(micro_batch=2), dict(recompute="full"),
+               dict(offload=("optimizer",)), dict(precision="fp8"), dict(tp_comm="overlapped"),
                dict(kernels={**DEFAULT_KERNELS, "loss": "full"})]
     assert {f for c in changed for f in c} == set(vars(base))
     keys = {layout_key(base.with_changes(**c)) for c in changed}
