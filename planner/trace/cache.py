@@ -11,6 +11,7 @@ without importing torch or the runtime, so a cache hit needs neither. Entries ar
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 from functools import lru_cache
@@ -103,13 +104,18 @@ def entry_path(cache_dir: str | Path | None, key: str) -> Path:
 
 def load(cache_dir: str | Path | None, key: str) -> ModelTrace | None:
     """The cached trace, or None when absent, damaged, malformed or stale."""
-    data = store.read_entry(cache_dir, KIND, key)
-    if data is None:
-        return None
+    # Decoding allocates tens of thousands of containers (none cyclic): with the collector on,
+    # a process already holding a large heap (torch after a cold trace) pays full collections.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        return trace_from_json(data)
+        data = store.read_entry(cache_dir, KIND, key)
+        return None if data is None else trace_from_json(data)
     except Exception:  # noqa: BLE001 - a payload of the wrong shape is a miss, whatever it trips over
         return None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def store_trace(cache_dir: str | Path | None, key: str, trace: ModelTrace) -> Path | None:
