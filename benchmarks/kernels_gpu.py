@@ -199,7 +199,8 @@ def check_attention(sizes, device: str, repeats: int) -> list:
     small = device != "cuda"
     for shape in ATTENTION_SHAPES:
         (q, k, v, sinks), scale, window = attention_inputs(shape, sizes["seq"], device, torch.float32, small)
-        case = AttentionCase(device, torch.float32, q.shape[1], q.shape[-1], v.shape[-1], window, sinks is not None)
+        case = AttentionCase(device, torch.float32, q.shape[1], q.shape[-1], v.shape[-1], window, sinks is not None,
+                             k.shape[1])
         inputs = [q, k, v, sinks]
         want = forward_backward(bound(eager_attention, scale, window), inputs)
         for choice in CHOICES["attention"]:
@@ -207,12 +208,12 @@ def check_attention(sizes, device: str, repeats: int) -> list:
                 rows.append(Row("attention", shape, choice, note=f"refused on {device} (exit 2 before spawning)"))
                 continue
             name = select("attention", choice, "attention", device, lambda n, c=case: attention_accepts(n, c))
-            fn = attention_function(name)
+            fn = attention_function(name, case)
             got = forward_backward(bound(fn, scale, window), inputs)
             error = worst([(got[0], want[0]), *zip(got[1], want[1], strict=True)])
             bf16_case = AttentionCase(device, torch.bfloat16, *list(asdict(case).values())[2:])
             bf16_name = select("attention", choice, "attention", device, lambda n, c=bf16_case: attention_accepts(n, c))
-            fast = attention_function(bf16_name)
+            fast = attention_function(bf16_name, bf16_case)
             (qb, kb, vb, sb), _, _ = attention_inputs(shape, sizes["seq"], device, torch.bfloat16, small)
 
             def step(fn, bf16_inputs=(qb, kb, vb, sb)):

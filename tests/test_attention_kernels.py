@@ -2,9 +2,10 @@
 forward and gradients, on the three shapes of attention the models have: GQA (Qwen3), sinks with a
 sliding window (GPT-OSS) and unequal query/value widths (DeepSeek MLA).
 
-On CPU: `sdpa` (default dispatch), `blockwise` and `eager` with gradients; flex_attention forward
-only (torch 2.13 has no flex backward on CPU; benchmarks/kernels_gpu.py checks it on CUDA). The
-CUDA SDPA backends and npu_fusion_attention need their devices (benchmarks/kernels_gpu.py).
+On CPU: `sdpa` (default dispatch), `blockwise`, `eager` and the explicit-backend SDPA path (with
+CPU's flash backend) with gradients; flex_attention forward only (torch 2.13 has no flex backward
+on CPU; benchmarks/kernels_gpu.py checks it on CUDA). The cuDNN and memory-efficient backends and
+npu_fusion_attention need their devices (benchmarks/kernels_gpu.py; no NPU check exists).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tests.parity_utils import max_rel_err
 from tests.test_distributed import make_config, make_model
 from xplan.layout import Layout
 from xplan.runtime.kernels import apply_kernels
-from xplan.runtime.kernels.attention import attention_function, eager_attention
+from xplan.runtime.kernels.attention import attention_function, eager_attention, sdpa_with_backend
 from xplan.runtime.kernels.flex import flex_attention_core
 
 TOL = 1e-5
@@ -76,6 +77,27 @@ def test_cpu_implementations_match_eager_with_gradients(shape, name):
     want = torch.autograd.grad(ref, tensors, grad)
     for a, b in zip(got, want, strict=True):
         assert max_rel_err(a, b) <= TOL
+
+
+@pytest.mark.parametrize("native_gqa", [False, True])
+@pytest.mark.parametrize("shape", ["gqa", "gpt_oss_sliding"])
+def test_an_explicit_sdpa_backend_matches_eager(shape, native_gqa):
+    """The explicit-backend path the `flash` choice takes on CUDA, run here with the one fused SDPA
+    backend CPU has (flash); kv heads repeated or passed as they are (`enable_gqa`). Sinks and
+    windows go to the blockwise path."""
+    (q, k, v, sinks), tensors, scale, window = inputs(shape)
+    out = sdpa_with_backend("sdpa(flash backend)", native_gqa)(q, k, v, scale, window, sinks, 0)
+    ref = eager_attention(q, k, v, scale, window, sinks)
+    assert max_rel_err(out, ref) <= TOL
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(torch.autograd.grad(out, tensors, grad), torch.autograd.grad(ref, tensors, grad), strict=True):
+        assert max_rel_err(a, b) <= TOL
+
+
+def test_an_explicit_backend_the_device_lacks_raises_instead_of_switching():
+    (q, k, v, _), _, scale, _ = inputs("gqa", grad=False)
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        sdpa_with_backend("sdpa(memory-efficient backend)")(q, k, v, scale)
 
 
 UNCOMPILED_FLEX = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

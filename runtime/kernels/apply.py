@@ -63,7 +63,7 @@ def apply_kernels(model: nn.Module, layout, device_type: str = "cpu",
             name = select("attention", kernels.attention, "attention", device_type,
                           lambda n, case=case: attention_accepts(n, case))
             # "sdpa" is the models' own default dispatch: nothing to replace.
-            module.attention_kernel = None if name == "sdpa" else attention_function(name)
+            module.attention_kernel = None if name == "sdpa" else attention_function(name, case)
             note("attention", name)
         if hasattr(module, "grouped_gemm"):
             module.grouped_gemm = gemm_impl

@@ -32,6 +32,7 @@ class AttentionCase:
     v_width: int
     window: int | None
     sinks: bool
+    kv_heads: int | None = None  # None: as many as query heads
 
     @property
     def plain(self) -> bool:
@@ -90,25 +91,34 @@ def _backends() -> dict[str, object]:
             "sdpa(memory-efficient backend)": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def sdpa_backend_accepts(name: str, case: AttentionCase) -> bool:
+def sdpa_backend_accepts(name: str, case: AttentionCase, native_gqa: bool | None = None) -> bool:
     """torch's own check (`torch.backends.cuda.can_use_*`) on small probe tensors of the case's
-    dtype and widths on the current CUDA device; False without one."""
+    dtype, widths and heads on the current CUDA device; False without one. `native_gqa`: kv heads
+    as they are (True), repeated up to the query heads (False), either (None)."""
     if case.device_type != "cuda" or not torch.cuda.is_available():
         return False
+    if native_gqa is None:
+        return sdpa_backend_accepts(name, case, True) or sdpa_backend_accepts(name, case, False)
     import torch.backends.cuda as cuda_backends
 
     check = {"sdpa(flash backend)": cuda_backends.can_use_flash_attention,
              "sdpa(cudnn backend)": cuda_backends.can_use_cudnn_attention,
              "sdpa(memory-efficient backend)": cuda_backends.can_use_efficient_attention}[name]
-    shape = (1, case.heads, 128)
-    q = torch.empty(*shape, case.qk_width, dtype=case.dtype, device="cuda")
-    v = torch.empty(*shape, case.v_width, dtype=case.dtype, device="cuda")
-    return bool(check(cuda_backends.SDPAParams(q, q, v, None, 0.0, True, False), False))
+    kv_heads = case.kv_heads or case.heads if native_gqa else case.heads
+
+    def probe(heads: int, width: int) -> torch.Tensor:
+        return torch.empty(1, heads, 128, width, dtype=case.dtype, device="cuda")
+
+    params = cuda_backends.SDPAParams(probe(case.heads, case.qk_width), probe(kv_heads, case.qk_width),
+                                      probe(kv_heads, case.v_width), None, 0.0, True, kv_heads != case.heads)
+    return bool(check(params, False))
 
 
-def sdpa_with_backend(name: str) -> AttentionFn:
-    """SDPA restricted to one backend (torch raises rather than silently switching); cases that
-    SDPA cannot take (queries at an offset, unequal lengths) go to the blockwise path."""
+def sdpa_with_backend(name: str, native_gqa: bool = False) -> AttentionFn:
+    """SDPA restricted to one backend (torch raises rather than silently switching); with
+    `native_gqa` kv heads are not repeated (`enable_gqa`: k and v are saved for backward at their
+    own size). Cases SDPA cannot take (queries at an offset, unequal lengths) go to the blockwise
+    path."""
     backend = _backends()[name]
 
     def run(q, k, v, scale, sliding_window=None, sinks=None, q_offset=0):
@@ -116,9 +126,11 @@ def sdpa_with_backend(name: str) -> AttentionFn:
 
         if sliding_window is not None or sinks is not None or q_offset or q.shape[2] != k.shape[2]:
             return blockwise(q, k, v, scale, sliding_window, sinks, q_offset)
-        k, v = match_heads(q, k, v)
+        if not native_gqa:
+            k, v = match_heads(q, k, v)
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
 
     run.__name__ = f"sdpa_{backend.name.lower()}"
     return run
@@ -144,8 +156,9 @@ def attention_accepts(name: str, case: AttentionCase,
     return name in ("eager", "blockwise")
 
 
-def attention_function(name: str) -> AttentionFn:
-    """The callable a module runs for implementation `name`."""
+def attention_function(name: str, case: AttentionCase | None = None,
+                       backend_check: Callable[..., bool] = sdpa_backend_accepts) -> AttentionFn:
+    """The callable a module of `case` runs for implementation `name`."""
     if name == "sdpa":
         return attention_core  # the models' default dispatch (SDPA, blockwise where SDPA cannot)
     if name == "eager":
@@ -153,7 +166,8 @@ def attention_function(name: str) -> AttentionFn:
     if name == "blockwise":
         return blockwise
     if name in _backends():
-        return sdpa_with_backend(name)
+        gqa = case is not None and (case.kv_heads or case.heads) != case.heads
+        return sdpa_with_backend(name, native_gqa=gqa and backend_check(name, case, True))
     if name == "flex_attention":
         from .flex import flex_attention_core
 
@@ -172,7 +186,7 @@ def attention_case(module, device_type: str, dtype: torch.dtype) -> AttentionCas
     else:
         qk = v = module.head_dim
     return AttentionCase(device_type, dtype, module.num_heads, qk, v, getattr(module, "sliding_window", None),
-                         "sinks" in module._parameters)
+                         "sinks" in module._parameters, getattr(module, "num_kv_heads", module.num_heads))
 
 
 __all__ = ["AttentionCase", "attention_accepts", "attention_case", "attention_function", "blockwise",

@@ -46,7 +46,8 @@ IMPLEMENTATIONS: dict[tuple[str, str], Implementation] = {(impl.slot, impl.name)
                    "plain causal attention (no sinks, no window); query and value widths equal, or CUDA",
                    "torch.nn.functional.scaled_dot_product_attention, backend chosen by torch"),
     Implementation("sdpa(flash backend)", "attention", CUDA,
-                   "plain causal; fp16/bf16; equal query and value widths <= 256; sm80+ (torch's check)",
+                   "plain causal; what torch's flash check accepts (CUDA: fp16/bf16, equal query and value "
+                   "widths <= 256, sm80+); kv heads unrepeated where it takes GQA",
                    "runtime/kernels/attention.py via torch.nn.attention.sdpa_kernel"),
     Implementation("sdpa(cudnn backend)", "attention", CUDA,
                    "plain causal; fp16/bf16; what torch's cuDNN check accepts",
