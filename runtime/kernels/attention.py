@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..models.blockwise_attention import blockwise_attention
 from ..models.layers import attention_core
@@ -83,9 +84,7 @@ def blockwise(q, k, v, scale, sliding_window=None, sinks=None, q_offset=0) -> to
 
 
 # ---------------------------------------------------------------------------------- SDPA backends
-def _backends() -> dict[str, object]:
-    from torch.nn.attention import SDPBackend
-
+def _backends() -> dict[str, SDPBackend]:
     return {"sdpa(flash backend)": SDPBackend.FLASH_ATTENTION,
             "sdpa(cudnn backend)": SDPBackend.CUDNN_ATTENTION,
             "sdpa(memory-efficient backend)": SDPBackend.EFFICIENT_ATTENTION}
@@ -104,7 +103,7 @@ def sdpa_backend_accepts(name: str, case: AttentionCase, native_gqa: bool | None
     check = {"sdpa(flash backend)": cuda_backends.can_use_flash_attention,
              "sdpa(cudnn backend)": cuda_backends.can_use_cudnn_attention,
              "sdpa(memory-efficient backend)": cuda_backends.can_use_efficient_attention}[name]
-    kv_heads = case.kv_heads or case.heads if native_gqa else case.heads
+    kv_heads = (case.kv_heads or case.heads) if native_gqa else case.heads
 
     def probe(heads: int, width: int) -> torch.Tensor:
         return torch.empty(1, heads, 128, width, dtype=case.dtype, device="cuda")
@@ -122,8 +121,6 @@ def sdpa_with_backend(name: str, native_gqa: bool = False) -> AttentionFn:
     backend = _backends()[name]
 
     def run(q, k, v, scale, sliding_window=None, sinks=None, q_offset=0):
-        from torch.nn.attention import sdpa_kernel
-
         if sliding_window is not None or sinks is not None or q_offset or q.shape[2] != k.shape[2]:
             return blockwise(q, k, v, scale, sliding_window, sinks, q_offset)
         if not native_gqa:
