@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the cost models, as one script for a lent H100 / H200 (a bare machine with
 # torch but without xplan): GEMM and attention at the validation rows' shapes, then the runtime's
-# real step time and peak memory against the prediction. Writes logs and JSON under $OUT (or ./gpu-out).
+# real step time and peak memory against the prediction, then the kernel registry's CUDA kernels
+# (benchmarks/kernels_gpu.py). Writes logs and JSON under $OUT (or ./gpu-out).
 #
 #   bash benchmarks/gpu_session.sh [PROFILE [CASES]]   # PROFILE prices the rows (default: h200);
 #                                                     # CASES: the rows' hardware, or all (default)
@@ -29,3 +30,4 @@ timeout 120 python3 "$repo/benchmarks/attention_shapes.py" --profile "$profile" 
 timeout 240 python3 "$repo/benchmarks/gemm_shapes.py" --profile "$profile" --cases-on "$cases" --settle 8 \
   --json "$out/gemm_shapes.json" 2>&1 | tee "$out/gemm_shapes.txt"
 timeout 150 python3 "$repo/benchmarks/gpu_check.py" --profile "$profile" --compare 2>&1 | tee "$out/gpu_check.txt"
+timeout 420 python3 "$repo/benchmarks/kernels_gpu.py" --json "$out/kernels_gpu.json" 2>&1 | tee "$out/kernels_gpu.txt"

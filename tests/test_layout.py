@@ -92,14 +92,17 @@ def test_inconsistent_layouts_are_input_errors(given, message):
 
 
 def test_runtime_refusals_name_each_value_it_does_not_execute():
-    priced = layout_from_dict({"devices": 64, "tp": 2, "precision": "fp8", "kernels": {"attention": "flash"}})
+    priced = layout_from_dict({"devices": 64, "tp": 2, "precision": "fp8", "kernels": {"attention": "flash1"}})
     reasons = " ".join(runtime_refusals(priced, "cuda"))
-    for part in ("dp_mode = zero1", "tp = 2", "precision = fp8", "kernels.attention = flash"):
+    for part in ("dp_mode = zero1", "tp = 2", "precision = fp8", "kernels.attention = flash1"):
         assert part in reasons
     fused = layout_from_dict({"devices": 8})
     assert runtime_refusals(fused, "cuda") == []
     assert runtime_refusals(fused, "cpu") == ["kernels.elementwise = fused runs on cuda, npu only, not cpu"]
     assert runtime_refusals(fused, None) == []
+    flash = layout_from_dict({"devices": 8, "kernels": {"attention": "flash", "elementwise": "eager"}})
+    assert runtime_refusals(flash, "cuda") == runtime_refusals(flash, "npu") == []
+    assert runtime_refusals(flash, "cpu") == ["kernels.attention = flash runs on cuda, npu only, not cpu"]
 
 
 def test_parse_knob_reads_command_line_strings_and_names_the_flag():

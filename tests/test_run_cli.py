@@ -88,6 +88,8 @@ def test_run_trains_and_reports(baseline):
     assert [r["loss"] for r in records] == losses
     assert {"grad_norm", "lr", "tokens_per_s_per_device", "peak_memory_gib", "step_time_ratio"} <= set(records[0])
     assert summary["checkpoint"].endswith("step_00000020")
+    assert summary["kernels_executed"] == {"attention": "sdpa", "moe_gemm": "grouped_mm", "permute": "torch",
+                                           "loss": "chunked", "norm": "torch_rmsnorm", "elementwise": "eager"}
 
 
 def test_hf_export_loads_in_transformers(baseline, model_dir):

@@ -72,18 +72,21 @@ class Kernels(_Frozen):
     """Which implementation runs in each kernel slot."""
 
     attention: Literal["sdpa", "eager", "flash", "flash1"] = knob(
-        "sdpa", "Attention kernel: sdpa (torch scaled_dot_product_attention; the blockwise path for "
-        "sinks, windows and MLA), eager (unfused matmuls), flash (the profile's fused-kernel fit), "
-        "flash1 (FlashAttention-1, older stacks).",
-        runs={"sdpa": _ALL, "eager": _NONE, "flash": _NONE, "flash1": _NONE})
+        "sdpa", "Attention kernel: sdpa (torch scaled_dot_product_attention's default dispatch; the blockwise "
+        "path for sinks, windows and MLA off CUDA), eager (unfused matmul, softmax, matmul), flash (fused: an "
+        "explicit SDPA flash/cuDNN/memory-efficient backend, flex_attention for sinks, windows and MLA on CUDA; "
+        "npu_fusion_attention on Ascend), flash1 (FlashAttention-1, older stacks; priced, not run).",
+        runs={"sdpa": _ALL, "eager": _ALL, "flash": _ACCELERATORS, "flash1": _NONE})
     moe_gemm: Literal["grouped_mm", "loop"] = knob(
-        "grouped_mm", "Routed-expert GEMMs: grouped_mm (torch._grouped_mm where aligned) or loop (one per expert).",
+        "grouped_mm", "Routed-expert GEMMs: grouped_mm (torch._grouped_mm where aligned; Triton token "
+        "permutation on CUDA) or loop (one per expert).",
         flag="--moe-gemm", runs={"grouped_mm": _ALL, "loop": _ALL})
     loss: Literal["full", "chunked"] = knob(
         "chunked", "Loss kernel: full logits, or chunked (LM head and cross-entropy by token chunks).",
         runs={"full": _ALL, "chunked": _ALL})
     elementwise: Literal["fused", "eager"] = knob(
-        "fused", "Elementwise ops: fused (each block compiled on accelerators) or eager (one kernel per op).",
+        "fused", "Elementwise ops: fused (each block compiled on accelerators; Triton RMSNorm on CUDA) or eager "
+        "(one kernel per op).",
         runs={"fused": _ACCELERATORS, "eager": _ALL})
 
     # Dict-style reads (`layout.kernels.get("loss")`) for code that takes a slot name.

@@ -31,6 +31,9 @@ class GQAAttention(nn.Module):
         sliding = config.layer_attention_type(layer) == "sliding_attention"
         self.sliding_window = config.sliding_window if sliding else None
         self.scale = d**-0.5
+        # `attention_kernel(q, k, v, scale, window, sinks, q_offset)` set by the kernel registry
+        # (runtime/kernels) for the plan's kernels.attention; None runs `attention_core`.
+        self.attention_kernel = None
 
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x: [b, s, hidden] -> q [b, hq, s, d], k/v [b, hkv, s, d] with RoPE applied."""
@@ -45,7 +48,8 @@ class GQAAttention(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
         sinks = getattr(self, "sinks", None)
-        return attention_core(q, k, v, self.scale, self.sliding_window, sinks, q_offset)
+        kernel = self.attention_kernel or attention_core
+        return kernel(q, k, v, self.scale, self.sliding_window, sinks, q_offset)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape

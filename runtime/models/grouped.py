@@ -25,17 +25,31 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward materialises the incoming gradient (grouped_mm's backward rejects
-    stride-0 gradients such as the one `out.sum().backward()` produces)."""
+class _GroupedLinear(torch.autograd.Function):
+    """`x @ weight[e].T` per expert row group with torch._grouped_mm, forward and backward.
+
+    Written out (the backward is the same two grouped GEMMs autograd would run) for two reasons:
+    the output is a fresh tensor, never a view, so FSDP2's pre-backward hook on an expert unit's
+    output cannot be dropped by a later in-place op; and the incoming gradient is made contiguous
+    first (grouped_mm rejects stride-0 gradients such as the one `out.sum().backward()` produces).
+    """
 
     @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
+    def forward(ctx, x, weight, offsets):
+        ctx.save_for_backward(x, weight, offsets)
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        x, weight, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(grad, weight, offs=offsets)
+        if ctx.needs_input_grad[1]:
+            # [out, tokens] @ [tokens, in] split along the tokens: one [out, in] block per expert.
+            grad_w = torch._grouped_mm(grad.transpose(0, 1), x, offs=offsets)
+        return grad_x, grad_w, None
 
 
 def grouped_linear_loop(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -50,8 +64,7 @@ def grouped_linear_loop(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert
 def grouped_linear_mm(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
     """One `torch._grouped_mm` call over all experts; static shapes, works under fake tensors."""
     offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
-    out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    return _ContiguousGrad.apply(out)
+    return _GroupedLinear.apply(x, weight, offsets)
 
 
 def grouped_linear(

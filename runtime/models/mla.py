@@ -67,6 +67,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=bias)
         self.rope_interleave = bool(config.hf_dict.get("rope_interleave", True))
         self.scale = mla_softmax_scale(config)
+        self.attention_kernel = None  # set by the kernel registry, as on GQAAttention
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rope_interleave:
@@ -96,7 +97,8 @@ class MLAttention(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
         """Causal attention; v may be narrower than q/k (DeepSeek-V3: 128 vs 192)."""
-        return attention_core(q, k, v, self.scale, q_offset=q_offset)
+        kernel = self.attention_kernel or attention_core
+        return kernel(q, k, v, self.scale, None, None, q_offset)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape

@@ -76,6 +76,9 @@ class MoE(nn.Module):
         if shared_experts is not None:
             self.shared_experts = shared_experts
         self.num_experts, self.top_k = num_experts, top_k
+        # A fused permutation (`permute(x, ids, experts, top_k)` / `unpermute(y, weights, handle)`)
+        # set by the kernel registry (runtime/kernels); None runs the torch ops below.
+        self.token_permuter = None
 
     @property
     def router(self) -> nn.Module:
@@ -87,7 +90,10 @@ class MoE(nn.Module):
             raise AttributeError(self.router_name) from None
 
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor):
-        """Sort token copies by expert. Returns (x_sorted, tokens_per_expert, order)."""
+        """Sort token copies by expert. Returns (x_sorted, tokens_per_expert, order); `order` is
+        opaque to callers (expert parallelism passes it back to `combine`)."""
+        if self.token_permuter is not None:
+            return self.token_permuter.permute(x, expert_ids, self.num_experts, self.top_k)
         flat = expert_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         tokens_per_expert = torch.histc(flat.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
@@ -96,6 +102,8 @@ class MoE(nn.Module):
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Undo the sort and sum each token's k expert outputs in token order, weighted."""
+        if self.token_permuter is not None:
+            return self.token_permuter.unpermute(y_sorted, weights, order)
         y = torch.empty_like(y_sorted)
         y[order] = y_sorted
         y = y.view(weights.shape[0], self.top_k, -1)

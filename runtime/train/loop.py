@@ -189,5 +189,6 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         skipped_checkpoints=resume_from.skipped if resume_from else [],
         plan_changes=resume_from.plan_changes if resume_from else [],
         nonfinite_steps_skipped=skips,
+        kernels_executed=ctx.kernels_executed,
     )
     return summary

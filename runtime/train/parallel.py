@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ from torch import nn
 
 from xplan.errors import InputError
 from xplan.runtime import distributed as D
+from xplan.runtime.kernels import apply_kernels
 
 from .data import Batch, DataSource, rank_windows, split_micro_batches
 
@@ -34,6 +35,7 @@ class Context:
     device_type: str
     meshes: D.Meshes
     owns_process_group: bool
+    kernels_executed: dict[str, str] = field(default_factory=dict)  # set by `parallelize`
 
     @property
     def is_main(self) -> bool:
@@ -92,18 +94,10 @@ def all_reduce_max(value: float, ctx: Context) -> float:
     return value
 
 
-def apply_kernels(model: nn.Module, layout) -> None:
-    """Kernel choices that are module attributes. Grouped expert GEMM: 'grouped_mm' means the
-    torch._grouped_mm path where its alignment rules allow and the per-expert loop elsewhere."""
-    impl = {"grouped_mm": "auto", "loop": "loop"}.get(layout.kernels.get("moe_gemm", "grouped_mm"), "auto")
-    for module in model.modules():
-        if hasattr(module, "grouped_gemm"):
-            module.grouped_gemm = impl
-
-
 def parallelize(model: nn.Module, layout, ctx: Context) -> nn.Module:
-    """Apply the plan's layout to `model` (in place; returns it)."""
-    apply_kernels(model, layout)
+    """Apply the plan's layout to `model` (in place; returns it). The kernel registry picks each
+    module's kernels first (`ctx.kernels_executed` records what runs in each slot)."""
+    ctx.kernels_executed = apply_kernels(model, layout, ctx.device_type)
     model = D.parallelize(model, layout, ctx.meshes)
     compile_blocks(model, layout, ctx.device_type)
     return model

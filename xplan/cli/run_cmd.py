@@ -107,6 +107,8 @@ def run(
         table.add_row("step time / predicted", _fmt(summary["step_time_ratio"], ".2f"))
     if summary["predicted_peak_gib"] is not None:
         table.add_row("peak memory / predicted", _fmt(summary["peak_memory_ratio"], ".2f"))
+    for slot, ran in summary.get("kernels_executed", {}).items():
+        table.add_row(f"kernel: {slot}", ran)
     for note in summary.get("skipped_checkpoints", []) + [f"plan change: {c}" for c in summary.get("plan_changes", [])]:
         console.print(f"note: {note}", highlight=False, markup=False)
     for key, label in (("resumed_from", "resumed from"), ("checkpoint", "checkpoint"),
