@@ -70,3 +70,24 @@ def test_deeply_nested_or_odd_plans_exit_2(tmp_path, capsys, text):
     path.write_bytes(text.encode("utf-8", "surrogateescape"))
     code, _, err = run(["whatif", path, "--json"], capsys)
     assert code == 2
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_config_json_of_random_bytes_exits_2(tmp_path_factory, data):
+    model = tmp_path_factory.mktemp("model")
+    (model / "config.json").write_bytes(data)
+    code = main(["inspect", str(model), "--json"])
+    assert code == 2
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "qwen3", "num_hiden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+      "intermediate_size": 128, "vocab_size": 256}, "num_hiden_layers"),
+    ({"model_type": "qwen3", "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+      "vocab_size": 256}, "hidden_size"),
+    ({"model_type": "qwen3", "num_hidden_layers": 1_000_000, "hidden_size": 64, "num_attention_heads": 4,
+      "intermediate_size": 128, "vocab_size": 256}, "num_hidden_layers"),
+])
+def test_config_json_mistakes_that_decide_the_size_exit_2(tmp_path, capsys, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, _, err = run(["inspect", tmp_path], capsys)
+    assert code == 2 and message in err.replace("\n", "")

@@ -8,13 +8,17 @@ see.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from xplan.errors import InputError
+from xplan.errors import MAX_INPUT_BYTES, InputError
+
+from .config_checks import check_raw_config
 
 # model_type in config.json -> family implemented by the runtime.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -112,6 +116,23 @@ def _hf_config_class(model_type: str):
     return classes[model_type]
 
 
+@functools.cache
+def known_config_keys(model_type: str) -> set[str]:
+    """Every key transformers' config class for `model_type` defines (its defaults' keys)."""
+    cls = _hf_config_class(model_type)
+    aliases = getattr(cls, "attribute_map", {})
+    keys = set(cls().to_dict()) | set(vars(cls())) | set(aliases) | set(aliases.values())
+    keys |= {name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "kwargs")}
+    # Keys Hub configs carry that the config classes accept through **kwargs or fold away.
+    return keys | {"rope_theta", "rope_scaling", "head_dim"}
+
+
+def config_key_aliases(model_type: str) -> dict[str, str]:
+    """Alternative names transformers accepts for a config key (both directions)."""
+    aliases = dict(getattr(_hf_config_class(model_type), "attribute_map", {}))
+    return aliases | {v: k for k, v in aliases.items()}
+
+
 def hf_config_from_dict(raw: dict[str, Any]):
     """The transformers config object for a config.json dict (Kimi K2 parsed as DeepSeek-V3)."""
     model_type = raw.get("model_type")
@@ -120,6 +141,7 @@ def hf_config_from_dict(raw: dict[str, Any]):
             f"model_type {model_type!r} is not supported; supported model_types are "
             f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}."
         )
+    check_raw_config(raw, model_type, known_config_keys(model_type), config_key_aliases(model_type))
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
     # Hub checkpoints may carry a quantization block (GPT-OSS MXFP4); xplan trains in bf16/fp32.
     fields.pop("quantization_config", None)
@@ -250,9 +272,11 @@ def read_config_json(name_or_path: str | Path) -> tuple[Any, str]:
         path = path / "config.json"
     if path.is_file():
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read {path}: {exc}") from exc
+            if path.stat().st_size > MAX_INPUT_BYTES:
+                raise InputError(f"{path} is larger than {MAX_INPUT_BYTES // 2**20} MiB: not a config.json.")
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise InputError(f"cannot read {path} as a JSON config: {type(exc).__name__}: {exc}") from None
         return raw, str(name_or_path)
     presets = preset_names()
     if text in presets:
