@@ -40,6 +40,27 @@ MEMORY_COMPONENTS = ("parameters", "gradients", "optimizer", "gathered_parameter
                      "temporaries", "overhead")
 
 
+def secs(value: float, signed: bool = False) -> str:
+    """Seconds at a readable scale: '18.26 s', '0.412 s', '3.1 ms', '25 us'."""
+    sign = "+" if signed and value >= 0 else ""
+    size = abs(value)
+    if size >= 1 or size == 0:
+        return f"{sign}{value:.2f} s"
+    if size >= 0.01:
+        return f"{sign}{value:.3f} s"
+    if size >= 1e-5:
+        return f"{sign}{value * 1e3:.2g} ms" if size >= 1e-3 else f"{sign}{value * 1e6:.3g} us"
+    return f"{sign}{value * 1e6:.2g} us"
+
+
+def gib(value: float, signed: bool = False) -> str:
+    """GiB at a readable scale: '74.5 GiB', '3.2 MiB'."""
+    sign = "+" if signed and value >= 0 else ""
+    if abs(value) >= 0.1 or value == 0:
+        return f"{sign}{value:.1f} GiB"
+    return f"{sign}{value * 1024:.3g} MiB"
+
+
 def flat_layout(layout: dict[str, Any]) -> dict[str, Any]:
     """The knobs of a layout dict with the kernel slots lifted to the top level."""
     flat = {k: v for k, v in layout.items() if k != "kernels"}
@@ -99,10 +120,9 @@ def separation(chosen: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     mkey, mdelta = memory_decisive(chosen, other)
     speed = other["tokens_per_s_per_device"] / chosen["tokens_per_s_per_device"] - 1.0
     memory = other["memory_gib"]["total"] - chosen["memory_gib"]["total"]
-    text = (f"{speed:+.1%} tokens/s/device, {memory:+.1f} GiB peak; "
-            f"{TIME_WORDS.get(key, key)} {delta:+.2f} s/step")
-    if abs(mdelta) >= 0.05:
-        text += f", {mkey} {mdelta:+.1f} GiB"
+    text = f"{speed:+.1%} tokens/s/device, {gib(memory, True)} peak; {TIME_WORDS.get(key, key)} {secs(delta, True)}/step"
+    if mdelta and abs(mdelta) >= 0.001 * max(1.0, abs(memory)):
+        text += f", {mkey} {gib(mdelta, True)}"
     return {"changes": layout_changes(chosen["layout"], other["layout"]), "tokens_per_s_change": speed,
             "peak_gib_change": memory, "decisive_time": key, "decisive_time_delta_s": delta,
             "decisive_memory": mkey, "decisive_memory_delta_gib": mdelta, "summary": text}
@@ -111,9 +131,9 @@ def separation(chosen: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 def memory_margin(est: dict[str, Any], headroom_gib: float = 0.0) -> str:
     mem = est["memory_gib"]
     free = mem["capacity"] - mem["total"]
-    text = f"peaks at {mem['total']:.1f} of {mem['capacity']:.0f} GiB per device ({free:.1f} GiB free"
+    text = f"peaks at {gib(mem['total'])} of {mem['capacity']:.0f} GiB per device ({gib(free)} free"
     if headroom_gib:
-        text += f"; {headroom_gib:.1f} GiB headroom was required"
+        text += f"; {gib(headroom_gib)} headroom was required"
     return text + ")"
 
 
@@ -133,8 +153,9 @@ def explain_choice(plans: list[dict[str, Any]], headroom_gib: float = 0.0) -> li
             f"Why #1: {best['tokens_per_s_per_device']:,.0f} tokens/s/device, {lead:.1%} more than the runner-up #2 "
             f"({runner['tokens_per_s_per_device']:,.0f}), which changes {', '.join(sep['changes']) or 'nothing'}.")
         lines.append(
-            f"Decisive: #2 spends {delta:+.2f} s/step on {TIME_WORDS.get(key, key)} (of {step_delta:+.2f} s/step in "
-            f"all); it peaks at {runner['memory_gib']['total']:.1f} GiB against #1's {best['memory_gib']['total']:.1f}.")
+            f"Decisive: #2 spends {secs(delta, True)}/step on {TIME_WORDS.get(key, key)} (of {secs(step_delta, True)}"
+            f"/step in all); it peaks at {gib(runner['memory_gib']['total'])} against #1's "
+            f"{gib(best['memory_gib']['total'])}.")
     else:
         lines.append("Only one layout fits.")
     mem = best["memory_gib"]
