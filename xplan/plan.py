@@ -201,12 +201,13 @@ def profile_sha256(hardware: str) -> str | None:
         return None
 
 
-def provenance(hardware: str, argv: list[str] | None = None) -> dict[str, Any]:
-    """The provenance fields of a plan written now: xplan version, UTC time, command line, and the
-    profile's checksum (so a later reader can tell whether the profile changed since)."""
+def provenance(hardware: str, command: list[str] | None = None) -> dict[str, Any]:
+    """The provenance fields of a plan written now: xplan version, UTC time, the command line
+    (`command`, else this process's arguments), and the profile's checksum (so a later reader can
+    tell whether the profile changed since)."""
     from xplan import __version__
 
-    argv = sys.argv[1:] if argv is None else argv
+    command = ["xplan", *sys.argv[1:]] if command is None else command
     return {"xplan_version": __version__,
             "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
-            "command": shlex.join(["xplan", *argv]), "profile_sha256": profile_sha256(hardware)}
+            "command": shlex.join(command), "profile_sha256": profile_sha256(hardware)}

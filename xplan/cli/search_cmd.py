@@ -97,6 +97,28 @@ def parse_headroom(text: str | None, hbm_gib: float) -> float:
     return gib
 
 
+def command_line(model: str, hardware: str, devices: int, seq_len: int, global_batch: int, imbalance: float,
+                 pinned: dict, allow_3d: bool, exhaustive: bool, headroom: str | None, steps: int,
+                 output: Path | None) -> list[str]:
+    """The search as a command line that repeats it (what the plan records as `command`)."""
+    from xplan.layout import knobs
+
+    args = ["xplan", "search", model, hardware, "--devices", str(devices), "--seq-len", str(seq_len),
+            "--global-batch", str(global_batch)]
+    for info in knobs():
+        if info.name in pinned:
+            value = pinned[info.name]
+            args += [info.flag, ",".join(value) or "none" if info.name == "offload" else str(value)]
+    if imbalance != 1.0:
+        args += ["--imbalance", str(imbalance)]
+    args += ["--allow-3d"] * allow_3d + ["--exhaustive"] * exhaustive
+    if headroom:
+        args += ["--headroom", str(headroom)]
+    if steps != 10:
+        args += ["--steps", str(steps)]
+    return args + (["-o", str(output)] if output is not None else [])
+
+
 def _rows(result, top: int):
     """(estimates, labels, Pareto indices, first Pareto-only row) for the one table: the top plans,
     then the Pareto front's members beyond them (lower memory), at most `top` of each."""
@@ -191,7 +213,9 @@ def search_cmd(
         plan = make_plan(model, hardware, best.layout, training, predictions,
                          devices_per_node=profile.levels[0].devices, headroom_gib=headroom_gib,
                          notes=f"written by xplan search ({result.candidates_evaluated} candidates)",
-                         **provenance(hardware))
+                         **provenance(hardware, command_line(model, hardware, devices, seq_len, global_batch,
+                                                             imbalance, pinned, allow_3d, exhaustive, headroom,
+                                                             steps, output)))
     if not json_out:
         rows, labels, front, first_extra = _rows(result, top)
         dicts = [e.to_dict() for e in rows]
