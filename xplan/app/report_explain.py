@@ -188,7 +188,7 @@ def selective_note(activation_bytes: dict[str, dict[str, float]], trace=None) ->
                 extra[key] = extra.get(key, 0.0) + a.get("bytes_written", 0) / trace.tokens
         top = sorted(extra.items(), key=lambda kv: -kv[1])[:2]
         if top:
-            detail = (f" In {group} the largest are " + " and ".join(f"{k} ({v / 1024:.0f} KiB/token)" for k, v in top)
+            detail = (f" In {group} the largest are " + " and ".join(f"{k} ({v / 1024:.3g} KiB/token)" for k, v in top)
                       + ", which plain autograd does not keep.")
     return (f"selective keeps more than none for {', '.join(worse)}: the op-level policy saves every matmul and "
             "attention output so that backward need not redo them, including outputs the backward of 'none' does "

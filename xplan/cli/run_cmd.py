@@ -93,6 +93,11 @@ def run(
     if json_out:
         print_json(summary)
         return
+    render_summary(summary)
+
+
+def render_summary(summary: dict) -> None:
+    """The run summary table (rank 0); on CPU the RSS and the prediction side by side, labelled."""
     table = Table(title="run summary", show_header=False)
     table.add_column("field")
     table.add_column("value", justify="right")
