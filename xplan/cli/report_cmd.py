@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .app import JSON_OPTION, app, console, console_err, print_json
@@ -17,7 +18,7 @@ def render_report(r: dict) -> None:
 
     est, mem, t = r["estimate"], r["memory"], r["time"]
     verdict = "[green]fits[/]" if mem["fits"] else "[bold red]does not fit[/]"
-    console.print(f"[bold]{r['title']}[/], seq {r['seq_len']}, global batch {r['global_batch']}: {verdict}; "
+    console.print(f"[bold]{escape(r['title'])}[/], seq {r['seq_len']}, global batch {r['global_batch']}: {verdict}; "
                   f"{est['tokens_per_s_per_device']:,.0f} tokens/s/device, MFU {est['mfu']:.1%}, "
                   f"step {est['step_time_s']:.3f} s")
     memory = Table(title="memory per device (GiB, busiest rank)")
@@ -49,7 +50,7 @@ def render_report(r: dict) -> None:
     console.print("exposed communication by kind: " + (", ".join(comm) or "none"), highlight=False)
     console.print("[bold]binding constraint[/]")
     for line in r["binding"]["explanation"]:
-        console.print(f"  {line}", highlight=False)
+        console.print(f"  {line}", highlight=False, markup=False)
     if r["alternatives"]:
         alts = Table(title="alternatives and what separates each from this plan")
         for col, justify in (("plan", "left"), ("tok/s/dev", "right"), ("GiB", "right"), ("changes", "left"),
@@ -66,11 +67,11 @@ def render_report(r: dict) -> None:
         console.print(f"best 3D layout (price only): tp {lay['tp']} pp {lay['pp']} vpp {lay['vpp']} ep {lay['ep']} "
                       f"mb {lay['micro_batch']} recompute {lay['recompute']}: {b['tokens_per_s_per_device']:,.0f} "
                       f"tokens/s/device, {b['memory_gib']['total']:.1f} GiB ({c['separation']['summary']})",
-                      highlight=False)
+                      highlight=False, markup=False)
     prov = r.get("provenance") or {}
     if prov.get("profile_changed"):
         console.print(f"note: the hardware profile changed since the plan was written ({prov['created']}); the "
-                      "numbers above are priced with today's profile", highlight=False)
+                      "numbers above are priced with today's profile", highlight=False, markup=False)
 
 
 @app.command("report")
@@ -100,7 +101,7 @@ def report(
     kwargs = dict(headroom_gib=loaded.data.headroom_gib, plan=loaded, plan_file=str(plan), alternatives=max(top, 0),
                   sweeps=full)
     if console_err.is_terminal and not json_out:
-        with console_err.status(f"pricing {plan}" + (": alternatives, sweeps and the 3D comparison" if full else "")):
+        with console_err.status(f"pricing {escape(str(plan))}" + (": alternatives, sweeps and the 3D comparison" if full else "")):
             data = build_report(workload, loaded.layout, **kwargs)
     else:
         data = build_report(workload, loaded.layout, **kwargs)
@@ -115,6 +116,6 @@ def report(
         return
     render_report(data)
     if written:
-        console.print(f"report written to [bold]{written}[/] (one file, opens offline)")
+        console.print(f"report written to [bold]{escape(written)}[/] (one file, opens offline)")
     else:
         console.print("add --html FILE for the figures, the sweeps and the 3D comparison", highlight=False)

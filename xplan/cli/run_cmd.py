@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .app import JSON_OPTION, app, console, console_err, print_json
@@ -145,7 +146,7 @@ def _dry_run(loaded, layers: int | None, imbalance: float | None, reprice: bool,
         what = "every layer" if layers is None else f"{layers} copies of each block pattern, extrapolated"
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console_err,
                       transient=True) as bar:
-            bar.add_task(f"dry run: {loaded.model} at {lay.devices} ranks under fake tensors ({what}): build, "
+            bar.add_task(f"dry run: {escape(loaded.model)} at {lay.devices} ranks under fake tensors ({what}): build, "
                          "parallelize, one training step", total=None)
             result = compare_dry_run(loaded, layers=layers, imbalance=imbalance, reprice=reprice).to_dict()
     if json_out:

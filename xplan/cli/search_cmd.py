@@ -190,7 +190,7 @@ def search_cmd(
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console_err, transient=True) as bar:
-            task = bar.add_task(f"tracing {model} at seq {seq_len} (cached after the first time)", total=None)
+            task = bar.add_task(f"tracing {escape(model)} at seq {seq_len} (cached after the first time)", total=None)
 
             def progress(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total, description="pricing layouts (core layouts)")

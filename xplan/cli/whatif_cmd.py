@@ -204,8 +204,8 @@ def whatif(
         table.add_row("host: memory GiB", f"{b['memory_gib']['host_capacity']:,.0f}",
                       f"{a['memory_gib']['host_capacity']:,.0f}", "")
     console.print(table)
-    console.print(f"binding: {b['binding']} → {a['binding']}", highlight=False)
+    console.print(f"binding: {b['binding']} → {a['binding']}", highlight=False, markup=False)
     for note in notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", highlight=False, markup=False)
     if report_file:
-        console.print(f"report written to [bold]{report_file}[/]")
+        console.print(f"report written to [bold]{escape(report_file)}[/]")
