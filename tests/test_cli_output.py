@@ -46,14 +46,19 @@ def test_search_table_at_80_columns_cuts_nothing_and_shows_every_field(narrow, c
     assert "Pareto" not in text.split("best layouts")[1].split("all rows")[0] or "●" in out
 
 
-def test_search_differing_fields_get_columns_and_values_wrap(narrow, capsys):
-    code, out, err = run(["search", "qwen3-235b-a22b", "h800", "--devices", "256", "--global-batch", "2048",
-                          "--top", "3"], capsys)
+def test_search_differing_fields_get_columns_or_share_one_that_wraps(monkeypatch, capsys):
+    args = ["search", "qwen3-235b-a22b", "h800", "--devices", "256", "--global-batch", "2048", "--top", "3"]
+    monkeypatch.setattr(console, "width", 140)
+    code, out, err = run(args, capsys)
     assert code == 0, err
-    assert "…" not in out
     header = next(line for line in out.splitlines() if "tok/s" in line)
-    assert " ep " in f"{header} " and " off" in header and " rc " in f"{header} "
+    assert all(f" {name} " in f" {header} " for name in ("ep", "mb", "rc", "off", "binding"))
     assert "off = offload" in " ".join(out.split())
+    monkeypatch.setattr(console, "width", 80)  # too narrow for a column each: key=value in one column
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    assert "layout (fields that" in out and "ep=2" in out and "expert all to all" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("top", [1, 2])

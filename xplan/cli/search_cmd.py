@@ -36,34 +36,37 @@ def plan_table(title: str, estimates: list[dict], labels: list[str], refused: se
     layouts = [d["layout"] for d in estimates]
     differ = differing_fields(layouts)
     bindings = {d["binding"] for d in estimates}
-    table = Table(title=escape(title), box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-    for name in ("#", "tok/s", "MFU", "step s", "GiB"):  # numbers never wrap
-        table.add_column(name, justify="right", no_wrap=True)
     flats = [flat_layout(lay) for lay in layouts]
-    widths = {name: max(len(SHORT.get(name, name)), min(9, max(len(show(name, f[name], True)) for f in flats)))
-              for name in differ}
-    numbers = 5 * 2 + 4 + 5 + 6 + 6 + 5
-    one_column = numbers + sum(w + 2 for w in widths.values()) + (11 if len(bindings) > 1 else 0) > width
-    if one_column:  # too many differing fields for a column each: one wrapping column of key=value
-        table.add_column("layout (fields that differ)", overflow="fold", ratio=3)
-    for name in ([] if one_column else differ):  # values up to 9 characters whole; longer ones fold, never cut
-        table.add_column(SHORT.get(name, name), overflow="fold", min_width=widths[name])
-    if len(bindings) > 1:
-        table.add_column("binding", overflow="fold", min_width=7, ratio=1 if one_column else None)
-    for i, d in enumerate(estimates):
-        if i in sections:
-            table.add_section()
-        flat = flats[i]
-        mark = ("*" if refused and i in refused else "") + ("●" if front and i in front else "")
-        cells = [labels[i] + mark, f"{d['tokens_per_s_per_device']:,.0f}",
-                 f"{d['mfu']:.1%}", f"{d['step_time_s']:.2f}", f"{d['memory_gib']['total']:.1f}"]
-        if one_column:
-            cells.append(" ".join(f"{SHORT.get(name, name)}={show(name, flat[name], True)}" for name in differ))
-        else:
-            cells += [show(name, flat[name], short=True) for name in differ]
+
+    def build(one_column: bool) -> Table:
+        table = Table(title=escape(title), box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
+        for name in ("#", "tok/s", "MFU", "step s", "GiB"):  # numbers never wrap
+            table.add_column(name, justify="right", no_wrap=True)
+        if one_column:  # too many differing fields for a column each: one wrapping column of key=value
+            table.add_column("layout (fields that differ)", ratio=3)
+        for name in ([] if one_column else differ):  # long values wrap (fold), never cut
+            table.add_column(SHORT.get(name, name), overflow="fold")
         if len(bindings) > 1:
-            cells.append(d["binding"].replace("_", " "))
-        table.add_row(*cells)
+            table.add_column("binding", overflow="fold", ratio=1 if one_column else None)
+        for i, d in enumerate(estimates):
+            if i in sections:
+                table.add_section()
+            flat = flats[i]
+            mark = ("*" if refused and i in refused else "") + ("●" if front and i in front else "")
+            cells = [labels[i] + mark, f"{d['tokens_per_s_per_device']:,.0f}",
+                     f"{d['mfu']:.1%}", f"{d['step_time_s']:.2f}", f"{d['memory_gib']['total']:.1f}"]
+            if one_column:
+                cells.append(" ".join(f"{SHORT.get(name, name)}={show(name, flat[name], True)}" for name in differ))
+            else:
+                cells += [show(name, flat[name], short=True) for name in differ]
+            if len(bindings) > 1:
+                cells.append(d["binding"].replace("_", " "))
+            table.add_row(*cells)
+        return table
+
+    table = build(one_column=False)
+    if _min_width(table) > width:
+        table = build(one_column=True)
     common = common_fields(layouts)
     caption = "all rows: " + " ".join(f"{k}={show(k, v)}" for k, v in common.items())
     if len(bindings) == 1:
@@ -76,6 +79,13 @@ def plan_table(title: str, estimates: list[dict], labels: list[str], refused: se
     if any(k in SHORT for k in differ):
         caption += f"; {LEGEND}"
     return table, caption
+
+
+def _min_width(table: Table) -> int:
+    """The narrowest the table renders without cutting a word or a number."""
+    from rich.console import Console
+
+    return Console(width=10_000).measure(table).minimum
 
 
 def parse_headroom(text: str | None, hbm_gib: float) -> float:
