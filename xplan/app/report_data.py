@@ -28,7 +28,8 @@ from .report_explain import (
 REPORT_FORMAT = 1
 GIB = 2**30
 IMBALANCES = (1.0, 1.1, 1.25, 1.5, 2.0)
-SCALES = (0.25, 0.5, 1, 2, 4)
+SCALES = (0.25, 0.5, 1, 2, 4)  # device counts
+SEQ_SCALES = (0.5, 1, 2, 4)  # sequence lengths: each new one is a trace (seconds, then cached on disk)
 
 
 def _point(est: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +144,7 @@ def sweeps_section(workload, layout, headroom_gib: float) -> dict[str, Any]:
     from xplan.planner.pricing import MAX_SEQ_LEN, load_model_config
 
     config = load_model_config(workload.model)
-    seqs = sorted({int(workload.seq_len * s) for s in SCALES if workload.seq_len * s >= 16
+    seqs = sorted({int(workload.seq_len * s) for s in SEQ_SCALES if workload.seq_len * s >= 16
                    and int(workload.seq_len * s) % layout.sp == 0
                    and workload.seq_len * s <= min(MAX_SEQ_LEN, config.max_position_embeddings)} | {workload.seq_len})
     seq_points = [(s, replace(workload, seq_len=s), layout) for s in seqs]
