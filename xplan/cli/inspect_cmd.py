@@ -48,9 +48,8 @@ def _selective_note(model: str, seq_len: int, activation_bytes: dict) -> str | N
     if selective_note(activation_bytes) is None:
         return None
     from xplan.planner.trace import trace_model
-    from xplan.runtime import load_config
 
-    trace = trace_model(load_config(model), seq_len, micro_batch=1, loss="full")  # the trace inspect read (cached)
+    trace = trace_model(model, seq_len, micro_batch=1, loss="full")  # the trace inspect just read (cached)
     return selective_note(activation_bytes, trace)
 
 
