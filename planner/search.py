@@ -45,6 +45,8 @@ class SearchResult:
     best_runnable: Any = None  # fastest fitting estimate the runtime executes on the profile's device
     device_type: str = "cuda"
     rejected: dict[str, int] = field(default_factory=dict)  # constraint -> count
+    trace_time_s: float = 0.0  # loading model, profile and traces (tracing when not cached)
+    headroom_bytes: float = 0.0  # device memory kept free: a layout fits within HBM less this
 
 
 def _divisors(n: int) -> list[int]:
@@ -144,10 +146,13 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
 
 def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = None, *, allow_3d: bool = False,
            exhaustive: bool = False, top: int = 10,
-           progress: Callable[[int, int], None] | None = None) -> SearchResult:
-    """Find the fastest layouts that fit; see the module docstring for the space and pruning."""
+           progress: Callable[[int, int], None] | None = None, headroom_bytes: float = 0.0) -> SearchResult:
+    """Find the fastest layouts that fit; see the module docstring for the space and pruning.
+    `headroom_bytes`: device memory to keep free (a layout fits when its peak is within HBM less
+    this)."""
     from xplan.cost_models import PricingContext, estimate, fits_memory, memory_estimate
 
+    loading = time.perf_counter()
     workload.check()
     if devices < 1:
         raise InputError(f"--devices must be a positive integer, got {devices}.")
@@ -176,7 +181,10 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         if kind not in smallest_memory or memory.total < smallest_memory[kind][0]:
             smallest_memory[kind] = (memory.total, layout, trace)
 
-    hbm, host = profile.hbm_bytes(), profile.host_memory_bytes()
+    hbm, host = profile.hbm_bytes() - headroom_bytes, profile.host_memory_bytes()
+    if headroom_bytes < 0 or hbm <= 0:
+        raise InputError(f"--headroom must be at least 0 and below the device memory "
+                         f"({profile.hbm_bytes() / 2**30:.0f} GiB), got {headroom_bytes / 2**30:.1f} GiB.")
     chains = recompute_chains(recomputes)
     for i, core in enumerate(cores):
         if progress and i % 16 == 0:
@@ -217,7 +225,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                 evaluated += exhaustive
                 est = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance,
                                pricing=pricing)
-                if est.fits:
+                if fits_memory(est.memory, hbm, host):
                     fitting.append(est)
                 else:
                     track(est.memory, layout, trace)
@@ -232,7 +240,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     runnable = next((e for e in ranked if not runtime_refusals(e.layout, device_type)), None)
     return SearchResult(plans=ranked[:top], pareto=pareto_front(fitting), candidates_evaluated=evaluated,
                         search_time_s=time.perf_counter() - start, smallest=smallest, rejected=rejected,
-                        best_runnable=runnable, device_type=device_type)
+                        best_runnable=runnable, device_type=device_type, trace_time_s=start - loading,
+                        headroom_bytes=headroom_bytes)
 
 
 def rank_plans(estimates: list[Any]) -> list[Any]:

@@ -6,7 +6,11 @@ a message that names it; unknown keys are errors (a typo must not silently chang
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shlex
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,10 +72,16 @@ class PlanFile(_Strict):
     hardware: str = Field(..., min_length=1)  # profile name or YAML path
     devices: int = Field(..., ge=1)
     devices_per_node: int | None = Field(None, ge=1)
+    headroom_gib: float = Field(0.0, ge=0)  # device memory search kept free (GiB per device)
     layout: dict[str, Any] = {}  # every knob of xplan.layout.Layout but devices (validated there)
     training: TrainingSettings
     predictions: dict[str, Any] = {}  # what the cost models said; compared with measurements
     notes: str = ""
+    # Provenance, written by `xplan search` (informational: nothing reads them to run or price).
+    xplan_version: str | None = None
+    created: str | None = None  # ISO 8601, UTC
+    command: str | None = None  # the command line that wrote the plan
+    profile_sha256: str | None = None  # SHA-256 of the hardware profile file priced against
 
 
 class Plan:
@@ -167,11 +177,37 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
 
 def make_plan(model: str, hardware: str, layout: Layout, training: dict[str, Any],
               predictions: dict[str, Any] | None = None, devices_per_node: int | None = None,
-              notes: str = "") -> Plan:
-    """Assemble a plan from a Layout (used by search and by tests that write plans by hand)."""
+              notes: str = "", **metadata: Any) -> Plan:
+    """Assemble a plan from a Layout (used by search and by tests that write plans by hand).
+    `metadata`: the optional top-level fields (`headroom_gib` and the provenance fields; see
+    `provenance`)."""
     layout_fields = {k: v for k, v in layout.settings().items() if k != "devices"}
     return plan_from_dict({
         "xplan_plan": PLAN_VERSION, "model": model, "hardware": hardware, "devices": layout.devices,
         "devices_per_node": devices_per_node, "layout": layout_fields, "training": training,
-        "predictions": predictions or {}, "notes": notes,
+        "predictions": predictions or {}, "notes": notes, **metadata,
     })
+
+
+def profile_sha256(hardware: str) -> str | None:
+    """SHA-256 of the profile file `hardware` names (a shipped name or a YAML path); None when
+    there is no such file (the loader reports that itself)."""
+    from xplan.hw_profiles.loader import PROFILE_DIR, profile_names
+
+    path = PROFILE_DIR / f"{hardware}.yaml" if hardware in profile_names() else Path(hardware).expanduser()
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def provenance(hardware: str, command: list[str] | None = None) -> dict[str, Any]:
+    """The provenance fields of a plan written now: xplan version, UTC time, the command line
+    (`command`, else this process's arguments), and the profile's checksum (so a later reader can
+    tell whether the profile changed since)."""
+    from xplan import __version__
+
+    command = ["xplan", *sys.argv[1:]] if command is None else command
+    return {"xplan_version": __version__,
+            "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+            "command": shlex.join(command), "profile_sha256": profile_sha256(hardware)}

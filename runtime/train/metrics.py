@@ -106,6 +106,13 @@ class MetricsLog:
             self.handle = path.open("a" if append else "w")
         self.pred_peak, self.pred_time = predicted_values(predictions)
         self.memory = memory
+        # On CPU the measured figure is the process's resident set (interpreter and libraries
+        # included): a ratio to the predicted model bytes is not a prediction error, so the live
+        # outputs show the two side by side instead (the JSON records keep the ratio).
+        self.compare_peak = self.pred_peak is not None and memory != "rss_peak"
+        if self.pred_peak is not None and not self.compare_peak:
+            title += (f"; memory is the process RSS (Python, torch and the model), not comparable with the "
+                      f"predicted {self.pred_peak:.3f} GiB of model state and activations")
         self.title = title
         self.rows: list[dict[str, Any]] = []
         self.live = None
@@ -125,18 +132,19 @@ class MetricsLog:
         from rich.table import Table
 
         table = Table(title=self.title)
-        for name in ("step", "loss", "grad norm", "lr", "step s", "tokens/s/dev", f"peak GiB ({self.memory})"):
+        memory = "process RSS GiB" if self.memory == "rss_peak" else f"peak GiB ({self.memory})"
+        for name in ("step", "loss", "grad norm", "lr", "step s", "tokens/s/dev", memory):
             table.add_column(name, justify="right")
         if self.pred_time is not None:
             table.add_column("step / predicted", justify="right")
-        if self.pred_peak is not None:
+        if self.compare_peak:
             table.add_column("peak / predicted", justify="right")
         for r in self.rows[-20:]:
             cells = [str(r["step"]), f"{r['loss']:.4f}", f"{r['grad_norm']:.3f}", f"{r['lr']:.2e}",
                      f"{r['step_time_s']:.3f}", f"{r['tokens_per_s_per_device']:.0f}", f"{r['peak_memory_gib']:.2f}"]
             if self.pred_time is not None:
                 cells.append(f"{r['step_time_s'] / self.pred_time:.2f}")
-            if self.pred_peak is not None:
+            if self.compare_peak:
                 cells.append(f"{r['peak_memory_gib'] / self.pred_peak:.2f}")
             table.add_row(*cells)
         return table
@@ -155,10 +163,11 @@ class MetricsLog:
         elif self.console is not None:
             line = (f"step {record['step']:>6}  loss {record['loss']:.4f}  grad norm {record['grad_norm']:.3f}  "
                     f"lr {record['lr']:.2e}  {record['step_time_s']:.3f} s  "
-                    f"{record['tokens_per_s_per_device']:.0f} tok/s/dev  peak {record['peak_memory_gib']:.2f} GiB")
+                    f"{record['tokens_per_s_per_device']:.0f} tok/s/dev  "
+                    f"{'rss' if self.memory == 'rss_peak' else 'peak'} {record['peak_memory_gib']:.2f} GiB")
             if "step_time_ratio" in record:
                 line += f"  step/pred {record['step_time_ratio']:.2f}"
-            if "peak_memory_ratio" in record:
+            if "peak_memory_ratio" in record and self.compare_peak:
                 line += f"  peak/pred {record['peak_memory_ratio']:.2f}"
             self.console.print(line, highlight=False, soft_wrap=True)
 

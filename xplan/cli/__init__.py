@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (importing a module registers its command)
     hw_cmd,
     inspect_cmd,
     models_cmd,
+    report_cmd,
     run_cmd,
     search_cmd,
     validate_cmd,

@@ -8,6 +8,7 @@ from rich.table import Table
 
 from . import options as opt
 from .app import JSON_OPTION, app, console, print_json
+from .search_cmd import layout_summary
 
 
 def render_estimate(title: str, est) -> None:
@@ -22,20 +23,23 @@ def render_estimate(title: str, est) -> None:
     summary.add_row("tokens/s/device", f"{d['tokens_per_s_per_device']:,.0f}")
     summary.add_row("MFU (bf16 peak)", f"{d['mfu']:.1%}")
     summary.add_row("peak memory", f"{mem['total']:.1f} / {mem['capacity']:.0f} GiB")
-    lay = d["layout"]
-    summary.add_row("layout", " ".join(f"{k}={lay[k]}" for k in ("devices", "dp_mode", "fsdp", "ep", "sp", "tp", "pp", "vpp",
-                                                                   "micro_batch", "recompute", "precision")))
-    if lay["offload"]:
-        summary.add_row("offload", ",".join(lay["offload"]))
+    summary.add_row("layout", f"devices={d['layout']['devices']} {layout_summary(d)}")
     console.print(summary)
     tables = Table(title="memory per device (GiB)", show_header=True)
     tables.add_column("component")
     tables.add_column("GiB", justify="right")
-    for key, value in mem.items():
-        if key not in ("total", "capacity"):
+    for key, value in mem.items():  # device components only; capacities and host memory below the table
+        if key not in ("total", "capacity", "host_capacity", "offloaded_to_host"):
             tables.add_row(key, f"{value:.2f}")
-    tables.add_row("[bold]total[/]", f"[bold]{mem['total']:.2f}[/]")
+    tables.add_row("[bold]total (device)[/]", f"[bold]{mem['total']:.2f}[/]")
     console.print(tables)
+    free = mem["capacity"] - mem["total"]
+    margin = f"{free:.2f} GiB free" if free >= 0 else f"{-free:.2f} GiB over"
+    console.print(f"device memory (busiest rank): {mem['total']:.2f} of {mem['capacity']:.0f} GiB ({margin})",
+                  highlight=False)
+    if mem["offloaded_to_host"]:
+        console.print(f"host memory: {mem['offloaded_to_host']:.2f} GiB offloaded per device, of "
+                      f"{mem['host_capacity']:.0f} GiB", highlight=False)
     times = Table(title="time per step (s)")
     times.add_column("component")
     times.add_column("s", justify="right")

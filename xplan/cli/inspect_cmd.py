@@ -41,6 +41,18 @@ def inspect_summary(model_ref: str, seq_len: int, graph: Path | None = None) -> 
     }
 
 
+def _selective_note(model: str, seq_len: int, activation_bytes: dict) -> str | None:
+    """Why selective recompute keeps more than none, when it does (names the largest outputs)."""
+    from xplan.app.report_explain import selective_note
+
+    if selective_note(activation_bytes) is None:
+        return None
+    from xplan.planner.trace import trace_model
+
+    trace = trace_model(model, seq_len, micro_batch=1, loss="full")  # the trace inspect just read (cached)
+    return selective_note(activation_bytes, trace)
+
+
 @app.command("inspect")
 def inspect(
     model: str = typer.Argument(..., help="Preset name (see `xplan models`) or a directory with config.json."),
@@ -78,5 +90,8 @@ def inspect(
     for group, by_policy in summary["activation_bytes_per_token"].items():
         acts.add_row(group, *(f"{by_policy[p] / 1024:.1f} KiB" for p in ("none", "selective", "full")))
     console.print(acts)
+    note = _selective_note(model, seq_len, summary["activation_bytes_per_token"])
+    if note:
+        console.print(f"note: {note}", highlight=False)
     if graph is not None:
         console.print(f"graph written to {graph}")

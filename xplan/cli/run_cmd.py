@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .app import JSON_OPTION, app, console, print_json
+from .app import JSON_OPTION, app, console, console_err, print_json
 
 
 def _fmt(value, spec: str) -> str:
@@ -93,6 +94,11 @@ def run(
     if json_out:
         print_json(summary)
         return
+    render_summary(summary)
+
+
+def render_summary(summary: dict) -> None:
+    """The run summary table (rank 0); on CPU the RSS and the prediction side by side, labelled."""
     table = Table(title="run summary", show_header=False)
     table.add_column("field")
     table.add_column("value", justify="right")
@@ -102,11 +108,17 @@ def run(
         table.add_row("loss (first → last)", f"{losses[0]:.4f} → {losses[-1]:.4f}")
     table.add_row("step time (median)", _fmt(summary["step_time_s"], ".3f") + " s")
     table.add_row("tokens/s/device", _fmt(summary["tokens_per_s_per_device"], ",.0f"))
-    table.add_row(f"peak memory ({summary['peak_memory_kind']})", _fmt(summary["peak_memory_gib"], ".2f") + " GiB")
+    rss = summary["peak_memory_kind"] == "rss_peak"
     if summary["predicted_step_time_s"] is not None:
         table.add_row("step time / predicted", _fmt(summary["step_time_ratio"], ".2f"))
-    if summary["predicted_peak_gib"] is not None:
-        table.add_row("peak memory / predicted", _fmt(summary["peak_memory_ratio"], ".2f"))
+    if rss:  # the process's resident set against model bytes: shown side by side, not as a ratio
+        table.add_row("process RSS (Python, torch, model)", _fmt(summary["peak_memory_gib"], ".2f") + " GiB")
+        if summary["predicted_peak_gib"] is not None:
+            table.add_row("predicted model state + activations", _fmt(summary["predicted_peak_gib"], ".3f") + " GiB")
+    else:
+        table.add_row(f"peak memory ({summary['peak_memory_kind']})", _fmt(summary["peak_memory_gib"], ".2f") + " GiB")
+        if summary["predicted_peak_gib"] is not None:
+            table.add_row("peak memory / predicted", _fmt(summary["peak_memory_ratio"], ".2f"))
     for slot, ran in summary.get("kernels_executed", {}).items():
         table.add_row(f"kernel: {slot}", ran)
     for note in summary.get("skipped_checkpoints", []) + [f"plan change: {c}" for c in summary.get("plan_changes", [])]:
@@ -117,13 +129,28 @@ def run(
         if summary.get(key):
             table.add_row(label, summary[key])
     console.print(table)
+    if rss and summary["predicted_peak_gib"] is not None:
+        console.print("note: on CPU the measured memory is the process's resident set, which includes the Python "
+                      "interpreter and torch; it is not comparable with the predicted device memory. "
+                      "`xplan run --dry-run` checks the prediction like with like.", highlight=False)
 
 
 def _dry_run(loaded, layers: int | None, imbalance: float | None, reprice: bool, json_out: bool) -> None:
     from xplan.app.dryrun_compare import compare_dry_run
     from xplan.runtime.dryrun import COMPONENTS
 
-    result = compare_dry_run(loaded, layers=layers, imbalance=imbalance, reprice=reprice).to_dict()
+    if json_out or not console_err.is_terminal:
+        result = compare_dry_run(loaded, layers=layers, imbalance=imbalance, reprice=reprice).to_dict()
+    else:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        lay = loaded.layout
+        what = "every layer" if layers is None else f"{layers} copies of each block pattern, extrapolated"
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console_err,
+                      transient=True) as bar:
+            bar.add_task(f"dry run: {escape(loaded.model)} at {lay.devices} ranks under fake tensors ({what}): build, "
+                         "parallelize, one training step", total=None)
+            result = compare_dry_run(loaded, layers=layers, imbalance=imbalance, reprice=reprice).to_dict()
     if json_out:
         print_json(result)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,28 +74,81 @@ def apply_changes(workload, layout, changes: dict[str, str]):
     return replace(workload, **w), layout_from_dict(flat_to_nested(flat))
 
 
+# Command-line flags in messages from the layers below, as whatif spells them.
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
+
+
+def as_set_keys(message: str) -> str:
+    """A message from pricing or the layout rules, with each flag named as the `--set` key whatif
+    takes (`--micro-batch` -> `--set micro_batch=…`) and 'the global batch or the micro-batch' made
+    concrete."""
+    keys = set(whatif_keys())
+
+    def key(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        return f"--set {name}=…" if name in keys else match.group(0)
+
+    message = _FLAG.sub(key, message)
+    return message.replace("change the global batch or the micro-batch",
+                           "change --set global_batch=… or --set micro_batch=…")
+
+
+def check_batch(workload, layout) -> None:
+    """The global batch against data-parallel ranks × micro-batch, with the --set values that work."""
+    from xplan.errors import InputError
+
+    per_step = layout.data_parallel * layout.micro_batch
+    if workload.global_batch % per_step == 0:
+        return
+    dp = layout.data_parallel
+    near = sorted({max(per_step, workload.global_batch // per_step * per_step),
+                   (workload.global_batch // per_step + 1) * per_step})
+    micro = [m for m in range(1, 65) if workload.global_batch % (dp * m) == 0][-4:]
+    fix = (f", or --set micro_batch=M with {dp} × M dividing {workload.global_batch} (M = {', '.join(map(str, micro))})"
+           if micro else f" ({workload.global_batch} sequences do not split evenly over {dp} data-parallel ranks at any "
+           "micro-batch)")
+    raise InputError(
+        f"global batch {workload.global_batch} is not a multiple of data-parallel ranks ({dp}) × micro-batch "
+        f"({layout.micro_batch}) = {per_step}: use --set global_batch=N with N a multiple of {per_step} "
+        f"(e.g. {' or '.join(map(str, near))}){fix}.")
+
+
+def _pp(value: float) -> str:
+    return f"{value * 100:+.1f} pp"
+
+
 @app.command("whatif")
 def whatif(
     plan: Path = typer.Argument(..., help="Plan file written by `xplan search`."),
     sets: list[str] = typer.Option([], "--set", help="key=value to change (repeatable): seq_len, global_batch, "
                                    "hardware, model, imbalance, or any layout knob (the --flags of `xplan "
                                    "estimate`, with _ for -: devices, dp_mode, fsdp, ep, micro_batch, loss, ...)."),
+    report: Path = typer.Option(None, "--report", help="Also write the HTML report of the what-if layout here "
+                                "(the plan as written shown beside it)."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Re-price a plan with changes and show old vs new side by side with deltas.
+    """Re-price a plan with changes and show old vs new side by side with deltas (MFU in
+    percentage points).
 
     Examples:
       [bold]xplan whatif plan.yaml --set seq_len=32768 --set recompute=full[/]
       [bold]xplan whatif plan.yaml --set hardware=a3 --json[/]
+      [bold]xplan whatif plan.yaml --set devices=512 --report whatif.html[/]
     """
-    from xplan.plan import load_plan
+    from xplan.errors import InputError
+    from xplan.plan import load_plan, profile_sha256
     from xplan.planner.pricing import Workload, price
 
     loaded = load_plan(plan)
     workload = Workload(loaded.model, loaded.hardware, loaded.training.seq_len, loaded.training.global_batch)
     before = price(workload, loaded.layout)
-    new_workload, new_layout = apply_changes(workload, loaded.layout, parse_sets(sets))
-    after = price(new_workload, new_layout)
+    changes = parse_sets(sets)
+    try:
+        new_workload, new_layout = apply_changes(workload, loaded.layout, changes)
+        check_batch(new_workload, new_layout)
+        after = price(new_workload, new_layout)
+    except InputError as exc:
+        raise InputError(as_set_keys(str(exc))) from None
     b, a = before.to_dict(), after.to_dict()
     rows = [("fits", b["fits"], a["fits"]), ("tokens/s/device", b["tokens_per_s_per_device"],
                                              a["tokens_per_s_per_device"]),
@@ -103,21 +157,55 @@ def whatif(
     rows += [(f"  memory {k}", b["memory_gib"][k], a["memory_gib"][k]) for k in b["memory_gib"]
              if k not in ("total", "capacity", "host_capacity")]
     rows += [(f"  time {k}", b["time_s"][k], a["time_s"][k]) for k in b["time_s"] if b["time_s"][k] or a["time_s"][k]]
+    notes = []
+    recorded = loaded.data.profile_sha256
+    if recorded and profile_sha256(loaded.hardware) not in (None, recorded):
+        notes.append(f"the hardware profile {loaded.hardware} changed since the plan was written: the plan's "
+                     "predictions and this 'plan' column may differ")
+    report_file = None
+    if report is not None:
+        from xplan.app.report_data import build_report
+        from xplan.app.report_html import write_html
+
+        data = build_report(new_workload, new_layout, headroom_gib=loaded.data.headroom_gib, plan=loaded,
+                            plan_file=str(plan), before=b, title=f"what if {', '.join(sets) or 'no change'}: "
+                            f"{new_workload.model} on {new_layout.devices} × {new_workload.hardware}")
+        report_file = write_html(data, report)
     if json_out:
-        print_json({"plan": str(plan), "changes": parse_sets(sets), "before": b, "after": a,
+        print_json({"plan": str(plan), "changes": changes, "before": b, "after": a,
                     "delta": {name: (new - old if isinstance(old, (int, float)) and not isinstance(old, bool)
-                                     else None) for name, old, new in rows}})
+                                     else None) for name, old, new in rows},
+                    "notes": notes, "report_file": report_file})
         return
     table = Table(title=escape(f"what if: {', '.join(sets) or 'no change'}"))
     for col in ("", "plan", "what-if", "delta"):
         table.add_column(col, justify="left" if not col else "right")
+    host = None
     for name, old, new in rows:
         if isinstance(old, bool):
             table.add_row(name, str(old), str(new), "")
             continue
+        if name == "  memory offloaded_to_host":  # host memory: not part of the device peak above
+            host = (old, new)
+            continue
+        if not old and not new:
+            continue
         delta = new - old
+        if name == "MFU":
+            table.add_row(name, f"{old:.1%}", f"{new:.1%}", _pp(delta))
+            continue
         rel = f" ({delta / old:+.0%})" if old else ""
-        fmt = "{:.1%}" if name == "MFU" else "{:,.2f}"
-        table.add_row(name, fmt.format(old), fmt.format(new), f"{delta:+,.2f}{rel}")
+        table.add_row(name, f"{old:,.2f}", f"{new:,.2f}", f"{delta:+,.2f}{rel}")
+    table.add_section()
+    cap_b, cap_a = b["memory_gib"]["capacity"], a["memory_gib"]["capacity"]
+    table.add_row("device memory GiB", f"{cap_b:,.0f}", f"{cap_a:,.0f}", f"{cap_a - cap_b:+,.0f}" if cap_a != cap_b else "")
+    if host and (host[0] or host[1]):
+        table.add_row("host: offloaded GiB", f"{host[0]:,.2f}", f"{host[1]:,.2f}", f"{host[1] - host[0]:+,.2f}")
+        table.add_row("host: memory GiB", f"{b['memory_gib']['host_capacity']:,.0f}",
+                      f"{a['memory_gib']['host_capacity']:,.0f}", "")
     console.print(table)
-    console.print(f"binding: {b['binding']} → {a['binding']}")
+    console.print(f"binding: {b['binding']} → {a['binding']}", highlight=False, markup=False)
+    for note in notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    if report_file:
+        console.print(f"report written to [bold]{escape(report_file)}[/]")
