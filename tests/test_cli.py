@@ -40,7 +40,9 @@ def test_inspect_table(capsys):
     [
         ({"model_type": "mamba", "hidden_size": 8}, "supported model_types are"),
         ({"model_type": "qwen3", "hidden_size": -4, "num_attention_heads": 2}, "hidden_size"),
-        ({"model_type": "llama", "hidden_size": 384, "num_attention_heads": 6, "num_key_value_heads": 4}, "num_key_value_heads"),
+        ({"model_type": "llama", "hidden_size": 384, "num_attention_heads": 6, "num_key_value_heads": 4,
+          "num_hidden_layers": 2, "vocab_size": 64, "intermediate_size": 256}, "num_key_value_heads"),
+        ({"model_type": "llama", "hidden_size": 384, "num_attention_heads": 6}, "lacks num_hidden_layers"),
     ],
 )
 def test_bad_config_exits_2_with_reason(config, message, tmp_path, capsys):

@@ -18,7 +18,7 @@ from typing import Any
 
 from xplan.errors import MAX_INPUT_BYTES, InputError
 
-from .config_checks import check_raw_config
+from .config_checks import check_raw_config, check_required_fields
 
 # model_type in config.json -> family implemented by the runtime.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -142,6 +142,7 @@ def hf_config_from_dict(raw: dict[str, Any]):
             f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}."
         )
     check_raw_config(raw, model_type, known_config_keys(model_type), config_key_aliases(model_type))
+    check_required_fields(raw, model_type, config_key_aliases(model_type))
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
     # Hub checkpoints may carry a quantization block (GPT-OSS MXFP4); xplan trains in bf16/fp32.
     fields.pop("quantization_config", None)

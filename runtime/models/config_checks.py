@@ -34,8 +34,9 @@ METADATA_KEYS = {"architectures", "auto_map", "model_type", "transformers_versio
 
 def check_raw_config(raw: dict[str, Any], model_type: str, known_keys: set[str],
                      aliases: dict[str, str] | None = None) -> None:
-    """InputError for a missing size field, a misspelt one, or an absurd size; a warning on
-    stderr for other keys the family does not know."""
+    """InputError for a misspelt or invalid size field or an absurd size; a warning on stderr for
+    other keys the family does not know. Missing fields: `check_required_fields`."""
+    aliases = aliases or {}
     required = COMMON_SIZE_FIELDS + SIZE_FIELDS.get(model_type, ())
     unknown = sorted(k for k in raw if k not in known_keys and k not in METADATA_KEYS)
     for key in unknown:
@@ -43,11 +44,10 @@ def check_raw_config(raw: dict[str, Any], model_type: str, known_keys: set[str],
         if close and close[0] not in raw and aliases.get(close[0]) not in raw:
             raise InputError(f"config.json has {key!r}, which {model_type} does not know: did you mean "
                              f"{close[0]!r}? (the size would otherwise be transformers' default)")
-    aliases = aliases or {}
-    missing = [k for k in required if k not in raw and aliases.get(k) not in raw]
-    if missing:
-        raise InputError(f"config.json lacks {', '.join(missing)}, which decide the size of a {model_type} model "
-                         "(transformers would fill in a default silently); add them.")
+    for key in required:
+        value = raw.get(key)
+        if key in raw and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"config field {key!r} must be an integer >= 1, got {value!r}.")
     for key, bound in UPPER_BOUNDS.items():
         value = raw.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > bound:
@@ -55,3 +55,14 @@ def check_raw_config(raw: dict[str, Any], model_type: str, known_keys: set[str],
     if unknown:
         print(f"warning: config.json keys unknown to {model_type} are ignored: {', '.join(unknown)}",
               file=sys.stderr)
+
+
+def check_required_fields(raw: dict[str, Any], model_type: str, aliases: dict[str, str] | None = None) -> None:
+    """InputError for a size field config.json leaves to transformers' default (checked after the
+    family's own consistency checks, which name the more specific problem first)."""
+    aliases = aliases or {}
+    required = COMMON_SIZE_FIELDS + SIZE_FIELDS.get(model_type, ())
+    missing = [k for k in required if k not in raw and aliases.get(k) not in raw]
+    if missing:
+        raise InputError(f"config.json lacks {', '.join(missing)}, which decide the size of a {model_type} model "
+                         "(transformers would fill in a default silently); add them.")
