@@ -186,14 +186,30 @@ def test_config_entry_with_wrong_types_is_a_miss(cache_env):
     configs.load_model_config("qwen3-8b")
     (path,) = (cache_env / configs.CONFIG_KIND).glob("*.json")
     key = path.stem
-    payload = json.loads(path.read_bytes().partition(b"\n")[2])
+    entry = json.loads(path.read_bytes().partition(b"\n")[2])
     for field, value in (("num_layers", "36"), ("num_layers", True), ("rms_norm_eps", 1), ("moe_layers", [1]),
                          ("num_heads", 2**70), ("rope", {"L": []}), ("hf_dict", {"D": [[[1], 2]]})):
-        _rewrite(path, json.dumps({**payload, field: value}).encode(), key)
+        _rewrite(path, json.dumps({**entry, "config": {**entry["config"], field: value}}).encode(), key)
         assert configs.store.read_entry(None, configs.CONFIG_KIND, key) is not None
         with pytest.raises(ValueError):
-            configs._config_from_json(configs.store.read_entry(None, configs.CONFIG_KIND, key))
+            configs._config_from_json(configs.store.read_entry(None, configs.CONFIG_KIND, key)["config"])
         assert configs.load_model_config("qwen3-8b") == load_config("qwen3-8b")
+    for garbage in ({"config": entry["config"]}, {**entry, "stderr": 7}, entry["config"]):
+        _rewrite(path, json.dumps(garbage).encode(), key)
+        assert configs.load_model_config("qwen3-8b") == load_config("qwen3-8b")
+
+
+def test_a_warm_config_repeats_the_parse_warnings(cache_env, tmp_path, capsys):
+    from tests.conftest import TINY_MOE
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({**TINY_MOE, "my_extra_knob": 1}))
+    cold = configs.load_model_config(str(model_dir))
+    cold_err = capsys.readouterr().err
+    assert "my_extra_knob" in cold_err
+    assert configs.load_model_config(str(model_dir)) == cold
+    assert capsys.readouterr().err == cold_err
 
 
 def test_parameter_counts_cached_equal_the_runtime_count(cache_env):

@@ -11,9 +11,12 @@ never written; damaged ones are misses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -32,9 +35,11 @@ INT_LIMIT = 2**63
 
 @lru_cache(maxsize=1)
 def _parser_version() -> str:
-    """The transformers version (its defaults fill the config) and the parser's source."""
+    """The transformers version (its defaults fill the config) and the source of the parser and
+    its checks (runtime/models/config*.py: a stricter check must see configs parsed before it)."""
     h = hashlib.sha256(f"transformers={package_version('transformers')};".encode())
-    h.update(Path(model_config.__file__).read_bytes())
+    for path in sorted(Path(model_config.__file__).parent.glob("config*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
@@ -139,20 +144,32 @@ def _same_config(a, b) -> bool:
 
 
 def load_model_config(name_or_path: str | Path) -> model_config.ModelConfig:
-    """`xplan.runtime.models.load_config`, from the cache when this exact file was parsed before."""
+    """`xplan.runtime.models.load_config`, from the cache when this exact file was parsed before.
+
+    What the parse printed on stderr (the checks' warnings about unknown keys) is kept with the
+    entry and printed again on every hit, so a warm run says what a cold one says.
+    """
     raw, name = model_config.read_config_json(name_or_path)
     key = _config_key(raw, name)
-    data = store.read_entry(None, CONFIG_KIND, key)
-    if data is not None:
+    entry = store.read_entry(None, CONFIG_KIND, key)
+    if type(entry) is dict and set(entry) == {"config", "stderr"} and type(entry["stderr"]) is str:
         try:
-            return _config_from_json(data)
+            config = _config_from_json(entry["config"])
         except Exception:  # noqa: BLE001 - a payload of the wrong shape is a miss
             pass
-    config = model_config.model_config_from_dict(raw, name=name)
+        else:
+            sys.stderr.write(entry["stderr"])
+            return config
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            config = model_config.model_config_from_dict(raw, name=name)
+    finally:
+        sys.stderr.write(printed.getvalue())
     try:
         data = _config_to_json(config)
         if _same_config(_config_from_json(json.loads(json.dumps(data, allow_nan=False))), config):
-            store.write_entry(None, CONFIG_KIND, key, data)
+            store.write_entry(None, CONFIG_KIND, key, {"config": data, "stderr": printed.getvalue()})
     except (TypeError, ValueError):
         pass  # no exact JSON form: parsed every time
     return config
