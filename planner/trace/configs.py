@@ -19,12 +19,12 @@ import json
 import sys
 import types
 import typing
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from xplan.runtime.models import config as model_config
+from xplan.runtime.models.parameter_counts import ParameterCounts
 
 from . import store
 from .cache import code_version, config_hash, package_version
@@ -174,15 +174,6 @@ def load_model_config(name_or_path: str | Path) -> model_config.ModelConfig:
         pass  # no exact JSON form: parsed every time
     return config
 
-
-@dataclass(frozen=True)
-class ParameterCounts:
-    """`xplan.runtime.models.counting.ParameterCounts`, without torch."""
-
-    total: int
-    active: int  # total minus the routed experts one token does not visit
-    routed_experts: int
-    layers_by_kind: dict[str, int]
 
 
 def _counts_from_json(data: Any) -> ParameterCounts:

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 from torch import nn
 
 from .moe import MoE
-
-
-@dataclass(frozen=True)
-class ParameterCounts:
-    total: int
-    active: int  # total minus the routed experts one token does not visit
-    routed_experts: int
-    layers_by_kind: dict[str, int]
+from .parameter_counts import ParameterCounts
 
 
 def count_parameters(model: nn.Module) -> ParameterCounts:
