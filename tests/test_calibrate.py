@@ -68,8 +68,10 @@ def test_profile_loads_and_round_trips(calibration, tmp_path):
 
 def test_numbers_are_positive_plausible_and_sourced(calibration):
     p = calibration.profile
+    # 0.1 GFLOPS .. 10 PFLOPS: a CPU without bf16 units emulates bf16 GEMMs at ~1 GFLOPS, and the
+    # fixture's tiny, short sweep on 2 shared cores measured half that under load (0.46 GFLOPS).
     for dtype in ("fp32", "bf16"):
-        assert 1e-3 < getattr(p.compute.peak_tflops, dtype) < 1e4  # 1 GFLOPS .. 10 PFLOPS
+        assert 1e-4 < getattr(p.compute.peak_tflops, dtype) < 1e4
     assert p.compute.peak_tflops.fp8 is None and p.compute.gemm.max_fraction.fp8 is None
     assert 0.05 < p.compute.gemm.overhead_us < 10_000
     assert 0.1e9 < p.hbm_bandwidth() < 20e12
