@@ -1,5 +1,7 @@
 """Under `torchrun --max-restarts`, a rank killed mid-run brings the job back from its last
-checkpoint, and the finished run's losses equal an uninterrupted run's (CPU, gloo)."""
+checkpoint, and the finished run's losses equal an uninterrupted run's (CPU, gloo). Two restarts
+are allowed: on a loaded machine a restarted gloo mesh can fail to connect once (seen at load 6),
+and torchrun's answer to that is another restart, which must also resume exactly."""
 
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint(tmp_path, model_dir):  
     ckpt = tmp_path / "ckpt"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     xplan = str(Path(sys.executable).with_name("xplan"))
-    cmd = [torchrun, "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+    cmd = [torchrun, "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "2", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", xplan, "run", str(plan), "--steps", str(STEPS),
            "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(EVERY), "--device", "cpu", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
