@@ -106,7 +106,7 @@ class Layout(_Frozen):
         "replicate across groups), ddp (replicate, all-reduce gradients), zero1 (shard optimizer states only, "
         "Megatron's distributed optimizer; priced, not run). Default: zero1 with tp or pp > 1, else from "
         "--fsdp (all ranks: fsdp; 1: ddp; between: hsdp).",
-        flag="--dp-mode", runs={"fsdp": _ALL, "hsdp": _ALL, "ddp": _ALL, "zero1": _NONE})
+        flag="--dp-mode", runs={"fsdp": _ALL, "hsdp": _ALL, "ddp": _ALL, "zero1": _ALL})
     fsdp: int | None = knob(None, "FSDP shard-group size in ranks (hsdp: < data-parallel ranks); "
                             "default all data-parallel ranks, 1 for ddp and zero1.", ge=1)
     ep: int = knob(1, "Expert-parallel size.", ge=1)

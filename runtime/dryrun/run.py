@@ -147,9 +147,9 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
                 model.train()
                 optimizer = build_optimizer(model, training.optimizer)
                 scheduler = build_scheduler(optimizer, training.schedule, training.steps)
-                # Warm-up: AdamW states exist from the first step on.
-                for p in model.parameters():
-                    if p.requires_grad:
+                # Warm-up: AdamW states exist from the first step on (ZeRO-1: on its shards).
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
                         p.grad = torch.zeros_like(p)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
