@@ -139,9 +139,9 @@ def build_meshes(layout: Layout, device_type: str = "cpu") -> Meshes:
     if layout.tp > 1 or layout.pp > 1:
         raise InputError(f"the runtime does not execute tensor or pipeline parallelism yet (tp={layout.tp}, "
                          f"pp={layout.pp}); plan with --tp 1 --pp 1.")
-    if layout.devices != world:
-        raise InputError(f"the layout is for {layout.devices} devices but {world} processes were launched; "
-                         f"launch {layout.devices} processes (torchrun --nproc-per-node ...) or re-plan.")
+    if layout.ranks != world:
+        raise InputError(f"the layout runs on {layout.ranks_text()} but {world} processes were launched; "
+                         f"launch {layout.ranks} processes (torchrun --nproc-per-node ...) or re-plan.")
     # Experts are split over EP ranks inside a shard group, or over all ranks when nothing is sharded.
     ep_whole = layout.fsdp if layout.fsdp > 1 else world
     for name, size, whole in (("fsdp", layout.fsdp, world), ("sp", layout.sp, world), ("ep", layout.ep, ep_whole)):
@@ -205,7 +205,7 @@ def local_batch(global_input_ids: torch.Tensor, meshes: Meshes, global_labels: t
     batch, seq = global_input_ids.shape
     if batch % meshes.dp_size:
         raise InputError(f"global batch ({batch} sequences) must be a multiple of the data-parallel size "
-                         f"({meshes.dp_size} = devices / sp).")
+                         f"({meshes.dp_size} = ranks / sp).")
     if seq % meshes.sp_size:
         raise InputError(f"seq_len ({seq}) must be a multiple of sp ({meshes.sp_size}).")
     labels = shift_labels(global_input_ids) if global_labels is None else global_labels

@@ -60,8 +60,8 @@ def check_runtime_layout(layout: Layout, config, seq_len: int | None = None, glo
         raise InputError(f"the runtime would not execute this layout as priced: {'; '.join(refusals)}. "
                          "Change those values (`xplan whatif PLAN --set key=value` shows the cost) or re-run "
                          "`xplan search`, which writes only layouts the runtime executes.")
-    if world_size is not None and world_size != layout.devices:
-        raise InputError(f"the layout is for {layout.devices} devices but the run has {world_size} processes.")
+    if world_size is not None and world_size != layout.ranks:
+        raise InputError(f"the layout runs on {layout.ranks_text()} but the run has {world_size} processes.")
     check_layout(layout, config, seq_len if seq_len is not None else layout.sp, global_batch)
 
 

@@ -61,10 +61,10 @@ class Context:
 def setup(layout, device_type: str, timeout_s: float) -> Context:
     """Process group (from the torchrun environment, collective timeout set) and meshes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world != layout.devices:
-        raise InputError(f"the plan is for {layout.devices} devices but this launch has WORLD_SIZE={world}; "
-                         f"launch {layout.devices} processes (torchrun --nproc-per-node ...) or use a plan for "
-                         f"{world} devices.")
+    if world != layout.ranks:
+        raise InputError(f"the plan runs {layout.ranks_text()} but this launch has WORLD_SIZE={world}; "
+                         f"launch {layout.ranks} processes (torchrun --nproc-per-node ...) or use a plan for "
+                         f"{world} ranks.")
     owns = not dist.is_initialized()
     env = D.init_distributed(device_type, timeout_s)
     try:
