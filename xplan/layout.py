@@ -133,8 +133,10 @@ class Layout(_Frozen):
                                   "(e.g. 0.5).")
     offload: tuple[str, ...] = knob((), "none | optimizer,params,activations (comma-separated).")
     precision: Literal["fp32", "bf16", "fp8"] = knob(
-        "bf16", "fp32 | bf16 | fp8 (fp8 GEMMs are priced, not run yet).",
-        runs={"fp32": _ALL, "bf16": _ALL, "fp8": _NONE})
+        "bf16", "fp32 | bf16 | fp8 (bf16 plus torchao Float8Linear GEMMs in the blocks' linear layers, "
+        "training.fp8_recipe scaling; LM head, embedding, routers and routed experts stay bf16; on cpu "
+        "torch._scaled_mm's reference kernel gives fp8 numerics, not fp8 speed; not run on npu).",
+        runs={"fp32": _ALL, "bf16": _ALL, "fp8": ("cpu", "cuda")})
     tp_comm: Literal["exposed", "overlapped"] = knob(
         "exposed", "Tensor-parallel collectives exposed, or overlapped with the GEMMs as Megatron's "
         "--tp-comm-overlap runs them (an assumption about that engine; only the cost model reads it).",

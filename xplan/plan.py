@@ -61,6 +61,7 @@ class TrainingSettings(_Strict):
     steps: int = Field(10, ge=1)
     seed: int = 0
     grad_clip: float = Field(1.0, ge=0)
+    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"  # scaling of fp8 GEMMs (precision fp8)
     optimizer: OptimizerSettings = OptimizerSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     data: DataSettings = DataSettings()

@@ -1,5 +1,5 @@
-"""Apply a Layout to a model, torchtitan-style: EP → Ulysses → recompute → offload → FSDP2 (or
-ZeRO-1 for `dp_mode: zero1`, `zero1.py`).
+"""Apply a Layout to a model, torchtitan-style: precision (fp8 layers) → EP → Ulysses → recompute →
+offload → FSDP2 (or ZeRO-1 for `dp_mode: zero1`, `zero1.py`).
 
 Loss-normalisation contract (the train loop relies on it)
 ---------------------------------------------------------
@@ -37,6 +37,7 @@ from xplan.errors import InputError
 from xplan.layout import Layout, check_layout, runtime_refusals
 
 from ..models.moe import MoE
+from ..precision import apply_precision, require_torchao
 from ..recompute import apply_recompute
 from .expert_parallel import apply_expert_parallel, run_fsdp_hooks_outside_recompute
 from .mesh import Meshes
@@ -60,6 +61,8 @@ def check_runtime_layout(layout: Layout, config, seq_len: int | None = None, glo
         raise InputError(f"the runtime would not execute this layout as priced: {'; '.join(refusals)}. "
                          "Change those values (`xplan whatif PLAN --set key=value` shows the cost) or re-run "
                          "`xplan search`, which writes only layouts the runtime executes.")
+    if layout.precision == "fp8":
+        require_torchao()
     if world_size is not None and world_size != layout.ranks:
         raise InputError(f"the layout runs on {layout.ranks_text()} but the run has {world_size} processes.")
     check_layout(layout, config, seq_len if seq_len is not None else layout.sp, global_batch)
@@ -83,15 +86,19 @@ def _expert_placement(num_experts: int, group_size: int):
 
 
 def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activation_offload: bool = False,
-                expert_imbalance: float = 1.0) -> nn.Module:
+                expert_imbalance: float = 1.0, fp8_recipe: str = "tensorwise") -> nn.Module:
     """Apply `layout` to `model` in place and return it (see the module docstring for the contracts).
 
     `force_activation_offload` runs the activation-offload hooks even on cpu (tests);
-    `expert_imbalance` is the busiest EP rank's load over the mean, used only under fake tensors.
+    `expert_imbalance` is the busiest EP rank's load over the mean, used only under fake tensors;
+    `fp8_recipe` is the scaling of fp8 GEMMs (`runtime.precision`).
     """
     config = model.config
     check_runtime_layout(layout, config, world_size=meshes.world_size)
     blocks = list(model.model.layers)
+
+    # 0. Precision: fp8 linear layers replace nn.Linear before any wrapper sees the model.
+    apply_precision(model, layout.precision, fp8_recipe, meshes.device_type)
 
     # 1. Expert parallel: slice routed experts, all-to-all dispatch/combine.
     if layout.ep > 1:

@@ -139,7 +139,8 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
             with fake:
                 apply_kernels(model, layout)
                 hooks.lap("build")
-                model = D.parallelize(model, layout, meshes, expert_imbalance=imbalance)
+                model = D.parallelize(model, layout, meshes, expert_imbalance=imbalance,
+                                      fp8_recipe=training.fp8_recipe)
                 hooks.lap("parallelize")
                 if indices is not None:  # reduced depth: each kept block has its full-model policy
                     for block, (_, policy) in zip(model.model.layers, classes, strict=True):

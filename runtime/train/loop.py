@@ -18,6 +18,7 @@ import torch
 
 from xplan.errors import InputError
 
+from ..precision import precision_executed
 from . import checkpoint as ckpt
 from . import manifest, resume
 from .data import build_data
@@ -123,7 +124,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
     source = build_data(training.data, config.vocab_size, training.seq_len, plan_dir)
     torch.manual_seed(training.seed)
     model = load_model(plan.model, dtype=torch.float32, device=ctx.device, seed=training.seed)
-    model = parallelize(model, layout, ctx)
+    model = parallelize(model, layout, ctx, training.fp8_recipe)
     model.train()
     optimizer = build_optimizer(model, training.optimizer)
     scheduler = build_scheduler(optimizer, training.schedule, training.steps)
@@ -211,5 +212,6 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         plan_changes=resume_from.plan_changes if resume_from else [],
         nonfinite_steps_skipped=skips,
         kernels_executed=ctx.kernels_executed,
+        precision_executed=precision_executed(model),
     )
     return summary

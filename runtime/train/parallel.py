@@ -94,11 +94,12 @@ def all_reduce_max(value: float, ctx: Context) -> float:
     return value
 
 
-def parallelize(model: nn.Module, layout, ctx: Context) -> nn.Module:
+def parallelize(model: nn.Module, layout, ctx: Context, fp8_recipe: str = "tensorwise") -> nn.Module:
     """Apply the plan's layout to `model` (in place; returns it). The kernel registry picks each
-    module's kernels first (`ctx.kernels_executed` records what runs in each slot)."""
+    module's kernels first (`ctx.kernels_executed` records what runs in each slot); `fp8_recipe`
+    scales fp8 GEMMs (`runtime.precision`)."""
     ctx.kernels_executed = apply_kernels(model, layout, ctx.device_type)
-    model = D.parallelize(model, layout, ctx.meshes)
+    model = D.parallelize(model, layout, ctx.meshes, fp8_recipe=fp8_recipe)
     compile_blocks(model, layout, ctx.device_type)
     return model
 
