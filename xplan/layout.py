@@ -4,11 +4,10 @@ The CLI options of `estimate` and `search`, the `whatif --set` keys, the plan fi
 section and the runtime's refusals are all derived from the fields of `Layout` and `Kernels`
 below (see `knobs()`); nothing restates them.
 
-Devices and ranks: `devices` counts the hardware profile's devices (what one buys and what published
-per-device numbers count: a GPU, or on `a3` a 910C package), a rank is one process on one torch
-device. A profile with `ranks_per_device` r (2 on a3: one rank per die) runs devices × r ranks;
-every other size below (tp, pp, sp, fsdp, ep, micro_batch) counts ranks. `ranks_per_device` is
-the hardware's, not a layout choice: the plan file states it next to `devices`.
+Devices and ranks: `devices` counts the hardware profile's devices (a GPU; on a3 a 910C package), a
+rank is one process on one torch device. A profile with `ranks_per_device` r (2 on a3, one rank per
+die) runs devices × r ranks; every other size (tp, pp, sp, fsdp, ep, micro_batch) counts ranks. r
+is the hardware's, not a layout choice: the plan file states it next to `devices`.
 
 Rank arithmetic, used the same way by the cost models, the search and the runtime:
 
@@ -171,7 +170,7 @@ class Layout(_Frozen):
     def _resolve_dp_mode(self) -> Layout:
         tp_pp = self.tp * self.pp
         if self.ranks % tp_pp:
-            raise ValueError(f"{self.ranks_text()} must be a multiple of tp × pp ({self.tp} × {self.pp})")
+            raise ValueError(f"{self.ranks_text(noun_first=True)} must be a multiple of tp × pp ({self.tp} × {self.pp})")
         dp_world = self.ranks // tp_pp
         mode, fsdp = self.dp_mode, self.fsdp
         derived = mode is None
@@ -205,12 +204,13 @@ class Layout(_Frozen):
         """Processes the layout runs on: devices × ranks_per_device."""
         return self.devices * self.ranks_per_device
 
-    def ranks_text(self) -> str:
-        """The rank count for messages: "8 ranks", or "16 ranks (8 devices × 2)"."""
-        ranks = f"{self.ranks} rank{'s' if self.ranks != 1 else ''}"
-        if self.ranks_per_device == 1:
-            return ranks
-        return f"{ranks} ({self.devices} device{'s' if self.devices != 1 else ''} × {self.ranks_per_device})"
+    def ranks_text(self, noun_first: bool = False) -> str:
+        """For messages: "8 ranks" / "16 ranks (8 devices × 2)"; noun first: "devices (8)" /
+        "ranks (16 = 8 devices × 2)"."""
+        split = f"{self.devices} devices × {self.ranks_per_device}"
+        if noun_first:
+            return f"devices ({self.devices})" if self.ranks_per_device == 1 else f"ranks ({self.ranks} = {split})"
+        return f"{self.ranks} rank{'s' * (self.ranks != 1)}" + (f" ({split})" if self.ranks_per_device > 1 else "")
 
     @property
     def dp_world(self) -> int:
@@ -466,7 +466,7 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
 
     d = layout
     need(d.ranks % (d.tp * d.pp) == 0,
-         f"{d.ranks_text()} must be a multiple of tp × pp ({d.tp} × {d.pp}).")
+         f"{d.ranks_text(noun_first=True)} must be a multiple of tp × pp ({d.tp} × {d.pp}).")
     need(d.dp_world % d.sp == 0, f"sp ({d.sp}) must divide the data-parallel world ({d.dp_world} = ranks / (tp × pp)).")
     need(d.dp_world % d.fsdp == 0,
          f"fsdp ({d.fsdp}) must divide the data-parallel world ({d.dp_world}); use a divisor for HSDP.")

@@ -53,19 +53,28 @@ class ShardedParameter:
 
     name: str
     param: nn.Parameter  # replicated compute-dtype parameter (a DTensor over EP for sliced experts)
-    master: nn.Parameter  # fp32 shard this rank's optimizer updates
     group: dist.ProcessGroup  # the ranks holding copies of `param` (the shard group)
     ranks: int
     index: int  # this rank's position in `group`
     dim: int  # the sharded dimension
     rows: int  # shard length along `dim` (the last shards may be shorter or empty)
-    main_grad: torch.Tensor | None = None  # fp32 [padded rows along dim, ...] (dim moved first)
+    master: nn.Parameter | None = None  # fp32 shard this rank's optimizer updates
+    main_grad: torch.Tensor | None = None  # fp32 buffer_shape: the gradient, `dim` moved first, padded
 
     @property
     def length(self) -> int:
         return _local(self.param).shape[self.dim]
 
+    @property
+    def buffer_shape(self) -> tuple[int, ...]:
+        """The gradient buffer: `dim` first, padded to `rows` × `ranks` (the reduce-scatter input)."""
+        local = _local(self.param)
+        if local.dim() == 0:
+            return ()
+        return (self.rows * self.ranks, *local.movedim(self.dim, 0).shape[1:])
+
     def own_rows(self) -> tuple[int, int]:
+        """(start, length) of this rank's shard along `dim`."""
         start = min(self.index * self.rows, self.length)
         return start, min(start + self.rows, self.length) - start
 
@@ -138,8 +147,7 @@ class ZeroOne:
         ranks = shard_mesh.size()
         dim = _shard_dim(local.shape, ranks) if local.dim() else 0
         rows = math.ceil(local.shape[dim] / ranks) if local.dim() else 1
-        item = ShardedParameter(name, param, param, shard_mesh.get_group(), ranks, shard_mesh.get_local_rank(), dim,
-                                rows)
+        item = ShardedParameter(name, param, shard_mesh.get_group(), ranks, shard_mesh.get_local_rank(), dim, rows)
         with torch.no_grad():
             if local.dim() == 0:
                 piece = local.float().clone()
@@ -166,8 +174,7 @@ class ZeroOne:
         def accumulate(param: torch.Tensor) -> None:
             grad = _local(param.grad)
             if item.main_grad is None:
-                shape = (item.rows * item.ranks, *grad.movedim(item.dim, 0).shape[1:]) if grad.dim() else ()
-                item.main_grad = torch.zeros(shape, dtype=torch.float32, device=grad.device)
+                item.main_grad = torch.zeros(item.buffer_shape, dtype=torch.float32, device=grad.device)
                 for observe in self.gradient_observers:
                     observe(item.main_grad)
             if grad.dim():
@@ -184,9 +191,7 @@ class ZeroOne:
         for item in self.parameters:
             full = item.main_grad
             if full is None:  # no gradient reached it this step (e.g. an expert no token chose)
-                shape = (item.rows * item.ranks, *_local(item.param).movedim(item.dim, 0).shape[1:]) \
-                    if item.param.dim() else ()
-                full = torch.zeros(shape, dtype=torch.float32, device=_local(item.param).device)
+                full = torch.zeros(item.buffer_shape, dtype=torch.float32, device=_local(item.param).device)
             item.main_grad = None
             if full.dim() == 0:  # scalars: every rank holds (and updates) the whole value
                 if item.ranks > 1:
@@ -206,9 +211,6 @@ class ZeroOne:
             if isinstance(master, DTensor):
                 shard = _wrap(shard, master.device_mesh, master.placements, master.shape, master.stride())
             master.grad = shard
-
-    def has_gradients(self) -> bool:
-        return any(item.master.grad is not None for item in self.parameters)
 
     # ------------------------------------------------------------------ parameters
     @torch.no_grad()
@@ -275,18 +277,18 @@ class ZeroOne:
                          optim_sd: dict[str, Any]) -> None:
         """After `dcp.load` filled the dicts of `state_dicts`: copy what DCP replaced rather than
         filled (scalars, hyperparameters) and rebuild the replicated parameters."""
-        live = {**self._model().state_dict(keep_vars=True), **dict(self.named_masters())}
+        tensors = {**self._model().state_dict(keep_vars=True), **dict(self.named_masters())}
+        names = {id(item.master): item.name for item in self.parameters}
         with torch.no_grad():
             for name, value in model_sd.items():
-                if value is not live[name]:
-                    _local(live[name]).copy_(_local(value))
+                if value is not tensors[name]:
+                    _local(tensors[name]).copy_(_local(value))
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    name = next(item.name for item in self.parameters if item.master is p)
-                    for key, value in optim_sd["state"].get(name, {}).items():
-                        live = optimizer.state[p].get(key)
-                        if isinstance(live, torch.Tensor) and live is not value:
-                            _local(live).copy_(_local(value))
+                    for key, value in optim_sd["state"].get(names[id(p)], {}).items():
+                        state = optimizer.state[p].get(key)
+                        if isinstance(state, torch.Tensor) and state is not value:
+                            _local(state).copy_(_local(value))
         for group, saved in zip(optimizer.param_groups, optim_sd["param_groups"], strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.gather_parameters()
