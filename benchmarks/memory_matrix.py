@@ -3,8 +3,8 @@
     python benchmarks/memory_matrix.py [--quick] [--rows 1,5,9] [--hardware h800] [--layers N | --full-depth]
                                        [--json out.json] [--list]
 
-Each row is a plan (model, devices, FSDP over all ranks, EP, Ulysses, recompute, sequence length,
-global batch, EP imbalance). The prediction is `planner.pricing.price` (the cost model as it is
+Each row is a plan (model, devices, FSDP over all ranks or ZeRO-1, EP, Ulysses, recompute, sequence
+length, global batch, EP imbalance, precision). The prediction is `planner.pricing.price` (the cost model as it is
 now, not a stored plan); the measurement is `xplan.runtime.dryrun.dry_run`: the runtime's own
 training step at the plan's world size and model size under fake tensors, rank 0 = the largest
 rank; `xplan.app.dryrun_compare` joins the two. Acceptance (the "close the loop" issue):
@@ -40,6 +40,8 @@ class Row:
     grad_accum: int = 2
     micro_batch: int = 1
     imbalance: float = 1.0
+    dp_mode: str = "fsdp"
+    precision: str = "bf16"
 
     @property
     def global_batch(self) -> int:
@@ -52,6 +54,10 @@ class Row:
             parts.append(f"mb{self.micro_batch}")
         if self.imbalance != 1.0:
             parts.append(f"imb{self.imbalance:g}")
+        if self.dp_mode != "fsdp":
+            parts.append(self.dp_mode)
+        if self.precision != "bf16":
+            parts.append(self.precision)
         return " ".join(parts)
 
 
@@ -81,6 +87,12 @@ MATRIX: list[Row] = [
     Row("gpt-oss-120b", 64, 8, 1, "full", 8192),
     Row("gpt-oss-120b", 128, 16, 4, 0.5, 16384),
     Row("gpt-oss-120b", 128, 64, 8, "full", 65536),
+    # ZeRO-1: replicated bf16 parameters and fp32 gradients, optimizer states sharded.
+    Row("qwen3-30b-a3b", 16, 8, 1, "full", 4096, micro_batch=4, dp_mode="zero1"),
+    Row("qwen3-8b", 8, 1, 2, "selective", 4096, grad_accum=8, dp_mode="zero1"),
+    # fp8 (torchao Float8Linear in the blocks' linear layers).
+    Row("qwen3-8b", 8, 1, 1, "selective", 4096, micro_batch=4, precision="fp8"),
+    Row("qwen3-30b-a3b", 16, 8, 1, "full", 4096, micro_batch=4, dp_mode="zero1", precision="fp8"),
 ]
 QUICK = [2, 9, 13, 18]  # 1-based row numbers: one per model, short sequences
 
@@ -89,8 +101,9 @@ def make_row_plan(row: Row, hardware: str):
     from xplan.layout import Layout
     from xplan.plan import make_plan
 
-    layout = Layout(devices=row.devices, fsdp=row.devices, ep=row.ep, sp=row.sp, micro_batch=row.micro_batch,
-                    recompute=row.recompute)
+    fsdp = 1 if row.dp_mode == "zero1" else row.devices
+    layout = Layout(devices=row.devices, dp_mode=row.dp_mode, fsdp=fsdp, ep=row.ep, sp=row.sp,
+                    micro_batch=row.micro_batch, recompute=row.recompute, precision=row.precision)
     return make_plan(row.model, hardware, layout, {"seq_len": row.seq_len, "global_batch": row.global_batch})
 
 

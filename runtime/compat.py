@@ -76,6 +76,18 @@ def unflatten_mesh(mesh, dim: int, sizes: tuple[int, ...], names: tuple[str, ...
     return mesh._unflatten(dim, sizes, names)
 
 
+def dtensor_keeping_device(local: torch.Tensor, mesh, placements, shape: torch.Size, stride: tuple[int, ...]):
+    """A DTensor around `local` without moving it to the mesh's device: ZeRO-1's master shards in
+    host memory under a cuda/npu mesh (optimizer offload), the way FSDP2's CPU offload keeps its
+    shards (`_from_local_no_grad`). `DTensor.from_local` would copy them to the device. Uses
+    `DTensorSpec` / `TensorMeta` and the DTensor constructor. Tested: 2.13."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    spec = DTensorSpec(mesh, tuple(placements), tensor_meta=TensorMeta(torch.Size(shape), tuple(stride), local.dtype))
+    return DTensor(local, spec, requires_grad=local.requires_grad)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fake tensors and the fake process group (dry runs)
 
@@ -282,10 +294,14 @@ def mem_tracker_base() -> type:
     run needs its own categories and per-moment peaks, which means overriding its dispatch and
     reading its private state. Subclasses (`runtime.dryrun.tracker`) override `category_of`,
     `on_hooks_registered` and `on_memory_change` and use the read-only helpers; everything private
-    stays here. `Ref` is FSDPMemTracker's category enum. Tested: 2.13."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+    stays here. `Ref` is FSDPMemTracker's category enum. A model without an FSDP2 root (ZeRO-1) gets
+    FSDPMemTracker's attributes set here, past its FSDP-only check. Tested: 2.13."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType, _FSDPState
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     from torch.utils._pytree import tree_map_only
+    from torch.utils.weak import WeakIdKeyDictionary
 
     c10d = torch.ops.c10d
     wait_tensor = torch.ops._c10d_functional.wait_tensor.default
@@ -295,7 +311,13 @@ def mem_tracker_base() -> type:
         extra_categories: tuple[str, ...] = ()
 
         def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
-            super().__init__(model, optimizer)
+            if isinstance(model, FSDPModule):
+                super().__init__(model, optimizer)
+            else:  # ZeRO-1 has no FSDP2 root: FSDPMemTracker's state without its FSDP-only check
+                MemTracker.__init__(self)
+                self._root_mod, self._optm = model, optimizer
+                self._fsdp_mod_to_saved_methods = WeakIdKeyDictionary()
+                self._fsdp_state = _FSDPState.PRE_FW
             self._ref_class = [*_FSDPRefType, *self.extra_categories]  # the snapshot's keys
 
         # ---- what subclasses decide

@@ -94,8 +94,9 @@ def test_inconsistent_layouts_are_input_errors(given, message):
 def test_runtime_refusals_name_each_value_it_does_not_execute():
     priced = layout_from_dict({"devices": 64, "tp": 2, "precision": "fp8", "kernels": {"attention": "flash1"}})
     reasons = " ".join(runtime_refusals(priced, "cuda"))
-    for part in ("dp_mode = zero1", "tp = 2", "precision = fp8", "kernels.attention = flash1"):
+    for part in ("tp = 2", "precision = fp8", "kernels.attention = flash1"):
         assert part in reasons
+    assert "dp_mode" not in reasons  # zero1 (the default with tp > 1) runs
     fused = layout_from_dict({"devices": 8})
     assert runtime_refusals(fused, "cuda") == []
     assert runtime_refusals(fused, "cpu") == ["kernels.elementwise = fused runs on cuda, npu only, not cpu"]
@@ -116,18 +117,17 @@ def test_parse_knob_reads_command_line_strings_and_names_the_flag():
 
 
 def test_run_refuses_a_priced_only_plan_before_spawning(tmp_path, tiny_moe_dir, capsys):
-    layout = layout_from_dict({"devices": 2, "dp_mode": "zero1", "precision": "fp32",
-                               "kernels": {"elementwise": "eager"}})
-    path = save_plan(make_plan(tiny_moe_dir, "cpu", layout, TRAINING), tmp_path / "zero1.yaml")
+    layout = layout_from_dict({"devices": 2, "tp": 2, "precision": "fp32", "kernels": {"elementwise": "eager"}})
+    path = save_plan(make_plan(tiny_moe_dir, "cpu", layout, TRAINING), tmp_path / "tp2.yaml")
     code, _, err = run(["run", str(path), "--steps", "1"], capsys)
-    assert code == 2 and "dp_mode = zero1 is priced only" in " ".join(err.split())
+    assert code == 2 and "does not execute tensor or pipeline parallelism" in " ".join(err.split())
 
 
 def test_search_writes_only_what_the_runtime_executes(tmp_path, tiny_moe_dir, capsys):
     """Pinning a price-only value: the fitting layouts are listed, no plan is written (exit 2)."""
     out = tmp_path / "p.yaml"
     code, _, err = run(["search", tiny_moe_dir, "cpu", "--devices", "2", "--seq-len", "64", "--global-batch", "4",
-                        "--precision", "fp32", "--dp-mode", "zero1", "-o", str(out)], capsys)
+                        "--precision", "fp32", "--tp", "2", "-o", str(out)], capsys)
     assert code == 2 and not out.exists()
     assert "no plan written" in " ".join(err.split())
     code, stdout, err = run(["search", tiny_moe_dir, "cpu", "--devices", "2", "--seq-len", "64", "--global-batch",

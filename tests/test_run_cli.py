@@ -134,6 +134,24 @@ def test_world_size_2_fsdp_ep_matches_world_size_1(baseline, model_dir, tmp_path
                            xr.load_model(baseline[1] / "ckpt" / "hf")(ids)) <= 1e-4
 
 
+def test_a3_plan_runs_two_ranks_per_device_with_zero1(baseline, model_dir, tmp_path):
+    """An a3 plan for 1 device (a 910C package) runs 2 ranks, one per die (gloo here, --device cpu):
+    ZeRO-1 with the experts split over EP 2; losses and the export match world size 1."""
+    import xplan.runtime as xr
+
+    lay = Layout(devices=1, ranks_per_device=2, dp_mode="zero1", ep=2, precision="fp32",
+                 kernels={"elementwise": "eager"})
+    plan = save_plan(make_plan(str(model_dir), "a3", lay, TRAINING), tmp_path / "a3.yaml")
+    summary = run_json(plan, "--steps", 20, "--device", "cpu", "--checkpoint-dir", tmp_path / "ckpt")
+    assert (summary["world_size"], summary["devices"]) == (2, 1)
+    ref = baseline[0]["losses"]
+    assert max(abs(a - b) / abs(b) for a, b in zip(summary["losses"], ref, strict=True)) <= 1e-5
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the export gathers ZeRO-1's fp32 shards
+        assert max_rel_err(xr.load_model(tmp_path / "ckpt" / "hf")(ids),
+                           xr.load_model(baseline[1] / "ckpt" / "hf")(ids)) <= 1e-4
+
+
 # ---------------------------------------------------------------- bad input: exit 2, clear message
 
 
@@ -158,7 +176,7 @@ def test_world_mismatch_under_torchrun(model_dir, tmp_path, monkeypatch):
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29999", "TORCHELASTIC_RUN_ID": "test"}.items():
         monkeypatch.setenv(key, value)
-    assert_exit_2([plan], "the plan is for 1 devices but torchrun started WORLD_SIZE=2")
+    assert_exit_2([plan], "the plan runs on 1 rank but torchrun started WORLD_SIZE=2")
 
 
 def test_missing_data_file(model_dir, tmp_path):

@@ -91,6 +91,18 @@ def test_unflatten_mesh_views_one_world_mesh():
         compat.unflatten_mesh(SimpleNamespace(), 0, (1,), ("x",))
 
 
+def test_dtensor_keeping_device_wraps_without_copying():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    with fake_process_group(4, rank=1):
+        mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("world",))
+        local = torch.ones(2, 3)
+        master = compat.dtensor_keeping_device(local, mesh, [Shard(0)], torch.Size((7, 3)), (3, 1))
+        assert master.to_local().data_ptr() == local.data_ptr()  # the shard itself, not a copy
+        assert master.shape == (7, 3) and master.placements == (Shard(0),) and master.dtype == torch.float32
+
+
 # ---- fake tensors ------------------------------------------------------------------------------
 
 def test_fake_tensor_mode_allocates_nothing():

@@ -4,9 +4,15 @@ The CLI options of `estimate` and `search`, the `whatif --set` keys, the plan fi
 section and the runtime's refusals are all derived from the fields of `Layout` and `Kernels`
 below (see `knobs()`); nothing restates them.
 
+Devices and ranks: `devices` counts the hardware profile's devices (a GPU; on a3 a 910C package), a
+rank is one process on one torch device. A profile with `ranks_per_device` r (2 on a3, one rank per
+die) runs devices × r ranks; every other size (tp, pp, sp, fsdp, ep, micro_batch) counts ranks. r
+is the hardware's, not a layout choice: the plan file states it next to `devices`.
+
 Rank arithmetic, used the same way by the cost models, the search and the runtime:
 
-    devices  = tp * pp * dp_world           (dp_world: ranks that hold one model slice)
+    ranks    = devices * ranks_per_device
+    ranks    = tp * pp * dp_world           (dp_world: ranks that hold one model slice)
     dp_world = sp * data_parallel           (sp ranks split one sequence, Ulysses)
     dp_world = fsdp * hsdp_replicas         (dense weights sharded over `fsdp` ranks)
     fsdp     = ep * expert_fsdp             (routed experts split over `ep`, then sharded)
@@ -16,7 +22,8 @@ Data-parallel modes (`dp_mode`), one meaning for planner and runtime:
     hsdp   sharded over `fsdp` ranks, replicated across dp_world / fsdp groups (FSDP2, 2-D mesh)
     ddp    replicated, gradients all-reduced (FSDP2 with a shard group of 1)
     zero1  parameters and gradients replicated, optimizer states sharded over dp_world
-           (Megatron's distributed optimizer): priced for comparison, not executed yet
+           (Megatron's distributed optimizer; experts' states over the ranks holding the same
+           experts): the runtime's `runtime/distributed/zero1.py`
 
 Gradient accumulation follows from the global batch:
     global_batch = data_parallel * micro_batch * grad_accum   (sequences)
@@ -100,13 +107,18 @@ class Kernels(_Frozen):
 class Layout(_Frozen):
     """Every layout decision. Build with `layout_from_dict` (messages that name the knob)."""
 
-    devices: int = knob(..., "Total number of devices.", short="-n", ge=1)
+    devices: int = knob(..., "Total number of devices (the hardware profile's unit: on a3 a 910C package, "
+                        "which runs 2 ranks).", short="-n", ge=1)
+    # Set from the hardware profile (the plan file's top-level `ranks_per_device`), so not a knob.
+    ranks_per_device: int = Field(1, ge=1, description="Ranks per device (the profile's device.ranks_per_device).",
+                                  json_schema_extra={"hardware": True})
     dp_mode: Literal["fsdp", "hsdp", "ddp", "zero1"] | None = knob(
         None, "Data-parallel mode: fsdp (shard over all data-parallel ranks), hsdp (shard over --fsdp ranks, "
         "replicate across groups), ddp (replicate, all-reduce gradients), zero1 (shard optimizer states only, "
-        "Megatron's distributed optimizer; priced, not run). Default: zero1 with tp or pp > 1, else from "
+        "Megatron's distributed optimizer: replicated parameters, one gradient reduce-scatter and parameter "
+        "all-gather per step). Default: zero1 with tp or pp > 1, else from "
         "--fsdp (all ranks: fsdp; 1: ddp; between: hsdp).",
-        flag="--dp-mode", runs={"fsdp": _ALL, "hsdp": _ALL, "ddp": _ALL, "zero1": _NONE})
+        flag="--dp-mode", runs={"fsdp": _ALL, "hsdp": _ALL, "ddp": _ALL, "zero1": _ALL})
     fsdp: int | None = knob(None, "FSDP shard-group size in ranks (hsdp: < data-parallel ranks); "
                             "default all data-parallel ranks, 1 for ddp and zero1.", ge=1)
     ep: int = knob(1, "Expert-parallel size.", ge=1)
@@ -120,15 +132,18 @@ class Layout(_Frozen):
                                   "(e.g. 0.5).")
     offload: tuple[str, ...] = knob((), "none | optimizer,params,activations (comma-separated).")
     precision: Literal["fp32", "bf16", "fp8"] = knob(
-        "bf16", "fp32 | bf16 | fp8 (fp8 GEMMs are priced, not run yet).",
-        runs={"fp32": _ALL, "bf16": _ALL, "fp8": _NONE})
+        "bf16", "fp32 | bf16 | fp8 (bf16 plus torchao Float8Linear GEMMs in the blocks' linear layers, "
+        "training.fp8_recipe scaling; LM head, embedding, routers and routed experts stay bf16; on cpu "
+        "torch._scaled_mm's reference kernel gives fp8 numerics, not fp8 speed; not run on npu).",
+        runs={"fp32": _ALL, "bf16": _ALL, "fp8": ("cpu", "cuda")})
     tp_comm: Literal["exposed", "overlapped"] = knob(
         "exposed", "Tensor-parallel collectives exposed, or overlapped with the GEMMs as Megatron's "
         "--tp-comm-overlap runs them (an assumption about that engine; only the cost model reads it).",
         flag="--tp-comm", price_only=True)
     kernels: Kernels = Field(default_factory=Kernels, description="Kernel choice per slot.")
 
-    @field_validator("devices", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch", mode="before")
+    @field_validator("devices", "ranks_per_device", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch",
+                     mode="before")
     @classmethod
     def _whole_number(cls, value: Any) -> Any:
         # No coercion: "8" or True in a plan file is a mistake to report, not to guess.
@@ -154,9 +169,9 @@ class Layout(_Frozen):
     @model_validator(mode="after")
     def _resolve_dp_mode(self) -> Layout:
         tp_pp = self.tp * self.pp
-        if self.devices % tp_pp:
-            raise ValueError(f"devices ({self.devices}) must be a multiple of tp × pp ({self.tp} × {self.pp})")
-        dp_world = self.devices // tp_pp
+        if self.ranks % tp_pp:
+            raise ValueError(f"{self.ranks_text(noun_first=True)} must be a multiple of tp × pp ({self.tp} × {self.pp})")
+        dp_world = self.ranks // tp_pp
         mode, fsdp = self.dp_mode, self.fsdp
         derived = mode is None
         if derived:
@@ -185,8 +200,21 @@ class Layout(_Frozen):
 
     # ------------------------------------------------------------------ derived
     @property
+    def ranks(self) -> int:
+        """Processes the layout runs on: devices × ranks_per_device."""
+        return self.devices * self.ranks_per_device
+
+    def ranks_text(self, noun_first: bool = False) -> str:
+        """For messages: "8 ranks" / "16 ranks (8 devices × 2)"; noun first: "devices (8)" /
+        "ranks (16 = 8 devices × 2)"."""
+        split = f"{self.devices} devices × {self.ranks_per_device}"
+        if noun_first:
+            return f"devices ({self.devices})" if self.ranks_per_device == 1 else f"ranks ({self.ranks} = {split})"
+        return f"{self.ranks} rank{'s' * (self.ranks != 1)}" + (f" ({split})" if self.ranks_per_device > 1 else "")
+
+    @property
     def dp_world(self) -> int:
-        return self.devices // (self.tp * self.pp)
+        return self.ranks // (self.tp * self.pp)
 
     @property
     def data_parallel(self) -> int:
@@ -239,7 +267,7 @@ class Layout(_Frozen):
         return layout_from_dict({**self.settings(), **changes})
 
 
-DERIVED_FIELDS = ("dp_world", "data_parallel", "hsdp_replicas", "expert_fsdp")
+DERIVED_FIELDS = ("ranks", "dp_world", "data_parallel", "hsdp_replicas", "expert_fsdp")
 DEFAULT_KERNELS = Kernels().model_dump()
 KERNEL_CHOICES = {name: tuple(info.json_schema_extra["runs"]) for name, info in Kernels.model_fields.items()}
 
@@ -271,6 +299,8 @@ def knobs(model: type[BaseModel] | None = None) -> Iterator[KnobInfo]:
     """Every knob of `model` (default `Layout`), nested models (kernels) flattened."""
     model = model or Layout
     for name, info in model.model_fields.items():
+        if (info.json_schema_extra or {}).get("hardware"):
+            continue  # set from the hardware profile, not chosen
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             for sub in knobs(annotation):
@@ -435,9 +465,9 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
             raise InputError(message)
 
     d = layout
-    need(d.devices % (d.tp * d.pp) == 0,
-         f"devices ({d.devices}) must be a multiple of tp × pp ({d.tp} × {d.pp}).")
-    need(d.dp_world % d.sp == 0, f"sp ({d.sp}) must divide the data-parallel world ({d.dp_world} = devices / (tp × pp)).")
+    need(d.ranks % (d.tp * d.pp) == 0,
+         f"{d.ranks_text(noun_first=True)} must be a multiple of tp × pp ({d.tp} × {d.pp}).")
+    need(d.dp_world % d.sp == 0, f"sp ({d.sp}) must divide the data-parallel world ({d.dp_world} = ranks / (tp × pp)).")
     need(d.dp_world % d.fsdp == 0,
          f"fsdp ({d.fsdp}) must divide the data-parallel world ({d.dp_world}); use a divisor for HSDP.")
     if d.fsdp > 1:

@@ -61,6 +61,7 @@ class TrainingSettings(_Strict):
     steps: int = Field(10, ge=1)
     seed: int = 0
     grad_clip: float = Field(1.0, ge=0)
+    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"  # scaling of fp8 GEMMs (precision fp8)
     optimizer: OptimizerSettings = OptimizerSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     data: DataSettings = DataSettings()
@@ -70,10 +71,11 @@ class PlanFile(_Strict):
     xplan_plan: Literal[1]
     model: str = Field(..., min_length=1)  # preset name or config directory
     hardware: str = Field(..., min_length=1)  # profile name or YAML path
-    devices: int = Field(..., ge=1)
+    devices: int = Field(..., ge=1)  # the hardware profile's devices (a3: 910C packages)
+    ranks_per_device: int = Field(1, ge=1)  # processes per device: the profile's (a3: 2, one per die)
     devices_per_node: int | None = Field(None, ge=1)
     headroom_gib: float = Field(0.0, ge=0)  # device memory search kept free (GiB per device)
-    layout: dict[str, Any] = {}  # every knob of xplan.layout.Layout but devices (validated there)
+    layout: dict[str, Any] = {}  # every knob of xplan.layout.Layout (sizes in ranks) but devices
     training: TrainingSettings
     predictions: dict[str, Any] = {}  # what the cost models said; compared with measurements
     notes: str = ""
@@ -89,9 +91,11 @@ class Plan:
 
     def __init__(self, data: PlanFile):
         self.data = data
-        if "devices" in data.layout:
-            raise InputError("layout.devices: the device count is the plan's top-level `devices`.")
-        self.layout: Layout = layout_from_dict({"devices": data.devices, **data.layout})
+        for key in ("devices", "ranks_per_device"):
+            if key in data.layout:
+                raise InputError(f"layout.{key}: the plan states it at the top level (`{key}`).")
+        self.layout: Layout = layout_from_dict({"devices": data.devices, "ranks_per_device": data.ranks_per_device,
+                                                **data.layout})
 
     @property
     def model(self) -> str:
@@ -181,11 +185,11 @@ def make_plan(model: str, hardware: str, layout: Layout, training: dict[str, Any
     """Assemble a plan from a Layout (used by search and by tests that write plans by hand).
     `metadata`: the optional top-level fields (`headroom_gib` and the provenance fields; see
     `provenance`)."""
-    layout_fields = {k: v for k, v in layout.settings().items() if k != "devices"}
+    layout_fields = {k: v for k, v in layout.settings().items() if k not in ("devices", "ranks_per_device")}
     return plan_from_dict({
         "xplan_plan": PLAN_VERSION, "model": model, "hardware": hardware, "devices": layout.devices,
-        "devices_per_node": devices_per_node, "layout": layout_fields, "training": training,
-        "predictions": predictions or {}, "notes": notes, **metadata,
+        "ranks_per_device": layout.ranks_per_device, "devices_per_node": devices_per_node, "layout": layout_fields,
+        "training": training, "predictions": predictions or {}, "notes": notes, **metadata,
     })
 
 

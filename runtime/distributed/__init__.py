@@ -16,8 +16,18 @@ See `parallelize` for the loss-normalisation contract `train_step` follows.
 from .device import DistEnv, init_distributed, resolve_device_type, shutdown_distributed
 from .expert_parallel import apply_expert_parallel
 from .mesh import IGNORE_INDEX, LocalBatch, Meshes, build_meshes, local_batch, shift_labels
-from .parallelize import check_runtime_layout, clip_grad_norm_, global_loss, grad_norm, parallelize
+from .parallelize import (
+    bind_optimizer,
+    check_runtime_layout,
+    clip_grad_norm_,
+    global_loss,
+    grad_norm,
+    optimizer_parameters,
+    parallelize,
+    reduce_gradients,
+)
 from .ulysses import apply_ulysses
+from .zero1 import ZeroOne, zero1_of
 
 __all__ = [
     "IGNORE_INDEX",
@@ -25,7 +35,9 @@ __all__ = [
     "LocalBatch",
     "Meshes",
     "apply_expert_parallel",
+    "ZeroOne",
     "apply_ulysses",
+    "bind_optimizer",
     "build_meshes",
     "check_runtime_layout",
     "clip_grad_norm_",
@@ -33,8 +45,11 @@ __all__ = [
     "grad_norm",
     "init_distributed",
     "local_batch",
+    "optimizer_parameters",
     "parallelize",
+    "reduce_gradients",
     "resolve_device_type",
     "shift_labels",
     "shutdown_distributed",
+    "zero1_of",
 ]

@@ -4,8 +4,12 @@ All meshes are views of one 1-D world mesh (`compat.unflatten_mesh`), so FSDP2 c
 expert mesh with the expert-parallel mesh into one SPMD mesh. Rank arithmetic (xplan.layout):
 
     world = hsdp_replicas × fsdp                      dense weights:  (dp_replicate, dp_shard)
-    fsdp  = expert_fsdp × ep                          routed experts: (dp_replicate, efsdp, ep)
+    world = expert_replicas × expert_fsdp × ep        routed experts: (dp_replicate, efsdp, ep)
     world = data_parallel × sp                        data:           (dp, sp)
+
+With a shard group of at least `ep` ranks, expert_fsdp = fsdp / ep and the expert replicas are the
+HSDP replicas. With fsdp = 1 (ddp, zero1) the experts are replicated over world / ep ranks
+(Megatron's expert-data-parallel group), which may exceed the dense weights' replication.
 
 Innermost dimensions are consecutive ranks: a shard group is `fsdp` consecutive ranks, an EP
 group `ep` consecutive ranks inside it (the all-to-all stays inside a node), a Ulysses group
@@ -23,6 +27,7 @@ batch (`LocalBatch.global_tokens`), known on every rank without communication.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,7 +40,7 @@ from ..compat import unflatten_mesh
 
 IGNORE_INDEX = -100
 
-_MESH_CACHE: dict[tuple, dict[str, DeviceMesh]] = {}
+_MESH_CACHE: dict[tuple, Any] = {}  # layout shape -> mesh views (and zero1's expert mesh)
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,9 @@ class Meshes:
     - `fsdp`: the dense FSDP mesh, 1-D ``(dp_shard,)`` or, with HSDP replicas, 2-D
       ``(dp_replicate, dp_shard)``; dense gradients are summed over all of it (= every rank).
     - `expert_fsdp`: the mesh routed experts are FSDP-sharded over after EP, 1-D ``(efsdp,)`` or
-      2-D ``(dp_replicate, efsdp)``; `ep`: the 1-D expert-parallel mesh (all-to-all group).
+      2-D ``(dp_replicate, efsdp)``; `ep`: the 1-D expert-parallel mesh (all-to-all group);
+      `expert_replicate`: the 1-D mesh of the ranks holding the same experts' shard (size
+      world / (expert_fsdp × ep); ZeRO-1 shards the experts' optimizer states over it).
     - `sp`: the 1-D Ulysses mesh; `dp_rank`/`dp_size`: which sequences of the global batch this
       rank holds; `sp_rank`/`sp_size`: which chunk of each sequence.
     """
@@ -61,6 +68,7 @@ class Meshes:
     expert: DeviceMesh  # always 3-D (dp_replicate, efsdp, ep)
     expert_fsdp: DeviceMesh
     ep: DeviceMesh
+    expert_replicate: DeviceMesh
     data: DeviceMesh  # 2-D (dp, sp)
     sp: DeviceMesh
     dp_rank: int
@@ -93,17 +101,20 @@ def _mesh_views(device_type: str, world: int, replicas: int, fsdp: int, ep: int,
     cached = _MESH_CACHE.get(key)
     if cached is not None:
         return cached
+    expert_fsdp = max(1, fsdp // ep)
+    expert_replicas = world // (expert_fsdp * ep)
     root = init_device_mesh(device_type, (world,), mesh_dim_names=("world",))
     dense = unflatten_mesh(root, 0, (replicas, fsdp), ("dp_replicate", "dp_shard"))
-    expert = unflatten_mesh(root, 0, (replicas, fsdp // ep, ep), ("dp_replicate", "efsdp", "ep"))
+    expert = unflatten_mesh(root, 0, (expert_replicas, expert_fsdp, ep), ("dp_replicate", "efsdp", "ep"))
     data = unflatten_mesh(root, 0, (world // sp, sp), ("dp", "sp"))
     views = {
         "world": root,
         "dense": dense,
         "fsdp": dense if replicas > 1 else dense["dp_shard"],
         "expert": expert,
-        "expert_fsdp": expert["dp_replicate", "efsdp"] if replicas > 1 else expert["efsdp"],
+        "expert_fsdp": expert["dp_replicate", "efsdp"] if expert_replicas > 1 else expert["efsdp"],
         "ep": expert["ep"],
+        "expert_replicate": expert["dp_replicate"],
         "data": data,
         "sp": data["sp"],
     }
@@ -128,11 +139,12 @@ def build_meshes(layout: Layout, device_type: str = "cpu") -> Meshes:
     if layout.tp > 1 or layout.pp > 1:
         raise InputError(f"the runtime does not execute tensor or pipeline parallelism yet (tp={layout.tp}, "
                          f"pp={layout.pp}); plan with --tp 1 --pp 1.")
-    if layout.devices != world:
-        raise InputError(f"the layout is for {layout.devices} devices but {world} processes were launched; "
-                         f"launch {layout.devices} processes (torchrun --nproc-per-node ...) or re-plan.")
-    for name, size, whole in (("fsdp", layout.fsdp, world), ("sp", layout.sp, world),
-                              ("ep", layout.ep, layout.fsdp)):
+    if layout.ranks != world:
+        raise InputError(f"the layout runs on {layout.ranks_text()} but {world} processes were launched; "
+                         f"launch {layout.ranks} processes (torchrun --nproc-per-node ...) or re-plan.")
+    # Experts are split over EP ranks inside a shard group, or over all ranks when nothing is sharded.
+    ep_whole = layout.fsdp if layout.fsdp > 1 else world
+    for name, size, whole in (("fsdp", layout.fsdp, world), ("sp", layout.sp, world), ("ep", layout.ep, ep_whole)):
         if whole % size:
             raise InputError(f"{name} ({size}) must divide {whole}.")
     views = _mesh_views(device_type, world, layout.hsdp_replicas, layout.fsdp, layout.ep, layout.sp)
@@ -142,7 +154,8 @@ def build_meshes(layout: Layout, device_type: str = "cpu") -> Meshes:
     return Meshes(
         layout=layout, device_type=device_type, device=device, rank=rank, world_size=world,
         world=views["world"], dense=views["dense"], fsdp=views["fsdp"], expert=views["expert"],
-        expert_fsdp=views["expert_fsdp"], ep=views["ep"], data=views["data"], sp=views["sp"],
+        expert_fsdp=views["expert_fsdp"], ep=views["ep"], expert_replicate=views["expert_replicate"],
+        data=views["data"], sp=views["sp"],
         dp_rank=rank // layout.sp, dp_size=world // layout.sp, sp_rank=rank % layout.sp, sp_size=layout.sp,
         ep_rank=rank % layout.ep, ep_size=layout.ep,
     )
@@ -192,7 +205,7 @@ def local_batch(global_input_ids: torch.Tensor, meshes: Meshes, global_labels: t
     batch, seq = global_input_ids.shape
     if batch % meshes.dp_size:
         raise InputError(f"global batch ({batch} sequences) must be a multiple of the data-parallel size "
-                         f"({meshes.dp_size} = devices / sp).")
+                         f"({meshes.dp_size} = ranks / sp).")
     if seq % meshes.sp_size:
         raise InputError(f"seq_len ({seq}) must be a multiple of sp ({meshes.sp_size}).")
     labels = shift_labels(global_input_ids) if global_labels is None else global_labels

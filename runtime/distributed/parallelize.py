@@ -1,4 +1,5 @@
-"""Apply a Layout to a model, torchtitan-style: EP → Ulysses → recompute → offload → FSDP2.
+"""Apply a Layout to a model, torchtitan-style: precision (fp8 layers) → EP → Ulysses → recompute →
+offload → FSDP2 (or ZeRO-1 for `dp_mode: zero1`, `zero1.py`).
 
 Loss-normalisation contract (the train loop relies on it)
 ---------------------------------------------------------
@@ -13,7 +14,9 @@ data-parallel rank, every sequence chunk, every micro-batch; `LocalBatch.global_
 gradient is then exactly the gradient of the global-batch mean token loss, whatever the layout,
 and equals the world-size-1 gradient. The value to log is `global_loss(loss, meshes)` (the sum of
 the per-rank losses). Gradient clipping must use `clip_grad_norm_` here: parameters live on
-different meshes (dense vs expert) and a naive norm double-counts replicas.
+different meshes (dense vs expert) and a naive norm double-counts replicas. Under ZeRO-1 the
+gradients reach their optimizer shards in `reduce_gradients` (after the last micro-batch), the
+optimizer steps on `optimizer_parameters` and `bind_optimizer` gathers the updated parameters.
 
 Contract on the input model: built in float32 (the FSDP2 master weights), initialised identically
 on every rank (e.g. `build_model(config, seed=...)`), not yet wrapped. `precision` ``bf16``/``fp8``
@@ -34,11 +37,13 @@ from xplan.errors import InputError
 from xplan.layout import Layout, check_layout, runtime_refusals
 
 from ..models.moe import MoE
+from ..precision import apply_precision, require_torchao
 from ..recompute import apply_recompute
 from .expert_parallel import apply_expert_parallel, run_fsdp_hooks_outside_recompute
 from .mesh import Meshes
 from .offload import apply_activation_offload, fsdp_offload_policy
 from .ulysses import apply_ulysses
+from .zero1 import apply_zero1, zero1_of
 
 log = logging.getLogger("xplan.runtime.distributed")
 
@@ -56,8 +61,10 @@ def check_runtime_layout(layout: Layout, config, seq_len: int | None = None, glo
         raise InputError(f"the runtime would not execute this layout as priced: {'; '.join(refusals)}. "
                          "Change those values (`xplan whatif PLAN --set key=value` shows the cost) or re-run "
                          "`xplan search`, which writes only layouts the runtime executes.")
-    if world_size is not None and world_size != layout.devices:
-        raise InputError(f"the layout is for {layout.devices} devices but the run has {world_size} processes.")
+    if layout.precision == "fp8":
+        require_torchao()
+    if world_size is not None and world_size != layout.ranks:
+        raise InputError(f"the layout runs on {layout.ranks_text()} but the run has {world_size} processes.")
     check_layout(layout, config, seq_len if seq_len is not None else layout.sp, global_batch)
 
 
@@ -79,15 +86,19 @@ def _expert_placement(num_experts: int, group_size: int):
 
 
 def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activation_offload: bool = False,
-                expert_imbalance: float = 1.0) -> nn.Module:
+                expert_imbalance: float = 1.0, fp8_recipe: str = "tensorwise") -> nn.Module:
     """Apply `layout` to `model` in place and return it (see the module docstring for the contracts).
 
     `force_activation_offload` runs the activation-offload hooks even on cpu (tests);
-    `expert_imbalance` is the busiest EP rank's load over the mean, used only under fake tensors.
+    `expert_imbalance` is the busiest EP rank's load over the mean, used only under fake tensors;
+    `fp8_recipe` is the scaling of fp8 GEMMs (`runtime.precision`).
     """
     config = model.config
     check_runtime_layout(layout, config, world_size=meshes.world_size)
     blocks = list(model.model.layers)
+
+    # 0. Precision: fp8 linear layers replace nn.Linear before any wrapper sees the model.
+    apply_precision(model, layout.precision, fp8_recipe, meshes.device_type)
 
     # 1. Expert parallel: slice routed experts, all-to-all dispatch/combine.
     if layout.ep > 1:
@@ -105,7 +116,16 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
         apply_recompute(block, policy)
     apply_activation_offload(blocks, layout, meshes.device_type, force=force_activation_offload)
 
-    # 4. FSDP2: experts (own mesh), blocks, embeddings, head, root. A single fp32 rank without
+    # 4a. ZeRO-1: replicated compute-dtype parameters, fp32 optimizer shards; no FSDP2 units.
+    if layout.zero1:
+        host = meshes.device_type != "cpu" and any(k in layout.offload for k in ("optimizer", "params"))
+        apply_zero1(model, meshes, torch.float32 if layout.precision == "fp32" else torch.bfloat16, offload=host)
+        model._xplan_layout = layout  # type: ignore[attr-defined]
+        log.info("parallelized %s: zero1 over %d ranks, ep=%d sp=%d recompute=%s precision=%s", config.name,
+                 meshes.world_size, layout.ep, layout.sp, layout.recompute, layout.precision)
+        return model
+
+    # 4b. FSDP2: experts (own mesh), blocks, embeddings, head, root. A single fp32 rank without
     # offload has nothing to shard, cast or move: FSDP would only add per-parameter copies.
     if meshes.world_size == 1 and layout.precision == "fp32" and not layout.offload:
         model._xplan_layout = layout  # type: ignore[attr-defined]
@@ -160,19 +180,47 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _expert_parameter_ids(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()}
+
+
+def _gradient_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors whose `.grad` the optimizer will use: the parameters, or ZeRO-1's shards."""
+    zero = zero1_of(model)
+    return [master for _, master in zero.named_masters()] if zero else list(model.parameters())
+
+
+def _square_sum(tensors, device) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for p in tensors:
+        if p.grad is not None:
+            total += _local(p.grad).float().pow(2).sum()
+    return total
+
+
 @torch.no_grad()
 def grad_norm(model: nn.Module, meshes: Meshes) -> torch.Tensor:
     """Global L2 norm of all gradients (dense and expert), identical on every rank.
 
-    Every parameter's local shard is unique within one shard group (`fsdp` consecutive ranks:
-    dense shards over dp_shard, expert shards over efsdp × ep) and replicated across HSDP
-    replicas, so the squared local norms are summed over the shard group only.
+    Each local gradient shard is summed once: dense shards are unique within the dense shard group
+    (`fsdp` consecutive ranks) and replicated across HSDP replicas; expert shards are unique within
+    efsdp × ep ranks (the same group when fsdp >= ep; the EP group when fsdp = 1). ZeRO-1's
+    shards are unique over all ranks.
     """
-    total = torch.zeros((), dtype=torch.float32, device=meshes.device)
-    for p in model.parameters():
-        if p.grad is not None:
-            total += _local(p.grad).float().pow(2).sum()
-    if meshes.layout.fsdp > 1:
+    layout = meshes.layout
+    if zero1_of(model) is not None:
+        total = _square_sum(_gradient_tensors(model), meshes.device)
+        if meshes.world_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.sqrt()
+    if layout.ep > 1 and layout.fsdp < layout.ep:  # experts split over EP ranks, dense weights replicated
+        experts = _expert_parameter_ids(model)
+        dense = _square_sum((p for p in model.parameters() if id(p) not in experts), meshes.device)
+        expert = _square_sum((p for p in model.parameters() if id(p) in experts), meshes.device)
+        dist.all_reduce(expert, op=dist.ReduceOp.SUM, group=meshes.ep_group)
+        return (dense + expert).sqrt()
+    total = _square_sum(model.parameters(), meshes.device)
+    if layout.fsdp > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=meshes.shard_group)
     return total.sqrt()
 
@@ -186,10 +234,35 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, meshes: Meshes) -> torch.
     norm = grad_norm(model, meshes)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in model.parameters():
+        for p in _gradient_tensors(model):
             if p.grad is not None:
                 _local(p.grad).mul_(coef.to(p.grad.dtype))
     return norm
+
+
+def reduce_gradients(model: nn.Module) -> None:
+    """End of a step's backward passes: ZeRO-1 reduce-scatters the accumulated gradients onto this
+    rank's optimizer shards; FSDP2 already reduced them during backward (nothing to do)."""
+    zero = zero1_of(model)
+    if zero is not None:
+        zero.reduce_gradients()
+
+
+def optimizer_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, tensor) the optimizer updates: the trainable parameters, or under ZeRO-1 this rank's
+    fp32 shards of them (same names, same global shapes)."""
+    zero = zero1_of(model)
+    if zero is not None:
+        return zero.named_masters()
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def bind_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Call once the optimizer over `optimizer_parameters(model)` exists (ZeRO-1 all-gathers the
+    updated shards into the model's parameters after every step)."""
+    zero = zero1_of(model)
+    if zero is not None:
+        zero.bind(optimizer)
 
 
 @torch.no_grad()
@@ -201,5 +274,5 @@ def global_loss(local_loss: torch.Tensor, meshes: Meshes) -> torch.Tensor:
     return total
 
 
-__all__ = ["check_runtime_layout", "clip_grad_norm_", "global_loss", "grad_norm", "mixed_precision",
-           "parallelize"]
+__all__ = ["bind_optimizer", "check_runtime_layout", "clip_grad_norm_", "global_loss", "grad_norm",
+           "mixed_precision", "optimizer_parameters", "parallelize", "reduce_gradients"]

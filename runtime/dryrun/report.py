@@ -13,7 +13,10 @@ GIB = 2**30
 @dataclass
 class DryRunReport:
     """Peak memory of rank 0 under fake tensors (the per-rank peak of the largest rank), in bytes.
-    The comparison with a prediction belongs to the application layer (`app/dryrun_compare.py`)."""
+    The comparison with a prediction belongs to the application layer (`app/dryrun_compare.py`).
+
+    `world_size` is the ranks started: `devices` × `ranks_per_device` (2 on a3, one rank per die);
+    `rank_budget_bytes` is one rank's device memory (the profile's HBM per device / ranks per device)."""
 
     model: str
     hardware: str
@@ -23,6 +26,9 @@ class DryRunReport:
     grad_accum: int
     micro_batches_run: int
     world_size: int
+    devices: int
+    ranks_per_device: int
+    rank_budget_bytes: float | None  # None: the hardware profile could not be read
     rank: int
     imbalance: float
     measured_peak_bytes: float
@@ -58,9 +64,13 @@ class DryRunReport:
             "grad_accum": self.grad_accum,
             "micro_batches_run": self.micro_batches_run,
             "world_size": self.world_size,
+            "devices": self.devices,
+            "ranks_per_device": self.ranks_per_device,
+            "rank_memory_budget_gib": self.rank_budget_bytes / GIB if self.rank_budget_bytes else None,
             "rank": self.rank,
             "imbalance": self.imbalance,
             "measured_peak_gib": self.measured_peak_bytes / GIB,
+            "measured_over_budget": self.measured_peak_bytes / self.rank_budget_bytes if self.rank_budget_bytes else None,
             "components": {k: self.measured.get(k, 0.0) / GIB for k in COMPONENTS},
             "peak_phase": self.peak_phase,
             "peak_where": self.peak_where,

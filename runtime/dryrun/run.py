@@ -42,7 +42,7 @@ from xplan.errors import InputError
 
 from .. import compat
 from .depth import extrapolate, layer_classes, needs_extrapolation, reduced_layers, segments
-from .report import DryRunReport
+from .report import GIB, DryRunReport
 from .tracker import LAYER, Measured, PhasePeak, components_of, tracker_class
 
 
@@ -131,7 +131,7 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
     timings: dict[str, float] = {}
     hooks = _TrackedStep(None, timings)
 
-    with fake_process_group(layout.devices, rank=0):
+    with fake_process_group(layout.ranks, rank=0):
         meshes = D.build_meshes(layout, "cpu")
         fake = compat.fake_tensor_mode(allow_non_fake_inputs=True)  # meshes hold real rank tables
         with compat.skip_sharding_propagation(), compat.lazy_fsdp_chunks():
@@ -139,7 +139,8 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
             with fake:
                 apply_kernels(model, layout)
                 hooks.lap("build")
-                model = D.parallelize(model, layout, meshes, expert_imbalance=imbalance)
+                model = D.parallelize(model, layout, meshes, expert_imbalance=imbalance,
+                                      fp8_recipe=training.fp8_recipe)
                 hooks.lap("parallelize")
                 if indices is not None:  # reduced depth: each kept block has its full-model policy
                     for block, (_, policy) in zip(model.model.layers, classes, strict=True):
@@ -147,9 +148,9 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
                 model.train()
                 optimizer = build_optimizer(model, training.optimizer)
                 scheduler = build_scheduler(optimizer, training.schedule, training.steps)
-                # Warm-up: AdamW states exist from the first step on.
-                for p in model.parameters():
-                    if p.requires_grad:
+                # Warm-up: AdamW states exist from the first step on (ZeRO-1: on its shards).
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
                         p.grad = torch.zeros_like(p)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -197,7 +198,7 @@ def check_dry_run(plan, layers: int | None = None, imbalance: float | None = Non
 
     config = check_plan_for_runtime(plan)
     if plan.layout.devices < 1:
-        raise InputError(f"devices must be positive, got {plan.layout.devices}.")
+        raise InputError(f"devices must be positive, got {plan.layout.devices}.")  # a plan file guarantees it
     if imbalance is None:
         imbalance = float((plan.data.predictions or {}).get("imbalance", 1.0) or 1.0)
     if imbalance < 1.0:
@@ -206,6 +207,18 @@ def check_dry_run(plan, layers: int | None = None, imbalance: float | None = Non
         raise InputError(f"--layers is the number of copies of each repeated block pattern to run and must be at "
                          f"least 3 (a first, an interior and a last copy), got {layers}.")
     return config, imbalance
+
+
+def rank_memory_budget(hardware: str, ranks_per_device: int) -> float | None:
+    """Device memory one rank may use, in bytes: the profile's per-device HBM over its ranks (an a3
+    package's 128 GiB is two 64 GiB dies). None when the profile cannot be read."""
+    from xplan.hw_profiles import load_profile
+
+    try:
+        profile = load_profile(hardware)
+    except InputError:
+        return None
+    return profile.memory.hbm_gib * GIB / ranks_per_device
 
 
 def dry_run(plan, layers: int | None = None, imbalance: float | None = None,
@@ -251,7 +264,10 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None,
     return DryRunReport(
         model=plan.model, hardware=plan.hardware, layout=layout.to_dict(), seq_len=training.seq_len,
         global_batch=training.global_batch, grad_accum=layout.grad_accum(training.global_batch),
-        micro_batches_run=measured.micro_batches, world_size=layout.devices, rank=0, imbalance=imbalance,
+        micro_batches_run=measured.micro_batches, world_size=layout.ranks, devices=layout.devices,
+        ranks_per_device=layout.ranks_per_device, rank_budget_bytes=rank_memory_budget(plan.hardware,
+                                                                                       layout.ranks_per_device),
+        rank=0, imbalance=imbalance,
         measured_peak_bytes=float(peak.bytes), measured=components_of(categories), peak_phase=phase,
         peak_where=peak.where, phases=phases, categories=categories, layers_total=config.num_layers,
         layers_run=layers_run, extrapolated=extrapolated, elapsed_s=time.perf_counter() - start,

@@ -102,6 +102,25 @@ def tracker_class() -> type:
 
         def on_hooks_registered(self) -> None:
             restore_recompute_guard_order(self.root_module)
+            self._label_zero1_state()
+
+        def _label_zero1_state(self) -> None:
+            """ZeRO-1 has no FSDP2 units for FSDPMemTracker to find: its replicated parameters and
+            fp32 master shards are parameters, its fp32 gradient buffers (made during backward)
+            gradients."""
+            from xplan.runtime.distributed import zero1_of
+
+            zero = zero1_of(self.root_module)
+            if zero is None:
+                return
+            for item in zero.parameters:
+                self.label(item.param, ref.SHARDED_PARAM)
+                self.label(item.master, ref.SHARDED_PARAM)
+            if self._label_gradient not in zero.gradient_observers:
+                zero.gradient_observers.append(self._label_gradient)
+
+        def _label_gradient(self, grad: torch.Tensor) -> None:
+            self.label(grad, ref.SHARDED_GRAD)
 
         def label_accumulated_grads(self) -> None:
             """Gradients kept unsharded across micro-batches (gradient sync deferred, fsdp == 1) are

@@ -11,6 +11,10 @@ Layout of a checkpoint directory::
                                 and the training settings (see manifest.py)
     <dir>/hf/                 full model in Hugging Face layout (config.json + safetensors)
 
+Model and optimizer state are the `get_state_dict` form (parameter names → sharded DTensors); under
+ZeRO-1 the fp32 master shards and their AdamW states take the parameters' place with the same names
+and global shapes, so DCP reshards between world sizes and data-parallel modes.
+
 Atomicity: every rank writes into ``<dir>/.tmp-step_N``; after a barrier rank 0 writes the
 manifest and renames the directory to ``step_N`` (a rename within one directory is atomic on
 POSIX), so a crash leaves at most a ``.tmp-*`` directory, which is ignored and cleared by the next
@@ -37,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from xplan.errors import InputError
+from xplan.runtime.distributed import zero1_of
 
 from . import manifest
 
@@ -96,6 +101,11 @@ def _storage_error(exc: BaseException | None) -> OSError | None:
     return None
 
 
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    zero = zero1_of(model)
+    return zero.state_dicts(optimizer) if zero is not None else get_state_dict(model, optimizer)
+
+
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, trainer_state: dict[str, Any], rank: int, world_size: int,
                     device_type: str = "cpu", fingerprint: str = "", training: dict[str, Any] | None = None) -> Path:
@@ -111,7 +121,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         _barrier(world_size)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = _state_dicts(model, optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
         manifest.save_rng(tmp / f"rng_rank{rank}.safetensors", device_type)
         if rank == 0:
@@ -153,10 +163,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     world size only); returns the trainer state. The directory must have verified first."""
     path = Path(path)
     trainer = manifest.read_json(path / manifest.TRAINER_FILE, "trainer state")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    zero = zero1_of(model)
+    if zero is not None:
+        zero.load_state_dicts(optimizer, state["model"], state["optimizer"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict({**scheduler.state_dict(), **trainer["scheduler"]})
     for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base * fn(scheduler.last_epoch)  # the plan's LR at the resumed position
@@ -172,7 +186,11 @@ def export_hf(model: nn.Module, directory: Path, rank: int, world_size: int) -> 
     from xplan.runtime.models.hf_io import save_hf
 
     directory = Path(directory)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    zero = zero1_of(model)
+    if zero is not None:  # the fp32 masters, not the compute-dtype replicas
+        full = zero.full_state_dict()
+    else:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         with torch.device("meta"):
             host = CausalLM(model.config)

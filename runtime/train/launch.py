@@ -218,12 +218,13 @@ def run_plan(plan_path: str | Path, options: RunOptions) -> dict[str, Any] | Non
     plan_path = Path(plan_path)
     plan = load_run_plan(plan_path)
     plan_dir = plan_path.resolve().parent
-    world = plan.layout.devices
+    world = plan.layout.ranks  # devices × the hardware's ranks per device (a3: one rank per die)
     if under_torchrun():
         env_world = int(os.environ["WORLD_SIZE"])
         if env_world != world:
-            raise InputError(f"the plan is for {world} devices but torchrun started WORLD_SIZE={env_world} "
-                             f"processes; launch with a total of {world} processes or use a plan for {env_world}.")
+            raise InputError(f"the plan runs on {plan.layout.ranks_text()} but torchrun started "
+                             f"WORLD_SIZE={env_world} processes; launch with a total of {world} processes or use a "
+                             f"plan for {env_world}.")
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restarts and options.checkpoint_dir and latest_checkpoint(Path(options.checkpoint_dir)):
             # torchrun --max-restarts brought the job back after a failure: continue the run.

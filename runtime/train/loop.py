@@ -18,6 +18,7 @@ import torch
 
 from xplan.errors import InputError
 
+from ..precision import precision_executed
 from . import checkpoint as ckpt
 from . import manifest, resume
 from .data import build_data
@@ -60,12 +61,33 @@ def check_plan_for_runtime(plan, device_type: str | None = None) -> Any:
     from xplan.runtime.distributed import check_runtime_layout
 
     config = load_config(plan.model)
+    check_ranks_per_device(plan)
     check_runtime_layout(plan.layout, config, plan.training.seq_len, plan.training.global_batch,
                          device_type=device_type)
     if plan.training.seq_len > config.max_position_embeddings:
         raise InputError(f"seq_len {plan.training.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings}).")
     return config
+
+
+def check_ranks_per_device(plan) -> None:
+    """The plan's ranks per device must be its hardware's: a plan priced with one rank per 910C
+    package cannot run on a3, where each die is its own rank."""
+    from xplan.hw_profiles import load_profile
+
+    try:
+        profile = load_profile(plan.hardware)
+    except InputError:
+        return  # a profile this machine cannot read: the plan's own count stands
+    expected = profile.device.ranks_per_device
+    layout = plan.layout
+    if layout.ranks_per_device != expected:
+        raise InputError(
+            f"hardware {plan.hardware!r} runs {expected} rank(s) per device ({profile.device.definition}) but the "
+            f"plan has ranks_per_device {layout.ranks_per_device}: its layout is sized for "
+            f"{layout.ranks} ranks, not {layout.devices * expected}. Set `ranks_per_device: {expected}` at the "
+            "plan's top level and size fsdp, ep, sp and micro_batch in ranks (docs/plan-schema.md, devices and "
+            "ranks).")
 
 
 def train(plan, options: RunOptions, plan_dir: Path | None = None) -> dict[str, Any] | None:
@@ -102,7 +124,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
     source = build_data(training.data, config.vocab_size, training.seq_len, plan_dir)
     torch.manual_seed(training.seed)
     model = load_model(plan.model, dtype=torch.float32, device=ctx.device, seed=training.seed)
-    model = parallelize(model, layout, ctx)
+    model = parallelize(model, layout, ctx, training.fp8_recipe)
     model.train()
     optimizer = build_optimizer(model, training.optimizer)
     scheduler = build_scheduler(optimizer, training.schedule, training.steps)
@@ -124,7 +146,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
     log = None
     if ctx.is_main:
         metrics_path = Path(options.metrics_path) if options.metrics_path else None
-        title = (f"xplan run: {config.name} on {ctx.world_size} × {ctx.device_type} "
+        title = (f"xplan run: {config.name} on {ctx.world_size} × {ctx.device_type} ranks "
                  f"(fsdp {layout.fsdp}, ep {layout.ep}, sp {layout.sp}, {layout.precision}), "
                  f"{source.describe()}")
         if resume_from is not None:
@@ -157,7 +179,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
             record = {"step": step + 1, "loss": loss, "grad_norm": float(result.grad_norm), "lr": result.lr,
                       "skipped": result.skipped,
                       "step_time_s": elapsed, "host_cpu_s": cpu,
-                      "tokens_per_s_per_device": tokens_per_step / elapsed / ctx.world_size, "peak_memory_gib": peak}
+                      "tokens_per_s_per_device": tokens_per_step / elapsed / layout.devices, "peak_memory_gib": peak}
             records.append(record)
             if log is not None:
                 log.log(dict(record))
@@ -176,7 +198,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         hf_dir = ckpt.export_hf(model, Path(options.checkpoint_dir) / ckpt.HF_DIR, ctx.rank, ctx.world_size)
     if not ctx.is_main:
         return None
-    summary = summarize(records, plan.data.predictions, ctx.world_size, tokens_per_step, memory)
+    summary = summarize(records, plan.data.predictions, ctx.world_size, tokens_per_step, memory, layout.devices)
     latest = ckpt.latest_checkpoint(Path(options.checkpoint_dir)) if options.checkpoint_dir else None
     summary.update(
         start_step=start,
@@ -190,5 +212,6 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         plan_changes=resume_from.plan_changes if resume_from else [],
         nonfinite_steps_skipped=skips,
         kernels_executed=ctx.kernels_executed,
+        precision_executed=precision_executed(model),
     )
     return summary

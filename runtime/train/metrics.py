@@ -69,8 +69,10 @@ def predicted_values(predictions: dict[str, Any] | None) -> tuple[float | None, 
 
 
 def summarize(records: list[dict[str, Any]], predictions: dict[str, Any] | None, world_size: int,
-              tokens_per_step: int, memory: str) -> dict[str, Any]:
-    """The `xplan run --json` object from the per-step records of this invocation."""
+              tokens_per_step: int, memory: str, devices: int | None = None) -> dict[str, Any]:
+    """The `xplan run --json` object from the per-step records of this invocation. Throughput is per
+    device (`devices`, default one per rank; an a3 device runs 2 ranks), memory per rank."""
+    devices = devices or world_size
     times = [r["step_time_s"] for r in records]
     steady = times[1:] if len(times) > 1 else times  # the first step pays one-off costs
     step_time = statistics.median(steady) if steady else None
@@ -82,7 +84,7 @@ def summarize(records: list[dict[str, Any]], predictions: dict[str, Any] | None,
         "steps": [r["step"] for r in records],
         "step_time_s": step_time,
         "host_cpu_s": statistics.median(r["host_cpu_s"] for r in records[1:] or records) if records else None,
-        "tokens_per_s_per_device": tokens_per_step / step_time / world_size if step_time else None,
+        "tokens_per_s_per_device": tokens_per_step / step_time / devices if step_time else None,
         "peak_memory_gib": peak,
         "peak_memory_kind": memory,
         "predicted_peak_gib": pred_peak,
@@ -90,6 +92,7 @@ def summarize(records: list[dict[str, Any]], predictions: dict[str, Any] | None,
         "peak_memory_ratio": peak / pred_peak if pred_peak and peak is not None else None,
         "step_time_ratio": step_time / pred_time if pred_time and step_time else None,
         "world_size": world_size,
+        "devices": devices,
         "tokens_per_step": tokens_per_step,
     }
 

@@ -7,24 +7,28 @@ import math
 import torch
 from torch import nn
 
+from xplan.runtime import distributed as D
+
 
 def build_optimizer(model: nn.Module, settings) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm weights, biases and sinks are not decayed).
 
     `settings` is the plan's OptimizerSettings. The multi-tensor (foreach) implementation: the
     parameters are FSDP2 DTensors, and one DTensor dispatch per list instead of per tensor and op
-    is what keeps the optimizer step cheap (about 5% of a small CPU step otherwise).
+    is what keeps the optimizer step cheap (about 5% of a small CPU step otherwise). Under ZeRO-1
+    it steps on this rank's fp32 shards (`optimizer_parameters`; same global shapes, so the same
+    decay rule) and gathers the parameters after each step (`bind_optimizer`).
     """
     decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
+    for _, param in D.optimizer_parameters(model):
         (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": settings.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
-                             foreach=True)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
+                                  foreach=True)
+    D.bind_optimizer(model, optimizer)
+    return optimizer
 
 
 class LRSchedule:

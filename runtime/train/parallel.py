@@ -61,10 +61,10 @@ class Context:
 def setup(layout, device_type: str, timeout_s: float) -> Context:
     """Process group (from the torchrun environment, collective timeout set) and meshes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world != layout.devices:
-        raise InputError(f"the plan is for {layout.devices} devices but this launch has WORLD_SIZE={world}; "
-                         f"launch {layout.devices} processes (torchrun --nproc-per-node ...) or use a plan for "
-                         f"{world} devices.")
+    if world != layout.ranks:
+        raise InputError(f"the plan runs {layout.ranks_text()} but this launch has WORLD_SIZE={world}; "
+                         f"launch {layout.ranks} processes (torchrun --nproc-per-node ...) or use a plan for "
+                         f"{world} ranks.")
     owns = not dist.is_initialized()
     env = D.init_distributed(device_type, timeout_s)
     try:
@@ -94,11 +94,12 @@ def all_reduce_max(value: float, ctx: Context) -> float:
     return value
 
 
-def parallelize(model: nn.Module, layout, ctx: Context) -> nn.Module:
+def parallelize(model: nn.Module, layout, ctx: Context, fp8_recipe: str = "tensorwise") -> nn.Module:
     """Apply the plan's layout to `model` (in place; returns it). The kernel registry picks each
-    module's kernels first (`ctx.kernels_executed` records what runs in each slot)."""
+    module's kernels first (`ctx.kernels_executed` records what runs in each slot); `fp8_recipe`
+    scales fp8 GEMMs (`runtime.precision`)."""
     ctx.kernels_executed = apply_kernels(model, layout, ctx.device_type)
-    model = D.parallelize(model, layout, ctx.meshes)
+    model = D.parallelize(model, layout, ctx.meshes, fp8_recipe=fp8_recipe)
     compile_blocks(model, layout, ctx.device_type)
     return model
 

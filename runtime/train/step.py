@@ -9,8 +9,9 @@ Per step, over this rank's micro-batches of the step's global batch:
    over micro-batches costs no memory and saves one gradient reduction (copies at world size 1,
    all-reduces across HSDP replicas) per extra micro-batch; gradients are reduced after the last
    one only. With fsdp > 1 every micro-batch reduce-scatters, so accumulated gradients stay sharded;
-3. clip on the global gradient norm (dense and expert meshes), the optimizer step, the LR
-   schedule step, `zero_grad(set_to_none=True)`.
+3. finish the gradient reduction (ZeRO-1 reduce-scatters the accumulated gradients onto each
+   rank's optimizer shard; FSDP2 reduced them during backward), clip on the global gradient norm
+   (dense and expert meshes), the optimizer step, the LR schedule step, `zero_grad(set_to_none=True)`.
 
 `StepHooks` lets a caller observe the step between these stages (the dry run labels memory and
 times phases there) without a second copy of it.
@@ -104,6 +105,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         del token_loss  # the dry run measures what a step keeps alive
         hooks.backward_done(index)
     hooks.optimizer_start()
+    D.reduce_gradients(model)
     lr = float(optimizer.param_groups[0]["lr"])
     grad_norm = D.clip_grad_norm_(model, max_norm, meshes)
     skipped = skip_nonfinite and not bool(torch.isfinite(grad_norm))

@@ -155,7 +155,10 @@ def _dry_run(loaded, layers: int | None, imbalance: float | None, reprice: bool,
         print_json(result)
         return
     lay = result["layout"]
-    title = (f"dry run: {result['model']} on {result['world_size']} devices (fsdp {lay['fsdp']}, ep {lay['ep']}, "
+    ranks = f"{result['world_size']} ranks"
+    if result["ranks_per_device"] > 1:
+        ranks += f" ({result['devices']} devices × {result['ranks_per_device']})"
+    title = (f"dry run: {result['model']} on {ranks} (fsdp {lay['fsdp']}, ep {lay['ep']}, "
              f"sp {lay['sp']}, recompute {lay['recompute']}), seq {result['seq_len']}, "
              f"micro-batch {lay['micro_batch']} — rank {result['rank']}")
     table = Table(title=title)
@@ -172,6 +175,10 @@ def _dry_run(loaded, layers: int | None, imbalance: float | None, reprice: bool,
     table.add_row("[bold]peak[/]", f"[bold]{result['measured_peak_gib']:.3f}[/]",
                   f"[bold]{result['predicted_peak_gib']:.3f}[/]", f"[bold]{_fmt(result['ratio'], '.3f')}[/]")
     console.print(table)
+    if result["rank_memory_budget_gib"]:
+        per = " (per die)" if result["ranks_per_device"] > 1 else ""
+        console.print(f"rank memory budget{per}: {result['rank_memory_budget_gib']:.1f} GiB; measured peak "
+                      f"{result['measured_over_budget']:.0%} of it", highlight=False)
     console.print(f"peak in {result['peak_phase']} at {result['peak_where']}; phase peaks: "
                   + ", ".join(f"{p} {v['peak_gib']:.2f} GiB" for p, v in result["phases"].items()), highlight=False)
     console.print(f"prediction: {'the plan' if result['predicted_source'] == 'plan' else 'priced now'} "
