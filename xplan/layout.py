@@ -1,8 +1,7 @@
 """The parallel layout: every knob declared once (type, default, bounds, help, what the runtime runs).
 
-The CLI options of `estimate` and `search`, the `whatif --set` keys, the plan file's `layout`
-section and the runtime's refusals are all derived from the fields of `Layout` and `Kernels`
-below (see `knobs()`); nothing restates them.
+CLI options, `whatif --set` keys, the plan's `layout` section and the runtime's refusals derive
+from the fields of `Layout` and `Kernels` below (`knobs()`); nothing restates them.
 
 Devices and ranks: `devices` counts the hardware profile's devices (a GPU; on a3 a 910C package), a
 rank is one process on one torch device. A profile with `ranks_per_device` r (2 on a3, one rank per
@@ -25,8 +24,7 @@ Data-parallel modes (`dp_mode`), one meaning for planner and runtime:
            (Megatron's distributed optimizer; experts' states over the ranks holding the same
            experts): the runtime's `runtime/distributed/zero1.py`
 
-Gradient accumulation follows from the global batch:
-    global_batch = data_parallel * micro_batch * grad_accum   (sequences)
+Gradient accumulation: global_batch = data_parallel * micro_batch * grad_accum   (sequences)
 """
 
 from __future__ import annotations
