@@ -20,9 +20,8 @@ Data-parallel modes (`dp_mode`), one meaning for planner and runtime:
     fsdp   parameters, gradients and optimizer states sharded over all dp_world ranks (FSDP2)
     hsdp   sharded over `fsdp` ranks, replicated across dp_world / fsdp groups (FSDP2, 2-D mesh)
     ddp    replicated, gradients all-reduced (FSDP2 with a shard group of 1)
-    zero1  parameters and gradients replicated, optimizer states sharded over dp_world
-           (Megatron's distributed optimizer; experts' states over the ranks holding the same
-           experts): the runtime's `runtime/distributed/zero1.py`
+    zero1  parameters and gradients replicated, optimizer states sharded over dp_world (experts'
+           over the ranks holding them): Megatron's distributed optimizer, `runtime/distributed/zero1.py`
 
 Gradient accumulation: global_batch = data_parallel * micro_batch * grad_accum   (sequences)
 """
@@ -107,9 +106,8 @@ class Layout(_Frozen):
 
     devices: int = knob(..., "Total number of devices (the hardware profile's unit: on a3 a 910C package, "
                         "which runs 2 ranks).", short="-n", ge=1)
-    # Set from the hardware profile (the plan file's top-level `ranks_per_device`), so not a knob.
-    ranks_per_device: int = Field(1, ge=1, description="Ranks per device (the profile's device.ranks_per_device).",
-                                  json_schema_extra={"hardware": True})
+    # The hardware profile's (the plan file's top-level `ranks_per_device`), so not a knob.
+    ranks_per_device: int = Field(1, ge=1, description="Ranks per device.", json_schema_extra={"hardware": True})
     dp_mode: Literal["fsdp", "hsdp", "ddp", "zero1"] | None = knob(
         None, "Data-parallel mode: fsdp (shard over all data-parallel ranks), hsdp (shard over --fsdp ranks, "
         "replicate across groups), ddp (replicate, all-reduce gradients), zero1 (shard optimizer states only, "
