@@ -5,12 +5,18 @@ the torchrun environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, M
 free port), brings up the process group with `init_distributed` and calls
 ``fn(rank, world_size, *args)`` in each; `fn` must be importable (module level). An exception in
 any rank fails the call; collectives time out after `timeout_s` instead of hanging.
+
+A rank that finished cleanly leaves with `os._exit(0)` after destroying its process groups: Gloo's
+worker threads can still hold work objects with Python references, and tearing those down during
+interpreter finalization aborts the process (SIGABRT, "terminate called without an active
+exception"; pytorch/pytorch#179291), which failed a CI run after every rank had finished.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.multiprocessing as mp
@@ -33,8 +39,12 @@ def _worker(rank: int, fn, world_size: int, port: int, device_type: str, timeout
     init_distributed(device_type, timeout_s=timeout_s)
     try:
         fn(rank, world_size, *args)
+        torch.distributed.barrier()  # no rank tears down while a peer still talks to it
     finally:
         shutdown_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, world_size: int, *args, device_type: str = "cpu", timeout_s: float = 120.0, threads: int = 1,
