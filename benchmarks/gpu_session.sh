@@ -31,3 +31,8 @@ timeout 240 python3 "$repo/benchmarks/gemm_shapes.py" --profile "$profile" --cas
   --json "$out/gemm_shapes.json" 2>&1 | tee "$out/gemm_shapes.txt"
 timeout 150 python3 "$repo/benchmarks/gpu_check.py" --profile "$profile" --compare 2>&1 | tee "$out/gpu_check.txt"
 timeout 420 python3 "$repo/benchmarks/kernels_gpu.py" --json "$out/kernels_gpu.json" 2>&1 | tee "$out/kernels_gpu.txt"
+# xplan's runtime against a torchtitan-style plain-torch baseline (same models, batches, precision)
+for precision in bf16 fp8; do
+  timeout 420 python3 "$repo/benchmarks/vs_torchtitan.py" --profile "$profile" --precision "$precision" \
+    --json "$out/vs_torchtitan-$precision.json" 2>&1 | tee "$out/vs_torchtitan-$precision.txt"
+done
