@@ -237,18 +237,24 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         progress(len(cores), len(cores))
     ranked = rank_plans(fitting)
     device_type = DEVICE_TYPE_OF_KIND.get(profile.device.kind, "cuda")
-    runnable = next((e for e in ranked if not runtime_refusals(e.layout, device_type)), None)
+    # From every fitting layout, not the ranked list: rank_plans drops a layout another one beats on
+    # speed and memory, and with allow_3d that is often a price-only 3D layout beating every runnable one.
+    runnable = next((e for e in sorted(fitting, key=rank_key) if not runtime_refusals(e.layout, device_type)), None)
     return SearchResult(plans=ranked[:top], pareto=pareto_front(fitting), candidates_evaluated=evaluated,
                         search_time_s=time.perf_counter() - start, smallest=smallest, rejected=rejected,
                         best_runnable=runnable, device_type=device_type, trace_time_s=start - loading,
                         headroom_bytes=headroom_bytes)
 
 
+def rank_key(est: Any) -> tuple:
+    """Fastest first, then the smaller peak, then less offload."""
+    return -round(est.tokens_per_s_per_device, 6), est.memory.total, len(est.layout.offload)
+
+
 def rank_plans(estimates: list[Any]) -> list[Any]:
     """Fastest first; a plan no faster than one already listed and using no less memory is dropped
     (e.g. an offload that changes nothing)."""
-    ranked = sorted(estimates, key=lambda e: (-round(e.tokens_per_s_per_device, 6), e.memory.total,
-                                              len(e.layout.offload)))
+    ranked = sorted(estimates, key=rank_key)
     out: list[Any] = []
     for est in ranked:
         if any(o.tokens_per_s_per_device >= est.tokens_per_s_per_device * 0.9999

@@ -144,3 +144,31 @@ def test_unreadable_plans_exit_2(tmp_path, text, capsys):
     path.write_text(text)
     code, _, err = run(["whatif", str(path)], capsys)
     assert code == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model, hardware, devices, extra", [
+    # --allow-3d: every runnable layout is beaten on speed and memory by a price-only 3D one, which
+    # the ranked list keeps instead; search must still write the fastest runnable layout
+    ("gpt-oss-20b", "a100", "8", ["--allow-3d"]),
+    ("llama3-8b", "h100", "8", ["--global-batch", "32"]),
+    ("qwen3-0.6b", "cpu", "2", ["--seq-len", "512", "--precision", "fp32"]),
+])
+def test_search_writes_only_plans_the_runtime_executes(model, hardware, devices, extra, tmp_path, capsys):
+    from xplan.hw_profiles import load_profile
+    from xplan.layout import DEVICE_TYPE_OF_KIND, runtime_refusals
+    from xplan.runtime.train.loop import check_plan_for_runtime
+
+    path = tmp_path / "plan.yaml"
+    code, out, err = run(["search", model, hardware, "--devices", devices, *extra, "-o", str(path), "--json"],
+                         capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    plan = load_plan(path)
+    profile = load_profile(hardware)
+    device_type = DEVICE_TYPE_OF_KIND[profile.device.kind]
+    assert runtime_refusals(plan.layout, device_type) == []
+    check_plan_for_runtime(plan, device_type)  # what `xplan run` checks before spawning
+    assert plan.layout.ranks_per_device == profile.device.ranks_per_device
+    assert result["written_plan"]["layout"] == plan.layout.to_dict()
+    if "--allow-3d" in extra:
+        assert any(p["runtime_refusals"] for p in result["plans"])  # 3D layouts are listed, priced only

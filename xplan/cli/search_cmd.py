@@ -268,10 +268,13 @@ def search_cmd(
                     "pareto": [e.to_dict() for e in result.pareto], "search_time_s": result.search_time_s,
                     "trace_time_s": result.trace_time_s, "elapsed_s": elapsed,
                     "candidates_evaluated": result.candidates_evaluated, "plan_file": written,
+                    "written_plan": best.to_dict() if written else None,
                     "report_file": report_file})
         return
     if written:
-        note = "" if best is result.plans[0] else " (the fastest layout the runtime executes)"
+        note = "" if best is result.plans[0] else (
+            f" (the fastest layout the runtime executes: {best.tokens_per_s_per_device:,.0f} tokens/s/device, "
+            f"{best.memory.total / 2**30:.1f} GiB; {escape(layout_summary(best.to_dict()))})")
         console.print(f"best plan written to [bold]{escape(written)}[/]{note} — run it with `xplan run {escape(written)}`")
     if report_file:
         console.print(f"report written to [bold]{escape(report_file)}[/]")
