@@ -94,7 +94,7 @@ def fsdp_block_times(profile, dense_numel: float, routed_numel: float, layout, p
     Dense weights are sharded over the `fsdp` consecutive ranks; routed experts (already split
     by EP) over the `expert_fsdp` ranks `ep` apart. Both groups run their collectives in turn.
     """
-    d = layout.devices
+    d = layout.ranks
     stride_tp = layout.tp
     ag = all_gather_time(profile, dense_numel * param_bytes, layout.fsdp, stride_tp, d)
     rs = reduce_scatter_time(profile, dense_numel * reduce_bytes, layout.fsdp, stride_tp, d)
@@ -115,7 +115,7 @@ def expert_parallel_time(profile, tokens: float, hidden: int, top_k: int, layout
     if layout.ep <= 1:
         return 0.0
     nbytes = tokens * top_k * hidden * act_bytes * imbalance
-    return 4 * all_to_all_time(profile, nbytes, layout.ep, layout.tp, layout.devices)
+    return 4 * all_to_all_time(profile, nbytes, layout.ep, layout.tp, layout.ranks)
 
 
 def ulysses_time(profile, tokens: float, q_width: int, kv_width: int, out_width: int, layout,
@@ -128,7 +128,7 @@ def ulysses_time(profile, tokens: float, q_width: int, kv_width: int, out_width:
     if layout.sp <= 1:
         return 0.0
     per_pass = tokens * (q_width + kv_width + out_width) * act_bytes
-    return 2 * all_to_all_time(profile, per_pass, layout.sp, layout.tp, layout.devices)
+    return 2 * all_to_all_time(profile, per_pass, layout.sp, layout.tp, layout.ranks)
 
 
 def tensor_parallel_time(profile, tokens: float, hidden: int, layout, act_bytes: int) -> float:
@@ -138,8 +138,8 @@ def tensor_parallel_time(profile, tokens: float, hidden: int, layout, act_bytes:
     if layout.tp <= 1:
         return 0.0
     full = tokens * hidden * act_bytes  # the micro-batch's activation, gathered over the TP group
-    one = all_gather_time(profile, full, layout.tp, 1, layout.devices) + reduce_scatter_time(
-        profile, full, layout.tp, 1, layout.devices)
+    one = all_gather_time(profile, full, layout.tp, 1, layout.ranks) + reduce_scatter_time(
+        profile, full, layout.tp, 1, layout.ranks)
     return 4 * one
 
 
@@ -147,5 +147,5 @@ def pipeline_p2p_time(profile, tokens: float, hidden: int, layout, act_bytes: in
     """Activations forward and gradients backward across one stage boundary per micro-batch."""
     if layout.pp <= 1:
         return 0.0
-    stride = layout.devices // layout.pp
-    return 2 * layout.vpp * p2p_time(profile, tokens * hidden * act_bytes, stride, layout.devices)
+    stride = layout.ranks // layout.pp
+    return 2 * layout.vpp * p2p_time(profile, tokens * hidden * act_bytes, stride, layout.ranks)

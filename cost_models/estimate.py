@@ -181,7 +181,7 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
         if layout.hsdp_replicas > 1 and not layout.zero1:  # gradients of each shard are also summed across replicas
             shard = block_unsharded_numel(block, layout.ep, layout.tp) / max(1, layout.fsdp // layout.ep)
             rs += comm.all_reduce_time(profile, shard * reduce_bytes, layout.hsdp_replicas,
-                                       layout.fsdp * layout.tp, layout.devices)
+                                       layout.fsdp * layout.tp, layout.ranks)
         copies = a2a = 0.0
         if fsdp2:
             copies = fsdp2_copy_time(profile, block_unsharded_numel(block, layout.ep, layout.tp), layout,
@@ -204,6 +204,14 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
     return blocks, (root_fsdp, root_fsdp_copies, pp_time)
 
 
+def rank_profile(profile, layout: Layout):
+    """The profile one rank of `layout` runs on: the per-rank view (`Profile.per_rank`) when the
+    layout runs the profile's ranks per device (a3: 2, one per die), else the profile itself."""
+    if layout.ranks_per_device > 1 and layout.ranks_per_device == profile.device.ranks_per_device:
+        return profile.per_rank()
+    return profile
+
+
 def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0,
              recompute_every_mm: int = 0, pricing: PricingContext | None = None) -> Estimate:
     """Price `layout` for `config` traced at `trace` (micro-batch 1, the run's seq_len) on `profile`.
@@ -216,6 +224,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     if trace.micro_batch != 1:
         raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
     check_layout(layout, config, seq, global_batch)
+    device_profile, profile = profile, rank_profile(profile, layout)  # a3: a rank is one die
     grad_accum = layout.grad_accum(global_batch)
     tf = layout.micro_batch / layout.sp  # this rank's tokens per micro-batch, in traced sequences
     param_bytes = COMPUTE_BYTES[layout.precision]
@@ -301,13 +310,13 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         # Distributed optimizer: gradients reduce-scattered and parameters all-gathered once per
         # step over the data-parallel ranks, overlapped with the last backward / first forward.
         dense_rank, routed_rank = rank_param_split(trace, layout)
-        rs = comm.reduce_scatter_time(profile, dense_rank * reduce_bytes, layout.dp_world, layout.tp, layout.devices)
-        ag = comm.all_gather_time(profile, dense_rank * param_bytes, layout.dp_world, layout.tp, layout.devices)
+        rs = comm.reduce_scatter_time(profile, dense_rank * reduce_bytes, layout.dp_world, layout.tp, layout.ranks)
+        ag = comm.all_gather_time(profile, dense_rank * param_bytes, layout.dp_world, layout.tp, layout.ranks)
         expert_dp = max(1, layout.dp_world // layout.ep)
         rs += comm.reduce_scatter_time(profile, routed_rank * reduce_bytes, expert_dp, layout.ep * layout.tp,
-                                       layout.devices)
+                                       layout.ranks)
         ag += comm.all_gather_time(profile, routed_rank * param_bytes, expert_dp, layout.ep * layout.tp,
-                                   layout.devices)
+                                   layout.ranks)
         # Bucketed: reduce-scatter hides under the last micro-batch's backward, all-gather under
         # the first forward.
         zero1_exposed = max(0.0, rs - busiest["backward"]) + max(0.0, ag - busiest["forward"])
@@ -332,7 +341,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
                 host_bound=grad_accum * busiest["host_bound"])
     tokens_per_s = global_batch * seq / step / layout.devices
     flops_per_token = trace.flops_per_token
-    mfu = flops_per_token * tokens_per_s / profile.peak_flops("bf16")
+    mfu = flops_per_token * tokens_per_s / device_profile.peak_flops("bf16")  # tokens/s per device
 
     memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, work.recompute_every_mm)
     hbm, host = float(profile.hbm_bytes()), float(profile.host_memory_bytes())

@@ -43,6 +43,8 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
     offload setting of a layout, then prices some of them again. Profiles are frozen, and the
     memo holds the profile and config it was computed for, so their ids name no other object.
     """
+    if layout.ranks_per_device > 1 and layout.ranks_per_device == profile.device.ranks_per_device:
+        profile = profile.per_rank()  # a3: a rank is one die (estimate.rank_profile)
     memo = trace.__dict__.setdefault("_memory_terms", {})
     key = (layout_key(layout, without=("offload",)), grad_accum, imbalance, recompute_every_mm, id(profile),
            id(config))

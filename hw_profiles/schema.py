@@ -252,6 +252,9 @@ def _covered(path: str, keys: set[str]) -> bool:
     return False
 
 
+_PER_RANK: dict[int, tuple[Profile, Profile]] = {}  # id(profile) -> (profile, its per-rank view)
+
+
 class Profile(_Model):
     """A hardware profile: one device kind and the interconnect hierarchy joining devices."""
 
@@ -291,6 +294,37 @@ class Profile(_Model):
                 "its source (a paper, datasheet, measurement command and date, or 'assumed: why')"
             )
         return self
+
+    def per_rank(self) -> Profile:
+        """The profile of one rank: with ranks_per_device r > 1 (a3: one rank per die of a 910C
+        package) peak FLOPs, HBM capacity and bandwidth, host memory and link and every level's
+        bandwidth are split r ways and a level's device count counts ranks (the profile's own
+        header: "halve ... for per-die numbers"). r = 1: the profile itself. One object per
+        profile, so memos keyed on the profile's id keep hitting."""
+        r = self.device.ranks_per_device
+        if r == 1:
+            return self
+        known = _PER_RANK.get(id(self))
+        if known is not None and known[0] is self:
+            return known[1]
+        peak = self.compute.peak_tflops
+        split = {k: (v / r if v is not None else None) for k, v in peak.model_dump().items()}
+        derived = self.model_copy(update={
+            "name": f"{self.name}-rank",
+            "device": self.device.model_copy(update={"ranks_per_device": 1,
+                                                     "definition": f"one rank of {self.device.definition}"}),
+            "compute": self.compute.model_copy(update={"peak_tflops": peak.model_copy(update=split)}),
+            "memory": self.memory.model_copy(update={"hbm_gib": self.memory.hbm_gib / r,
+                                                     "hbm_tbps": self.memory.hbm_tbps / r}),
+            "host": self.host.model_copy(update={"memory_gib": self.host.memory_gib / r,
+                                                 "link_gbps": self.host.link_gbps / r}),
+            "interconnect": self.interconnect.model_copy(update={"levels": [
+                level.model_copy(update={"devices": level.devices * r if level.devices else None,
+                                         "bandwidth_gbps": level.bandwidth_gbps / r})
+                for level in self.interconnect.levels]}),
+        })
+        _PER_RANK[id(self)] = (self, derived)
+        return derived
 
     # ------------------------------------------------------------------ compute
     def peak_flops(self, dtype: str = "bf16") -> float:

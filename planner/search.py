@@ -115,15 +115,17 @@ def sp_choices(config, dp_world: int, seq_len: int) -> list[int]:
 
 
 def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict[str, Any],
-                 allow_3d: bool) -> list[dict[str, Any]]:
-    """Sharding × EP × SP × micro-batch × loss (× TP/PP) before recompute/offload are chosen."""
+                 allow_3d: bool, ranks_per_device: int = 1) -> list[dict[str, Any]]:
+    """Sharding × EP × SP × micro-batch × loss (× TP/PP) before recompute/offload are chosen.
+    Sizes count ranks (devices × ranks_per_device; `profile` is the per-rank view)."""
+    ranks = devices * ranks_per_device
     tps = [pinned["tp"]] if "tp" in pinned else ([1, 2, 4, 8] if allow_3d else [1])
     pps = [pinned["pp"]] if "pp" in pinned else ([1, 2, 4, 8, 16] if allow_3d else [1])
     out = []
     for tp, pp in itertools.product(tps, pps):
-        if devices % (tp * pp):
+        if ranks % (tp * pp):
             continue
-        dp_world = devices // (tp * pp)
+        dp_world = ranks // (tp * pp)
         vpps = [pinned["vpp"]] if "vpp" in pinned else ([1, 2, 4] if pp > 1 else [1])
         fsdps = [pinned["fsdp"]] if "fsdp" in pinned else fsdp_choices(dp_world, profile, allow_3d,
                                                                         pinned.get("dp_mode"))
@@ -139,7 +141,7 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
                     if per_rank and workload.global_batch % (data_parallel * m) == 0]
                 losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
                 for mb, loss in itertools.product(mbs, losses):
-                    out.append({"devices": devices, "dp_mode": dp_mode, "fsdp": fsdp, "ep": ep, "sp": sp, "tp": tp, "pp": pp,
+                    out.append({"devices": devices, "ranks_per_device": ranks_per_device, "dp_mode": dp_mode, "fsdp": fsdp, "ep": ep, "sp": sp, "tp": tp, "pp": pp,
                                 "vpp": vpp, "micro_batch": mb, "loss": loss})
     return out
 
@@ -158,7 +160,10 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         raise InputError(f"--devices must be a positive integer, got {devices}.")
     pinned = dict(pinned or {})
     config = load_model_config(workload.model)
-    profile = load_hw(workload.hardware)
+    device_profile = load_hw(workload.hardware)
+    # Sizes, memory and times are per rank: a3 runs two ranks (dies) per device, each with half of it.
+    ranks_per_device = device_profile.device.ranks_per_device
+    profile = device_profile.per_rank()
     pricing = PricingContext(profile)  # op times priced once per (trace, rank work) for this search
     precision = pinned.pop("precision", "bf16")
     # The runtime compiles blocks (fused elementwise kernels) on accelerators and stays eager on CPU.
@@ -172,7 +177,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     # The clock starts once model, profile and traces are loaded (tracing is cached on disk and
     # timed by its own benchmark): it measures enumerating and pricing.
     start = time.perf_counter()
-    cores = core_layouts(config, workload, devices, profile, pinned, allow_3d)
+    cores = core_layouts(config, workload, devices, profile, pinned, allow_3d, ranks_per_device)
     fitting, evaluated, smallest, rejected = [], 0, None, {}
     smallest_memory: dict[str, tuple] = {}  # 'device' / 'offload' -> (peak bytes, layout, trace)
 
@@ -181,10 +186,10 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         if kind not in smallest_memory or memory.total < smallest_memory[kind][0]:
             smallest_memory[kind] = (memory.total, layout, trace)
 
-    hbm, host = profile.hbm_bytes() - headroom_bytes, profile.host_memory_bytes()
+    hbm, host = profile.hbm_bytes() - headroom_bytes / ranks_per_device, profile.host_memory_bytes()
     if headroom_bytes < 0 or hbm <= 0:
         raise InputError(f"--headroom must be at least 0 and below the device memory "
-                         f"({profile.hbm_bytes() / 2**30:.0f} GiB), got {headroom_bytes / 2**30:.1f} GiB.")
+                         f"({device_profile.hbm_bytes() / 2**30:.0f} GiB), got {headroom_bytes / 2**30:.1f} GiB.")
     chains = recompute_chains(recomputes)
     for i, core in enumerate(cores):
         if progress and i % 16 == 0:
@@ -214,7 +219,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                     mid = (lo + hi) // 2
                     layout = make(recompute=chain[mid])
                     evaluated += 1
-                    memory = memory_estimate(trace, layout, profile, grad_accum, workload.imbalance, config)
+                    memory = memory_estimate(trace, layout, device_profile, grad_accum, workload.imbalance, config)
                     if fits_memory(memory, hbm, host):
                         hi, first_fitting = mid, layout
                     else:
@@ -223,7 +228,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                 candidates = [first_fitting] if first_fitting is not None else []
             for layout in candidates:
                 evaluated += exhaustive
-                est = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance,
+                est = estimate(trace, config, layout, device_profile, workload.global_batch, workload.imbalance,
                                pricing=pricing)
                 if fits_memory(est.memory, hbm, host):
                     fitting.append(est)
@@ -231,12 +236,12 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                     track(est.memory, layout, trace)
     smallest = {}
     for kind, (_, layout, trace) in smallest_memory.items():
-        smallest[kind] = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance,
+        smallest[kind] = estimate(trace, config, layout, device_profile, workload.global_batch, workload.imbalance,
                                   pricing=pricing)
     if progress:
         progress(len(cores), len(cores))
     ranked = rank_plans(fitting)
-    device_type = DEVICE_TYPE_OF_KIND.get(profile.device.kind, "cuda")
+    device_type = DEVICE_TYPE_OF_KIND.get(device_profile.device.kind, "cuda")
     # From every fitting layout, not the ranked list: rank_plans drops a layout another one beats on
     # speed and memory, and with allow_3d that is often a price-only 3D layout beating every runnable one.
     runnable = next((e for e in sorted(fitting, key=rank_key) if not runtime_refusals(e.layout, device_type)), None)

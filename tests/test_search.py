@@ -150,6 +150,8 @@ def test_unreadable_plans_exit_2(tmp_path, text, capsys):
     # --allow-3d: every runnable layout is beaten on speed and memory by a price-only 3D one, which
     # the ranked list keeps instead; search must still write the fastest runnable layout
     ("gpt-oss-20b", "a100", "8", ["--allow-3d"]),
+    ("qwen3-30b-a3b", "a3", "16", []),  # a3: two ranks per device, sizes in ranks
+    ("qwen3-30b-a3b", "a3", "8", ["--allow-3d", "--seq-len", "2048"]),
     ("llama3-8b", "h100", "8", ["--global-batch", "32"]),
     ("qwen3-0.6b", "cpu", "2", ["--seq-len", "512", "--precision", "fp32"]),
 ])

@@ -131,7 +131,8 @@ def separation(chosen: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 def memory_margin(est: dict[str, Any], headroom_gib: float = 0.0) -> str:
     mem = est["memory_gib"]
     free = mem["capacity"] - mem["total"]
-    text = f"peaks at {gib(mem['total'])} of {mem['capacity']:.0f} GiB per device ({gib(free)} free"
+    per = "rank (one die)" if est["layout"].get("ranks_per_device", 1) > 1 else "device"
+    text = f"peaks at {gib(mem['total'])} of {mem['capacity']:.0f} GiB per {per} ({gib(free)} free"
     if headroom_gib:
         text += f"; {gib(headroom_gib)} headroom was required"
     return text + ")"

@@ -71,7 +71,8 @@ def plan_table(title: str, estimates: list[dict], labels: list[str], refused: se
     caption = "all rows: " + " ".join(f"{k}={show(k, v)}" for k, v in common.items())
     if len(bindings) == 1:
         caption += f" binding={next(iter(bindings))}"
-    caption += "\ntok/s = tokens/s/device, GiB = peak memory per device"
+    per_die = any(d["layout"].get("ranks_per_device", 1) > 1 for d in estimates)
+    caption += f"\ntok/s = tokens/s/device, GiB = peak memory per {'rank (one die)' if per_die else 'device'}"
     if front:
         caption += ", ● = on the Pareto front (throughput vs memory)"
     if refused:
@@ -187,9 +188,9 @@ def search_cmd(
     started = time.perf_counter()
     devices = parse_knob("devices", layout_flags.pop("devices"))
     pinned = {name: parse_knob(name, value) for name, value in layout_flags.items() if value is not None}
-    if global_batch is None:
-        global_batch = devices
     profile = load_hw(hardware)
+    if global_batch is None:  # one sequence per rank (a3: two ranks per device)
+        global_batch = devices * profile.device.ranks_per_device
     headroom_gib = parse_headroom(headroom, profile.hbm_bytes() / 2**30)
     workload = Workload(model, hardware, seq_len, global_batch, imbalance)
     kwargs = dict(allow_3d=allow_3d, exhaustive=exhaustive, top=max(top, 1), headroom_bytes=headroom_gib * 2**30)
