@@ -121,8 +121,9 @@ def _with_offload(trace, layout: Layout, t: _OffloadFreeTerms, grad_accum: int, 
     params, grads, optim, offloaded = model_state_bytes(t.state_numel, layout.offload)
     if layout.zero1:
         # Replicated compute-dtype weights and fp32 gradients; fp32 master copy + moments sharded.
+        # Offload moves the masters and moments to the host; the gradient buffers stay on the device.
         weights = t.resident * compute_bytes if layout.precision != "fp32" else 0.0
-        params, grads = params + weights, t.resident * 4 if "params" not in layout.offload else grads
+        params, grads = params + weights, t.resident * 4
     saved = t.saved
     if "activations" in layout.offload:
         on_device = min(saved, 2 * t.largest_block)  # the block in flight and the one being copied
@@ -142,7 +143,7 @@ def _with_offload(trace, layout: Layout, t: _OffloadFreeTerms, grad_accum: int, 
     else:
         backward_saved, workspace, gathered, held, grads_backward = backward_moment(
             trace, layout.recompute, t.tf, layout.tp, layout.pp, layout.ep, imbalance, t.in_flight, compute_bytes,
-            layout.zero1, grads, grad_accum > 1 or layout.zero1, t.ep_copy, recompute_every_mm)
+            layout.zero1, grads, grad_accum > 1, t.ep_copy, recompute_every_mm)
         backward_saved += t.extra
         block_phase = workspace + held
     block_moment = grads_backward + gathered + block_phase + backward_saved

@@ -607,3 +607,36 @@ def test_ring_collective_time_is_the_alpha_beta_model_at_the_ring_bandwidth():
     assert comm.ring_bandwidth(p, "all_gather", 64, 1, 64) == pytest.approx(busbw)
     assert comm.all_gather_time(p, gib, 64, 1, 64) == pytest.approx(63 * 3.7e-6 + 63 / 64 * gib / busbw)
     assert comm.all_reduce_time(p, gib, 64, 1, 64) == pytest.approx(126 * 3.7e-6 + 2 * 63 / 64 * gib / busbw)
+
+
+def test_zero1_single_micro_batch_grows_gradients_during_backward():
+    """ZeRO-1 makes each fp32 gradient buffer at the parameter's first gradient of the step: with
+    one micro-batch the backward's worst moment holds only the buffers of the units already
+    done (the dry run measures 2.9 GiB at qwen3-8b's last layer, memory_matrix row 26); with two,
+    every buffer from the first micro-batch."""
+    from xplan.planner.pricing import Workload, price
+
+    layout = layout_from_dict({"devices": 8, "dp_mode": "zero1", "recompute": "none"})
+    one = price(Workload("qwen3-8b", "h800", 4096, 8), layout)
+    two = price(Workload("qwen3-8b", "h800", 4096, 16), layout)
+    full = 8.19e9 * 4  # every parameter's fp32 buffer
+    assert two.memory.gradients == pytest.approx(full, rel=0.01)
+    assert one.memory.gradients < 0.2 * full
+    assert one.memory.total < two.memory.total
+
+
+def test_zero1_offload_keeps_gradient_buffers_and_weights_on_the_device():
+    """ZeRO-1 offload (optimizer or params) moves the fp32 masters and AdamW moments to the host;
+    the replicated compute-dtype weights and fp32 gradient buffers stay (runtime/distributed/zero1.py),
+    and the sharded masters are counted (4 B per parameter over the ranks) where they are kept."""
+    from xplan.planner.pricing import Workload, price
+
+    work = Workload("qwen3-8b", "h800", 4096, 16)
+    base = price(work, layout_from_dict({"devices": 8, "dp_mode": "zero1", "recompute": "full"})).memory
+    numel = base.gradients / 4
+    assert base.parameters == pytest.approx(numel * 2 + numel * 4 / 8, rel=1e-9)  # bf16 replica + fp32 master shard
+    for offload in ("optimizer", "params"):
+        mem = price(work, layout_from_dict({"devices": 8, "dp_mode": "zero1", "recompute": "full",
+                                            "offload": offload})).memory
+        assert mem.gradients == base.gradients and mem.optimizer == 0.0
+        assert mem.parameters == pytest.approx(base.parameters - (numel * 4 / 8 if offload == "params" else 0))
