@@ -29,6 +29,26 @@ class RankWork:
     weight_cast_share: float = 1.0
 
 
+# Traced groups outside the decoder blocks (embedding, final norm, LM head, loss, ...).
+OUTSIDE_BLOCKS = ("embed", "head", "loss", "norm", "rotary", "model")
+FP8_ALIGNMENT = 16  # torch._scaled_mm needs both weight widths to be multiples of 16
+
+
+def gemm_precision(op: PricedOp, precision: str) -> str:
+    """The precision a GEMM runs in. Under fp8 the runtime converts only the decoder blocks'
+    linear layers whose widths are multiples of 16 (runtime/precision.py, torchtitan's rule): the
+    LM head, the routers (`mlp.gate`, `mlp.router`) and the routed experts' grouped GEMMs run in
+    bf16, as its `precision_executed.kept_bf16` says."""
+    if precision != "fp8":
+        return precision
+    router = op.module.rsplit(".", 1)[-1] in ("gate", "router")
+    if op.category != "gemm" or op.group in OUTSIDE_BLOCKS or not op.module or router:
+        return "bf16"
+    if any(int(width) % FP8_ALIGNMENT for width in op.dims[1:]):
+        return "bf16"
+    return "fp8"
+
+
 def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, profile) -> float:
     """fp8 GEMMs quantise their operands: read bf16 (2 B), write fp8 (1 B) per element (the
     scaling-factor reductions ride along).
@@ -68,8 +88,9 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
                               backward=op.phase == "backward", kernel=work.attention_kernel, dtype=dtype) + overhead
     if op.category in ("grouped", "gemm"):
         m, n, k, groups, repeat = rank_gemm(op, work)
-        return repeat * (gemm_time(profile, m, n, k, work.precision, groups)
-                         + fp8_cast_time(m, n, k, groups, work, profile))
+        precision = gemm_precision(op, work.precision)
+        cast = fp8_cast_time(m, n, k, groups, work, profile) if precision == "fp8" else 0.0
+        return repeat * (gemm_time(profile, m, n, k, precision, groups) + cast)
     scale = DTYPE_BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
     nbytes = op.fused_nbytes if work.fused_elementwise else op.nbytes
     if work.fused_elementwise and not nbytes:

@@ -640,3 +640,23 @@ def test_zero1_offload_keeps_gradient_buffers_and_weights_on_the_device():
                                             "offload": offload})).memory
         assert mem.gradients == base.gradients and mem.optimizer == 0.0
         assert mem.parameters == pytest.approx(base.parameters - (numel * 4 / 8 if offload == "params" else 0))
+
+
+def test_fp8_prices_only_the_gemms_the_runtime_converts():
+    """runtime/precision.py converts the blocks' aligned linear layers; the LM head, routers and
+    routed-expert grouped GEMMs stay bf16 (precision_executed.kept_bf16), and are priced so."""
+    from xplan.cost_models.compute import RankWork, gemm_precision, op_time
+    from xplan.cost_models.ops import priced_ops
+    from xplan.planner.pricing import get_trace
+
+    profile = load_profile("h100")
+    ops = [op for op in priced_ops(get_trace("qwen3-30b-a3b", 4096, "chunked")) if op.category in ("gemm", "grouped")]
+    kinds = {}
+    for op in ops:
+        kind = ("head" if op.group == "head" else "router" if op.module == "mlp.gate"
+                else "experts" if op.category == "grouped" else "linear")
+        kinds.setdefault(kind, set()).add(gemm_precision(op, "fp8"))
+        bf16, fp8 = (op_time(op, RankWork(1.0, precision=p), profile) for p in ("bf16", "fp8"))
+        assert (fp8 == bf16) == (kind != "linear"), (kind, op)
+    assert kinds == {"head": {"bf16"}, "router": {"bf16"}, "experts": {"bf16"}, "linear": {"fp8"}}
+    assert {gemm_precision(op, p) for op in ops for p in ("bf16", "fp32")} == {"bf16", "fp32"}
