@@ -22,6 +22,7 @@ class RankWork:
     traced_dtype_bytes: int = 2
     fused_elementwise: bool = True  # kernels.elementwise == "fused"
     attention_kernel: str = "flash"  # kernels.attention: sdpa prices at the profile's sdpa_fraction
+    moe_gemm: str = "grouped_mm"  # kernels.moe_gemm: loop issues one GEMM per local expert
     # Selective recompute also redoes every n-th forward aten.mm of a block (torchtitan's op-level
     # SAC: 2, "every second mm"); 0: every GEMM output is kept (the trace's own policy).
     recompute_every_mm: int = 0
@@ -79,6 +80,12 @@ def rank_gemm(op: PricedOp, work: RankWork) -> tuple[float, float, float, int, f
     return m, n, k, op.groups, work.token_factor / work.tp
 
 
+def expert_loop(op: PricedOp, work: RankWork) -> bool:
+    """A routed-expert GEMM run as a loop of per-expert matmuls (`kernels.moe_gemm: loop`,
+    runtime/models/grouped.py) rather than one grouped call."""
+    return op.category == "grouped" and work.moe_gemm == "loop"
+
+
 def op_time(op: PricedOp, work: RankWork, profile) -> float:
     """Seconds for one traced op on one rank under `work`."""
     overhead = profile.compute.gemm.overhead_us * 1e-6
@@ -90,6 +97,8 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
         m, n, k, groups, repeat = rank_gemm(op, work)
         precision = gemm_precision(op, work.precision)
         cast = fp8_cast_time(m, n, k, groups, work, profile) if precision == "fp8" else 0.0
+        if expert_loop(op, work):  # one GEMM (and its launch overhead) per local expert
+            return repeat * groups * gemm_time(profile, m, n, k, precision, 1) + repeat * cast
         return repeat * (gemm_time(profile, m, n, k, precision, groups) + cast)
     scale = DTYPE_BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
     nbytes = op.fused_nbytes if work.fused_elementwise else op.nbytes
@@ -134,12 +143,14 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
         if op.category in ("gemm", "grouped"):
             times[(op.group, "gemm")] += t
         issued = op.category != "memory" or not work.fused_elementwise or bool(op.fused_nbytes)
+        # kernels the host launches for the op: one per local expert for an expert loop
+        issued *= rank_gemm(op, work)[3] if expert_loop(op, work) else 1
         if redone_by_selective(op, mm_seen, work.recompute_every_mm):
             times[(op.group, "selective_recompute")] += t
             times[(op.group, "ops_selective")] += issued
         if issued:
-            times[(op.group, "ops")] += 1
-            times[(op.group, "ops_forward")] += op.phase == "forward"
+            times[(op.group, "ops")] += issued
+            times[(op.group, "ops_forward")] += issued * (op.phase == "forward")
     return dict(times)
 
 

@@ -135,6 +135,7 @@ def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm:
                     traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
                     fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
                     attention_kernel=layout.kernels.get("attention", "sdpa"),
+                    moe_gemm=layout.kernels.get("moe_gemm", "grouped_mm"),
                     recompute_every_mm=recompute_every_mm if layout.recompute == "selective" else 0,
                     # Only fp8 GEMMs cast weights: other precisions share one work (and its memo).
                     weight_cast_share=1.0 / max(1, grad_accum) if layout.precision == "fp8" else 1.0)

@@ -660,3 +660,28 @@ def test_fp8_prices_only_the_gemms_the_runtime_converts():
         assert (fp8 == bf16) == (kind != "linear"), (kind, op)
     assert kinds == {"head": {"bf16"}, "router": {"bf16"}, "experts": {"bf16"}, "linear": {"fp8"}}
     assert {gemm_precision(op, p) for op in ops for p in ("bf16", "fp32")} == {"bf16", "fp32"}
+
+
+def test_moe_gemm_loop_prices_one_gemm_per_local_expert():
+    """kernels.moe_gemm loop (runtime/models/grouped.py: one matmul per expert) pays each expert's
+    GEMM and launch on its own; grouped_mm one call for all."""
+    from xplan.cost_models.compute import RankWork, group_times, op_time, rank_gemm
+    from xplan.cost_models.kernels import gemm_time
+    from xplan.cost_models.ops import priced_ops
+    from xplan.planner.pricing import Workload, get_trace, price
+
+    profile = load_profile("h100")
+    trace = get_trace("qwen3-30b-a3b", 4096, "chunked")
+    grouped, loop = RankWork(1.0, ep=8), RankWork(1.0, ep=8, moe_gemm="loop")
+    op = next(o for o in priced_ops(trace) if o.category == "grouped")
+    m, n, k, groups, _ = rank_gemm(op, loop)
+    assert groups == 128 // 8
+    assert op_time(op, loop, profile) == pytest.approx(groups * gemm_time(profile, m, n, k, "bf16", 1))
+    assert op_time(op, grouped, profile) == pytest.approx(gemm_time(profile, m, n, k, "bf16", groups))
+    extra = sum(groups - 1 for o in priced_ops(trace) if o.category == "grouped" and o.group == "moe")
+    assert group_times(trace, loop, profile)[("moe", "ops")] == group_times(trace, grouped, profile)[("moe", "ops")] + extra
+    layout = {"devices": 8, "ep": 8}
+    work = Workload("qwen3-30b-a3b", "h100", 4096, 8)
+    slow = price(work, layout_from_dict({**layout, "kernels": {"moe_gemm": "loop"}}))
+    fast = price(work, layout_from_dict(layout))
+    assert slow.time["compute"] > fast.time["compute"] and slow.step_time_s > fast.step_time_s
