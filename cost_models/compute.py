@@ -142,6 +142,8 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
         times[(op.group, op.phase)] += t
         if op.category in ("gemm", "grouped"):
             times[(op.group, "gemm")] += t
+        elif op.category == "attention":  # what an eager kernel replaces (estimate.eager_attention)
+            times[(op.group, f"attention_{op.phase}")] += t
         issued = op.category != "memory" or not work.fused_elementwise or bool(op.fused_nbytes)
         # kernels the host launches for the op: one per local expert for an expert loop
         issued *= rank_gemm(op, work)[3] if expert_loop(op, work) else 1

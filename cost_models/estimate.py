@@ -22,13 +22,14 @@ from xplan.layout import Layout, check_layout
 
 from . import comm
 from .compute import PricingContext, RankWork, pricing_for
-from .kernels import memory_time
+from .kernels import eager_attention_time, memory_time
 from .memory import (
     COMPUTE_BYTES,
     GIB,
     MemoryBreakdown,
     activation_bytes,
     block_unsharded_numel,
+    eager_attention_elements,
     rank_param_split,
 )
 from .memos import layout_key, memoised
@@ -205,6 +206,15 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
     return blocks, (root_fsdp, root_fsdp_copies, pp_time)
 
 
+def eager_attention(config, layout: Layout, profile, seq_len: int) -> tuple[float, float]:
+    """(forward, backward) seconds of one layer's `kernels.attention: eager` on one rank."""
+    elements = eager_attention_elements(config, layout, seq_len)
+    dtype = "fp32" if layout.precision == "fp32" else "bf16"
+    fused = layout.kernels.get("elementwise", "fused") == "fused"
+    return tuple(eager_attention_time(profile, elements, config.qk_head_dim, config.v_dim, dtype, backward, fused)
+                 for backward in (False, True))
+
+
 def rank_profile(profile, layout: Layout):
     """The profile one rank of `layout` runs on: the per-rank view (`Profile.per_rank`) when the
     layout runs the profile's ranks per device (a3: 2, one per die), else the profile itself."""
@@ -246,9 +256,13 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
                                                                              imbalance)
     recompute_fraction = layout.recompute_fraction()
     num_layers = sum(block.count for block in trace.blocks.values())
+    eager = eager_attention(config, layout, profile, seq) if layout.kernels.get("attention") == "eager" else None
     for kind, block in trace.blocks.items():
         n = block.count / num_layers
         fwd, bwd = times.get((kind, "forward"), 0.0), times.get((kind, "backward"), 0.0)
+        if eager is not None:  # the traced fused attention's time, replaced by the eager kernel's
+            fwd += eager[0] - times.get((kind, "attention_forward"), 0.0)
+            bwd += eager[1] - times.get((kind, "attention_backward"), 0.0)
         compute += n * (fwd + bwd)
         host_ops += n * times.get((kind, "ops"), 0.0)
         forward_total += n * fwd

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .compute import redone_by_selective
+from .kernels import EAGER_SAVED_BYTES
 from .ops import priced_ops
 
 GIB = 2**30
@@ -332,6 +333,24 @@ def chunked_head_bytes(head_params: float, vocab: int, hidden: int, tokens: floa
 def routed_copy_bytes(config, tokens: float, act_bytes: int) -> float:
     """One routed copy of `tokens` tokens (each sent to top_k experts): an EP all-to-all's output."""
     return tokens * config.top_k * config.hidden_size * act_bytes
+
+
+def eager_attention_elements(config, layout, seq_len: int) -> float:
+    """Score elements one rank's eager attention materialises per layer and micro-batch:
+    micro-batch x its heads (over tp, and over sp under Ulysses: whole sequences) x seq x seq."""
+    return layout.micro_batch / layout.sp * config.num_heads / layout.tp * seq_len * seq_len
+
+
+def eager_saved_bytes(config, layout, policy_counts: dict[str, float], seq_len: int, in_flight: float) -> float:
+    """What `kernels.attention: eager` keeps beyond the fused kernel the trace ran: each layer
+    that keeps its activations holds its probabilities (fp32 and bf16, `EAGER_SAVED_BYTES` per
+    score element) for backward; a fully recomputed layer holds them again while its backward
+    runs (one layer at a time)."""
+    if layout.kernels.get("attention") != "eager":
+        return 0.0
+    probs = eager_attention_elements(config, layout, seq_len) * EAGER_SAVED_BYTES
+    kept = policy_counts.get("none", 0.0) + policy_counts.get("selective", 0.0)
+    return (kept * in_flight + (1.0 if policy_counts.get("full", 0.0) else 0.0)) * probs
 
 
 def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_layers: float, tokens: float,

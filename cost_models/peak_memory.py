@@ -18,6 +18,7 @@ from .memory import (
     backward_moment,
     block_unsharded_numel,
     chunked_head_bytes,
+    eager_saved_bytes,
     head_phase_bytes,
     layers_by_policy,
     model_state_bytes,
@@ -99,6 +100,7 @@ def _offload_free_terms(trace, layout: Layout, profile, grad_accum: int, imbalan
             sum(1 for kind, _ in stage_layers(trace, layout.recompute, layout.pp) if trace.blocks[kind].num_experts)))
         extra = parallel_saved_bytes(config, layout, counts, moe_layers, rank_tokens, compute_bytes,
                                      imbalance) * in_flight
+        extra += eager_saved_bytes(config, layout, counts, trace.seq_len, in_flight)
         if layout.ep > 1 and config.num_experts:  # the busiest rank's gradient all-to-all output
             ep_copy = routed_copy_bytes(config, rank_tokens, compute_bytes) * imbalance
     logits, head = memoised(parts, ("head_phase", tf, layout.tp, compute_bytes),

@@ -685,3 +685,27 @@ def test_moe_gemm_loop_prices_one_gemm_per_local_expert():
     slow = price(work, layout_from_dict({**layout, "kernels": {"moe_gemm": "loop"}}))
     fast = price(work, layout_from_dict(layout))
     assert slow.time["compute"] > fast.time["compute"] and slow.step_time_s > fast.step_time_s
+
+
+def test_eager_attention_priced_as_it_materialises_scores():
+    """kernels.attention eager (runtime/kernels/attention.py: eager_attention) keeps each layer's
+    [batch, heads, seq, seq] probabilities (fp32 + bf16) for backward and computes the whole
+    square with unfused GEMMs and a softmax chain; the dry run measures qwen3-8b (8 ranks, seq
+    1024, no recompute) at 14.62 GiB of activations against the 14.57 priced (7.84 with sdpa)."""
+    from xplan.cost_models.kernels import EAGER_SAVED_BYTES
+    from xplan.planner.pricing import Workload, price
+
+    work = Workload("qwen3-8b", "h100", 1024, 16)
+    base = {"devices": 8, "recompute": "none"}
+    sdpa = price(work, layout_from_dict(base))
+    eager = price(work, layout_from_dict({**base, "kernels": {"attention": "eager"}}))
+    probs = 36 * 32 * 1024 * 1024 * EAGER_SAVED_BYTES  # layers x heads x seq^2 x bytes
+    assert eager.memory.activations - sdpa.memory.activations == pytest.approx(probs, rel=1e-9)
+    full = {**base, "recompute": "full"}
+    one_layer = (price(work, layout_from_dict({**full, "kernels": {"attention": "eager"}})).memory.activations
+                 - price(work, layout_from_dict(full)).memory.activations)
+    assert one_layer == pytest.approx(probs / 36, rel=1e-9)  # the layer whose backward recomputes them
+    long = Workload("qwen3-8b", "h100", 4096, 16)
+    slow = price(long, layout_from_dict({**full, "kernels": {"attention": "eager"}}))
+    fast = price(long, layout_from_dict(full))
+    assert slow.time["compute"] > 1.2 * fast.time["compute"] and slow.time["recompute"] > fast.time["recompute"]
