@@ -70,8 +70,8 @@ def price(workload: Workload, layout: Layout) -> Estimate:
     return estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
 
 
-def layout_from_flags(flags: dict[str, Any]) -> Layout:
+def layout_from_flags(flags: dict[str, Any], ranks_per_device: int = 1) -> Layout:
     """Layout from CLI flags ({knob: value, None where unset}); unset knobs take the declared
-    defaults (see xplan.layout)."""
+    defaults (see xplan.layout). `ranks_per_device`: the hardware's (a3: 2), not a flag."""
     checked = {name: parse_knob(name, value) for name, value in flags.items() if value is not None}
-    return layout_from_dict(flat_to_nested(checked))
+    return layout_from_dict({**flat_to_nested(checked), "ranks_per_device": ranks_per_device})

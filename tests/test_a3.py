@@ -116,3 +116,27 @@ def test_search_on_a3_writes_a_plan_run_accepts(tmp_path, capsys):
     assert (plan.layout.devices, plan.layout.ranks_per_device, plan.training.global_batch) == (16, 2, 32)
     check_plan_for_runtime(plan, "npu")
     assert "per rank (one die)" in capsys.readouterr().out
+
+
+def test_whatif_on_an_a3_plan_keeps_its_ranks(model_dir, tmp_path, capsys):
+    from xplan.cli import main
+
+    layout = layout_from_dict({"devices": 4, "ranks_per_device": 2, "ep": 2})
+    path = save_plan(make_plan(str(model_dir), "a3", layout, TRAINING), tmp_path / "a3.yaml")
+    assert main(["whatif", str(path), "--set", "ep=4", "--json"]) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    after = result["after"]["layout"]
+    assert (after["ranks_per_device"], after["ranks"], after["fsdp"], after["ep"]) == (2, 8, 8, 4)
+    assert result["after"]["memory_gib"]["capacity"] == pytest.approx(64.0)  # one die's
+    assert main(["whatif", str(path), "--set", "hw=h100", "--json"]) == 0, capsys.readouterr().err
+    after = json.loads(capsys.readouterr().out)["after"]["layout"]
+    assert (after["ranks_per_device"], after["ranks"], after["fsdp"]) == (1, 4, 4)
+
+
+def test_estimate_on_a3_counts_ranks(capsys):
+    from xplan.cli import main
+
+    assert main(["estimate", "qwen3-30b-a3b", "a3", "--devices", "16", "--ep", "16", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["layout"]["ranks"], d["layout"]["fsdp"], d["global_batch"]) == (32, 32, 32)
+    assert d["memory_gib"]["capacity"] == pytest.approx(64.0)

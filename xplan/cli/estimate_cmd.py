@@ -23,9 +23,11 @@ def render_estimate(title: str, est) -> None:
     summary.add_row("tokens/s/device", f"{d['tokens_per_s_per_device']:,.0f}")
     summary.add_row("MFU (bf16 peak)", f"{d['mfu']:.1%}")
     summary.add_row("peak memory", f"{mem['total']:.1f} / {mem['capacity']:.0f} GiB")
-    summary.add_row("layout", f"devices={d['layout']['devices']} {layout_summary(d)}")
+    per_die = d["layout"].get("ranks_per_device", 1) > 1
+    ranks = f" ranks={d['layout']['ranks']} (one per die)" if per_die else ""
+    summary.add_row("layout", f"devices={d['layout']['devices']}{ranks} {layout_summary(d)}")
     console.print(summary)
-    tables = Table(title="memory per device (GiB)", show_header=True)
+    tables = Table(title=f"memory per {'rank (one die)' if per_die else 'device'} (GiB)", show_header=True)
     tables.add_column("component")
     tables.add_column("GiB", justify="right")
     for key, value in mem.items():  # device components only; capacities and host memory below the table
@@ -70,9 +72,10 @@ def estimate_cmd(
       [bold]xplan estimate qwen3-235b-a22b h800 --devices 256 --ep 8 --micro-batch 8 --recompute full[/]
       [bold]xplan estimate llama3-70b h100 --devices 64 --tp 4 --pp 4 --json[/]
     """
-    from xplan.planner.pricing import Workload, layout_from_flags, price
+    from xplan.planner.pricing import Workload, layout_from_flags, load_hw, price
 
-    layout = layout_from_flags(layout_flags)
+    # Sizes count ranks: the hardware's ranks per device (a3: one per die) times --devices.
+    layout = layout_from_flags(layout_flags, load_hw(hardware).device.ranks_per_device)
     if global_batch is None:
         global_batch = layout.data_parallel * layout.micro_batch
     est = price(Workload(model, hardware, seq_len, global_batch, imbalance), layout)

@@ -67,11 +67,18 @@ def apply_changes(workload, layout, changes: dict[str, str]):
                 raise InputError(f"--set {key} needs an integer, got {value!r}.") from None
         else:
             flat[key] = parse_knob(key, value)
-    if "fsdp" not in changes and any(k in changes for k in _RESIZING) and layout.dp_mode != "hsdp":
+    # A hardware fact, not a knob: the plan's ranks per device, or the new hardware's (a3: 2).
+    ranks_per_device = layout.ranks_per_device
+    if w["hardware"] != workload.hardware:
+        from xplan.planner.pricing import load_hw
+
+        ranks_per_device = load_hw(w["hardware"]).device.ranks_per_device
+    resized = any(k in changes for k in _RESIZING) or ranks_per_device != layout.ranks_per_device
+    if "fsdp" not in changes and resized and layout.dp_mode != "hsdp":
         flat["fsdp"] = None
         if "dp_mode" not in changes:
             flat["dp_mode"] = None
-    return replace(workload, **w), layout_from_dict(flat_to_nested(flat))
+    return replace(workload, **w), layout_from_dict({**flat_to_nested(flat), "ranks_per_device": ranks_per_device})
 
 
 # Command-line flags in messages from the layers below, as whatif spells them.
