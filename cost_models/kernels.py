@@ -102,8 +102,10 @@ def causal_attention_flops(batch: float, heads: float, seq_len: float, qk_dim: f
 
 
 def attention_kernel_fraction(profile: Profile, kernel: str) -> float:
-    """What ``kernel`` reaches relative to the profile's fused-kernel fit: 1 for ``flash`` and
-    ``eager`` (and ``sdpa`` where the profile sets no ``sdpa_fraction``)."""
+    """What ``kernel`` reaches relative to the profile's fused-kernel fit: 1 for ``flash``, ``flex``
+    (a compiled fused kernel, priced as one until kernels_gpu.py measures it) and ``eager``
+    (priced on its own by ``eager_attention_time``), and ``sdpa`` where the profile sets no
+    ``sdpa_fraction``."""
     attention = profile.compute.attention
     if kernel == "sdpa" and attention.sdpa_fraction is not None:
         return attention.sdpa_fraction

@@ -54,6 +54,7 @@ DEVICE_TYPES = ("cpu", "cuda", "npu")
 _ALL = DEVICE_TYPES
 _NONE: tuple[str, ...] = ()
 _ACCELERATORS = ("cuda", "npu")
+_CUDA = ("cuda",)
 
 
 def knob(default: Any = ..., help: str = "", *, flag: str | None = None, short: str | None = None,
@@ -75,12 +76,13 @@ class _Frozen(BaseModel):
 class Kernels(_Frozen):
     """Which implementation runs in each kernel slot."""
 
-    attention: Literal["sdpa", "eager", "flash", "flash1"] = knob(
+    attention: Literal["sdpa", "eager", "flash", "flex", "flash1"] = knob(
         "sdpa", "Attention kernel: sdpa (torch scaled_dot_product_attention's default dispatch; the blockwise "
         "path for sinks, windows and MLA off CUDA), eager (unfused matmul, softmax, matmul), flash (fused: an "
         "explicit SDPA flash/cuDNN/memory-efficient backend, flex_attention for sinks, windows and MLA on CUDA; "
-        "npu_fusion_attention on Ascend), flash1 (FlashAttention-1, older stacks; priced, not run).",
-        runs={"sdpa": _ALL, "eager": _ALL, "flash": _ACCELERATORS, "flash1": _NONE})
+        "npu_fusion_attention on Ascend), flex (compiled flex_attention for every layer, CUDA: torch has no "
+        "flex backward on CPU), flash1 (FlashAttention-1, older stacks; priced, not run).",
+        runs={"sdpa": _ALL, "eager": _ALL, "flash": _ACCELERATORS, "flex": _CUDA, "flash1": _NONE})
     moe_gemm: Literal["grouped_mm", "loop"] = knob(
         "grouped_mm", "Routed-expert GEMMs: grouped_mm (torch._grouped_mm where aligned; Triton token "
         "permutation on CUDA) or loop (one per expert).",

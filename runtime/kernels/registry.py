@@ -116,6 +116,8 @@ CHOICES: dict[str, dict[str, dict[str, dict[str, tuple[str, ...]]]]] = {
         # windows, sinks and MLA's unequal widths (CUDA); npu_fusion_attention on Ascend.
         "flash": {"attention": {"cuda": ("flex_attention", *PLAIN_SDPA_BACKENDS, "blockwise"),
                                 "npu": ("npu_fusion_attention", "blockwise")}},
+        # flex_attention for every layer, plain causal included (CUDA only: no CPU backward in torch 2.13).
+        "flex": {"attention": {"cuda": ("flex_attention",)}},
         "flash1": {"attention": {}},  # FlashAttention-1: no implementation here; priced for old stacks
     },
     "moe_gemm": {
