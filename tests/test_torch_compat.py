@@ -23,7 +23,8 @@ def torch_version(request):
 
 
 def test_torch_is_in_the_supported_range():
-    assert torch.__version__ >= "2.8" and torch.__version__ < "2.15"  # pyproject's torch range
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    assert (2, 10) <= (major, minor) < (2, 15)  # pyproject's torch range
 
 
 # ---- grouped GEMM ------------------------------------------------------------------------------

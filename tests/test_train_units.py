@@ -215,3 +215,14 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert latest_checkpoint(tmp_path) == (10, done)
     step, path, _, notes = require_checkpoint(tmp_path)
     assert (step, path) == (10, done) and notes == ["skipped step_00000020: no manifest (the save did not finish)"]
+
+
+def test_moe_block_accepts_zero_tokens():
+    """A rank can receive no tokens (an empty micro-batch shard); the torch combine path must not fail."""
+    from xplan.runtime.models.moe import MoE, SoftmaxTopKRouter, SwiGLUExperts
+
+    torch.manual_seed(0)
+    moe = MoE(SoftmaxTopKRouter(8, 4, 2, True), SwiGLUExperts(4, 8, 16), num_experts=4, top_k=2)
+    out = moe(torch.randn(1, 0, 8, requires_grad=True))
+    assert out.shape == (1, 0, 8)
+    out.sum().backward()
