@@ -401,9 +401,18 @@ def mem_tracker_base() -> type:
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`torch._grouped_mm(x [tokens, in], weight [experts, in, out], offs=offsets)`: one GEMM per
-    expert over contiguous row groups, one kernel (the MoE grouped GEMM, `runtime.models.grouped`).
-    Tested: 2.13 (CPU)."""
+    """`torch._grouped_mm(x, weight, offs=offsets)`: one GEMM per expert over contiguous row groups,
+    one kernel (the MoE grouped GEMM, `runtime.models.grouped`). Two forms: x [tokens, in] with
+    weight [experts, in, out] gives [tokens, out]; x [out, tokens] with weight [tokens, in], split
+    along the tokens, gives [experts, out, in] (the weight gradient). Tested: 2.13 (CPU).
+
+    The kernel runs fp32 on CPU, but its fake-tensor (meta) registration accepts bf16 only, so a
+    dry run of an fp32 plan would fail; under fake tensors other dtypes get an empty result of the
+    kernel's output shape, which is all a dry run measures."""
+    if x.dtype != torch.bfloat16 and is_fake(x):
+        if weight.dim() == 3:
+            return x.new_empty((x.shape[0], weight.shape[-1]))
+        return x.new_empty((offsets.shape[0], x.shape[0], weight.shape[-1]))
     return torch._grouped_mm(x, weight, offs=offsets)
 
 

@@ -47,6 +47,27 @@ def test_grouped_mm_equals_one_matmul_per_expert():
     torch.testing.assert_close(weight.grad, w_ref.grad)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_under_fake_tensors_has_the_real_output_shapes(dtype):
+    """The meta kernel takes bf16 only; the dry run of an fp32 MoE plan needs the fp32 shapes too."""
+    from xplan.runtime.models.grouped import grouped_linear_mm
+
+    counts = [3, 0, 7, 6]
+    real = (torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True),
+            torch.randn(len(counts), 8, 16, dtype=dtype, requires_grad=True))  # x, weight [experts, out, in]
+    real_out = grouped_linear_mm(*real, torch.tensor(counts))
+    real_out.sum().backward()
+    mode = compat.fake_tensor_mode()
+    x, weight = (mode.from_tensor(t.detach()).requires_grad_() for t in real)
+    tokens_per_expert = mode.from_tensor(torch.tensor(counts))
+    with mode:
+        out = grouped_linear_mm(x, weight, tokens_per_expert)
+        out.sum().backward()
+        assert (out.shape, out.dtype) == (real_out.shape, real_out.dtype)
+        assert x.grad.shape == real[0].grad.shape and weight.grad.shape == real[1].grad.shape
+
+
 # ---- fake process group, collectives, meshes ---------------------------------------------------
 
 def test_fake_process_group_all_to_all_shapes():
