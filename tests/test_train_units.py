@@ -226,3 +226,14 @@ def test_moe_block_accepts_zero_tokens():
     out = moe(torch.randn(1, 0, 8, requires_grad=True))
     assert out.shape == (1, 0, 8)
     out.sum().backward()
+
+
+def test_run_compares_allocated_memory_with_the_allocated_prediction():
+    """`max_memory_allocated` excludes the allocator's reserve, so the prediction it is held
+    against leaves the priced overhead out."""
+    from xplan.runtime.train.metrics import predicted_values
+
+    predictions = {"memory_gib": {"activations": 50.0, "overhead": 6.0, "total": 70.0}, "step_time_s": 2.5}
+    assert predicted_values(predictions) == (64.0, 2.5)
+    assert predicted_values({"memory_gib": 12.0}) == (12.0, None)
+    assert predicted_values(None) == (None, None)
