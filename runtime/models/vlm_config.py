@@ -197,3 +197,21 @@ def model_config_from_raw(raw: dict[str, Any]):
     from .config import model_config_from_dict
 
     return model_config_from_dict(raw)
+
+
+def check_image_tokens(config, image_tokens: int, seq_len: int) -> None:
+    """InputError unless `image_tokens` per sample fit the model and the sequence: whole images
+    (a multiple of the image tokens one image gives) and text after them."""
+    if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 0:
+        raise InputError(f"--image-tokens must be a non-negative integer, got {image_tokens!r}.")
+    if not image_tokens:
+        return
+    if not config.is_vlm:
+        raise InputError(f"--image-tokens needs a vision-language model; {config.name} ({config.model_type}) has no "
+                         "vision tower.")
+    per_image = vision_spec(config.vision).tokens_per_image
+    if image_tokens % per_image:
+        raise InputError(f"--image-tokens ({image_tokens}) must be a multiple of the {per_image} image tokens one "
+                         f"image gives {config.name}.")
+    if image_tokens >= seq_len:
+        raise InputError(f"--image-tokens ({image_tokens}) must leave text in the sequence (seq_len {seq_len}).")
