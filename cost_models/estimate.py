@@ -86,7 +86,7 @@ MICRO_PARTS = ("compute", "recompute", "fsdp_exposed", "fsdp_copies", "expert_al
                "tensor_parallel", "pipeline_p2p")
 # Parts of the model outside the blocks: what every rank runs, what the first and last hold.
 EVERY_RANK_PARTS = ("rotary", "model")
-FIRST_RANK_PARTS = ("embed",)
+FIRST_RANK_PARTS = ("embed", "vision")  # vision: a vision-language model's tower and projector
 LAST_RANK_PARTS = ("norm", "head", "loss")
 
 

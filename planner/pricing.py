@@ -29,6 +29,7 @@ class Workload:
     seq_len: int
     global_batch: int
     imbalance: float = 1.0  # busiest EP rank's routed load over the mean
+    image_tokens: int = 0  # image tokens per sample (vision-language models; the images come first)
 
     def check(self) -> None:
         check_seq_len(self.seq_len)
@@ -54,10 +55,10 @@ def load_hw(hardware: str):
 
 
 @lru_cache(maxsize=64)
-def get_trace(model: str, seq_len: int, loss: str):
+def get_trace(model: str, seq_len: int, loss: str, image_tokens: int = 0):
     from xplan.planner.trace import trace_model
 
-    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss)
+    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss, image_tokens=image_tokens)
 
 
 def price(workload: Workload, layout: Layout) -> Estimate:
@@ -66,7 +67,7 @@ def price(workload: Workload, layout: Layout) -> Estimate:
     profile = load_hw(workload.hardware)
     if layout.devices < 1:
         raise InputError(f"--devices must be a positive integer, got {layout.devices}.")
-    trace = get_trace(workload.model, workload.seq_len, layout.kernels.get("loss", "chunked"))
+    trace = get_trace(workload.model, workload.seq_len, layout.kernels.get("loss", "chunked"), workload.image_tokens)
     return estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
 
 

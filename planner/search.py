@@ -131,6 +131,8 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
             dp_mode = pinned.get("dp_mode") or search_dp_mode(fsdp, dp_world)
             eps = [pinned["ep"]] if "ep" in pinned else ep_choices(config, fsdp, dp_world)
             sps = [pinned["sp"]] if "sp" in pinned else sp_choices(config, dp_world, workload.seq_len)
+            if workload.image_tokens and "sp" not in pinned:
+                sps = [1]  # the runtime joins image features to whole sequences (no Ulysses with images)
             for ep, sp, vpp in itertools.product(eps, sps, vpps):
                 data_parallel = dp_world // sp if dp_world % sp == 0 else 0
                 per_rank = workload.global_batch // data_parallel if data_parallel else 0
@@ -168,7 +170,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     recomputes = [pinned.pop("recompute")] if "recompute" in pinned else list(RECOMPUTE_ORDER)
     offloads = [pinned.pop("offload")] if "offload" in pinned else list(OFFLOAD_ORDER)
     losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
-    traces = {loss: get_trace(workload.model, workload.seq_len, loss) for loss in losses}
+    traces = {loss: get_trace(workload.model, workload.seq_len, loss, workload.image_tokens) for loss in losses}
     # The clock starts once model, profile and traces are loaded (tracing is cached on disk and
     # timed by its own benchmark): it measures enumerating and pricing.
     start = time.perf_counter()

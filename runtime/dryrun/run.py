@@ -70,14 +70,13 @@ def build_fake_model(config, indices: list[int] | None, fake_mode) -> nn.Module:
 
     `indices`: keep only these decoder layers (built with their original index, so kind, attention
     type and layer-dependent details are those of the full model)."""
-    from xplan.runtime.models import CausalLM
-    from xplan.runtime.models.transformer import DecoderLayer
+    from xplan.runtime.models.transformer import DecoderLayer, model_class
 
     with torch.device("meta"):
         if indices is None:
-            model = CausalLM(config)
+            model = model_class(config)(config)
         else:
-            model = CausalLM(dataclasses.replace(config, num_layers=0))
+            model = model_class(config)(dataclasses.replace(config, num_layers=0))
             model.model.layers = nn.ModuleList(DecoderLayer(config, i) for i in indices)
             model.config = config
     with fake_mode:
@@ -160,12 +159,17 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
                 input_ids = torch.zeros(rows, cols, dtype=torch.long)
                 labels = torch.zeros(rows, cols, dtype=torch.long)
                 positions = (torch.arange(cols) + meshes.sp_rank * cols).expand(rows, cols)
+                pixels = None
+                if training.image_tokens:  # the runtime's image + text samples (images first)
+                    from xplan.runtime.train.data import image_batch
+
+                    input_ids, pixels = image_batch(input_ids, config.vision_spec, training.image_tokens)
             loss_fn = token_loss_fn(layout.kernels.get("loss", "chunked"), chunk_tokens)
             hooks.tracker = tracker = tracker_class()(model, optimizer, model.lm_head)
-            tracker.track_inputs((input_ids, labels, positions))
+            tracker.track_inputs(tuple(t for t in (input_ids, labels, positions, pixels) if t is not None))
             with fake, tracker:
                 tracker.stage = "step"
-                train_step(model, optimizer, [Batch(input_ids, labels, positions)] * micro, loss_fn,
+                train_step(model, optimizer, [Batch(input_ids, labels, positions, pixels)] * micro, loss_fn,
                            training.global_batch * training.seq_len, meshes, training.grad_clip, scheduler,
                            hooks=hooks)
             peaks = dict(tracker.peaks)

@@ -21,7 +21,7 @@ from xplan.errors import InputError
 from ..precision import precision_executed
 from . import checkpoint as ckpt
 from . import manifest, resume
-from .data import build_data
+from .data import build_data, label_tokens
 from .metrics import MetricsLog, memory_kind, peak_memory_gib, reset_peak_memory, summarize, synchronize
 from .optim import build_optimizer, build_scheduler
 from .parallel import Context, all_reduce_max, micro_batches, parallelize, setup, teardown
@@ -64,10 +64,27 @@ def check_plan_for_runtime(plan, device_type: str | None = None) -> Any:
     check_ranks_per_device(plan)
     check_runtime_layout(plan.layout, config, plan.training.seq_len, plan.training.global_batch,
                          device_type=device_type)
+    check_vision_runtime(plan, config)
     if plan.training.seq_len > config.max_position_embeddings:
         raise InputError(f"seq_len {plan.training.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings}).")
     return config
+
+
+def check_vision_runtime(plan, config) -> None:
+    """Image + text batches run with FSDP and expert parallelism; sequence, tensor and pipeline
+    parallelism would split the sequence or the model before the image features join it."""
+    from xplan.runtime.models.vlm_config import check_image_tokens
+
+    image_tokens = plan.training.image_tokens
+    check_image_tokens(config, image_tokens, plan.training.seq_len)
+    layout = plan.layout
+    if image_tokens and (layout.sp > 1 or layout.tp > 1 or layout.pp > 1):
+        raise InputError(f"image tokens run with fsdp and ep only; the plan has sp {layout.sp}, tp {layout.tp}, "
+                         f"pp {layout.pp}.")
+    if image_tokens and plan.training.data.kind != "synthetic":
+        raise InputError("image tokens run on synthetic data (random images) only; set training.data.kind: "
+                         "synthetic.")
 
 
 def check_ranks_per_device(plan) -> None:
@@ -122,6 +139,8 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         resume_from = resume.agree(point, error, ctx.is_main, ctx.world_size)
 
     source = build_data(training.data, config.vocab_size, training.seq_len, plan_dir)
+    if training.image_tokens:  # image + text samples (parallel.micro_batches)
+        source.image_tokens, source.vision = training.image_tokens, config.vision_spec
     torch.manual_seed(training.seed)
     model = load_model(plan.model, dtype=torch.float32, device=ctx.device, seed=training.seed)
     model = parallelize(model, layout, ctx, training.fp8_recipe)
@@ -141,7 +160,8 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
                              f"{training.seq_len}. Resume with the plan the run started with.")
 
     global_batch, seq_len = training.global_batch, training.seq_len
-    tokens_per_step = global_batch * seq_len  # every packed label is a real token
+    # every packed label is a real token; image placeholders are not predicted
+    tokens_per_step = global_batch * label_tokens(seq_len, training.image_tokens)
     memory = memory_kind(ctx.device_type)
     log = None
     if ctx.is_main:

@@ -82,8 +82,9 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
 
 def token_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    positions: torch.Tensor | None = None, kind: str = "chunked",
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
-    """Forward the model and return the sum of its token losses (an fp32 scalar).
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward the model and return the sum of its token losses (an fp32 scalar). `pixel_values`:
+    the images of a vision-language model's batch (their tokens are in `input_ids`).
 
     The loss runs *inside* the lm_head's module call (its forward is swapped for the loss for the
     duration of the call, through the model's own `forward`): FSDP2's hooks on the head and the
@@ -105,6 +106,8 @@ def token_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
         raise RuntimeError("lm_head already has an instance-level forward; token_loss_sum cannot wrap it")
     head.__dict__["forward"] = loss_head
     try:
+        if pixel_values is not None:
+            return model(input_ids, positions, pixel_values)
         return model(input_ids, positions)
     finally:
         head.__dict__.pop("forward", None)

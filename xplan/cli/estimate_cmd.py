@@ -61,6 +61,7 @@ def estimate_cmd(
     global_batch: int = typer.Option(None, "--global-batch", help="Sequences per optimizer step (default: one "
                                      "micro-batch per data-parallel rank, no accumulation)."),
     imbalance: float = opt.IMBALANCE,
+    image_tokens: int = opt.IMAGE_TOKENS,
     json_out: bool = JSON_OPTION,
     layout_flags: dict = None,
 ) -> None:
@@ -75,7 +76,7 @@ def estimate_cmd(
     layout = layout_from_flags(layout_flags)
     if global_batch is None:
         global_batch = layout.data_parallel * layout.micro_batch
-    est = price(Workload(model, hardware, seq_len, global_batch, imbalance), layout)
+    est = price(Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens), layout)
     if json_out:
         print_json({"model": model, "hardware": hardware, **est.to_dict()})
         return

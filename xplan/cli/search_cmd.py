@@ -109,7 +109,7 @@ def parse_headroom(text: str | None, hbm_gib: float) -> float:
 
 def command_line(model: str, hardware: str, devices: int, seq_len: int, global_batch: int, imbalance: float,
                  pinned: dict, allow_3d: bool, exhaustive: bool, headroom: str | None, steps: int,
-                 output: Path | None) -> list[str]:
+                 output: Path | None, image_tokens: int = 0) -> list[str]:
     """The search as a command line that repeats it (what the plan records as `command`)."""
     from xplan.layout import knobs
 
@@ -121,6 +121,8 @@ def command_line(model: str, hardware: str, devices: int, seq_len: int, global_b
             args += [info.flag, ",".join(value) or "none" if info.name == "offload" else str(value)]
     if imbalance != 1.0:
         args += ["--imbalance", str(imbalance)]
+    if image_tokens:
+        args += ["--image-tokens", str(image_tokens)]
     args += ["--allow-3d"] * allow_3d + ["--exhaustive"] * exhaustive
     if headroom:
         args += ["--headroom", str(headroom)]
@@ -155,6 +157,7 @@ def search_cmd(
     global_batch: int = typer.Option(None, "--global-batch",
                                      help="Sequences per optimizer step (default: one per device)."),
     imbalance: float = opt.IMBALANCE,
+    image_tokens: int = opt.IMAGE_TOKENS,
     allow_3d: bool = typer.Option(False, "--allow-3d", help="Also price tensor and pipeline parallelism "
                                   "(listed for comparison; the runtime does not execute them)."),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="Price the whole space without pruning."),
@@ -191,7 +194,7 @@ def search_cmd(
         global_batch = devices
     profile = load_hw(hardware)
     headroom_gib = parse_headroom(headroom, profile.hbm_bytes() / 2**30)
-    workload = Workload(model, hardware, seq_len, global_batch, imbalance)
+    workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens)
     kwargs = dict(allow_3d=allow_3d, exhaustive=exhaustive, top=max(top, 1), headroom_bytes=headroom_gib * 2**30)
     if json_out or not console_err.is_terminal:
         result = search(workload, devices, pinned, **kwargs)
@@ -218,6 +221,8 @@ def search_cmd(
     plan = None
     if best is not None:
         training = {"seq_len": seq_len, "global_batch": global_batch, "steps": steps}
+        if image_tokens:
+            training["image_tokens"] = image_tokens
         predictions = {k: v for k, v in best.to_dict().items() if k in (
             "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "time_s", "binding")}
         plan = make_plan(model, hardware, best.layout, training, predictions,
@@ -225,7 +230,7 @@ def search_cmd(
                          notes=f"written by xplan search ({result.candidates_evaluated} candidates)",
                          **provenance(hardware, command_line(model, hardware, devices, seq_len, global_batch,
                                                              imbalance, pinned, allow_3d, exhaustive, headroom,
-                                                             steps, output)))
+                                                             steps, output, image_tokens)))
     if not json_out:
         rows, labels, front, first_extra = _rows(result, top)
         dicts = [e.to_dict() for e in rows]

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .app import JSON_OPTION, app, console, print_json
 
-WORKLOAD_KEYS = ("seq_len", "global_batch", "hardware", "hw", "model", "imbalance")
+WORKLOAD_KEYS = ("seq_len", "global_batch", "hardware", "hw", "model", "imbalance", "image_tokens")
 
 
 def whatif_keys() -> list[str]:
@@ -48,7 +48,8 @@ def apply_changes(workload, layout, changes: dict[str, str]):
     from xplan.layout import flat_to_nested, knob_value, knobs, layout_from_dict, parse_knob
 
     w = {"model": workload.model, "hardware": workload.hardware, "seq_len": workload.seq_len,
-         "global_batch": workload.global_batch, "imbalance": workload.imbalance}
+         "global_batch": workload.global_batch, "imbalance": workload.imbalance,
+         "image_tokens": workload.image_tokens}
     flat = {info.name: knob_value(layout, info) for info in knobs()}
     for key, value in changes.items():
         if key in ("hardware", "hw"):
@@ -60,7 +61,7 @@ def apply_changes(workload, layout, changes: dict[str, str]):
                 w["imbalance"] = float(value)
             except ValueError:
                 raise InputError(f"--set imbalance needs a number, got {value!r}.") from None
-        elif key in ("seq_len", "global_batch"):
+        elif key in ("seq_len", "global_batch", "image_tokens"):
             try:
                 w[key] = int(value)
             except ValueError:
@@ -120,7 +121,7 @@ def _pp(value: float) -> str:
 @app.command("whatif")
 def whatif(
     plan: Path = typer.Argument(..., help="Plan file written by `xplan search`."),
-    sets: list[str] = typer.Option([], "--set", help="key=value to change (repeatable): seq_len, global_batch, "
+    sets: list[str] = typer.Option([], "--set", help="key=value to change (repeatable): seq_len, global_batch, image_tokens, "
                                    "hardware, model, imbalance, or any layout knob (the --flags of `xplan "
                                    "estimate`, with _ for -: devices, dp_mode, fsdp, ep, micro_batch, loss, ...)."),
     report: Path = typer.Option(None, "--report", help="Also write the HTML report of the what-if layout here "
@@ -140,7 +141,8 @@ def whatif(
     from xplan.planner.pricing import Workload, price
 
     loaded = load_plan(plan)
-    workload = Workload(loaded.model, loaded.hardware, loaded.training.seq_len, loaded.training.global_batch)
+    workload = Workload(loaded.model, loaded.hardware, loaded.training.seq_len, loaded.training.global_batch,
+                        image_tokens=loaded.training.image_tokens)
     before = price(workload, loaded.layout)
     changes = parse_sets(sets)
     try:
