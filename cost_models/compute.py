@@ -68,13 +68,13 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
                               backward=op.phase == "backward", kernel=work.attention_kernel, dtype=dtype) + overhead
     if op.category in ("grouped", "gemm"):
         m, n, k, groups, repeat = rank_gemm(op, work)
-        return repeat * (gemm_time(profile, m, n, k, work.precision, groups)
+        return op.repeat * repeat * (gemm_time(profile, m, n, k, work.precision, groups)
                          + fp8_cast_time(m, n, k, groups, work, profile))
     scale = DTYPE_BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
     nbytes = op.fused_nbytes if work.fused_elementwise else op.nbytes
     if work.fused_elementwise and not nbytes:
         return 0.0  # folded into a neighbouring kernel: no launch of its own
-    return memory_time(profile, nbytes * scale * work.token_factor / work.tp) + overhead
+    return op.repeat * (memory_time(profile, nbytes / op.repeat * scale * work.token_factor / work.tp) + overhead)
 
 
 def redone_by_selective(op: PricedOp, mm_seen: dict[str, int], every_mm: int) -> bool:
@@ -115,10 +115,10 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
         issued = op.category != "memory" or not work.fused_elementwise or bool(op.fused_nbytes)
         if redone_by_selective(op, mm_seen, work.recompute_every_mm):
             times[(op.group, "selective_recompute")] += t
-            times[(op.group, "ops_selective")] += issued
+            times[(op.group, "ops_selective")] += issued * op.repeat
         if issued:
-            times[(op.group, "ops")] += 1
-            times[(op.group, "ops_forward")] += op.phase == "forward"
+            times[(op.group, "ops")] += op.repeat
+            times[(op.group, "ops_forward")] += (op.phase == "forward") * op.repeat
     return dict(times)
 
 

@@ -16,6 +16,11 @@ How one trace runs (no memory, no compute):
    activations, gradients in flight and workspaces above what the block's backward starts with).
 4. Multiply per-kind numbers by the number of layers of that kind.
 
+Long sequences: past `EXPANDED_LOSS_CHUNKS` chunks, the 'chunked' loss runs one chunk of each
+distinct size (`loss.representative_chunks`) and the ops of a chunk that stands for n carry
+`repeat` = n with their FLOPs and bytes multiplied by n (cost models price n calls of the traced
+shape); below it every chunk is traced, as the runtime runs them.
+
 MoE routing is data dependent; the runtime's dropless MoE has static shapes, so the trace is exact
 for FLOPs and memory whatever the routing. The expected load, tokens x top-k / experts, is
 recorded per MoE block kind (`tokens_per_expert`) for cost models to apply imbalance to.
@@ -29,6 +34,7 @@ them there), so `flops_per_token_forward` includes them; with 'full' it is the m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import Counter
@@ -42,6 +48,10 @@ from xplan.runtime import recompute as rc
 from . import cache as trace_cache
 from .model_trace import ROLES, BlockSummary, ModelTrace
 from .recorder import OpRecorder, Scope, ScopeTracker, StageInfo
+
+# Most loss chunks traced one by one (shorter traces are exactly the runtime's op sequence); past
+# it, one chunk per distinct size stands for the rest (16M tokens would be 16k chunks).
+EXPANDED_LOSS_CHUNKS = 256
 
 NON_BLOCK_GROUPS = {"embed": "embedding", "rotary": "embedding", "model": "embedding", "norm": "head",
                     "head": "head", "vision": "embedding"}
@@ -155,8 +165,11 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
     tracker = ScopeTracker(scopes, stage_inputs, param_scopes).install()
     rec = OpRecorder(tracker, stages, seq_len, detailed=detailed, timeline=backward)
     peaks: dict[str, dict[str, int]] = {}
+    marks: list[tuple[int, int]] = []  # (op index, repeats) where a representative loss chunk starts / ends
+    chunks = _loss_chunks(marks, rec) if loss_kind == "chunked" and _compress_loss(micro_batch * seq_len) else (
+        contextlib.nullcontext())
     try:
-        with fake, rec:
+        with fake, rec, chunks:
             # Inputs are made under the recorder: the embedding keeps the token ids and the loss
             # its labels for backward, as in training.
             ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
@@ -183,7 +196,33 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
         tracker.remove()
     for p in model.parameters():
         p.grad = None
+    _scale_repeated(rec.ops, marks)
     return rec, alive, peaks
+
+
+def _compress_loss(tokens: int) -> bool:
+    from xplan.runtime.train.loss import DEFAULT_CHUNK_TOKENS
+
+    return tokens > EXPANDED_LOSS_CHUNKS * DEFAULT_CHUNK_TOKENS
+
+
+def _loss_chunks(marks: list[tuple[int, int]], rec):
+    from xplan.runtime.train.loss import representative_chunks
+
+    return representative_chunks(lambda repeats: marks.append((len(rec.ops), repeats)))
+
+
+def _scale_repeated(ops, marks: list[tuple[int, int]]) -> None:
+    """Ops of a loss chunk that stands for `repeats` chunks: FLOPs and bytes times `repeats`."""
+    for (begin, repeats), (end, _) in zip(marks[::2], marks[1::2], strict=True):
+        if repeats == 1:
+            continue
+        for op in ops[begin:end]:
+            op.flops *= repeats
+            op.flops_dense *= repeats
+            op.bytes_read *= repeats
+            op.bytes_written *= repeats
+            op.extra["repeat"] = repeats
 
 
 def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.dtype,

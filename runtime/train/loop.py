@@ -20,7 +20,7 @@ from xplan.errors import InputError
 
 from ..precision import precision_executed
 from . import checkpoint as ckpt
-from . import manifest, resume
+from . import manifest, peers, resume
 from .data import build_data, label_tokens
 from .metrics import MetricsLog, memory_kind, peak_memory_gib, reset_peak_memory, summarize, synchronize
 from .optim import build_optimizer, build_scheduler
@@ -115,13 +115,20 @@ def train(plan, options: RunOptions, plan_dir: Path | None = None) -> dict[str, 
     training = plan.training
     layout = plan.layout
     ctx = setup(layout, options.device_type, options.timeout_s)
+    where = {"step": 0}  # the step this rank is in (1-based), for a failed collective's message
     try:
-        return _train(plan, options, plan_dir, config, training, layout, ctx, load_model)
+        return _train(plan, options, plan_dir, config, training, layout, ctx, load_model, where)
+    except Exception as exc:
+        failure = peers.explain(exc, ctx.rank, ctx.world_size, where["step"], options.timeout_s)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         teardown(ctx)
 
 
-def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load_model) -> dict[str, Any] | None:
+def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load_model,
+           where: dict[str, int]) -> dict[str, Any] | None:
     target_steps = options.steps if options.steps is not None else training.steps
     if target_steps < 1:
         raise InputError(f"--steps must be at least 1, got {target_steps}.")
@@ -178,6 +185,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
     skips = 0  # steps whose gradients were not finite (skipped, not applied)
     try:
         for step in range(start, target_steps):
+            where["step"] = step + 1
             reset_peak_memory(ctx.device_type)
             synchronize(ctx.device_type)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -210,6 +218,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
                                      {"global_batch": global_batch, "seq_len": seq_len,
                                       "samples_consumed": done * global_batch},
                                      ctx.rank, ctx.world_size, ctx.device_type, fingerprint, training_settings)
+            peers.mark(ctx.rank, done)
     finally:
         if log is not None:
             log.close()

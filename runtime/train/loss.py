@@ -14,11 +14,48 @@ recomputed. The value and gradients equal the full loss (same math, different su
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def representative_chunks(observer: Callable[[int], None]):
+    """Tracing aid (fake tensors only): while active, the chunked loss runs one chunk of each
+    distinct size instead of every chunk, calling `observer(repeats)` before that chunk's ops
+    (`repeats`: how many chunks of that size the loop stands for) and `observer(0)` after them.
+    Every full chunk runs the same ops on the same shapes, so the tracer scales the ops of the one
+    it sees; the value computed is not the loss."""
+    previous = getattr(_state, "observer", None)
+    _state.observer = observer
+    try:
+        yield
+    finally:
+        _state.observer = previous
+
+
+def _chunks(tokens: int, chunk_tokens: int):
+    """(start, repeats) of the chunks the loop runs: every chunk, or one per distinct size."""
+    observer = getattr(_state, "observer", None)
+    if observer is None:
+        for start in range(0, tokens, chunk_tokens):
+            yield start, 1
+        return
+    full, rest = divmod(tokens, chunk_tokens)
+    for start, repeats in ((0, full), (full * chunk_tokens, 1 if rest else 0)):
+        if repeats:
+            observer(repeats)
+            yield start, repeats
+            observer(0)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +77,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         # Accumulated in the weight's dtype (fp32 in parity runs); each chunk's product is exact fp32.
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], chunk_tokens):
+        for start, _ in _chunks(hidden.shape[0], chunk_tokens):
             h = hidden[start: start + chunk_tokens]
             y = labels[start: start + chunk_tokens]
             logits = _upcast(h @ weight.t())
