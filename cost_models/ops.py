@@ -30,6 +30,9 @@ class PricedOp:
     op: str = ""  # aten op name (trailing underscore dropped), e.g. mm, addmm, mul
     selective_saved: bool = True  # forward ops: kept by the selective recompute policy (else redone)
     out_bytes: int = 0  # bytes the op writes (its outputs)
+    # Inside the runtime's blockwise attention (score products, softmax, masks): what a fused
+    # attention kernel does in its registers, as one call per pass.
+    in_attention_kernel: bool = False
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -81,7 +84,8 @@ def priced_ops(trace) -> list[PricedOp]:
         nbytes = int(d.get("bytes_read", 0)) + int(d.get("bytes_written", 0))
         common = dict(group=d["stage"], phase=d["phase"], flops=flops, flops_dense=int(d.get("flops_dense", flops)),
                       nbytes=nbytes, module=d.get("module", ""), op=name,
-                      selective_saved=bool(d.get("selective_saved", True)), out_bytes=int(d.get("bytes_written", 0)))
+                      selective_saved=bool(d.get("selective_saved", True)), out_bytes=int(d.get("bytes_written", 0)),
+                      in_attention_kernel=bool(d.get("in_attention_kernel", False)))
         shape = _shape(d.get("out_shape", ""))
         if d.get("attention"):
             out.append(PricedOp(category="attention", **common))
