@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from .kernels import DTYPE_BYTES, attention_time, gemm_time, memory_time
-from .ops import PricedOp, priced_ops
+from .ops import PricedOp, is_norm_module, priced_ops
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class RankWork:
     seq_len: int = 4096
     traced_dtype_bytes: int = 2
     fused_elementwise: bool = True  # kernels.elementwise == "fused"
+    fused_norm: bool = False  # kernels.norm == "fused": norm modules' ops fused beside eager elementwise ops
     attention_kernel: str = "flash"  # kernels.attention: sdpa prices at the profile's sdpa_fraction
     # Selective recompute also redoes every n-th forward aten.mm of a block (torchtitan's op-level
     # SAC: 2, "every second mm"); 0: every GEMM output is kept (the trace's own policy).
@@ -115,8 +116,9 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
         return repeat * (gemm_time(profile, m, n, k, work.precision, groups)
                          + fp8_cast_time(m, n, k, groups, work, profile, grouped=op.category == "grouped"))
     scale = DTYPE_BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
-    nbytes = op.fused_nbytes if work.fused_elementwise else op.nbytes
-    if work.fused_elementwise and not nbytes:
+    fused = work.fused_elementwise or (work.fused_norm and is_norm_module(op.module))
+    nbytes = op.fused_nbytes if fused else op.nbytes
+    if fused and not nbytes:
         return 0.0  # folded into a neighbouring kernel: no launch of its own
     return memory_time(profile, nbytes * scale * work.token_factor / work.tp) + overhead
 
@@ -157,7 +159,8 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     for op in priced_ops(trace):
         t = op_time(op, work, profile)
         inside = inside_fused_attention(op, work)
-        issued = op.category != "memory" or not work.fused_elementwise or bool(op.fused_nbytes)
+        fused = work.fused_elementwise or (work.fused_norm and is_norm_module(op.module))
+        issued = op.category != "memory" or not fused or bool(op.fused_nbytes)
         if inside:  # the first block of a pass issues the fused call: its tail and launch, once
             issued = op.category == "attention" and (op.group, op.phase) not in fused_calls
             if issued:

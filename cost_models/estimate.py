@@ -20,8 +20,9 @@ from typing import Any
 
 from xplan.layout import Layout, check_layout
 
-from . import comm
+from . import comm, pipeline
 from .compute import PricingContext, RankWork, pricing_for
+from .ep_overlap import overlap_micro, paired_share
 from .kernels import memory_time
 from .memory import (
     COMPUTE_BYTES,
@@ -33,6 +34,7 @@ from .memory import (
 )
 from .memos import layout_key, memoised
 from .peak_memory import memory_estimate
+from .pipeline import PipelineRank, pipeline_ranks  # noqa: F401  (PipelineRank: part of this module's API)
 
 # What the runtime runs: torch's foreach AdamW (runtime/train/optim.py) makes 8 passes over fp32
 # tensors - p *= 1 - lr*wd (8 B), lerp_ m (12), v *= b2 (8), addcmul_ v (12), sqrt(v) into a new
@@ -84,46 +86,6 @@ class Estimate:
 # What one micro-batch costs a rank on its critical path (the step's first time keys, in order).
 MICRO_PARTS = ("compute", "recompute", "fsdp_exposed", "fsdp_copies", "expert_all_to_all", "ulysses_all_to_all",
                "tensor_parallel", "pipeline_p2p")
-# Parts of the model outside the blocks: what every rank runs, what the first and last hold.
-EVERY_RANK_PARTS = ("rotary", "model")
-FIRST_RANK_PARTS = ("embed",)
-LAST_RANK_PARTS = ("norm", "head", "loss")
-
-
-@dataclass(frozen=True)
-class PipelineRank:
-    """What one pipeline rank runs per micro-batch: `layers` transformer layers, plus the
-    embedding on the first rank and the final norm, LM head and loss on the last."""
-
-    layers: float
-    first: bool
-    last: bool
-
-    def parts(self) -> tuple[str, ...]:
-        return (EVERY_RANK_PARTS + (FIRST_RANK_PARTS if self.first else ())
-                + (LAST_RANK_PARTS if self.last else ()))
-
-
-def pipeline_ranks(num_layers: int, pp: int, vpp: int = 1) -> list[tuple[PipelineRank, int]]:
-    """The distinct ranks of a pipeline and how many ranks are alike, split as Megatron splits.
-
-    The layers divide evenly over the pp x vpp model chunks when they can, the embedding and
-    the head riding on the first and last rank. Otherwise, when layers + 2 divide, the embedding
-    and the loss take a layer's slot each (Megatron's account-for-embedding / loss split), so
-    the first and last rank run one layer fewer. Any other count is spread evenly (fractional
-    layers: Megatron would need explicit first / last stage sizes).
-    """
-    if pp == 1:
-        return [(PipelineRank(float(num_layers), first=True, last=True), 1)]
-    chunks = pp * vpp
-    per_rank, edge = num_layers / pp, 0
-    if num_layers % chunks and (num_layers + 2) % chunks == 0:
-        per_rank, edge = (num_layers + 2) / pp, 1
-    ranks = [(PipelineRank(per_rank - edge, first=True, last=False), 1)]
-    if pp > 2:
-        ranks.append((PipelineRank(per_rank, first=False, last=False), pp - 2))
-    ranks.append((PipelineRank(per_rank - edge, first=False, last=True), 1))
-    return ranks
 
 
 def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm: int = 0,
@@ -134,6 +96,7 @@ def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm:
                     precision=layout.precision, seq_len=trace.seq_len,
                     traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
                     fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
+                    fused_norm=layout.kernels.get("norm", "auto") == "fused",
                     attention_kernel=layout.kernels.get("attention", "sdpa"),
                     recompute_every_mm=recompute_every_mm if layout.recompute == "selective" else 0,
                     # Only fp8 GEMMs cast weights: other precisions share one work (and its memo).
@@ -229,7 +192,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     # gloo on CPU moves data with the same cores that compute: nothing hides under compute there.
     overlap = profile.device.kind != "cpu"
     fsdp2 = not layout.zero1 and layout.fsdp > 1
-    forward_total = backward_total = 0.0  # one layer's block compute, by pass
+    forward_total = backward_total = backward_gemm = 0.0  # one layer's block compute, by pass
     host_ops = 0.0  # ops the host issues for one layer of one micro-batch
     first_gather = 0.0
     block_comm, (root_fsdp, root_fsdp_copies, pp_time) = communication_terms(trace, config, layout, profile,
@@ -243,6 +206,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         host_ops += n * times.get((kind, "ops"), 0.0)
         forward_total += n * fwd
         backward_total += n * bwd
+        backward_gemm += n * times.get((kind, "gemm_backward"), 0.0)
         if layout.recompute == "selective":
             recompute += n * times.get((kind, "selective_recompute"), 0.0)
             host_ops += n * times.get((kind, "ops_selective"), 0.0)
@@ -270,6 +234,10 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
 
     dispatch = (profile.host.dispatch_us or 0.0) * 1e-6
 
+    kind = pipeline.schedule(layout)
+    warmup = pipeline.in_flight(kind, layout.pp, layout.vpp, 0, 10**9) - 1.0 if layout.pp > 1 else 0.0
+    paired = paired_share(layout.ep_overlap, grad_accum, warmup)
+
     def price_rank(rank: PipelineRank) -> dict[str, float]:
         """One micro-batch on one pipeline rank: its layers plus the model's parts it holds."""
         parts = {"compute": rank.layers * compute, "recompute": rank.layers * recompute,
@@ -277,11 +245,15 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
                  "fsdp_copies": rank.layers * fsdp_copies + root_fsdp_copies,
                  "expert_all_to_all": rank.layers * ep_time, "ulysses_all_to_all": rank.layers * sp_time,
                  "tensor_parallel": rank.layers * tp_time, "pipeline_p2p": pp_time,
-                 "forward": rank.layers * forward_total, "backward": rank.layers * backward_total}
+                 "forward": rank.layers * forward_total, "backward": rank.layers * backward_total,
+                 "backward_gemm": rank.layers * backward_gemm}
         ops = rank.layers * host_ops
         for name in rank.parts():
             parts["compute"] += times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)
             ops += times.get((name, "ops"), 0.0)
+        parts["expert_all_to_all"], parts["pipeline_p2p"] = overlap_micro(
+            layout.ep_overlap, parts["compute"] + parts["recompute"], parts["expert_all_to_all"],
+            parts["pipeline_p2p"], paired)
         device = sum(parts[k] for k in MICRO_PARTS)
         # Kernels run asynchronously, but no faster than the host issues them: what the host
         # takes beyond the device's micro-batch is exposed (small models; null dispatch_us: not priced).
@@ -295,7 +267,13 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     busiest = max((parts for parts, _ in ranks), key=lambda parts: parts["micro"])
     micro = busiest["micro"]
     mean_micro = sum(parts["micro"] * count for parts, count in ranks) / layout.pp
-    bubble = (layout.pp - 1) / layout.vpp * mean_micro if layout.pp > 1 else 0.0
+    if kind == "dualpipe":
+        # A pair is one micro-batch's forward and backward overlapped; W the backward's weight
+        # gradients: half its GEMM time (dgrad and wgrad GEMMs have equal FLOPs).
+        weight_grad = busiest["backward_gemm"] / 2
+        bubble = pipeline.dualpipe_bubble(layout.pp, mean_micro, busiest["backward"], weight_grad)
+    else:
+        bubble = pipeline.bubble_slots(kind, layout.pp, layout.vpp) * mean_micro
     zero1_exposed = 0.0
     if layout.zero1:
         # Distributed optimizer: gradients reduce-scattered and parameters all-gathered once per
@@ -337,7 +315,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, work.recompute_every_mm)
     hbm, host = float(profile.hbm_bytes()), float(profile.host_memory_bytes())
     notes = []
-    if memory.total > hbm:
+    if memory.allocated > hbm:
         binding = f"memory ({memory.dominant()})"
     elif memory.offloaded_to_host > host:
         binding = "host memory (offloaded state)"
@@ -363,5 +341,7 @@ def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, red
 
 
 def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) -> bool:
-    """Device peak within HBM and offloaded state within the host memory per device."""
-    return memory.total <= hbm_bytes and memory.offloaded_to_host <= host_bytes
+    """Allocated device peak within HBM and offloaded state within the host memory per device (the
+    allocator's cached-but-free overhead is released before an allocation fails: see
+    cost_models.memory)."""
+    return memory.allocated <= hbm_bytes and memory.offloaded_to_host <= host_bytes

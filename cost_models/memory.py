@@ -15,7 +15,11 @@ Accounting (bytes per rank), FSDP2 with mixed precision:
   the chosen loss kernel, and the larger of the loss's traced backward peak (logit gradients)
   and the head weight's gradient.
 - overhead: what the caching allocator reserves beyond the allocated peak, the profile's
-  `memory.fragmentation` fraction of everything else.
+  `memory.fragmentation` fraction of everything else. `total` (allocated + overhead) is the
+  reserved peak a framework reports (torchtitan's max_reserved); whether a layout fits is decided
+  on the allocated peak (`allocated`): on a failed allocation PyTorch's caching allocator frees
+  its cached blocks and retries before it reports out-of-memory (c10/cuda/CUDACachingAllocator.cpp,
+  `release_cached_blocks` in `malloc`), so cached-but-free memory does not stop a run.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .compute import redone_by_selective
-from .ops import priced_ops
+from .ops import is_norm_module, priced_ops
 
 GIB = 2**30
 MASTER_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
@@ -44,8 +48,14 @@ class MemoryBreakdown:
 
     @property
     def total(self) -> float:
+        """The reserved peak: live tensors plus what the caching allocator keeps beyond them."""
+        return self.allocated + self.overhead
+
+    @property
+    def allocated(self) -> float:
+        """The allocated peak: tensors alive at the worst moment (what must fit; see `fits_memory`)."""
         return (self.parameters + self.gradients + self.optimizer + self.gathered_parameters + self.activations
-                + self.logits_loss + self.temporaries + self.overhead)
+                + self.logits_loss + self.temporaries)
 
     def parts(self) -> dict[str, float]:
         """Every field by name (`asdict` without its deep copies: the values are floats)."""
@@ -53,6 +63,7 @@ class MemoryBreakdown:
 
     def gib(self) -> dict[str, float]:
         out = {k: v / GIB for k, v in self.parts().items()}
+        out["allocated"] = self.allocated / GIB
         out["total"] = self.total / GIB
         return out
 
@@ -97,22 +108,117 @@ def _routed_saved_fraction(trace, kind: str) -> float:
     return routed / total if total else 0.0
 
 
-def stage_layers(trace, recompute, pp: int) -> list[tuple[str, str]]:
-    """(block kind, recompute policy) of each layer the busiest pipeline stage (the first) runs.
-    Policies follow `Layout.recompute_policies` over the whole model, as the runtime applies them."""
+def stage_layers(trace, recompute, pp: int, stage: str = "first", count: int | None = None) -> list[tuple[str, str]]:
+    """(block kind, recompute policy) of each layer a pipeline stage runs: the `count` first
+    (stage 'first') or last (stage 'last') layers of the model, ceil(layers / pp) when `count` is
+    None. Policies follow `Layout.recompute_policies` over the whole model, as the runtime applies
+    them."""
     from xplan.layout import recompute_policies
 
     kinds = trace.layer_kinds
     policies = recompute_policies(recompute, len(kinds))
-    return list(zip(kinds, policies, strict=True))[:-(-len(kinds) // pp)]
+    layers = list(zip(kinds, policies, strict=True))
+    n = -(-len(kinds) // pp) if count is None else max(0, min(len(kinds), count))
+    return layers[len(layers) - n:] if stage == "last" else layers[:n]
 
 
-def layers_by_policy(trace, recompute, pp: int) -> dict[str, int]:
-    """How many layers of the busiest pipeline stage run under each recompute policy."""
+def layers_by_policy(trace, recompute, pp: int, stage: str = "first", count: int | None = None) -> dict[str, int]:
+    """How many layers of a pipeline stage (see `stage_layers`) run under each recompute policy."""
     counts: dict[str, int] = {}
-    for _, policy in stage_layers(trace, recompute, pp):
+    for _, policy in stage_layers(trace, recompute, pp, stage, count):
         counts[policy] = counts.get(policy, 0) + 1
     return counts
+
+
+#: How a block's activations are saved without recompute: `eager` as the trace measured them
+#: (every op's autograd-saved outputs), `fused` as fused-kernel engines save them, `fused_fp8`
+#: the same with fp8 GEMM inputs saved as their fp8 casts (see `fused_saved_bytes`).
+SAVING_RULES = ("eager", "eager_fused_norm", "fused", "fused_fp8")
+
+
+def saving_rule(layout) -> str:
+    """The layout's saving rule: fused elementwise kernels save as fused engines do; fp8 GEMMs
+    keep their inputs' fp8 casts; a fused norm beside eager elementwise ops (`kernels.norm`)
+    saves as a fused kernel, the other ops as traced."""
+    if layout.kernels.get("elementwise", "fused") != "fused":
+        return "eager_fused_norm" if layout.kernels.get("norm", "auto") == "fused" else "eager"
+    return "fused_fp8" if layout.precision == "fp8" else "fused"
+
+
+def fused_saved_bytes(trace, kind: str, rule: str) -> float:
+    """Saved bytes of one `kind` block without recompute (traced micro-batch) under `rule`.
+
+    `eager`: the trace's own figure. `fused`: elementwise (memory-bound) ops run inside fused
+    kernels, which keep only what the backward cannot recompute cheaply:
+    - an elementwise output that feeds a GEMM or attention kernel is kept (Transformer Engine's
+      LayerNormLinear keeps `ln_out` for the weight gradient, its fc2 keeps the SwiGLU output,
+      the attention keeps its rotated q, k);
+    - an elementwise output consumed only by other elementwise ops (the fp32 upcast of a norm's
+      input, silu(gate) before the product) is dropped and recomputed in the backward from what
+      is kept (Megatron's bias_swiglu_impl saves only its input; torch.compile's min-cut
+      partitioner recomputes pointwise ops). Walking forward in trace order, an op is
+      recomputable when each input is kept or recomputable; a dropped op whose input is neither
+      keeps that input instead (a norm keeps its bf16 input, not the fp32 copy).
+    `fused_fp8`: as `fused`, and an elementwise output kept for a GEMM is kept as its fp8 cast
+    (Transformer Engine saves the quantised GEMM input: half the bytes of bf16).
+    `eager_fused_norm`: `fused` for the ops of normalisation modules only (a fused RMSNorm kernel
+    keeps its input; e.g. torchtitan's Triton fused_rmsnorm), the others as traced.
+    torch.compile's partitioner may recompute more (the kept GEMM inputs too): this is an upper
+    bound for it.
+    """
+    block = trace.blocks[kind]
+    if rule == "eager":
+        return float(block.saved_bytes["none"])
+    memo = trace.__dict__.setdefault("_fused_saved", {})
+    if (kind, rule) not in memo:
+        memo[(kind, rule)] = block.saved_bytes["none"] + _fused_saved_delta(
+            trace.graph, kind, rule == "fused_fp8", norms_only=rule == "eager_fused_norm")
+    return memo[(kind, rule)]
+
+
+def _is_kernel(d: dict) -> bool:
+    return bool(d.get("attention")) or int(d.get("flops", 0)) > 0
+
+
+def _fused_saved_delta(graph, kind: str, fp8: bool, norms_only: bool = False) -> float:
+    """What `fused_saved_bytes` changes in the trace's figure for block kind `kind` (bytes)."""
+    def in_block(d: dict) -> bool:
+        return d.get("type") == "op" and d.get("stage") == kind and d.get("phase") == "forward"
+
+    nodes = sorted((n for n, d in graph.nodes(data=True) if in_block(d)), key=lambda n: int(n[2:]))
+    available: set[str] = set()  # outputs the backward has: kept, or recomputable from kept ones
+    delta = 0.0
+    for node in nodes:
+        d = graph.nodes[node]
+        saved = int(d.get("saved_bytes", 0))
+        preds = [p for p in graph.predecessors(node) if graph.nodes[p].get("type") == "op"]
+        inside = [p for p in preds if in_block(graph.nodes[p])]
+        if _is_kernel(d):
+            if saved:
+                available.add(node)
+            continue
+        succs = [graph.nodes[q] for q in graph.successors(node) if graph.nodes[q].get("type") == "op"]
+        if norms_only and not is_norm_module(d.get("module", "")):
+            if saved:  # an eager op outside the norms: kept as traced
+                available.add(node)
+            continue
+        if saved and any(_is_kernel(q) for q in succs):  # a kernel's input: kept
+            available.add(node)
+            if fp8 and any(int(q.get("flops", 0)) > 0 and not q.get("attention") for q in succs):
+                delta -= saved / 2
+            continue
+        if saved:  # kept only for elementwise backward: recompute it, keeping what it needs
+            delta -= saved
+            for p in preds:  # inputs neither kept nor recomputable (from inside or outside the block)
+                if p not in available:
+                    delta += int(graph.nodes[p].get("bytes_written", 0))
+                    available.add(p)
+            if not preds:  # a graph input
+                delta += int(d.get("bytes_read", 0))
+            available.add(node)
+        elif preds and len(inside) == len(preds) and all(p in available for p in inside):
+            available.add(node)
+    return delta
 
 
 def _routed_load(trace, kind: str, ep: int, imbalance: float) -> float:
@@ -124,12 +230,15 @@ def _routed_load(trace, kind: str, ep: int, imbalance: float) -> float:
 
 
 def activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                     in_flight: float, every_mm: int = 0) -> tuple[float, float]:
-    """(saved activations on the rank, largest single-block saved bytes) in bytes."""
+                     in_flight: float, every_mm: int = 0, stage: str = "first", count: int | None = None,
+                     rule: str = "eager") -> tuple[float, float]:
+    """(saved activations on the rank, largest single-block saved bytes) in bytes, for the pipeline
+    stage `stage` ('first' or 'last', `count` layers; see `stage_layers`) under saving `rule`."""
     memo = trace.__dict__.setdefault("_activation_bytes", {})
-    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm)
+    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm, stage, count, rule)
     if key not in memo:
-        memo[key] = _activation_bytes(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm)
+        memo[key] = _activation_bytes(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm,
+                                      stage, count, rule)
     return memo[key]
 
 
@@ -149,26 +258,30 @@ def redone_mm_bytes(trace, kind: str, every_mm: int) -> int:
 
 
 def _saved_walk(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                every_mm: int = 0):
-    """(embedding saved bytes, [(kind, policy, saved bytes)] per layer of the busiest stage), scaled
+                every_mm: int = 0, stage: str = "first", count: int | None = None, rule: str = "eager"):
+    """(embedding saved bytes, [(kind, policy, saved bytes)] per layer of a pipeline stage), scaled
     to this rank's tokens and the busiest EP rank's routed load; selective layers drop the
-    outputs of the mms redone under `every_mm` (see `redone_mm_bytes`). Memoised on the trace
-    (callers only read the result)."""
+    outputs of the mms redone under `every_mm` (see `redone_mm_bytes`); layers without recompute
+    save as `rule` says (see `fused_saved_bytes`). Only the first stage holds the embedding. Memoised
+    on the trace (callers only read the result)."""
     memo = trace.__dict__.setdefault("_saved_walk", {})
-    key = (recompute, token_factor, tp, pp, ep, imbalance, every_mm)
+    key = (recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage, count, rule)
     if key not in memo:
-        memo[key] = _saved_walk_uncached(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm)
+        memo[key] = _saved_walk_uncached(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage,
+                                         count, rule)
     return memo[key]
 
 
 def _saved_walk_uncached(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                         every_mm: int):
+                         every_mm: int, stage: str, count: int | None, rule: str):
     scale = token_factor / tp
     emb = trace.others.get("embedding")
-    embedding = emb.saved_bytes["none"] * scale if emb is not None else 0.0
+    embedding = emb.saved_bytes["none"] * scale if emb is not None and (stage == "first" or pp == 1) else 0.0
     layers = []
-    for kind, policy in stage_layers(trace, recompute, pp):
+    for kind, policy in stage_layers(trace, recompute, pp, stage, count):
         kept = trace.blocks[kind].saved_bytes[policy]
+        if policy == "none":
+            kept = fused_saved_bytes(trace, kind, rule)
         if policy == "selective":
             kept -= redone_mm_bytes(trace, kind, every_mm)
         layers.append((kind, policy, kept * scale * _routed_load(trace, kind, ep, imbalance)))
@@ -176,8 +289,10 @@ def _saved_walk_uncached(trace, recompute, token_factor: float, tp: int, pp: int
 
 
 def _activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                      in_flight: float, every_mm: int) -> tuple[float, float]:
-    embedding, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm)
+                      in_flight: float, every_mm: int, stage: str, count: int | None,
+                      rule: str) -> tuple[float, float]:
+    embedding, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage, count,
+                                    rule)
     largest = 0.0
     for kind, _, _ in layers:
         largest = max(largest, trace.blocks[kind].saved_bytes["none"] * token_factor / tp
@@ -211,19 +326,21 @@ def fsdp_backward_buffers(block, ep: int, tp: int, compute_bytes: int, zero1: bo
 
 def backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                     in_flight: float, compute_bytes: int = 2, zero1: bool = False, grads: float = 0.0,
-                    accumulated: bool = True, ep_copy: float = 0.0, every_mm: int = 0) -> tuple[float, ...]:
+                    accumulated: bool = True, ep_copy: float = 0.0, every_mm: int = 0, stage: str = "first",
+                    count: int | None = None, rule: str = "eager") -> tuple[float, ...]:
     memo = trace.__dict__.setdefault("_backward_moment", {})
     key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, grads, accumulated,
-           ep_copy, every_mm)
+           ep_copy, every_mm, stage, count, rule)
     if key not in memo:
         memo[key] = _backward_moment(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
-                                     compute_bytes, zero1, grads, accumulated, ep_copy, every_mm)
+                                     compute_bytes, zero1, grads, accumulated, ep_copy, every_mm, stage, count, rule)
     return memo[key]
 
 
 def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                      in_flight: float, compute_bytes: int, zero1: bool, grads: float, accumulated: bool,
-                     ep_copy: float, every_mm: int) -> tuple[float, ...]:
+                     ep_copy: float, every_mm: int, stage: str = "first", count: int | None = None,
+                     rule: str = "eager") -> tuple[float, ...]:
     """(activations, workspace, gathered parameters, FSDP buffers, gradients) bytes at the worst
     moment of the backward through the blocks.
 
@@ -239,7 +356,7 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
     layer's MLP part also holds the mm outputs its recomputation redid.
     """
     parts, rows, total_params = _backward_rows(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
-                                               compute_bytes, zero1, every_mm)
+                                               compute_bytes, zero1, every_mm, stage, count, rule)
     # The moment compared is sum((saved, workspace, gathered, held, gradients)), added left to
     # right: the first three come summed per row, so each comparison is the same floating-point
     # sum as the tuple's. The first largest moment wins.
@@ -260,19 +377,20 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
 
 
 def _backward_rows(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                   in_flight: float, compute_bytes: int, zero1: bool,
-                   every_mm: int) -> tuple[list[tuple], list[tuple], int]:
+                   in_flight: float, compute_bytes: int, zero1: bool, every_mm: int, stage: str = "first",
+                   count: int | None = None, rule: str = "eager") -> tuple[list[tuple], list[tuple], int]:
     """The parts of `_backward_moment` that do not depend on the gradients or the EP copy, per
     part of each layer's backward in walk order: (saved activations, scaled workspace, gathered
     parameters); (their sum, FSDP buffers without the EP copy, whether the EP copy adds,
     parameters whose gradients exist then); and the model's parameter count. Memoised on the
     trace."""
     memo = trace.__dict__.setdefault("_backward_rows", {})
-    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, every_mm)
+    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, every_mm, stage, count, rule)
     if key in memo:
         return memo[key]
     scale = token_factor / tp
-    running, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm)
+    running, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage, count,
+                                  rule)
     cumulative = []
     for _, _, saved in layers:
         running += saved
@@ -371,3 +489,8 @@ def rank_param_split(trace, layout) -> tuple[float, float]:
     dense = trace.params_total - routed
     expert_tp = layout.tp if layout.ep <= layout.dp_world else 1  # EP spanning TP ranks: experts not TP-split
     return dense / (layout.tp * layout.pp), routed / (layout.ep * expert_tp * layout.pp)
+
+
+def grad_bytes(layout) -> int:
+    """Bytes per gradient element the data-parallel reduction uses (`Layout.grad_dtype`)."""
+    return 2 if getattr(layout, "grad_dtype", "fp32") == "bf16" else 4

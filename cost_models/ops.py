@@ -35,6 +35,11 @@ class PricedOp:
     in_attention_kernel: bool = False
 
 
+def is_norm_module(module: str) -> bool:
+    """Whether a module path names a normalisation layer (input_layernorm, q_norm, ...)."""
+    return "norm" in module.rsplit(".", 1)[-1]
+
+
 def _shape(text: str) -> tuple[int, ...]:
     parts = text.split("x") if text else []
     return tuple(int(x) for x in parts) if all(x.isdigit() for x in parts) else ()

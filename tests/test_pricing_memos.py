@@ -60,7 +60,8 @@ def test_layout_key_sees_every_field():
                dict(sp=2), dict(tp=2, dp_mode="zero1", fsdp=1), dict(pp=2, dp_mode="zero1", fsdp=1),
                dict(pp=2, vpp=2, dp_mode="zero1", fsdp=1), dict(micro_batch=2), dict(recompute="full"),
                dict(offload=("optimizer",)), dict(precision="fp8"), dict(tp_comm="overlapped"),
-               dict(ranks_per_device=2, fsdp=16), dict(kernels={**DEFAULT_KERNELS, "loss": "full"})]
+               dict(ranks_per_device=2, fsdp=16), dict(ep_overlap="microbatch"), dict(grad_dtype="bf16"),
+               dict(kernels={**DEFAULT_KERNELS, "loss": "full"})]
     assert {f for c in changed for f in c} == set(vars(base))
     keys = {layout_key(base.with_changes(**c)) for c in changed}
     assert len(keys) == len(changed) and layout_key(base) not in keys

@@ -92,6 +92,10 @@ class Kernels(_Frozen):
         "fused", "Elementwise ops: fused (each block compiled on accelerators; Triton RMSNorm on CUDA) or eager "
         "(one kernel per op).",
         runs={"fused": _ACCELERATORS, "eager": _ALL})
+    norm: Literal["auto", "fused"] = knob(
+        "auto", "Normalisation kernel: auto (as the elementwise ops run) or fused (one kernel that keeps only "
+        "its input for backward, e.g. a Triton RMSNorm beside eager elementwise ops; priced, not run).",
+        runs={"auto": _ALL, "fused": _NONE})
 
     # Dict-style reads (`layout.kernels.get("loss")`) for code that takes a slot name.
     def get(self, slot: str, default: Any = None) -> Any:
@@ -136,6 +140,16 @@ class Layout(_Frozen):
         "exposed", "Tensor-parallel collectives exposed, or overlapped with the GEMMs as Megatron's "
         "--tp-comm-overlap runs them (an assumption about that engine; only the cost model reads it).",
         flag="--tp-comm", price_only=True)
+    ep_overlap: Literal["exposed", "microbatch", "dualpipe"] = knob(
+        "exposed", "Expert-parallel all-to-all schedule: exposed (on the critical path, what the runtime runs), "
+        "microbatch (overlapped with another micro-batch's compute, Megatron-core's EP A2A overlap), dualpipe "
+        "(DeepSeek's DualPipe pipeline schedule: forward and backward chunks of two micro-batches overlapped, "
+        "hiding the all-to-alls and pipeline sends; two parameter copies per rank). Priced, not run.",
+        flag="--ep-overlap", runs={"exposed": _ALL, "microbatch": _NONE, "dualpipe": _NONE})
+    grad_dtype: Literal["fp32", "bf16"] = knob(
+        "fp32", "Gradient accumulation and data-parallel reduction dtype: fp32 (the runtime) or bf16 (Megatron "
+        "with grad_reduce_in_fp32 off: zero1 keeps bf16 gradients; an assumption about that engine, only the "
+        "cost model reads it).", flag="--grad-dtype", runs={"fp32": _ALL, "bf16": _NONE})
     kernels: Kernels = Field(default_factory=Kernels, description="Kernel choice per slot.")
 
     @field_validator("devices", "ranks_per_device", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch",
@@ -493,5 +507,9 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
         need(config.num_layers + 2 >= d.pp * d.vpp,
              f"pp × vpp ({d.pp} × {d.vpp}) stages cannot exceed the layers ({config.num_layers}) + 2.")
     need(d.vpp == 1 or d.pp > 1, "vpp > 1 needs pipeline parallelism (pp > 1).")
+    if d.ep_overlap == "dualpipe":
+        need(d.pp > 1 and d.pp % 2 == 0 and d.vpp == 1,
+             f"ep_overlap dualpipe is DeepSeek's DualPipe schedule: it needs an even pp > 1 and vpp 1 "
+             f"(got pp {d.pp}, vpp {d.vpp}).")
     if global_batch is not None:
         layout.grad_accum(global_batch)
