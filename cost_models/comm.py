@@ -110,12 +110,14 @@ def expert_parallel_time(profile, tokens: float, hidden: int, top_k: int, layout
     """EP dispatch + combine, forward and backward (4 all-to-alls) for one MoE layer.
 
     Each rank sends its tokens' top-k copies (`tokens * top_k * hidden` activations); the busiest
-    rank receives `imbalance` times the mean.
+    rank receives `imbalance` times the mean. The EP group's ranks sit `expert_tp` apart (expert
+    tensor parallelism innermost, as Megatron lays out its expert mesh): tp apart when experts
+    are tensor-parallel, consecutive when EP spans the tensor-parallel ranks.
     """
     if layout.ep <= 1:
         return 0.0
     nbytes = tokens * top_k * hidden * act_bytes * imbalance
-    return 4 * all_to_all_time(profile, nbytes, layout.ep, layout.tp, layout.devices)
+    return 4 * all_to_all_time(profile, nbytes, layout.ep, layout.expert_tp, layout.devices)
 
 
 def ulysses_time(profile, tokens: float, q_width: int, kv_width: int, out_width: int, layout,

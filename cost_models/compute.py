@@ -16,12 +16,14 @@ class RankWork:
     token_factor: float  # micro_batch / sp
     tp: int = 1
     ep: int = 1
+    expert_tp: int = 0  # ranks a routed expert is split over (Layout.expert_tp); 0: tp
     imbalance: float = 1.0  # busiest EP rank's routed-token load over the mean
     precision: str = "bf16"
     seq_len: int = 4096
     traced_dtype_bytes: int = 2
     fused_elementwise: bool = True  # kernels.elementwise == "fused"
     fused_norm: bool = False  # kernels.norm == "fused": norm modules' ops fused beside eager elementwise ops
+    fused_loss: bool = False  # kernels.loss == "fused": one cross-entropy kernel over the logits (fused_loss_time)
     attention_kernel: str = "flash"  # kernels.attention: sdpa prices at the profile's sdpa_fraction
     # Selective recompute also redoes every n-th forward aten.mm of a block (torchtitan's op-level
     # SAC: 2, "every second mm"); 0: every GEMM output is kept (the trace's own policy).
@@ -72,7 +74,10 @@ def rank_gemm(op: PricedOp, work: RankWork) -> tuple[float, float, float, int, f
     m, n, k = op.dims
     if op.category == "grouped":  # m = rows per expert on the busiest EP rank (its last tile padded)
         load = work.imbalance if work.ep > 1 else 1.0
-        return grouped_rows(m * work.token_factor * work.ep * load), n / work.tp, k, max(1, op.groups // work.ep), 1.0
+        # Experts split over expert_tp ranks see the tokens of expert_tp sequence-parallel slices.
+        etp = work.expert_tp or work.tp
+        rows = m * work.token_factor * work.ep * load * etp / work.tp
+        return grouped_rows(rows), n / etp, k, max(1, op.groups // work.ep), 1.0
     if op.token_scaled:
         return m * work.token_factor, n / work.tp, k, op.groups, 1.0
     # Token count sits in a batch dimension (e.g. per-head matmuls): cost scales linearly.
@@ -141,6 +146,26 @@ def redone_by_selective(op: PricedOp, mm_seen: dict[str, int], every_mm: int) ->
     return not op.selective_saved
 
 
+def traced_loss(kernel: str) -> str:
+    """The loss kernel a layout's trace is taken with: a fused cross entropy prices the full loss's
+    LM head and prices its loss from the logits' size (`fused_loss_time`)."""
+    return "full" if kernel == "fused" else kernel
+
+
+def logits_bytes(trace) -> int:
+    """Bytes of the traced micro-batch's logits (the LM head GEMM's output, compute dtype)."""
+    return max((op.out_bytes for op in priced_ops(trace) if op.group == "head" and op.phase == "forward"
+                and op.category == "gemm"), default=0)
+
+
+def fused_loss_time(trace, work: RankWork, profile) -> tuple[float, float]:
+    """(forward, backward) seconds of a fused cross entropy (Transformer Engine / Megatron): the
+    forward reads the logits once, the backward reads them and writes their gradient in place."""
+    nbytes = logits_bytes(trace) * work.token_factor / work.tp
+    overhead = profile.compute.gemm.overhead_us * 1e-6
+    return memory_time(profile, nbytes) + overhead, memory_time(profile, 2 * nbytes) + overhead
+
+
 def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     """{(group, phase): seconds} for one instance of each traced group (block kind, embed, head...).
 
@@ -156,7 +181,15 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     times: dict[tuple[str, str], float] = defaultdict(float)
     mm_seen: dict[str, int] = {}
     fused_calls: set[tuple[str, str]] = set()  # (group, phase) of blockwise attention priced as one kernel
-    for op in priced_ops(trace):
+    ops = priced_ops(trace)
+    if work.fused_loss:
+        ops = [op for op in ops if op.group != "loss"]
+        forward, backward = fused_loss_time(trace, work, profile)
+        times[("loss", "forward")] += forward
+        times[("loss", "backward")] += backward
+        times[("loss", "ops")] += 2
+        times[("loss", "ops_forward")] += 1
+    for op in ops:
         t = op_time(op, work, profile)
         inside = inside_fused_attention(op, work)
         fused = work.fused_elementwise or (work.fused_norm and is_norm_module(op.module))

@@ -25,6 +25,7 @@ from .memory import (
     backward_moment,
     block_unsharded_numel,
     chunked_head_bytes,
+    fused_loss_head_bytes,
     grad_bytes,
     head_phase_bytes,
     layers_by_policy,
@@ -146,6 +147,8 @@ def _offload_free_terms(trace, layout: Layout, profile, grad_accum: int, imbalan
             ep_copy = routed_copy_bytes(config, rank_tokens, compute_bytes) * imbalance
     logits, head = memoised(parts, ("head_phase", tf, layout.tp, compute_bytes),
                              lambda: head_phase_bytes(trace, tf, layout.tp, compute_bytes))
+    if layout.kernels.get("loss") == "fused":
+        logits, head = fused_loss_head_bytes(trace, tf, layout.tp, compute_bytes)
     if config is not None and layout.kernels.get("loss") == "chunked":
         head_block = trace.others.get("head")
         head_params = head_block.params_total / layout.tp if head_block is not None else 0
