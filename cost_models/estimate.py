@@ -30,11 +30,13 @@ from .memory import (
     MemoryBreakdown,
     activation_bytes,
     block_unsharded_numel,
+    grad_bytes,
     rank_param_split,
 )
 from .memos import layout_key, memoised
 from .peak_memory import memory_estimate
 from .pipeline import PipelineRank, pipeline_ranks  # noqa: F401  (PipelineRank: part of this module's API)
+from .routing import default_imbalance, imbalance_note
 
 # What the runtime runs: torch's foreach AdamW (runtime/train/optim.py) makes 8 passes over fp32
 # tensors - p *= 1 - lr*wd (8 B), lerp_ m (12), v *= b2 (8), addcmul_ v (12), sqrt(v) into a new
@@ -59,6 +61,7 @@ class Estimate:
     host_bytes: float
     binding: str
     notes: list[str] = field(default_factory=list)
+    imbalance: float = 1.0  # the busiest EP rank's routed load over the mean this estimate priced
 
     @property
     def fits(self) -> bool:
@@ -79,6 +82,7 @@ class Estimate:
             "time_s": dict(self.time),
             "flops_per_token": self.flops_per_token,
             "binding": self.binding,
+            "imbalance": self.imbalance,
             "notes": list(self.notes),
         }
 
@@ -92,11 +96,13 @@ def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm:
               grad_accum: int = 1) -> RankWork:
     """How one rank of `layout` relates to the traced micro-batch (what `op_time` prices);
     `grad_accum`: the micro-batches of one step (fp8 weight casts are paid once per step)."""
-    return RankWork(token_factor=layout.micro_batch / layout.sp, tp=layout.tp, ep=layout.ep, imbalance=imbalance,
+    return RankWork(token_factor=layout.micro_batch / layout.sp, tp=layout.tp, ep=layout.ep,
+                    expert_tp=layout.expert_tp, imbalance=imbalance,
                     precision=layout.precision, seq_len=trace.seq_len,
                     traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
                     fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
                     fused_norm=layout.kernels.get("norm", "auto") == "fused",
+                    fused_loss=layout.kernels.get("loss") == "fused",
                     attention_kernel=layout.kernels.get("attention", "sdpa"),
                     recompute_every_mm=recompute_every_mm if layout.recompute == "selective" else 0,
                     # Only fp8 GEMMs cast weights: other precisions share one work (and its memo).
@@ -167,14 +173,18 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
     return blocks, (root_fsdp, root_fsdp_copies, pp_time)
 
 
-def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0,
+def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float | None = None,
              recompute_every_mm: int = 0, pricing: PricingContext | None = None) -> Estimate:
     """Price `layout` for `config` traced at `trace` (micro-batch 1, the run's seq_len) on `profile`.
 
     `recompute_every_mm`: under selective recompute, also redo every n-th forward mm of a block
     (torchtitan's op-level SAC recomputes every second one: 2); 0 keeps every GEMM output.
     `pricing`: the search's PricingContext on `profile` (its op times priced once per rank work).
+    `imbalance`: the busiest EP rank's routed load over the mean; None: the sourced default
+    (`cost_models.routing`). Every MoE estimate notes which it priced.
     """
+    given = imbalance is not None
+    imbalance = imbalance if given else default_imbalance(layout, config)
     seq = trace.seq_len
     if trace.micro_batch != 1:
         raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
@@ -182,7 +192,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     grad_accum = layout.grad_accum(global_batch)
     tf = layout.micro_batch / layout.sp  # this rank's tokens per micro-batch, in traced sequences
     param_bytes = COMPUTE_BYTES[layout.precision]
-    reduce_bytes = 4
+    reduce_bytes = grad_bytes(layout)
     work = rank_work(trace, layout, imbalance, recompute_every_mm, grad_accum)
     times = pricing_for(profile, pricing).group_times(trace, work)
 
@@ -281,11 +291,11 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         dense_rank, routed_rank = rank_param_split(trace, layout)
         rs = comm.reduce_scatter_time(profile, dense_rank * reduce_bytes, layout.dp_world, layout.tp, layout.devices)
         ag = comm.all_gather_time(profile, dense_rank * param_bytes, layout.dp_world, layout.tp, layout.devices)
-        expert_dp = max(1, layout.dp_world // layout.ep)
-        rs += comm.reduce_scatter_time(profile, routed_rank * reduce_bytes, expert_dp, layout.ep * layout.tp,
-                                       layout.devices)
-        ag += comm.all_gather_time(profile, routed_rank * param_bytes, expert_dp, layout.ep * layout.tp,
-                                   layout.devices)
+        # Expert data parallelism: the tp x dp_world ranks over ep x expert_tp expert shards.
+        expert_dp = max(1, layout.dp_world * layout.tp // (layout.ep * layout.expert_tp))
+        expert_stride = layout.ep * layout.expert_tp
+        rs += comm.reduce_scatter_time(profile, routed_rank * reduce_bytes, expert_dp, expert_stride, layout.devices)
+        ag += comm.all_gather_time(profile, routed_rank * param_bytes, expert_dp, expert_stride, layout.devices)
         # Bucketed: reduce-scatter hides under the last micro-batch's backward, all-gather under
         # the first forward.
         zero1_exposed = max(0.0, rs - busiest["backward"]) + max(0.0, ag - busiest["forward"])
@@ -321,11 +331,13 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         binding = "host memory (offloaded state)"
     else:
         binding = max(time, key=time.get)
-    if layout.ep > 1 and imbalance > 1:
-        notes.append(f"busiest EP rank carries {imbalance:.2f}x the mean routed load")
+    note = imbalance_note(layout, config, imbalance, given)
+    if note:
+        notes.append(note)
     return Estimate(layout=layout, seq_len=seq, global_batch=global_batch, grad_accum=grad_accum, memory=memory,
                     time=time, step_time_s=step, tokens_per_s_per_device=tokens_per_s, mfu=mfu,
-                    flops_per_token=flops_per_token, hbm_bytes=hbm, host_bytes=host, binding=binding, notes=notes)
+                    flops_per_token=flops_per_token, hbm_bytes=hbm, host_bytes=host, binding=binding, notes=notes,
+                    imbalance=imbalance)
 
 
 def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, reduce_bytes: int,

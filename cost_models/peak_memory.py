@@ -37,9 +37,10 @@ from .memory import (
     stage_layers,
 )
 from .memos import layout_key, memoised
+from .routing import default_imbalance
 
 
-def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float = 1.0,
+def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float | None = None,
                     config=None, recompute_every_mm: int = 0) -> MemoryBreakdown:
     """Peak memory of the busiest rank (see cost_models.memory for the accounting).
 
@@ -53,6 +54,8 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
     offload setting of a layout, then prices some of them again. Profiles are frozen, and the
     memo holds the profile and config it was computed for, so their ids name no other object.
     """
+    if imbalance is None:  # the sourced default (cost_models.routing)
+        imbalance = default_imbalance(layout, config)
     memo = trace.__dict__.setdefault("_memory_terms", {})
     best = None
     for stage in pipeline_stages(trace, layout, grad_accum):

@@ -25,6 +25,11 @@ def render_estimate(title: str, est) -> None:
     summary.add_row("peak memory", f"{mem['allocated']:.1f} allocated ({mem['total']:.1f} reserved) / "
                                    f"{mem['capacity']:.0f} GiB")
     summary.add_row("layout", f"devices={d['layout']['devices']} {layout_summary(d)}")
+    lay = d["layout"]
+    summary.add_row("data parallel", f"{lay['dp_mode']} over {lay['dp_world']} ranks (priced)")
+    if lay["ep"] > 1:
+        summary.add_row("expert parallel", f"ep {lay['ep']}, all-to-all {lay['ep_overlap']}, routing imbalance "
+                                           f"{d['imbalance']:.2f}")
     console.print(summary)
     tables = Table(title="memory per device (GiB)", show_header=True)
     tables.add_column("component")
@@ -62,7 +67,7 @@ def estimate_cmd(
     seq_len: int = opt.SEQ_LEN,
     global_batch: int = typer.Option(None, "--global-batch", help="Sequences per optimizer step (default: one "
                                      "micro-batch per data-parallel rank, no accumulation)."),
-    imbalance: float = opt.IMBALANCE,
+    imbalance: float | None = opt.IMBALANCE,
     json_out: bool = JSON_OPTION,
     layout_flags: dict = None,
 ) -> None:

@@ -119,7 +119,7 @@ def command_line(model: str, hardware: str, devices: int, seq_len: int, global_b
         if info.name in pinned:
             value = pinned[info.name]
             args += [info.flag, ",".join(value) or "none" if info.name == "offload" else str(value)]
-    if imbalance != 1.0:
+    if imbalance is not None:
         args += ["--imbalance", str(imbalance)]
     args += ["--allow-3d"] * allow_3d + ["--exhaustive"] * exhaustive
     if headroom:
@@ -154,7 +154,7 @@ def search_cmd(
     seq_len: int = opt.SEQ_LEN,
     global_batch: int = typer.Option(None, "--global-batch",
                                      help="Sequences per optimizer step (default: one per device)."),
-    imbalance: float = opt.IMBALANCE,
+    imbalance: float | None = opt.IMBALANCE,
     allow_3d: bool = typer.Option(False, "--allow-3d", help="Also price tensor and pipeline parallelism "
                                   "(listed for comparison; the runtime does not execute them)."),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="Price the whole space without pruning."),
@@ -219,7 +219,7 @@ def search_cmd(
     if best is not None:
         training = {"seq_len": seq_len, "global_batch": global_batch, "steps": steps}
         predictions = {k: v for k, v in best.to_dict().items() if k in (
-            "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "time_s", "binding")}
+            "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "time_s", "binding", "imbalance")}
         plan = make_plan(model, hardware, best.layout, training, predictions,
                          devices_per_node=profile.levels[0].devices, headroom_gib=headroom_gib,
                          notes=f"written by xplan search ({result.candidates_evaluated} candidates)",
