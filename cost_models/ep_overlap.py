@@ -10,9 +10,11 @@
   pipeline (at least the first and the last micro-batch of a step) run alone, exposed.
 - ``dualpipe``: DeepSeek's DualPipe (DeepSeek-V3 report, arXiv 2412.19437, §3.2.1): a forward and
   a backward chunk of two micro-batches overlapped so that "both all-to-all and PP communication
-  can be fully hidden"; the communication kernels keep 20 of the H800's 132 SMs (§3.2.2), so the
-  overlapped compute runs on the rest. A pair takes max(compute / (1 - 20/132), all-to-all +
-  pipeline sends).
+  can be fully hidden".
+Overlap is not free: communication kernels occupy SMs while they run. DeepSeek measured that 20 of
+the H800's 132 SMs saturate NVLink and IB for its all-to-alls (§3.2.2), so compute overlapped by
+communication runs on the remaining 112 (`overlapped`); the same share is assumed for the
+all-to-all kernels Megatron overlaps (no measurement of NCCL's SM use in that overlap was found).
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ EP_OVERLAPS = ("exposed", "microbatch", "dualpipe")
 #: H800's 132 (DeepSeek-V3 report §3.2.2, "only 20 SMs are sufficient to fully utilize the
 #: bandwidths of IB and NVLink"; DeepEP's default Buffer.num_sms = 20).
 DUALPIPE_COMM_SM_SHARE = 20 / 132
+
+
+def overlapped(compute: float, communication: float) -> float:
+    """Time of `compute` with `communication` running beside it: the communication kernels keep
+    `DUALPIPE_COMM_SM_SHARE` of the SMs while they run, so the compute they overlap runs on the
+    rest; what communication exceeds the (slowed) compute by stays exposed."""
+    if communication <= 0:
+        return compute
+    share = DUALPIPE_COMM_SM_SHARE
+    slowed = compute + min(communication, compute) * share / (1.0 - share)
+    return max(slowed, communication)
 
 
 def paired_share(mode: str, micro_batches: int, warmup: float) -> float:
@@ -46,10 +59,8 @@ def overlap_micro(mode: str, compute: float, all_to_all: float, pipeline_p2p: fl
     if mode == "exposed" or all_to_all <= 0 and mode != "dualpipe":
         return all_to_all, pipeline_p2p
     if mode == "microbatch":
-        hidden_under = max(0.0, all_to_all - compute)
-        return (1.0 - paired) * all_to_all + paired * hidden_under, pipeline_p2p
+        paired_time = overlapped(compute, all_to_all)
+        return (1.0 - paired) * all_to_all + paired * (paired_time - compute), pipeline_p2p
     if mode == "dualpipe":
-        slowdown = 1.0 / (1.0 - DUALPIPE_COMM_SM_SHARE) if all_to_all > 0 else 1.0
-        pair = max(compute * slowdown, all_to_all + pipeline_p2p)
-        return pair - compute, 0.0
+        return overlapped(compute, all_to_all + pipeline_p2p) - compute, 0.0
     raise ValueError(f"unknown ep_overlap {mode!r}; known: {', '.join(EP_OVERLAPS)}")

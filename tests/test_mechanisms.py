@@ -65,12 +65,21 @@ def test_exposed_keeps_every_all_to_all():
     assert ep_overlap.overlap_micro("exposed", 10.0, 4.0, 1.0) == (4.0, 1.0)
 
 
+def test_overlapped_compute_gives_communication_its_sms():
+    share = ep_overlap.DUALPIPE_COMM_SM_SHARE  # 20 of 132 SMs (DeepSeek-V3 report)
+    # 4 s of communication beside 10 s of compute: those 4 s of compute run on 112 / 132 of the SMs.
+    assert ep_overlap.overlapped(10.0, 4.0) == pytest.approx(10.0 + 4.0 * share / (1 - share))
+    assert ep_overlap.overlapped(2.0, 4.0) == pytest.approx(4.0)  # communication-bound
+    assert ep_overlap.overlapped(10.0, 0.0) == 10.0
+
+
 def test_microbatch_overlap_hides_under_the_partner_compute():
     # 15 of 16 micro-batches paired (one runs alone at pp 1).
     paired = ep_overlap.paired_share("microbatch", 16, 0.0)
     assert paired == pytest.approx(15 / 16)
     a2a, p2p = ep_overlap.overlap_micro("microbatch", 10.0, 4.0, 1.0, paired)
-    assert a2a == pytest.approx(4.0 / 16) and p2p == 1.0
+    assert p2p == 1.0
+    assert a2a == pytest.approx(4.0 / 16 + 15 / 16 * (ep_overlap.overlapped(10.0, 4.0) - 10.0))
     # Communication longer than the partner's compute: the excess stays exposed.
     a2a, _ = ep_overlap.overlap_micro("microbatch", 3.0, 4.0, 0.0, 1.0)
     assert a2a == pytest.approx(1.0)
@@ -80,12 +89,11 @@ def test_microbatch_overlap_hides_under_the_partner_compute():
 
 
 def test_dualpipe_hides_all_to_all_and_p2p_at_the_cost_of_communication_sms():
-    share = ep_overlap.DUALPIPE_COMM_SM_SHARE
     a2a, p2p = ep_overlap.overlap_micro("dualpipe", 10.0, 4.0, 1.0)
-    assert p2p == 0.0 and a2a == pytest.approx(10.0 / (1 - share) - 10.0)
+    assert p2p == 0.0 and a2a == pytest.approx(ep_overlap.overlapped(10.0, 5.0) - 10.0)
     a2a, _ = ep_overlap.overlap_micro("dualpipe", 2.0, 4.0, 1.0)  # communication-bound pair
     assert a2a == pytest.approx(5.0 - 2.0)
-    assert ep_overlap.overlap_micro("dualpipe", 10.0, 0.0, 1.0) == (0.0, 0.0)  # no EP: no SMs given up
+    assert ep_overlap.overlap_micro("dualpipe", 10.0, 0.0, 0.0) == (0.0, 0.0)
 
 
 # ------------------------------------------------------------------ fused-kernel activation saving
