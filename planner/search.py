@@ -252,12 +252,12 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
 def rank_plans(estimates: list[Any]) -> list[Any]:
     """Fastest first; a plan no faster than one already listed and using no less memory is dropped
     (e.g. an offload that changes nothing)."""
-    ranked = sorted(estimates, key=lambda e: (-round(e.tokens_per_s_per_device, 6), e.memory.total,
+    ranked = sorted(estimates, key=lambda e: (-round(e.tokens_per_s_per_device, 6), e.memory.allocated,
                                               len(e.layout.offload)))
     out: list[Any] = []
     for est in ranked:
         if any(o.tokens_per_s_per_device >= est.tokens_per_s_per_device * 0.9999
-               and o.memory.total <= est.memory.total for o in out):
+               and o.memory.allocated <= est.memory.allocated for o in out):
             continue
         out.append(est)
     return out
@@ -266,10 +266,10 @@ def rank_plans(estimates: list[Any]) -> list[Any]:
 def pareto_front(estimates: list[Any]) -> list[Any]:
     """Fitting plans no other plan beats on both throughput and peak memory, fastest first."""
     front, best_memory = [], float("inf")
-    for est in sorted(estimates, key=lambda e: (-e.tokens_per_s_per_device, e.memory.total)):
-        if est.memory.total < best_memory:
+    for est in sorted(estimates, key=lambda e: (-e.tokens_per_s_per_device, e.memory.allocated)):
+        if est.memory.allocated < best_memory:
             front.append(est)
-            best_memory = est.memory.total
+            best_memory = est.memory.allocated
     return front
 
 

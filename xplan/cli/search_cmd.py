@@ -54,7 +54,7 @@ def plan_table(title: str, estimates: list[dict], labels: list[str], refused: se
             flat = flats[i]
             mark = ("*" if refused and i in refused else "") + ("●" if front and i in front else "")
             cells = [labels[i] + mark, f"{d['tokens_per_s_per_device']:,.0f}",
-                     f"{d['mfu']:.1%}", f"{d['step_time_s']:.2f}", f"{d['memory_gib']['total']:.1f}"]
+                     f"{d['mfu']:.1%}", f"{d['step_time_s']:.2f}", f"{d['memory_gib']['allocated']:.1f}"]
             if one_column:
                 cells.append(" ".join(f"{SHORT.get(name, name)}={show(name, flat[name], True)}" for name in differ))
             else:
@@ -71,7 +71,7 @@ def plan_table(title: str, estimates: list[dict], labels: list[str], refused: se
     caption = "all rows: " + " ".join(f"{k}={show(k, v)}" for k, v in common.items())
     if len(bindings) == 1:
         caption += f" binding={next(iter(bindings))}"
-    caption += "\ntok/s = tokens/s/device, GiB = peak memory per device"
+    caption += "\ntok/s = tokens/s/device, GiB = allocated peak per device (what must fit)"
     if front:
         caption += ", ● = on the Pareto front (throughput vs memory)"
     if refused:
