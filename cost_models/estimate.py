@@ -133,6 +133,7 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
     act_bytes = param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = 4
     fsdp2 = not layout.zero1 and layout.fsdp > 1
+    copied = fsdp2 and layout.fsdp_buffers == "copy"  # Megatron-FSDP's zero-copy buffers: no copies
     hidden = config.hidden_size
     q_width = config.num_heads * config.qk_head_dim
     kv_heads = config.num_heads if config.attention_kind == "mla" else max(config.num_kv_heads, layout.sp)
@@ -152,7 +153,7 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
             rs += comm.all_reduce_time(profile, shard * reduce_bytes, layout.hsdp_replicas,
                                        layout.fsdp * layout.tp, layout.devices)
         copies = a2a = 0.0
-        if fsdp2:
+        if copied:
             copies = fsdp2_copy_time(profile, block_unsharded_numel(block, layout.ep, layout.tp), layout,
                                      param_bytes, reduce_bytes, gathers=2)
         if block.num_experts:
@@ -168,7 +169,9 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
         root_ag, root_rs = comm.fsdp_block_times(profile, outside / layout.pp, 0.0, layout, param_bytes,
                                                  reduce_bytes)
         root_fsdp = root_ag + root_rs
-        root_fsdp_copies = fsdp2_copy_time(profile, outside / layout.pp, layout, param_bytes, reduce_bytes, gathers=1)
+        if copied:
+            root_fsdp_copies = fsdp2_copy_time(profile, outside / layout.pp, layout, param_bytes, reduce_bytes,
+                                               gathers=1)
     pp_time = comm.pipeline_p2p_time(profile, rank_tokens, hidden, layout, act_bytes)
     return blocks, (root_fsdp, root_fsdp_copies, pp_time)
 
@@ -345,7 +348,10 @@ def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, red
     """FSDP2's copies around its collectives for one unit and micro-batch (memory-bound, read +
     write): per all-gather the copy-in of the shard and the copy-out into the unsharded
     parameters; per reduce-scatter the packing of the unsharded gradients and the accumulation of
-    the reduced shard."""
+    the reduced shard. Not paid with `fsdp_buffers: zero_copy`: Megatron-FSDP keeps parameters
+    and gradients in the buffers its collectives read and write ("Zero copy communication is
+    achieved by reorganizing the storage of parameters and main grad with ParamAndGradBuffer",
+    Megatron-LM megatron/core/distributed/fsdp/src/README.md)."""
     shard = numel / layout.fsdp
     per_gather = 2 * shard * param_bytes + 2 * numel * param_bytes
     reduce = 2 * numel * reduce_bytes + 2 * shard * reduce_bytes

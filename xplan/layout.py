@@ -153,6 +153,11 @@ class Layout(_Frozen):
         "fp32", "Gradient accumulation and data-parallel reduction dtype: fp32 (the runtime) or bf16 (Megatron "
         "with grad_reduce_in_fp32 off: zero1 keeps bf16 gradients; an assumption about that engine, only the "
         "cost model reads it).", flag="--grad-dtype", runs={"fp32": _ALL, "bf16": _NONE})
+    fsdp_buffers: Literal["copy", "zero_copy"] = knob(
+        "copy", "FSDP collective buffers: copy (FSDP2 copies each shard into and out of the collectives' buffers, "
+        "what the runtime runs) or zero_copy (Megatron-FSDP: parameters and gradients live in the buffers the "
+        "collectives use, its ParamAndGradBuffer). Priced, not run.",
+        flag="--fsdp-buffers", runs={"copy": _ALL, "zero_copy": _NONE})
     kernels: Kernels = Field(default_factory=Kernels, description="Kernel choice per slot.")
 
     @field_validator("devices", "ranks_per_device", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch",

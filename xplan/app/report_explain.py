@@ -10,12 +10,12 @@ from typing import Any
 
 # The layout fields shown for a plan, in table order (kernel slots by their own name).
 LAYOUT_FIELDS = ("dp_mode", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch", "recompute", "offload",
-                 "precision", "tp_comm", "ep_overlap", "grad_dtype", "attention", "moe_gemm", "loss", "elementwise",
-                 "norm")
+                 "precision", "tp_comm", "ep_overlap", "grad_dtype", "fsdp_buffers", "attention", "moe_gemm", "loss",
+                 "elementwise", "norm")
 # Column headers where the name is long; the legend says what each stands for.
 SHORT = {"dp_mode": "dp", "micro_batch": "mb", "recompute": "rc", "offload": "off", "precision": "prec",
          "tp_comm": "tp comm", "attention": "attn", "moe_gemm": "moe gemm", "elementwise": "eltw",
-         "ep_overlap": "ep a2a", "grad_dtype": "grads"}
+         "ep_overlap": "ep a2a", "grad_dtype": "grads", "fsdp_buffers": "fsdp bufs"}
 OFFLOAD_SHORT = {"optimizer": "opt", "params": "params", "activations": "act"}
 LEGEND = ("dp = data-parallel mode, mb = micro-batch, rc = recompute, off = offload (opt = optimizer "
           "states, act = activations), prec = precision, eltw = elementwise kernels")
