@@ -264,9 +264,12 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         for name in rank.parts():
             parts["compute"] += times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)
             ops += times.get((name, "ops"), 0.0)
+        all_to_all = parts["expert_all_to_all"]
         parts["expert_all_to_all"], parts["pipeline_p2p"] = overlap_micro(
-            layout.ep_overlap, parts["compute"] + parts["recompute"], parts["expert_all_to_all"],
-            parts["pipeline_p2p"], paired)
+            layout.ep_overlap, parts["compute"] + parts["recompute"], all_to_all, parts["pipeline_p2p"], paired)
+        if overlap:  # the compute left after hiding all-to-alls covers the pipeline sends
+            cover = parts["compute"] + parts["recompute"] - max(0.0, all_to_all - parts["expert_all_to_all"])
+            parts["pipeline_p2p"] = pipeline.exposed_p2p(kind, parts["pipeline_p2p"], max(0.0, cover))
         device = sum(parts[k] for k in MICRO_PARTS)
         # Kernels run asynchronously, but no faster than the host issues them: what the host
         # takes beyond the device's micro-batch is exposed (small models; null dispatch_us: not priced).

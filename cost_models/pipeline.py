@@ -14,7 +14,7 @@ Schedules (`schedule`):
   Table 2): micro-batches fed from both ends, each rank holding two stages' parameters (2x) and
   pp + 1 micro-batches of activations; bubble (pp/2 - 1)(F&B + B - 3W), where F&B is a forward
   and a backward chunk run as one overlapped pair and W the backward's weight-gradient part.
-Every count is capped by the micro-batches of the step.
+Every count is capped by the micro-batches of the step. Pipeline sends: `exposed_p2p`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,19 @@ def in_flight(kind: str, pp: int, vpp: int, stage: int, micro_batches: int) -> f
         chunks = (pp - stage - 1) * 2 + (vpp - 1) * pp + 1
         return min(chunks / vpp, cap)
     return min(float(pp - stage), cap)
+
+
+def exposed_p2p(kind: str, p2p: float, compute: float) -> float:
+    """Seconds of one micro-batch's pipeline sends and receives (`p2p`) left on a rank's critical
+    path beside `compute` seconds of its compute. Interleaved 1F1B: Megatron posts each chunk's
+    sends and receives before the next chunk's compute and waits for them after it
+    (`overlap_p2p_comm`, on by default: Megatron-LM megatron/training/arguments.py
+    `--no-overlap-p2p-communication` turns it off, and it is forced off without virtual stages;
+    megatron/core/pipeline_parallel/schedules.py), so only what the compute cannot cover stays
+    exposed. 1F1B: exposed (blocking sends and receives). DualPipe: `ep_overlap.overlap_micro`."""
+    if kind == "interleaved":
+        return max(0.0, p2p - compute)
+    return p2p
 
 
 def parameter_copies(kind: str) -> int:

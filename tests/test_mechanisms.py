@@ -189,3 +189,11 @@ def test_flash_prices_the_runtimes_blockwise_attention_as_one_fused_call():
     assert priced == pytest.approx(expected, rel=1e-6)
     # Under flash the softmax ops inside the blockwise path cost nothing of their own.
     assert all(op_time(op, flash, profile) == 0.0 for op in ops if op.category == "memory")
+
+
+def test_interleaved_pipeline_sends_hide_under_compute():
+    # Megatron's interleaved 1F1B overlaps p2p with the next chunk's compute (overlap_p2p_comm);
+    # 1F1B sends block.
+    assert pipeline.exposed_p2p("interleaved", 0.2, 5.0) == 0.0
+    assert pipeline.exposed_p2p("interleaved", 6.0, 5.0) == pytest.approx(1.0)
+    assert pipeline.exposed_p2p("1f1b", 0.2, 5.0) == 0.2
