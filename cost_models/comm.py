@@ -145,6 +145,36 @@ def tensor_parallel_time(profile, tokens: float, hidden: int, layout, act_bytes:
     return 4 * one
 
 
+#: Share of the SMs a GEMM gives up while Transformer Engine's userbuffers overlap its TP collective
+#: by the `pipeline` or `bulk` method: num_sm 16 with set_sm_margin (the GEMM launched on the SMs
+#: left), of a GH100's 132 (transformer_engine/pytorch/module/base.py initialize_ub,
+#: get_default_config). The `ring_exchange` method copies with the copy engines (num_sm 1, no margin).
+TP_OVERLAP_SM_SHARE = 16 / 132
+#: TE's default method per overlapped GEMM (initialize_ub `methods`): pipeline for proj_fprop and
+#: fc2_fprop (row-parallel forward), bulk for qkv and fc1 dgrad and wgrad (column-parallel
+#: backward); ring_exchange for the others.
+ROW_PARALLEL = ("o_proj", "down_proj")
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "q_b_proj",
+                   "kv_b_proj")
+
+
+def under_tp_sm_margin(module: str, phase: str) -> bool:
+    """Whether the dense GEMM of `module` in `phase` runs beside a userbuffers collective that keeps
+    `TP_OVERLAP_SM_SHARE` of the SMs (Megatron --tp-comm-overlap with TE's default methods):
+    row-parallel forward (pipeline), column-parallel backward (bulk). Routed experts are not
+    overlapped that way."""
+    if ".experts" in module:
+        return False
+    name = module.rsplit(".", 1)[-1]
+    return name in ROW_PARALLEL if phase == "forward" else name in COLUMN_PARALLEL
+
+
+def tp_overlap_sm_time(margin_gemm: float) -> float:
+    """Seconds the GEMMs under the SM margin (`margin_gemm` seconds on every SM) take beyond that:
+    they run on 1 - `TP_OVERLAP_SM_SHARE` of the SMs."""
+    return margin_gemm * TP_OVERLAP_SM_SHARE / (1.0 - TP_OVERLAP_SM_SHARE)
+
+
 def pipeline_p2p_time(profile, tokens: float, hidden: int, layout, act_bytes: int) -> float:
     """Activations forward and gradients backward across one stage boundary per micro-batch."""
     if layout.pp <= 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .comm import under_tp_sm_margin
 from .kernels import DTYPE_BYTES, attention_time, gemm_time, memory_time
 from .ops import PricedOp, is_norm_module, priced_ops
 
@@ -172,7 +173,8 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     Phase `selective_recompute` is what the selective recompute policy redoes of the forward (see
     `redone_by_selective`); phase `gemm` is the GEMM and grouped-GEMM time of both passes (what
     overlapped tensor-parallel collectives can hide under), `gemm_forward` / `gemm_backward` by
-    pass; phase `ops` counts (not seconds) the ops the host issues for both passes: every traced
+    pass, `gemm_tp_margin` the GEMMs an overlapped TP collective takes SMs from
+    (`comm.under_tp_sm_margin`); phase `ops` counts (not seconds) the ops the host issues for both passes: every traced
     op when elementwise kernels run eagerly, else the GEMMs, attention and fused chains (what
     `host.dispatch_us` prices); `ops_forward` and `ops_selective` count those of the forward and
     of what selective recompute redoes. The runtime's blockwise attention priced as a fused
@@ -203,6 +205,8 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
         if op.category in ("gemm", "grouped"):
             times[(op.group, "gemm")] += t
             times[(op.group, "gemm_" + op.phase)] += t
+            if op.category == "gemm" and under_tp_sm_margin(op.module, op.phase):
+                times[(op.group, "gemm_tp_margin")] += t
         if redone_by_selective(op, mm_seen, work.recompute_every_mm):
             times[(op.group, "selective_recompute")] += t
             times[(op.group, "ops_selective")] += issued

@@ -239,10 +239,12 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
             redo_share = recompute_fraction if layout.recompute != "selective" else 0.0
             ep_time += n * a2a * (1 + 0.5 * redo_share)
         sp_time += n * uly * (1 + 0.5 * recompute_fraction)
-        if layout.tp_comm == "overlapped" and overlap:
+        if layout.tp_comm == "overlapped" and overlap and layout.tp > 1:
             # Each collective is pipelined with the GEMM it feeds or follows: what the layer's
-            # GEMMs cannot cover stays exposed.
-            tp_comm = max(0.0, tp_comm - times.get((kind, "gemm"), 0.0))
+            # GEMMs cannot cover stays exposed, and the GEMMs TE overlaps by its pipeline and bulk
+            # methods run on the SMs the communication leaves.
+            tp_comm = max(0.0, tp_comm - times.get((kind, "gemm"), 0.0)) + comm.tp_overlap_sm_time(
+                times.get((kind, "gemm_tp_margin"), 0.0))
         tp_time += n * tp_comm
 
     dispatch = (profile.host.dispatch_us or 0.0) * 1e-6
