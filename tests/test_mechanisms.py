@@ -197,3 +197,16 @@ def test_interleaved_pipeline_sends_hide_under_compute():
     assert pipeline.exposed_p2p("interleaved", 0.2, 5.0) == 0.0
     assert pipeline.exposed_p2p("interleaved", 6.0, 5.0) == pytest.approx(1.0)
     assert pipeline.exposed_p2p("1f1b", 0.2, 5.0) == 0.2
+
+
+def test_tp_overlap_takes_sms_from_the_gemms_te_overlaps_by_pipeline_and_bulk():
+    from xplan.cost_models.comm import TP_OVERLAP_SM_SHARE, tp_overlap_sm_time, under_tp_sm_margin
+
+    # TE initialize_ub: pipeline for proj/fc2 fprop, bulk for qkv/fc1 dgrad+wgrad (16 SMs, margin);
+    # ring_exchange (qkv/fc1 fprop, proj/fc2 dgrad) on the copy engines.
+    assert under_tp_sm_margin("self_attn.o_proj", "forward") and under_tp_sm_margin("mlp.down_proj", "forward")
+    assert under_tp_sm_margin("self_attn.q_proj", "backward") and under_tp_sm_margin("mlp.up_proj", "backward")
+    assert not under_tp_sm_margin("self_attn.q_proj", "forward") and not under_tp_sm_margin("mlp.down_proj", "backward")
+    assert not under_tp_sm_margin("mlp.experts.down_proj", "forward") and not under_tp_sm_margin("mlp.gate", "backward")
+    assert TP_OVERLAP_SM_SHARE == pytest.approx(16 / 132)
+    assert tp_overlap_sm_time(1.16) == pytest.approx(0.16)  # 116 of 132 SMs: 1.16 s of work takes 1.32 s
