@@ -133,16 +133,29 @@ def ulysses_time(profile, tokens: float, q_width: int, kv_width: int, out_width:
     return 2 * all_to_all_time(profile, per_pass, layout.sp, layout.tp, layout.devices)
 
 
-def tensor_parallel_time(profile, tokens: float, hidden: int, layout, act_bytes: int) -> float:
-    """Megatron TP with sequence parallelism: per layer 2 all-gathers + 2 reduce-scatters of the
-    activations forward, the same backward. `tokens` is the whole micro-batch sequence (each TP
-    rank holds tokens / tp of it between the collectives)."""
+def tensor_parallel_time(profile, tokens: float, hidden: int, layout, act_bytes: int, routed_copies: float = 0.0,
+                         dense_mlp: bool = True) -> float:
+    """Megatron TP with sequence parallelism, one layer forward and backward: the attention's
+    all-gather and reduce-scatter of the activations each pass, and the MLP's: a dense MLP (or an
+    MoE layer's shared expert, `dense_mlp`) the same; routed experts split over expert_tp > 1 ranks
+    all-gather the tokens the EP all-to-all brought them and reduce-scatter their outputs over the
+    expert-TP group (Megatron's alltoall dispatcher: gather_from_sequence_parallel_region after the
+    dispatch, reduce_scatter_to_sequence_parallel_region before the combine), `routed_copies` =
+    top-k x imbalance times a dense MLP's bytes; with expert TP 1 (EP spanning the TP ranks) the
+    experts run on each rank's own sequence shard and need none. `tokens` is the whole micro-batch
+    sequence (each TP rank holds tokens / tp of it between the collectives)."""
     if layout.tp <= 1:
         return 0.0
     full = tokens * hidden * act_bytes  # the micro-batch's activation, gathered over the TP group
-    one = all_gather_time(profile, full, layout.tp, 1, layout.devices) + reduce_scatter_time(
-        profile, full, layout.tp, 1, layout.devices)
-    return 4 * one
+
+    def one(nbytes: float, group: int) -> float:
+        return all_gather_time(profile, nbytes, group, 1, layout.devices) + reduce_scatter_time(
+            profile, nbytes, group, 1, layout.devices)
+
+    total = 2 * one(full, layout.tp) * (2 if dense_mlp else 1)
+    if routed_copies and layout.expert_tp > 1:
+        total += 2 * one(full * routed_copies, layout.expert_tp)
+    return total
 
 
 #: Share of the SMs a GEMM gives up while Transformer Engine's userbuffers overlap its TP collective

@@ -159,7 +159,9 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
         if block.num_experts:
             a2a = comm.expert_parallel_time(profile, rank_tokens, hidden, block.top_k, layout, act_bytes, imbalance)
         uly = comm.ulysses_time(profile, tokens, q_width, kv_width, out_width, layout, act_bytes)
-        tp_comm = comm.tensor_parallel_time(profile, tokens, hidden, layout, act_bytes)
+        tp_comm = comm.tensor_parallel_time(
+            profile, tokens, hidden, layout, act_bytes, routed_copies=block.top_k * imbalance if block.num_experts else 0.0,
+            dense_mlp=not block.num_experts or block.params.get("shared_expert", 0) > 0)
         blocks[kind] = (ag, rs, copies, a2a, uly, tp_comm)
     root_fsdp = root_fsdp_copies = 0.0
     if fsdp2:

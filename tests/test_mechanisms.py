@@ -210,3 +210,29 @@ def test_tp_overlap_takes_sms_from_the_gemms_te_overlaps_by_pipeline_and_bulk():
     assert not under_tp_sm_margin("mlp.experts.down_proj", "forward") and not under_tp_sm_margin("mlp.gate", "backward")
     assert TP_OVERLAP_SM_SHARE == pytest.approx(16 / 132)
     assert tp_overlap_sm_time(1.16) == pytest.approx(0.16)  # 116 of 132 SMs: 1.16 s of work takes 1.32 s
+
+
+def test_moe_layers_tp_collectives_follow_the_expert_dispatcher():
+    from xplan.cost_models.comm import all_gather_time, reduce_scatter_time, tensor_parallel_time
+
+    h800 = load_profile("h800")
+    full = 4096 * 1024 * 2
+
+    def one(nbytes, group):
+        return all_gather_time(h800, nbytes, group, 1, 16) + reduce_scatter_time(h800, nbytes, group, 1, 16)
+
+    dense = layout_from_dict({"devices": 16, "tp": 2, "dp_mode": "zero1"})
+    assert tensor_parallel_time(h800, 4096, 1024, dense, 2) == pytest.approx(4 * one(full, 2))
+    # Expert TP 2 (ep 2 inside dp_world 8): the routed tokens (top-k x imbalance copies) gathered and
+    # reduce-scattered over the expert-TP group; no shared expert: no dense MLP collectives.
+    etp = layout_from_dict({"devices": 16, "tp": 2, "ep": 2, "dp_mode": "zero1"})
+    assert etp.expert_tp == 2
+    assert tensor_parallel_time(h800, 4096, 1024, etp, 2, routed_copies=8 * 1.3, dense_mlp=False) == pytest.approx(
+        2 * one(full, 2) + 2 * one(full * 8 * 1.3, 2))
+    # EP spanning the TP ranks (expert TP 1): the experts run on each rank's own sequence shard.
+    span = layout_from_dict({"devices": 16, "tp": 2, "ep": 16, "dp_mode": "zero1"})
+    assert span.expert_tp == 1
+    assert tensor_parallel_time(h800, 4096, 1024, span, 2, routed_copies=8, dense_mlp=False) == pytest.approx(
+        2 * one(full, 2))
+    assert tensor_parallel_time(h800, 4096, 1024, span, 2, routed_copies=8, dense_mlp=True) == pytest.approx(
+        4 * one(full, 2))  # a shared expert gathers and scatters as a dense MLP does
