@@ -33,6 +33,14 @@ class PricedOp:
     # Identical calls the op stands for (a long sequence's loss chunks, traced once): flops and
     # bytes are their totals, dims and shape those of one call.
     repeat: int = 1
+    # Inside the runtime's blockwise attention (score products, softmax, masks): what a fused
+    # attention kernel does in its registers, as one call per pass.
+    in_attention_kernel: bool = False
+
+
+def is_norm_module(module: str) -> bool:
+    """Whether a module path names a normalisation layer (input_layernorm, q_norm, ...)."""
+    return "norm" in module.rsplit(".", 1)[-1]
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -86,7 +94,7 @@ def priced_ops(trace) -> list[PricedOp]:
         common = dict(group=d["stage"], phase=d["phase"], flops=flops, flops_dense=int(d.get("flops_dense", flops)),
                       nbytes=nbytes, module=d.get("module", ""), op=name,
                       selective_saved=bool(d.get("selective_saved", True)), out_bytes=int(d.get("bytes_written", 0)),
-                      repeat=repeat)
+                      repeat=repeat, in_attention_kernel=bool(d.get("in_attention_kernel", False)))
         shape = _shape(d.get("out_shape", ""))
         if d.get("attention"):
             out.append(PricedOp(category="attention", **common))

@@ -213,6 +213,16 @@ def check_dry_run(plan, layers: int | None = None, imbalance: float | None = Non
     return config, imbalance
 
 
+def executed_layout(layout):
+    """The layout as a dry run executes it: the plan's, except that `kernels.elementwise: fused`
+    runs eager. Blocks are compiled only on accelerators (`train.parallel.compile_blocks`); on CPU
+    fake tensors they stay eager and RMSNorm is the torch one (`kernels.registry.STAND_IN`), so the
+    activations a dry run measures are what eager ops save, not what compiled blocks keep."""
+    if layout.kernels.get("elementwise", "fused") != "fused":
+        return layout
+    return layout.with_changes(kernels={**layout.kernels.model_dump(), "elementwise": "eager"})
+
+
 def rank_memory_budget(hardware: str, ranks_per_device: int) -> float | None:
     """Device memory one rank may use, in bytes: the profile's per-device HBM over its ranks (an a3
     package's 128 GiB is two 64 GiB dies). None when the profile cannot be read."""
@@ -244,6 +254,10 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None,
     if layout.offload:
         caveats.append(f"offload ({', '.join(layout.offload)}) is not simulated: fake tensors live on one device, "
                        "so the measured peak counts offloaded bytes on the device.")
+    if executed_layout(layout) is not layout:
+        caveats.append("kernels.elementwise=fused compiles each block on the accelerator; here the blocks run eager "
+                       "(no torch.compile on CPU fake tensors), so activations are measured as eager ops save them, "
+                       "not as compiled blocks keep them (fewer: pointwise ops recomputed).")
 
     classes = layer_classes(config, layout)
     segs = segments(classes)
@@ -279,4 +293,4 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None,
     )
 
 
-__all__ = ["build_fake_model", "check_dry_run", "dry_run", "fake_process_group", "measure"]
+__all__ = ["build_fake_model", "check_dry_run", "dry_run", "executed_layout", "fake_process_group", "measure"]

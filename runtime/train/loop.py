@@ -18,6 +18,7 @@ import torch
 
 from xplan.errors import InputError
 
+from ..distributed.expert_parallel import step_imbalance
 from ..precision import precision_executed
 from . import checkpoint as ckpt
 from . import manifest, peers, resume
@@ -208,6 +209,9 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
                       "skipped": result.skipped,
                       "step_time_s": elapsed, "host_cpu_s": cpu,
                       "tokens_per_s_per_device": tokens_per_step / elapsed / layout.devices, "peak_memory_gib": peak}
+            imbalance = step_imbalance(model) if layout.ep > 1 else None
+            if imbalance is not None:  # busiest EP rank's routed load over the mean (what --imbalance prices)
+                record["ep_imbalance"] = imbalance
             records.append(record)
             if log is not None:
                 log.log(dict(record))

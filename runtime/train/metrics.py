@@ -100,6 +100,9 @@ def summarize(records: list[dict[str, Any]], predictions: dict[str, Any] | None,
         "world_size": world_size,
         "devices": devices,
         "tokens_per_step": tokens_per_step,
+        # the busiest EP rank's routed load over the mean (median over steps; absent without EP)
+        "ep_imbalance": (statistics.median(r["ep_imbalance"] for r in records if "ep_imbalance" in r)
+                         if any("ep_imbalance" in r for r in records) else None),
     }
 
 

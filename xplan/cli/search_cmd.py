@@ -54,7 +54,7 @@ def plan_table(title: str, estimates: list[dict], labels: list[str], refused: se
             flat = flats[i]
             mark = ("*" if refused and i in refused else "") + ("●" if front and i in front else "")
             cells = [labels[i] + mark, f"{d['tokens_per_s_per_device']:,.0f}",
-                     f"{d['mfu']:.1%}", f"{d['step_time_s']:.2f}", f"{d['memory_gib']['total']:.1f}"]
+                     f"{d['mfu']:.1%}", f"{d['step_time_s']:.2f}", f"{d['memory_gib']['allocated']:.1f}"]
             if one_column:
                 cells.append(" ".join(f"{SHORT.get(name, name)}={show(name, flat[name], True)}" for name in differ))
             else:
@@ -71,7 +71,7 @@ def plan_table(title: str, estimates: list[dict], labels: list[str], refused: se
     caption = "all rows: " + " ".join(f"{k}={show(k, v)}" for k, v in common.items())
     if len(bindings) == 1:
         caption += f" binding={next(iter(bindings))}"
-    caption += "\ntok/s = tokens/s/device, GiB = peak memory per device"
+    caption += "\ntok/s = tokens/s/device, GiB = allocated peak per device (what must fit)"
     if front:
         caption += ", ● = on the Pareto front (throughput vs memory)"
     if refused:
@@ -119,7 +119,7 @@ def command_line(model: str, hardware: str, devices: int, seq_len: int, global_b
         if info.name in pinned:
             value = pinned[info.name]
             args += [info.flag, ",".join(value) or "none" if info.name == "offload" else str(value)]
-    if imbalance != 1.0:
+    if imbalance is not None:
         args += ["--imbalance", str(imbalance)]
     if image_tokens:
         args += ["--image-tokens", str(image_tokens)]
@@ -156,7 +156,7 @@ def search_cmd(
     seq_len: int = opt.SEQ_LEN,
     global_batch: int = typer.Option(None, "--global-batch",
                                      help="Sequences per optimizer step (default: one per device)."),
-    imbalance: float = opt.IMBALANCE,
+    imbalance: float | None = opt.IMBALANCE,
     image_tokens: int = opt.IMAGE_TOKENS,
     allow_3d: bool = typer.Option(False, "--allow-3d", help="Also price tensor and pipeline parallelism "
                                   "(listed for comparison; the runtime does not execute them)."),
@@ -224,7 +224,7 @@ def search_cmd(
         if image_tokens:
             training["image_tokens"] = image_tokens
         predictions = {k: v for k, v in best.to_dict().items() if k in (
-            "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "time_s", "binding")}
+            "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "time_s", "binding", "imbalance")}
         plan = make_plan(model, hardware, best.layout, training, predictions,
                          devices_per_node=profile.levels[0].devices, headroom_gib=headroom_gib,
                          notes=f"written by xplan search ({result.candidates_evaluated} candidates)",
