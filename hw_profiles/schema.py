@@ -252,6 +252,20 @@ def _covered(path: str, keys: set[str]) -> bool:
     return False
 
 
+class FittedOn(_Model):
+    """Which measured rows a constant was fitted on (issue #18: fitting is kept apart from scoring).
+
+    ``rows``: published validation row ids (``xplan validate`` reports them as calibration rows
+    and refits the constant without them when their source is left out), or measurement files
+    (``benchmarks/results/...``) for constants fitted to this project's own runs. ``prior``: the
+    value to use when every fitting row is left out (a literature or microbenchmark value;
+    ``null``: the field's "not priced" value). A constant with no entry was measured or taken from
+    the literature without looking at any row."""
+
+    rows: Annotated[list[Text], Field(min_length=1)]
+    prior: float | None = None
+
+
 _PER_RANK: dict[int, tuple[Profile, Profile]] = {}  # id(profile) -> (profile, its per-rank view)
 
 
@@ -269,10 +283,24 @@ class Profile(_Model):
     #: Where every number came from: dotted field path (``compute.peak_tflops.bf16``,
     #: ``interconnect.levels[0]``) -> source text. A key covers the fields below it.
     sources: dict[Text, Text]
+    #: Constants fitted on measured rows: dotted field path (a number) -> rows and prior.
+    fitted_on: dict[Text, FittedOn] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fitted_on_names_numbers(self) -> Profile:
+        numbers = {p: v for p, v in _walk(self, "") if not p.startswith(("sources", "fitted_on"))}
+        for path in self.fitted_on:
+            value = numbers.get(path, "")
+            if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+                raise ValueError(f"fitted_on names {path!r}, which is not a number of this profile (use the "
+                                 "dotted path of one constant, e.g. 'memory.fragmentation'; optional ones may be null)")
+            if not _covered(path, set(self.sources)):
+                raise ValueError(f"fitted_on names {path!r}, which has no sources entry")
+        return self
 
     @model_validator(mode="after")
     def _every_number_has_a_source(self) -> Profile:
-        nodes = [(p, v) for p, v in _walk(self, "") if not p.startswith("sources")]
+        nodes = [(p, v) for p, v in _walk(self, "") if not p.startswith(("sources", "fitted_on"))]
         known = {p for p, _ in nodes}
         keys = set(self.sources)
         unknown = sorted(k for k in keys if k not in known)

@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Any
 
 from xplan.cost_models import Estimate, estimate
+from xplan.cost_models.compute import traced_loss
 from xplan.errors import InputError
 from xplan.layout import Layout, flat_to_nested, layout_from_dict, parse_knob
 
@@ -28,13 +29,14 @@ class Workload:
     hardware: str
     seq_len: int
     global_batch: int
-    imbalance: float = 1.0  # busiest EP rank's routed load over the mean
+    imbalance: float | None = None  # busiest EP rank's routed load over the mean; None: the sourced default
+    image_tokens: int = 0  # image tokens per sample (vision-language models; the images come first)
 
     def check(self) -> None:
         check_seq_len(self.seq_len)
         if self.global_batch < 1:
             raise InputError(f"--global-batch must be a positive integer, got {self.global_batch}.")
-        if self.imbalance < 1.0:
+        if self.imbalance is not None and self.imbalance < 1.0:
             raise InputError(f"--imbalance is the busiest rank's load over the mean and must be >= 1, "
                              f"got {self.imbalance}.")
 
@@ -54,10 +56,10 @@ def load_hw(hardware: str):
 
 
 @lru_cache(maxsize=64)
-def get_trace(model: str, seq_len: int, loss: str):
+def get_trace(model: str, seq_len: int, loss: str, image_tokens: int = 0):
     from xplan.planner.trace import trace_model
 
-    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss)
+    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss, image_tokens=image_tokens)
 
 
 def price(workload: Workload, layout: Layout) -> Estimate:
@@ -66,7 +68,8 @@ def price(workload: Workload, layout: Layout) -> Estimate:
     profile = load_hw(workload.hardware)
     if layout.devices < 1:
         raise InputError(f"--devices must be a positive integer, got {layout.devices}.")
-    trace = get_trace(workload.model, workload.seq_len, layout.kernels.get("loss", "chunked"))
+    trace = get_trace(workload.model, workload.seq_len, traced_loss(layout.kernels.get("loss", "chunked")),
+                      workload.image_tokens)
     return estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
 
 

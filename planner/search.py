@@ -133,6 +133,8 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
             dp_mode = pinned.get("dp_mode") or search_dp_mode(fsdp, dp_world)
             eps = [pinned["ep"]] if "ep" in pinned else ep_choices(config, fsdp, dp_world)
             sps = [pinned["sp"]] if "sp" in pinned else sp_choices(config, dp_world, workload.seq_len)
+            if workload.image_tokens and "sp" not in pinned:
+                sps = [1]  # the runtime joins image features to whole sequences (no Ulysses with images)
             for ep, sp, vpp in itertools.product(eps, sps, vpps):
                 data_parallel = dp_world // sp if dp_world % sp == 0 else 0
                 per_rank = workload.global_batch // data_parallel if data_parallel else 0
@@ -173,7 +175,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     recomputes = [pinned.pop("recompute")] if "recompute" in pinned else list(RECOMPUTE_ORDER)
     offloads = [pinned.pop("offload")] if "offload" in pinned else list(OFFLOAD_ORDER)
     losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
-    traces = {loss: get_trace(workload.model, workload.seq_len, loss) for loss in losses}
+    traces = {loss: get_trace(workload.model, workload.seq_len, loss, workload.image_tokens) for loss in losses}
     # The clock starts once model, profile and traces are loaded (tracing is cached on disk and
     # timed by its own benchmark): it measures enumerating and pricing.
     start = time.perf_counter()
@@ -183,8 +185,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
 
     def track(memory, layout, trace) -> None:
         kind = "offload" if layout.offload else "device"
-        if kind not in smallest_memory or memory.total < smallest_memory[kind][0]:
-            smallest_memory[kind] = (memory.total, layout, trace)
+        if kind not in smallest_memory or memory.allocated < smallest_memory[kind][0]:
+            smallest_memory[kind] = (memory.allocated, layout, trace)
 
     hbm, host = profile.hbm_bytes() - headroom_bytes / ranks_per_device, profile.host_memory_bytes()
     if headroom_bytes < 0 or hbm <= 0:
@@ -225,7 +227,12 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                     else:
                         lo = mid + 1
                         track(memory, layout, trace)
-                candidates = [first_fitting] if first_fitting is not None else []
+                # More recompute is slower, except under activation offload, where it also shrinks
+                # the host traffic that compute must hide: price every fitting setting there.
+                if "activations" in offload and first_fitting is not None:
+                    candidates = [first_fitting] + [make(recompute=r) for r in chain[lo + 1:]]
+                else:
+                    candidates = [first_fitting] if first_fitting is not None else []
             for layout in candidates:
                 evaluated += exhaustive
                 est = estimate(trace, config, layout, device_profile, workload.global_batch, workload.imbalance,
@@ -252,8 +259,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
 
 
 def rank_key(est: Any) -> tuple:
-    """Fastest first, then the smaller peak, then less offload."""
-    return -round(est.tokens_per_s_per_device, 6), est.memory.total, len(est.layout.offload)
+    """Fastest first, then the smaller allocated peak (what must fit), then less offload."""
+    return -round(est.tokens_per_s_per_device, 6), est.memory.allocated, len(est.layout.offload)
 
 
 def rank_plans(estimates: list[Any]) -> list[Any]:
@@ -263,7 +270,7 @@ def rank_plans(estimates: list[Any]) -> list[Any]:
     out: list[Any] = []
     for est in ranked:
         if any(o.tokens_per_s_per_device >= est.tokens_per_s_per_device * 0.9999
-               and o.memory.total <= est.memory.total for o in out):
+               and o.memory.allocated <= est.memory.allocated for o in out):
             continue
         out.append(est)
     return out
@@ -272,10 +279,10 @@ def rank_plans(estimates: list[Any]) -> list[Any]:
 def pareto_front(estimates: list[Any]) -> list[Any]:
     """Fitting plans no other plan beats on both throughput and peak memory, fastest first."""
     front, best_memory = [], float("inf")
-    for est in sorted(estimates, key=lambda e: (-e.tokens_per_s_per_device, e.memory.total)):
-        if est.memory.total < best_memory:
+    for est in sorted(estimates, key=lambda e: (-e.tokens_per_s_per_device, e.memory.allocated)):
+        if est.memory.allocated < best_memory:
             front.append(est)
-            best_memory = est.memory.total
+            best_memory = est.memory.allocated
     return front
 
 
@@ -287,7 +294,7 @@ def explain_nothing_fits(result: SearchResult, workload: Workload, devices: int)
                 "Change --devices or the pinned flags.")
     est = result.smallest.get("device") or result.smallest["offload"]
     mem = est.memory.gib()
-    parts = sorted(((k, v) for k, v in mem.items() if k not in ("total", "offloaded_to_host")),
+    parts = sorted(((k, v) for k, v in mem.items() if k not in ("total", "allocated", "offloaded_to_host")),
                    key=lambda kv: -kv[1])[:3]
     breakdown = ", ".join(f"{k} {v:.1f}" for k, v in parts)
     lay = est.layout
@@ -303,13 +310,13 @@ def explain_nothing_fits(result: SearchResult, workload: Workload, devices: int)
     levers.append("--offload optimizer,params (needs host memory)")
     message = (f"no layout of {workload.model} fits on {devices} x {workload.hardware} "
                f"({est.hbm_bytes / 2**30:.0f} GiB each) at seq {workload.seq_len}: without offload the smallest "
-               f"peak found is {mem['total']:.1f} GiB (fsdp={lay.fsdp} ep={lay.ep} sp={lay.sp} "
+               f"peak found is {mem['allocated']:.1f} GiB allocated (fsdp={lay.fsdp} ep={lay.ep} sp={lay.sp} "
                f"recompute={lay.recompute} micro_batch={lay.micro_batch}), dominated by {dominant} "
                f"({breakdown} GiB).")
     off = result.smallest.get("offload")
     if off is not None:
         om = off.memory.gib()
-        message += (f" With offload ({','.join(off.layout.offload)}) the device peak falls to {om['total']:.1f} GiB "
+        message += (f" With offload ({','.join(off.layout.offload)}) the device peak falls to {om['allocated']:.1f} GiB "
                     f"but {om['offloaded_to_host']:.0f} GiB must live in host memory per device, which has "
                     f"{off.host_bytes / 2**30:.0f} GiB.")
     return message + f" Levers: {'; '.join(dict.fromkeys(levers))}."

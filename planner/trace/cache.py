@@ -93,9 +93,11 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def cache_key(config, seq_len: int, micro_batch: int, recompute: str, dtype: Any, loss: str = "full") -> str:
+def cache_key(config, seq_len: int, micro_batch: int, recompute: str, dtype: Any, loss: str = "full",
+              image_tokens: int = 0) -> str:
+    images = f"-i{image_tokens}" if image_tokens else ""
     return (f"{config.family}-{config_hash(config)}-s{seq_len}-b{micro_batch}-{recompute}-{dtype_name(dtype)}-{loss}"
-            f"-{code_version()}")
+            f"{images}-{code_version()}")
 
 
 def entry_path(cache_dir: str | Path | None, key: str) -> Path:

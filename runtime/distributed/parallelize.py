@@ -152,6 +152,10 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
                 return _fn(p) if id(p) in _ids else Shard(0)
         fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=True, shard_placement_fn=placement, **common)
         units.append(block)
+    if hasattr(model, "vision_tower"):  # one unit per vision layer; embeddings and projector in the root
+        for layer in model.vision_tower.encoder.layer:
+            fully_shard(layer, mesh=meshes.fsdp, reshard_after_forward=True, **common)
+            units.append(layer)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if not tied:
         fully_shard(model.model.embed_tokens, mesh=meshes.fsdp, reshard_after_forward=True, **common)

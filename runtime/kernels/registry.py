@@ -128,6 +128,14 @@ CHOICES: dict[str, dict[str, dict[str, dict[str, tuple[str, ...]]]]] = {
     "loss": {
         "chunked": {"loss": _on(ALL, "chunked")},
         "full": {"loss": _on(ALL, "full")},
+        "fused": {"loss": {}},  # one fused cross-entropy kernel (TE / Megatron): priced, not run
+    },
+    # RMSNorm: `auto` runs what the elementwise choice picks (apply_kernels selects it through the
+    # elementwise slot); `fused` (a fused norm beside eager elementwise ops) is priced, not run.
+    "norm": {
+        "auto": {"norm": {"cuda": ("triton_rmsnorm", "torch_rmsnorm"), "cpu": ("torch_rmsnorm",),
+                          "npu": ("torch_rmsnorm",)}},
+        "fused": {"norm": {}},
     },
     "elementwise": {
         "fused": {"elementwise": _on(("cuda", "npu"), "torch.compile(blocks)"),
