@@ -378,7 +378,9 @@ def mem_tracker_base() -> type:
             if func is wait_tensor and active_fake_mode():
                 res = args[0]  # eager wait returns its input; the meta kernel would allocate
             else:
-                res = func(*args, **(kwargs or {}))
+                res = fake_grouped_mm(func, args, kwargs or {})
+                if res is None:
+                    res = func(*args, **(kwargs or {}))
             if in_sharding_propagation() or active_fake_mode() is not self._fake_mode_on_entry:
                 return res
             category = self.category_of(func)
@@ -404,16 +406,34 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     """`torch._grouped_mm(x, weight, offs=offsets)`: one GEMM per expert over contiguous row groups,
     one kernel (the MoE grouped GEMM, `runtime.models.grouped`). Two forms: x [tokens, in] with
     weight [experts, in, out] gives [tokens, out]; x [out, tokens] with weight [tokens, in], split
-    along the tokens, gives [experts, out, in] (the weight gradient). Tested: 2.13 (CPU).
-
-    The kernel runs fp32 on CPU, but its fake-tensor (meta) registration accepts bf16 only, so a
-    dry run of an fp32 plan would fail; under fake tensors other dtypes get an empty result of the
-    kernel's output shape, which is all a dry run measures."""
-    if x.dtype != torch.bfloat16 and is_fake(x):
-        if weight.dim() == 3:
-            return x.new_empty((x.shape[0], weight.shape[-1]))
-        return x.new_empty((offsets.shape[0], x.shape[0], weight.shape[-1]))
+    along the tokens, gives [experts, out, in] (the weight gradient). Tested: 2.13 (CPU)."""
     return torch._grouped_mm(x, weight, offs=offsets)
+
+
+def fake_grouped_mm(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The output of `aten._grouped_mm` on fake tensors in dtypes its meta kernel refuses, for a
+    dispatch mode to return in place of calling it (None: run the op normally).
+
+    The meta kernel accepts bf16 only (the CUDA kernel's rule) while the CPU kernel the runtime
+    runs also takes fp32, so the tracer and the dry run of an fp32 MoE plan build the output from
+    the shape rule. Done at dispatch, the op still reaches selective-checkpoint policies and the
+    trackers as `_grouped_mm`. Tested: 2.13."""
+    if func.overloadpacket is not getattr(torch.ops.aten, "_grouped_mm", None):
+        return None
+    a, b = args[0], args[1]
+    if not is_fake(a) or a.dtype == torch.bfloat16:
+        return None
+    offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+    out_dtype = kwargs.get("out_dtype", args[4] if len(args) > 4 else None) or a.dtype
+    if a.dim() == 2 and b.dim() == 2:
+        shape = (offs.shape[0], a.shape[0], b.shape[1])
+    elif a.dim() == 2:
+        shape = (a.shape[0], b.shape[-1])
+    elif b.dim() == 2:
+        shape = (a.shape[1], b.shape[1])
+    else:
+        shape = (a.shape[0], a.shape[1], b.shape[-1])
+    return torch.empty(shape, dtype=out_dtype, device=a.device)
 
 
 def has_grouped_mm() -> bool:
@@ -422,7 +442,7 @@ def has_grouped_mm() -> bool:
 
 __all__ = [
     "COLLECTIVE_NAMESPACES", "LazyChunks", "active_fake_mode", "all_to_all_overloads", "all_to_all_single",
-    "all_to_all_single_autograd", "chunk_with_empty", "fake_store", "fake_tensor_mode", "fsdp_chunk_with_empty",
+    "all_to_all_single_autograd", "chunk_with_empty", "fake_grouped_mm", "fake_store", "fake_tensor_mode", "fsdp_chunk_with_empty",
     "fsdp_unsharded_grads", "grouped_mm", "has_grouped_mm", "in_sharding_propagation", "is_fake",
     "is_selective_checkpoint_mode", "lazy_fsdp_chunks", "mem_tracker_base", "move_forward_hooks", "op_packets",
     "pop_dispatch_modes_while", "push_dispatch_modes", "skip_sharding_propagation", "unflatten_mesh",

@@ -49,9 +49,21 @@ def test_grouped_mm_equals_one_matmul_per_expert():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_mm_under_fake_tensors_has_the_real_output_shapes(dtype):
-    """The meta kernel takes bf16 only; the dry run of an fp32 MoE plan needs the fp32 shapes too."""
+def test_fake_grouped_mm_gives_the_real_output_shapes(dtype):
+    """The meta kernel takes bf16 only; the tracer and the dry run (dispatch modes that return
+    `fake_grouped_mm` where it answers) need the fp32 shapes too, with the op still seen as
+    `_grouped_mm`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from xplan.runtime.models.grouped import grouped_linear_mm
+
+    class ShapeRule(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket)
+            out = compat.fake_grouped_mm(func, args, kwargs or {})
+            return func(*args, **(kwargs or {})) if out is None else out
 
     counts = [3, 0, 7, 6]
     real = (torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True),
@@ -61,12 +73,12 @@ def test_grouped_mm_under_fake_tensors_has_the_real_output_shapes(dtype):
     mode = compat.fake_tensor_mode()
     x, weight = (mode.from_tensor(t.detach()).requires_grad_() for t in real)
     tokens_per_expert = mode.from_tensor(torch.tensor(counts))
-    with mode:
+    with mode, ShapeRule():
         out = grouped_linear_mm(x, weight, tokens_per_expert)
         out.sum().backward()
-        assert (out.shape, out.dtype) == (real_out.shape, real_out.dtype)
-        assert x.grad.shape == real[0].grad.shape and weight.grad.shape == real[1].grad.shape
-
+    assert (out.shape, out.dtype) == (real_out.shape, real_out.dtype)
+    assert x.grad.shape == real[0].grad.shape and weight.grad.shape == real[1].grad.shape
+    assert ShapeRule.seen.count(torch.ops.aten._grouped_mm) == 3  # forward, input and weight gradients
 
 # ---- fake process group, collectives, meshes ---------------------------------------------------
 

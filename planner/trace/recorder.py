@@ -19,12 +19,12 @@ import bisect
 from dataclasses import dataclass, field
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from xplan.runtime.compat import fake_grouped_mm
 from xplan.runtime.models.blockwise_attention import BlockCount, current_block
 from xplan.runtime.models.blockwise_attention import in_kernel as in_blockwise_kernel
 from xplan.runtime.recompute import selective_saves
@@ -164,31 +164,6 @@ def block_mask_fraction(block: BlockCount) -> float:
     return block.kept / block.computed * convention / block.kept_total
 
 
-def _fake_grouped_mm(func, args, kwargs):
-    """Output of `_grouped_mm` on fake tensors in dtypes its meta kernel refuses.
-
-    The meta kernel only accepts bf16 (the CUDA kernel's rule) while the CPU kernel the runtime
-    runs also takes fp32; for fp32/fp16 fake inputs the output is built from the shape rule.
-    Returns None when the op should run normally.
-    """
-    if func.overloadpacket is not getattr(torch.ops.aten, "_grouped_mm", None):
-        return None
-    a, b = args[0], args[1]
-    if not isinstance(a, FakeTensor) or a.dtype == torch.bfloat16:
-        return None
-    offs = arg(func, args, kwargs, "offs")
-    out_dtype = arg(func, args, kwargs, "out_dtype") or a.dtype
-    if a.dim() == 2 and b.dim() == 2:
-        shape = (offs.shape[0], a.shape[0], b.shape[1])
-    elif a.dim() == 2:
-        shape = (a.shape[0], b.shape[-1])
-    elif b.dim() == 2:
-        shape = (a.shape[1], b.shape[1])
-    else:
-        shape = (a.shape[0], a.shape[1], b.shape[-1])
-    return torch.empty(shape, dtype=out_dtype, device=a.device)
-
-
 def _is_alias(func, ins, outs) -> bool:
     """Views (and view-returning ops like split): no new memory, no bytes moved, not a graph node."""
     if func.is_view:
@@ -287,7 +262,7 @@ class OpRecorder(TorchDispatchMode):
     # -- dispatch ---------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = _fake_grouped_mm(func, args, kwargs)
+        out = fake_grouped_mm(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
         if func in _SKIP:

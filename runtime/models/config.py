@@ -154,7 +154,7 @@ def config_key_aliases(model_type: str) -> dict[str, str]:
 def hf_config_from_dict(raw: dict[str, Any]):
     """The transformers config object for a config.json dict (Kimi K2 parsed as DeepSeek-V3)."""
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(
             f"model_type {model_type!r} is not supported; supported model_types are "
             f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}."
