@@ -3,12 +3,15 @@ block computes, for dense (Qwen3, Llama), Qwen3-MoE, DeepSeek-V3 (MLA, shared ex
 dense) and GPT-OSS (expert biases, sinks, sliding window) models, under each recompute policy the
 runtime combines with tiling, with tiles so small that most experts receive no token in a tile.
 
-fp32: the loss within 1e-6 and every gradient within 1e-6 as ||tiled - untiled|| / ||untiled||.
-Tiling only changes the order of the sums over tokens (weight gradients are summed per tile),
-and on these tiny models the untiled fp32 gradients are themselves up to ~2e-6 off the fp64
-result in their worst element (router and norm weights, where terms cancel), so the elementwise
-check is made in fp64, where tiled and untiled agree to 1e-12 (DeepSeek-V3 to 1e-6: its router
-scores tokens in fp32 whatever the model dtype, and an fp32 GEMM's rows depend on its height)."""
+fp32: the loss within 1e-6, and every gradient within 1e-6 of the untiled one by norm
+(||tiled - untiled|| / ||untiled||) unless the untiled fp32 gradient is itself further than 5e-7
+from the fp64 result; then within twice that distance (tiled is as accurate as untiled). Tiling
+only reorders sums over tokens (weight gradients are summed per tile), and a few gradients that
+vanish in exact arithmetic (a key bias under softmax's shift invariance, router weights) are
+fp32 noise on these tiny models: the untiled fp32 gradient of GPT-OSS's k_proj.bias is 1.7e-6
+off the fp64 one. fp64: tiled and untiled agree elementwise to 1e-12 (DeepSeek-V3 to 1e-6: its
+router scores tokens in fp32 whatever the model dtype, and an fp32 GEMM's rows depend on its
+height)."""
 
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import pytest
 import torch
 
 from tests.trace_configs import TINY, tiny_config
+from xplan.layout_tiles import tile_count
 from xplan.runtime import build_model
-from xplan.runtime.models.tiling import TokenTiling, current_tile, run_in_tiles, tile_sizes, tiles_for
+from xplan.runtime.models.tiling import TokenTiling, current_tile, run_in_tiles, tile_sizes
 from xplan.runtime.recompute import apply_recompute
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,10 +118,17 @@ def test_tiled_blocks_equal_untiled(family, policy):
     ids = torch.randint(0, config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(7))
     # 46 tokens in tiles of at most 5 (10 tiles of 5 and 4 tokens): every MoE tile leaves experts empty.
     tiling = TokenTiling(tile_tokens=5)
-    loss, _, worst, name = compare(seeded_model(config), tiling, policy, ids)
-    assert loss <= TOL and worst <= TOL, f"{family}/{policy} fp32: loss {loss:.2e}, {name} {worst:.2e}"
+    model32, model64 = seeded_model(config), seeded_model(config, torch.float64)
+    ref_loss, ref = loss_and_grads(model32, ids)
+    loss, got = loss_and_grads(tiled_copy(model32, tiling, policy), ids)
+    _, exact = loss_and_grads(model64, ids)
+    assert rel_err(loss, ref_loss) <= TOL
+    for name in ref:
+        allowed = max(TOL, 2 * norm_err(ref[name], exact[name]))
+        err = norm_err(got[name], ref[name])
+        assert err <= allowed, f"{family}/{policy} fp32: gradient of {name} differs by {err:.2e} (allowed {allowed:.2e})"
     tol = TOL_FP64_FP32_ROUTER if family == "deepseek_v3" else TOL_FP64
-    loss, worst, _, _ = compare(seeded_model(config, torch.float64), tiling, policy, ids)
+    loss, worst, _, _ = compare(model64, tiling, policy, ids)
     assert loss <= tol and worst <= tol, f"{family}/{policy} fp64: loss {loss:.2e}, gradients {worst:.2e}"
 
 
@@ -143,8 +154,8 @@ def test_moe_tiles_leave_experts_empty(family):
 
 
 def test_tile_sizes_and_counts():
-    assert tiles_for(65536, 8192) == 8 and tiles_for(65536, None) == 1 and tiles_for(65536, 0) == 1
-    assert tiles_for(8192, 8192) == 1 and tiles_for(8193, 8192) == 2
+    assert tile_count(65536, 8192) == 8 and tile_count(65536, None) == 1 and tile_count(65536, 0) == 1
+    assert tile_count(8192, 8192) == 1 and tile_count(8193, 8192) == 2
     assert tile_sizes(10, 4) == [3, 3, 2, 2] and sum(tile_sizes(65537, 8)) == 65537
     assert TokenTiling(tiles=8).count(6) == 6 and TokenTiling(tile_tokens=3).count(10) == 4
 

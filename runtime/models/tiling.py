@@ -1,4 +1,4 @@
-"""Token tiling of a decoder block's feed-forward half: post-attention norm, MLP or MoE, residual.
+"""Token tiling of a decoder block's feed-forward half: post-attention norm, MLP or MoE.
 
 Why: the feed-forward half works token by token, yet run on all of a rank's tokens at once it
 keeps buffers proportional to all of them alive together: the MoE's top-k routed copies (sorted
@@ -9,7 +9,7 @@ forward is redone just before its backward), as Arctic ALST's TiledMLP does. A M
 its own tokens (routing is per token, so dropless results equal the untiled ones) and runs its
 own expert-parallel all-to-alls; the expert unit's FSDP hooks run once per tile.
 
-Tiles: `tiles_for(tokens, tile_tokens)` = ceil(tokens / tile_tokens) near-equal tiles of the
+Tiles: `xplan.layout_tiles.tile_count(tokens, tile_tokens)` = ceil(tokens / tile_tokens) near-equal tiles of the
 flattened [batch x seq] tokens (`tile_sizes`). A rank with T tokens and a trace of T / f tokens
 split into the same number of tiles then differ by the factor f in every tile-sized tensor: the
 planner traces a block with the rank's tile count (`TokenTiling(tiles=n)`).
@@ -17,8 +17,9 @@ planner traces a block with the rank's tile count (`TokenTiling(tiles=n)`).
 Cost: one more forward of the feed-forward half (each tile's recompute), GEMMs of tile size, and
 per tile the expert unit's FSDP gathers and the EP all-to-alls.
 
-Accounting: while a tile's function runs, `current_tile()` names it (the tracer marks its ops
-with the tile's tokens; ops it sees while a tile runs inside the backward are the recompute).
+Accounting: while a tile's function runs, `current_tile()` names it, and an observer installed
+with `observing_tiles` hears each tile start and end (the tracer marks a tile's ops with the tile's
+tokens; ops it sees while a tile runs inside the backward are the recompute).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from xplan.layout_tiles import tile_count  # the rule the planner prices (feed_forward_tiles)
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,7 @@ class TokenTiling:
     def count(self, tokens: int) -> int:
         if self.tiles is not None:
             return max(1, min(self.tiles, tokens))
-        return tiles_for(tokens, self.tile_tokens)
-
-
-def tiles_for(tokens: int, tile_tokens: int | None) -> int:
-    """Tiles a block of `tokens` tokens runs in (1: untiled; None or 0 tile size: untiled)."""
-    if not tile_tokens or tokens <= tile_tokens:
-        return 1
-    return -(-tokens // tile_tokens)
+        return tile_count(tokens, self.tile_tokens)
 
 
 def tile_sizes(tokens: int, tiles: int) -> list[int]:
@@ -76,13 +72,31 @@ def current_tile() -> Tile | None:
 
 
 @contextlib.contextmanager
-def _running(tile: Tile):
-    previous = current_tile()
-    _state.tile = tile
+def observing_tiles(observer: Callable[[Tile | None], None]):
+    """Call `observer(tile)` as each tile's function starts and `observer(previous or None)` as it ends."""
+    previous = getattr(_state, "observer", None)
+    _state.observer = observer
     try:
         yield
     finally:
-        _state.tile = previous
+        _state.observer = previous
+
+
+def _enter(tile: Tile | None) -> None:
+    _state.tile = tile
+    observer = getattr(_state, "observer", None)
+    if observer is not None:
+        observer(tile)
+
+
+@contextlib.contextmanager
+def _running(tile: Tile):
+    previous = current_tile()
+    _enter(tile)
+    try:
+        yield
+    finally:
+        _enter(previous)
 
 
 def run_in_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiles: int) -> torch.Tensor:
@@ -105,4 +119,4 @@ def run_in_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ti
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-__all__ = ["Tile", "TokenTiling", "current_tile", "run_in_tiles", "tile_sizes", "tiles_for"]
+__all__ = ["Tile", "TokenTiling", "current_tile", "observing_tiles", "run_in_tiles", "tile_sizes"]
