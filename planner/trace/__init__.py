@@ -38,8 +38,8 @@ def trace_model(config, seq_len: int, micro_batch: int = 1, recompute: str = "no
     `recompute` selects the policy whose saved bytes and recompute FLOPs the graph's layer nodes
     carry; summaries hold every policy. `dtype` is a torch dtype or its name. `loss` is the
     runtime's loss kernel ('full' logits or 'chunked'). `tiles` > 1 runs every block's
-    feed-forward half in that many token tiles, as a rank of a layout with that
-    `feed_forward_tiles` does (see `tracer`). Results are cached under `cache_dir` (default
+    feed-forward half in that many token tiles, the count `xplan.layout_tiles.feed_forward_tiles`
+    gives a layout's rank (see `tracer`). Results are cached under `cache_dir` (default
     $XPLAN_CACHE_DIR or ~/.cache/xplan) unless `use_cache` is False.
     """
     from xplan.errors import InputError
