@@ -181,3 +181,28 @@ def test_each_tile_runs_alone_under_its_checkpoint():
 
 def test_tiny_configs_cover_every_family():
     assert {f for f in FAMILIES if f != "llama"} == set(TINY)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt_oss", "deepseek_v3"])
+def test_traced_attention_keeps_no_score_matrix(family):
+    """The attention the planner prices (tiled or not) holds no [heads, seq, seq] scores: SDPA's
+    fused kernel (plain causal attention) no [seq, seq] tensor at all, the blockwise path (sinks,
+    windows, MLA) one block of query rows at a time (runtime/models/blockwise_attention.py),
+    forward and backward."""
+    from xplan.planner.trace import trace_model
+    from xplan.runtime.models.blockwise_attention import block_rows
+
+    seq = 4096
+    config = tiny_config(family)
+    trace = trace_model(config, seq, use_cache=False, loss="chunked", tiles=4)
+    largest = 0
+    for _, d in trace.graph.nodes(data=True):
+        if d.get("type") == "op" and d.get("module", "").startswith("self_attn") and d.get("out_shape"):
+            elements = 1
+            for size in d["out_shape"].split("x"):
+                elements *= int(size)
+            largest = max(largest, elements)
+    if family == "qwen3":
+        assert largest < seq * seq, largest
+    else:
+        assert largest <= config.num_heads * block_rows(seq) * seq < config.num_heads * seq * seq, largest
