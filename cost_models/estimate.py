@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xplan.layout import Layout, check_layout
+from xplan.layout_tiles import feed_forward_tiles
 
 from . import comm
 from .compute import PricingContext, RankWork, pricing_for
@@ -33,6 +34,7 @@ from .memory import (
 )
 from .memos import layout_key, memoised
 from .peak_memory import memory_estimate
+from .tiling import check_trace_tiles, expert_regather_times, tile_redo_share, tiled_expert_all_to_all_time
 
 # What the runtime runs: torch's foreach AdamW (runtime/train/optim.py) makes 8 passes over fp32
 # tensors - p *= 1 - lr*wd (8 B), lerp_ m (12), v *= b2 (8), addcmul_ v (12), sqrt(v) into a new
@@ -143,8 +145,9 @@ def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm:
 def communication_terms(trace, config, layout: Layout, profile, imbalance: float = 1.0):
     """What one micro-batch's communication costs a rank, before overlap and recompute:
     ({block kind: (FSDP all-gather, FSDP reduce-scatter incl. the HSDP all-reduce, FSDP2 copies,
-    EP all-to-alls, Ulysses all-to-alls, TP collectives)}, (root unit's FSDP gather + reduce,
-    its FSDP2 copies, pipeline p2p)); seconds, for the terms `estimate` uses.
+    EP all-to-alls, Ulysses all-to-alls, TP collectives, the expert unit's extra gathers under
+    token tiling)}, (root unit's FSDP gather + reduce, its FSDP2 copies, pipeline p2p)); seconds,
+    for the terms `estimate` uses.
 
     Communication depends on the sharding, not on recompute or offload (`estimate` applies
     their effects): the terms are priced on the layout without them and memoised on the trace
@@ -161,6 +164,7 @@ def communication_terms(trace, config, layout: Layout, profile, imbalance: float
 def _communication_terms(trace, config, layout: Layout, profile, imbalance: float):
     tokens = layout.micro_batch / layout.sp * trace.seq_len  # the micro-batch this TP group works on
     rank_tokens = tokens / layout.tp
+    tiles = feed_forward_tiles(layout, trace.seq_len)
     act_bytes = param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = 4
     fsdp2 = not layout.zero1 and layout.fsdp > 1
@@ -186,11 +190,15 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
         if fsdp2:
             copies = fsdp2_copy_time(profile, block_unsharded_numel(block, layout.ep, layout.tp), layout,
                                      param_bytes, reduce_bytes, gathers=2)
+        regather, regather_copies = expert_regather_times(profile, routed / layout.ep / layout.tp, layout,
+                                                          param_bytes, tiles)
+        copies += regather_copies
         if block.num_experts:
-            a2a = comm.expert_parallel_time(profile, rank_tokens, hidden, block.top_k, layout, act_bytes, imbalance)
+            a2a = tiled_expert_all_to_all_time(profile, rank_tokens, hidden, block.top_k, layout, act_bytes,
+                                               imbalance, tiles)
         uly = comm.ulysses_time(profile, tokens, q_width, kv_width, out_width, layout, act_bytes)
         tp_comm = comm.tensor_parallel_time(profile, tokens, hidden, layout, act_bytes)
-        blocks[kind] = (ag, rs, copies, a2a, uly, tp_comm)
+        blocks[kind] = (ag, rs, copies, a2a, uly, tp_comm, regather)
     root_fsdp = root_fsdp_copies = 0.0
     if fsdp2:
         # The root FSDP unit (embedding, final norm, head) is gathered once per micro-batch and its
@@ -216,6 +224,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     if trace.micro_batch != 1:
         raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
     check_layout(layout, config, seq, global_batch)
+    tiles = check_trace_tiles(trace, layout)
     grad_accum = layout.grad_accum(global_batch)
     tf = layout.micro_batch / layout.sp  # this rank's tokens per micro-batch, in traced sequences
     param_bytes = COMPUTE_BYTES[layout.precision]
@@ -249,18 +258,19 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         else:
             recompute += n * recompute_fraction * fwd
             host_ops += n * recompute_fraction * times.get((kind, "ops_forward"), 0.0)
-        ag, rs, copies, a2a, uly, tp_comm = block_comm[kind]
+        ag, rs, copies, a2a, uly, tp_comm, regather = block_comm[kind]
         if overlap:
             first_gather = max(first_gather, ag)
             # forward: gather overlaps the previous block; backward: re-gather + reduce-scatter.
             fsdp_exposed += n * (max(0.0, ag - fwd) + max(0.0, ag + rs - bwd))
         else:
             fsdp_exposed += n * (2 * ag + rs)
+        fsdp_exposed += n * regather  # a tile's gathers wait on the tile before: not prefetched
         if fsdp2:
             fsdp_copies += n * copies
         if block.num_experts:
             redo_share = recompute_fraction if layout.recompute != "selective" else 0.0
-            ep_time += n * a2a * (1 + 0.5 * redo_share)
+            ep_time += n * a2a * (1 + 0.5 * (redo_share + tile_redo_share(tiles)))
         sp_time += n * uly * (1 + 0.5 * recompute_fraction)
         if layout.tp_comm == "overlapped" and overlap:
             # Each collective is pipelined with the GEMM it feeds or follows: what the layer's

@@ -335,7 +335,7 @@ def routed_copy_bytes(config, tokens: float, act_bytes: int) -> float:
 
 
 def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_layers: float, tokens: float,
-                         act_bytes: int, imbalance: float = 1.0) -> float:
+                         act_bytes: int, imbalance: float = 1.0, tiled: bool = False) -> float:
     """Activations expert and sequence parallelism add to what the single-device trace measured.
 
     - with EP the busiest rank receives `imbalance` times the mean routed copy of the tokens;
@@ -345,6 +345,7 @@ def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_la
     - without recompute, Ulysses keeps the attention output twice (the kernel's saved output and
       the output projection's input after the reverse all-to-all), which share storage at sp = 1.
     `policy_counts` are layers per policy on this rank; `tokens` this rank's tokens per micro-batch.
+    Token tiles (`tiled`) checkpoint the MoE per tile: a layer without recompute keeps no received copy.
     """
     selective = policy_counts.get("selective", 0.0)
     none = policy_counts.get("none", 0.0)
@@ -354,7 +355,7 @@ def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_la
         copy = routed_copy_bytes(config, tokens, act_bytes)
         extra += selective * share * 2 * copy
         # The busiest rank's received dispatch copy (made in the MoE block, outside the experts).
-        extra += (selective + none) * share * (imbalance - 1.0) * copy
+        extra += (selective + (0.0 if tiled else none)) * share * (imbalance - 1.0) * copy
     if layout.sp > 1:
         kv_heads = config.num_heads if config.attention_kind == "mla" else max(config.num_kv_heads, layout.sp)
         # Head-sharded over the whole sequence = this rank's tokens × all heads, per tensor.

@@ -27,6 +27,7 @@ from .memory import (
     stage_layers,
 )
 from .memos import layout_key, memoised
+from .tiling import check_trace_tiles
 
 
 def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float = 1.0,
@@ -73,6 +74,7 @@ class _OffloadFreeTerms:
 def _offload_free_terms(trace, layout: Layout, profile, grad_accum: int, imbalance: float, config,
                         recompute_every_mm: int) -> _OffloadFreeTerms:
     tf = layout.micro_batch / layout.sp
+    tiles = check_trace_tiles(trace, layout)
     compute_bytes = COMPUTE_BYTES[layout.precision]
     resident = 0.0
     if layout.zero1:
@@ -96,9 +98,9 @@ def _offload_free_terms(trace, layout: Layout, profile, grad_accum: int, imbalan
             layers_by_policy(trace, layout.recompute, layout.pp),
             sum(1 for kind, _ in stage_layers(trace, layout.recompute, layout.pp) if trace.blocks[kind].num_experts)))
         extra = parallel_saved_bytes(config, layout, counts, moe_layers, rank_tokens, compute_bytes,
-                                     imbalance) * in_flight
-        if layout.ep > 1 and config.num_experts:  # the busiest rank's gradient all-to-all output
-            ep_copy = routed_copy_bytes(config, rank_tokens, compute_bytes) * imbalance
+                                     imbalance, tiled=tiles > 1) * in_flight
+        if layout.ep > 1 and config.num_experts:  # the busiest rank's gradient all-to-all output (one tile's)
+            ep_copy = routed_copy_bytes(config, rank_tokens / tiles, compute_bytes) * imbalance
     logits, head = memoised(parts, ("head_phase", tf, layout.tp, compute_bytes),
                              lambda: head_phase_bytes(trace, tf, layout.tp, compute_bytes))
     if config is not None and layout.kernels.get("loss") == "chunked":

@@ -9,6 +9,7 @@ from typing import Any
 from xplan.cost_models import Estimate, estimate
 from xplan.errors import InputError
 from xplan.layout import Layout, flat_to_nested, layout_from_dict, parse_knob
+from xplan.layout_tiles import feed_forward_tiles
 
 # Longest sequence priced: 16M tokens, far past any published context (traced shapes beyond it
 # overflow tensor sizes).
@@ -54,10 +55,11 @@ def load_hw(hardware: str):
 
 
 @lru_cache(maxsize=64)
-def get_trace(model: str, seq_len: int, loss: str):
+def get_trace(model: str, seq_len: int, loss: str, tiles: int = 1):
+    """The trace at micro-batch 1; `tiles`: a layout's `xplan.layout_tiles.feed_forward_tiles`."""
     from xplan.planner.trace import trace_model
 
-    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss)
+    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss, tiles=tiles)
 
 
 def price(workload: Workload, layout: Layout) -> Estimate:
@@ -66,7 +68,8 @@ def price(workload: Workload, layout: Layout) -> Estimate:
     profile = load_hw(workload.hardware)
     if layout.devices < 1:
         raise InputError(f"--devices must be a positive integer, got {layout.devices}.")
-    trace = get_trace(workload.model, workload.seq_len, layout.kernels.get("loss", "chunked"))
+    trace = get_trace(workload.model, workload.seq_len, layout.kernels.get("loss", "chunked"),
+                      feed_forward_tiles(layout, workload.seq_len))
     return estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
 
 

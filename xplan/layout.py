@@ -45,6 +45,7 @@ from pydantic import (
 )
 
 from xplan.errors import InputError
+from xplan.layout_tiles import TILE_TOKENS_HELP, TileTokens
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 OFFLOAD_KINDS = ("optimizer", "params", "activations")
@@ -127,6 +128,7 @@ class Layout(_Frozen):
     recompute: str | float = knob("none", "none | selective | full | fraction of layers fully recomputed "
                                   "(e.g. 0.5).")
     offload: tuple[str, ...] = knob((), "none | optimizer,params,activations (comma-separated).")
+    tile_tokens: TileTokens = knob(None, TILE_TOKENS_HELP)  # rules: xplan/layout_tiles.py
     precision: Literal["fp32", "bf16", "fp8"] = knob(
         "bf16", "fp32 | bf16 | fp8 (bf16 plus torchao Float8Linear GEMMs in the blocks' linear layers, "
         "training.fp8_recipe scaling; LM head, embedding, routers and routed experts stay bf16; on cpu "

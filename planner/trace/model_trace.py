@@ -73,6 +73,7 @@ class ModelTrace:
     params_active: int
     trace_time_s: float = 0.0
     code_version: str = ""
+    tiles: int = 1  # token tiles of each block's feed-forward half (1: untiled)
     from_cache: bool = field(default=False, compare=False)
 
     @property
@@ -147,6 +148,7 @@ class ModelTrace:
                 "dtype": self.dtype,
                 "recompute": self.recompute,
                 "loss": self.loss,
+                "tiles": self.tiles,
                 "params_total": self.params_total,
                 "params_active": self.params_active,
                 "blocks": blocks,
@@ -159,7 +161,7 @@ class ModelTrace:
 
 _SCALAR_FIELDS = {"model": str, "family": str, "seq_len": int, "micro_batch": int, "dtype": str, "recompute": str,
                   "loss": str, "params_total": int, "params_active": int, "trace_time_s": float,
-                  "code_version": str}
+                  "code_version": str, "tiles": int}
 INT_LIMIT = 2**63  # every count and byte total of a trace fits a signed 64-bit integer
 
 

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from xplan.runtime.models.blockwise_attention import BlockCount, current_block
+from xplan.runtime.models.tiling import current_tile
 from xplan.runtime.recompute import selective_saves
 
 from .flops import (
@@ -215,9 +216,36 @@ class OpRecorder(TorchDispatchMode):
         self.detailed = detailed
         self.ops: list[OpRecord] = []
         self.producer = WeakIdKeyDictionary()  # tensor -> index of the op that produced it
+        # Token tiles of the forward (runtime/models/tiling.py): autograd sequence numbers where a
+        # tile starts or ends, and the tile's tokens from there on (0: outside any tile), so a
+        # backward op finds the tile of the forward op it differentiates.
+        self._tile_marks: list[int] = []
+        self._tile_tokens: list[int] = []
+        # Storages of gradients on their way to a parameter (filled by the tracer's node hooks) and
+        # autograd's sums of them (one gradient per use of a weight, e.g. per token tile).
+        self.param_grads: set[int] = set()
         # storage pointer -> [weak ref, nbytes, creating op index, owning stage]
         self.storages: dict[int, list] = {}
         scopes.on_stage_input = self.own_input
+
+    # -- token tiles ----------------------------------------------------------------------------
+    def on_tile(self, tile) -> None:
+        """Observer of `tiling.observing_tiles`: a forward tile starts (tile) or ends (None)."""
+        if torch._C._current_graph_task_id() != -1:  # a tile's recompute, inside the backward
+            return
+        self._tile_marks.append(torch._C._autograd._get_sequence_nr())
+        self._tile_tokens.append(tile.tokens if tile is not None else 0)
+
+    def _tile_of_op(self, backward: bool) -> int:
+        """Tokens of the tile the running op belongs to (0: none)."""
+        tile = current_tile()
+        if tile is not None:
+            return tile.tokens
+        node = torch._C._current_autograd_node() if backward and self._tile_marks else None
+        if node is None:
+            return 0
+        i = bisect.bisect_right(self._tile_marks, node._sequence_nr()) - 1
+        return self._tile_tokens[i] if i >= 0 else 0
 
     # -- storages -------------------------------------------------------------------------------
     def own_input(self, t: torch.Tensor, stage: str) -> None:
@@ -309,11 +337,19 @@ class OpRecorder(TorchDispatchMode):
         self.ops.append(record)
         if backward and self.timeline:
             self._sweep(index)
+            if self.param_grads and func.overloadpacket is torch.ops.aten.add and all(
+                    t.untyped_storage()._cdata in self.param_grads for t in ins):
+                self.param_grads.update(t.untyped_storage()._cdata for t in outs)
         if not backward or self.timeline:
             for t in outs:
                 self._register(t, index, scope.stage)
         if self.detailed:
             self._detail(record, func, args, kwargs, out, ins, outs)
+            tile_tokens = self._tile_of_op(backward)
+            if tile_tokens:
+                record.extra["tile_tokens"] = tile_tokens
+                if backward and current_tile() is not None:  # a tile's forward redone before its backward
+                    record.extra["recompute"] = True
         for t in outs:
             self.producer[t] = index
         return out

@@ -1,5 +1,5 @@
-"""Apply a Layout to a model, torchtitan-style: precision (fp8 layers) → EP → Ulysses → recompute →
-offload → FSDP2 (or ZeRO-1 for `dp_mode: zero1`, `zero1.py`).
+"""Apply a Layout to a model, torchtitan-style: precision (fp8 layers) → EP → Ulysses → token tiling,
+recompute → offload → FSDP2 (or ZeRO-1 for `dp_mode: zero1`, `zero1.py`).
 
 Loss-normalisation contract (the train loop relies on it)
 ---------------------------------------------------------
@@ -37,6 +37,7 @@ from xplan.errors import InputError
 from xplan.layout import Layout, check_layout, runtime_refusals
 
 from ..models.moe import MoE
+from ..models.tiling import TokenTiling
 from ..precision import apply_precision, require_torchao
 from ..recompute import apply_recompute
 from .expert_parallel import apply_expert_parallel, run_fsdp_hooks_outside_recompute
@@ -111,8 +112,11 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
         for block in blocks:
             apply_ulysses(block.self_attn, layout.sp, meshes.sp_rank, meshes.sp_group)
 
-    # 3. Recompute, then activation offload hooks (around the checkpointed block).
+    # 3. Token tiling of each block's feed-forward half, recompute, then activation offload hooks
+    # (around the checkpointed block).
+    tiling = TokenTiling(tile_tokens=layout.tile_tokens) if layout.tile_tokens else None
     for block, policy in zip(blocks, layout.recompute_policies(len(blocks)), strict=True):
+        block.token_tiling = tiling
         apply_recompute(block, policy)
     apply_activation_offload(blocks, layout, meshes.device_type, force=force_activation_offload)
 
@@ -171,8 +175,9 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
         block.set_modules_to_forward_prefetch(own + ([blocks[i + 1]] if i + 1 < len(blocks) else []))
         block.set_modules_to_backward_prefetch(own + ([blocks[i - 1]] if i > 0 else []))
     model._xplan_layout = layout  # type: ignore[attr-defined]
-    log.info("parallelized %s: fsdp=%d (x%d replicas) ep=%d sp=%d recompute=%s precision=%s", config.name,
-             layout.fsdp, layout.hsdp_replicas, layout.ep, layout.sp, layout.recompute, layout.precision)
+    log.info("parallelized %s: fsdp=%d (x%d replicas) ep=%d sp=%d recompute=%s tile_tokens=%s precision=%s",
+             config.name, layout.fsdp, layout.hsdp_replicas, layout.ep, layout.sp, layout.recompute,
+             layout.tile_tokens, layout.precision)
     return model
 
 

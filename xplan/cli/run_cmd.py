@@ -159,7 +159,9 @@ def _dry_run(loaded, layers: int | None, imbalance: float | None, reprice: bool,
     if result["ranks_per_device"] > 1:
         ranks += f" ({result['devices']} devices × {result['ranks_per_device']})"
     title = (f"dry run: {result['model']} on {ranks} (fsdp {lay['fsdp']}, ep {lay['ep']}, "
-             f"sp {lay['sp']}, recompute {lay['recompute']}), seq {result['seq_len']}, "
+             f"sp {lay['sp']}, recompute {lay['recompute']}"
+             + (f", tile_tokens {lay['tile_tokens']}" if lay.get("tile_tokens") else "")
+             + f"), seq {result['seq_len']}, "
              f"micro-batch {lay['micro_batch']} — rank {result['rank']}")
     table = Table(title=title)
     table.add_column("component")
