@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from xplan.errors import InputError
+from xplan.runtime.distributed import apply_optimizer_offload
 
 from ..precision import precision_executed
 from . import checkpoint as ckpt
@@ -127,6 +128,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
     model = parallelize(model, layout, ctx, training.fp8_recipe)
     model.train()
     optimizer = build_optimizer(model, training.optimizer)
+    apply_optimizer_offload(optimizer, layout, ctx.device_type)
     scheduler = build_scheduler(optimizer, training.schedule, training.steps)
 
     start = 0

@@ -20,6 +20,7 @@ from xplan.errors import InputError
 from xplan.runtime import distributed as D
 from xplan.runtime.kernels import apply_kernels
 
+from ..distributed.allocator import configure_allocator
 from .data import Batch, DataSource, rank_windows, split_micro_batches
 
 log = logging.getLogger("xplan.runtime")
@@ -66,6 +67,7 @@ def setup(layout, device_type: str, timeout_s: float) -> Context:
                          f"launch {layout.ranks} processes (torchrun --nproc-per-node ...) or use a plan for "
                          f"{world} ranks.")
     owns = not dist.is_initialized()
+    configure_allocator(layout.allocator, device_type)  # before anything is allocated on the device
     env = D.init_distributed(device_type, timeout_s)
     try:
         meshes = D.build_meshes(layout, device_type)
