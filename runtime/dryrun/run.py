@@ -217,7 +217,7 @@ def check_dry_run(plan, layers: int | None = None, imbalance: float | None = Non
     `predictions.imbalance`, else 1."""
     from xplan.runtime.train.loop import check_plan_for_runtime
 
-    config = check_plan_for_runtime(plan)
+    config = check_plan_for_runtime(plan, check_positions=False)
     if plan.layout.devices < 1:
         raise InputError(f"devices must be positive, got {plan.layout.devices}.")  # a plan file guarantees it
     if imbalance is None:
@@ -258,6 +258,10 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None,
     layout, training = plan.layout, plan.training
     chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
     caveats, run_notes = [], []
+    if training.seq_len > config.max_position_embeddings:
+        caveats.append(f"seq_len {training.seq_len} exceeds the model's max_position_embeddings "
+                       f"({config.max_position_embeddings}): `xplan run` refuses it until the model's config extends "
+                       "its positions (e.g. YaRN rope scaling); memory does not depend on it.")
     if layout.offload:
         run_notes.append(f"offload ({', '.join(layout.offload)}) simulated: the runtime's host copies are counted as "
                          "host memory, not on the device; the copies' timing is not.")

@@ -55,9 +55,10 @@ def load_run_plan(plan_path: str | Path):
     return load_plan(plan_path)
 
 
-def check_plan_for_runtime(plan, device_type: str | None = None) -> Any:
+def check_plan_for_runtime(plan, device_type: str | None = None, check_positions: bool = True) -> Any:
     """Checks that need the model config (and what the runtime executes on `device_type`);
-    returns the config. Raises InputError."""
+    returns the config. Raises InputError. `check_positions`: refuse a seq_len beyond the model's
+    max_position_embeddings (the dry run measures memory, which does not depend on it)."""
     from xplan.runtime import load_config
     from xplan.runtime.distributed import check_runtime_layout
 
@@ -65,7 +66,7 @@ def check_plan_for_runtime(plan, device_type: str | None = None) -> Any:
     check_ranks_per_device(plan)
     check_runtime_layout(plan.layout, config, plan.training.seq_len, plan.training.global_batch,
                          device_type=device_type)
-    if plan.training.seq_len > config.max_position_embeddings:
+    if check_positions and plan.training.seq_len > config.max_position_embeddings:
         raise InputError(f"seq_len {plan.training.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings}).")
     return config
