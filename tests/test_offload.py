@@ -149,3 +149,18 @@ def test_allocator_setting_respects_the_environment(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,expandable_segments:False")
     assert configure_allocator("expandable_segments", "cuda") == "caching"  # the user's choice stands
     assert calls == ["expandable_segments:True"]
+
+
+def test_an_offload_plan_that_overfills_host_memory_is_refused_before_start(monkeypatch):
+    from xplan.errors import InputError
+    from xplan.plan import make_plan
+    from xplan.runtime.train import launch
+
+    layout = Layout(devices=8, fsdp=8, offload=("activations",))
+    plan = make_plan("qwen3-8b", "h800", layout, {"seq_len": 4096, "global_batch": 8},
+                     predictions={"memory_gib": {"offloaded_to_host": 100.0}})
+    monkeypatch.setattr(launch, "_available_host_bytes", lambda: 1000 * 2**30)
+    launch.check_host_offload(plan, 8)  # 800 GiB of 1000
+    monkeypatch.setattr(launch, "_available_host_bytes", lambda: 500 * 2**30)
+    with pytest.raises(InputError, match="offloads 100.0 GiB per rank"):
+        launch.check_host_offload(plan, 8)
