@@ -343,7 +343,8 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
             redo = {"full": fwd, "selective": times.get((layer.kind, "selective_recompute"), 0.0)}
             forward.append(fwd)
             backward.append(times.get((layer.kind, "backward"), 0.0) + redo.get(layer.policy, 0.0))
-        offload_time = grad_accum * sum(exposed_copy_time(layers, forward, backward, profile.host_bandwidth()))
+        offload_time = grad_accum * sum(exposed_copy_time(layers, forward, backward, profile.host_bandwidth(),
+                                                          overlap=overlap))
 
     step = grad_accum * micro + bubble + optimizer + offload_time + zero1_exposed
     time = {key: grad_accum * busiest[key] for key in MICRO_PARTS}

@@ -158,13 +158,17 @@ def optimizer_offload_time(state_numel: float, layout, profile) -> float:
 
 
 def exposed_copy_time(layers: list[OffloadedLayer], forward: list[float], backward: list[float],
-                      bandwidth: float) -> tuple[float, float]:
+                      bandwidth: float, overlap: bool = True) -> tuple[float, float]:
     """(forward, backward) seconds per micro-batch the compute stream waits for activation copies.
 
     `forward[i]` / `backward[i]`: layer i's forward and backward (recompute included) compute time.
     Copies run one at a time on the side stream. Forward: layer i's copy out starts with its
     forward; layer i+1's forward end waits for it. Backward: layer i's start issues layer i-1's
-    copy back; layer i-1 starts once it is done."""
+    copy back; layer i-1 starts once it is done. Without `overlap` (CPU: no side stream) every
+    copy is on the critical path."""
+    if not overlap:
+        moved = sum(layer.moved for layer in layers) / bandwidth
+        return moved, moved
     n = len(layers)
     now = side = 0.0
     done = [0.0] * n

@@ -70,7 +70,7 @@ EXTRA_EXACT = {
     ("sp2_ep2", "selective"): ("sp2_ep2", dict(recompute="selective")),
     # HSDP replicas of expert-parallel groups (expert mesh: replicate 2 × efsdp 1 × ep 2).
     ("hsdp2_ep2", "full"): ("ep2_fsdp2", dict(fsdp=2, recompute="full")),
-    # Offload on cpu, forced through the CUDA code path run synchronously: the AdamW moments leave
+    # Offload on cpu, the CUDA code path run synchronously: the AdamW moments leave
     # the device storage between steps, every block's saved tensors go to host copies.
     ("sp2_ep2", "offload"): ("sp2_ep2", dict(recompute="none", offload=("optimizer", "activations"))),
     ("ep2_fsdp2", "offload_full"): ("ep2_fsdp2", dict(recompute="full", offload=("optimizer", "activations"))),
@@ -158,7 +158,7 @@ def run_steps(model, layout: Layout, meshes) -> tuple[list[float], list[float]]:
     from xplan.runtime.train.step import train_step
 
     opt = make_optimizer(model)
-    apply_optimizer_offload(opt, layout, meshes.device_type, force=True)
+    apply_optimizer_offload(opt, layout, meshes.device_type)
     losses, norms = [], []
     for ids in global_batches():
         batch = local_batch(ids, meshes)
@@ -182,7 +182,7 @@ def distributed_worker(rank: int, world: int, configs: dict, out_path: str) -> N
         for key, fields in runs().items():
             layout = Layout(devices=world, **fields)
             meshes = build_meshes(layout, "cpu")
-            model = parallelize(make_model(config), layout, meshes, force_activation_offload=True)
+            model = parallelize(make_model(config), layout, meshes)
             losses, norms = run_steps(model, layout, meshes)
             params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                       for n, p in model.named_parameters()}

@@ -92,13 +92,11 @@ def test_full_recompute_moves_the_block_inputs_but_the_last():
     assert labels.host_bytes() == 0
 
 
-def test_apply_activation_offload_is_a_no_op_on_cpu_unless_forced():
+def test_apply_activation_offload_follows_the_layout():
     model = _model("full")
     layout = Layout(devices=1, offload=("activations",))
-    assert apply_activation_offload(list(model.model.layers), layout, "cpu") is None
-    assert apply_activation_offload(list(model.model.layers), Layout(devices=1), "cpu", force=True) is None
-    assert isinstance(apply_activation_offload(list(model.model.layers), layout, "cpu", force=True),
-                      ActivationOffload)
+    assert apply_activation_offload(list(model.model.layers), Layout(devices=1), "cpu") is None
+    assert isinstance(apply_activation_offload(list(model.model.layers), layout, "cpu"), ActivationOffload)
 
 
 def _steps(model, optimizer, ids, steps=3):
@@ -116,8 +114,7 @@ def test_optimizer_state_offload_keeps_moments_off_the_device_and_the_same_updat
     model = build_model(tiny_config("qwen3"), seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
     labels = Recorder()
-    offload = apply_optimizer_offload(optimizer, Layout(devices=1, offload=("optimizer",)), "cpu", force=True,
-                                      labels=labels)
+    offload = apply_optimizer_offload(optimizer, Layout(devices=1, offload=("optimizer",)), "cpu", labels=labels)
     assert isinstance(offload, OptimizerStateOffload)
     _steps(model, optimizer, ids)
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
@@ -131,8 +128,7 @@ def test_optimizer_state_offload_keeps_moments_off_the_device_and_the_same_updat
             assert torch.equal(got, want)
     assert all(m.untyped_storage().size() == 0 for m in moments)
     # params offload goes through FSDP2 instead; nothing to do here
-    assert apply_optimizer_offload(optimizer, Layout(devices=1, offload=("optimizer", "params")), "cpu",
-                                   force=True) is None
+    assert apply_optimizer_offload(optimizer, Layout(devices=1, offload=("optimizer", "params")), "cpu") is None
 
 
 def test_allocator_setting_respects_the_environment(monkeypatch):

@@ -86,12 +86,10 @@ def _expert_placement(num_experts: int, group_size: int):
     return placement if num_experts else None
 
 
-def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activation_offload: bool = False,
-                expert_imbalance: float = 1.0, fp8_recipe: str = "tensorwise",
-                offload_labels: OffloadLabels | None = None) -> nn.Module:
+def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imbalance: float = 1.0,
+                fp8_recipe: str = "tensorwise", offload_labels: OffloadLabels | None = None) -> nn.Module:
     """Apply `layout` to `model` in place and return it (see the module docstring for the contracts).
 
-    `force_activation_offload` runs the activation-offload hooks even on cpu (tests, dry run);
     `expert_imbalance` is the busiest EP rank's load over the mean, used only under fake tensors;
     `fp8_recipe` is the scaling of fp8 GEMMs (`runtime.precision`); `offload_labels` tells an
     observer (the dry run) which copies live in host memory.
@@ -117,8 +115,7 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
     # 3. Recompute, then activation offload hooks (around the checkpointed block).
     for block, policy in zip(blocks, layout.recompute_policies(len(blocks)), strict=True):
         apply_recompute(block, policy)
-    apply_activation_offload(blocks, layout, meshes.device_type, force=force_activation_offload,
-                             labels=offload_labels)
+    apply_activation_offload(blocks, layout, meshes.device_type, labels=offload_labels)
 
     # 4a. ZeRO-1: replicated compute-dtype parameters, fp32 optimizer shards; no FSDP2 units.
     if layout.zero1:

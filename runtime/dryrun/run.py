@@ -21,7 +21,7 @@ Which rank: every rank runs the same shapes under fake tensors; rank 0 holds the
 (even split × the routing imbalance, see `runtime.distributed.expert_parallel`), so rank 0's peak is
 the per-rank peak of the largest rank.
 
-Offload is simulated: the runtime's offload code runs (forced on this CPU), and the tracker counts
+Offload is simulated: the runtime's offload code runs (synchronously on this CPU), and the tracker counts
 its host copies (and, with ``offload: params``, FSDP2's sharded states) as host memory, reported
 beside the device peak. Not simulated: allocator rounding and fragmentation, the CUDA/NCCL
 context, and the host<->device copies' timing.
@@ -153,7 +153,7 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
             with fake:
                 apply_kernels(model, layout)
                 hooks.lap("build")
-                model = D.parallelize(model, layout, meshes, expert_imbalance=imbalance, force_activation_offload=True,
+                model = D.parallelize(model, layout, meshes, expert_imbalance=imbalance,
                                       fp8_recipe=training.fp8_recipe, offload_labels=activation_labels)
                 hooks.lap("parallelize")
                 if indices is not None:  # reduced depth: each kept block has its full-model policy
@@ -161,7 +161,7 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
                         apply_recompute(block, policy)
                 model.train()
                 optimizer = build_optimizer(model, training.optimizer)
-                state_offload = D.apply_optimizer_offload(optimizer, layout, "cpu", force=True, labels=state_labels)
+                state_offload = D.apply_optimizer_offload(optimizer, layout, "cpu", labels=state_labels)
                 scheduler = build_scheduler(optimizer, training.schedule, training.steps)
                 # Warm-up: AdamW states exist from the first step on (ZeRO-1: on its shards).
                 for group in optimizer.param_groups:
