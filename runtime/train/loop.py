@@ -23,7 +23,15 @@ from ..precision import precision_executed
 from . import checkpoint as ckpt
 from . import manifest, resume
 from .data import build_data
-from .metrics import MetricsLog, memory_kind, peak_memory_gib, reset_peak_memory, summarize, synchronize
+from .metrics import (
+    MetricsLog,
+    memory_kind,
+    peak_memory_gib,
+    peak_reserved_gib,
+    reset_peak_memory,
+    summarize,
+    synchronize,
+)
 from .optim import build_optimizer, build_scheduler
 from .parallel import Context, all_reduce_max, micro_batches, parallelize, setup, teardown
 from .step import token_loss_fn, train_step
@@ -182,7 +190,8 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
             record = {"step": step + 1, "loss": loss, "grad_norm": float(result.grad_norm), "lr": result.lr,
                       "skipped": result.skipped,
                       "step_time_s": elapsed, "host_cpu_s": cpu,
-                      "tokens_per_s_per_device": tokens_per_step / elapsed / layout.devices, "peak_memory_gib": peak}
+                      "tokens_per_s_per_device": tokens_per_step / elapsed / layout.devices, "peak_memory_gib": peak,
+                      "peak_reserved_gib": peak_reserved_gib(ctx.device_type)}
             records.append(record)
             if log is not None:
                 log.log(dict(record))
@@ -216,5 +225,6 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         nonfinite_steps_skipped=skips,
         kernels_executed=ctx.kernels_executed,
         precision_executed=precision_executed(model),
+        allocator_executed=ctx.allocator,
     )
     return summary

@@ -37,6 +37,7 @@ class Context:
     meshes: D.Meshes
     owns_process_group: bool
     kernels_executed: dict[str, str] = field(default_factory=dict)  # set by `parallelize`
+    allocator: str = "none"  # the allocator mode in effect (distributed.allocator.configure_allocator)
 
     @property
     def is_main(self) -> bool:
@@ -67,7 +68,7 @@ def setup(layout, device_type: str, timeout_s: float) -> Context:
                          f"launch {layout.ranks} processes (torchrun --nproc-per-node ...) or use a plan for "
                          f"{world} ranks.")
     owns = not dist.is_initialized()
-    configure_allocator(layout.allocator, device_type)  # before anything is allocated on the device
+    allocator = configure_allocator(layout.allocator, device_type)  # before anything is allocated on the device
     env = D.init_distributed(device_type, timeout_s)
     try:
         meshes = D.build_meshes(layout, device_type)
@@ -75,7 +76,7 @@ def setup(layout, device_type: str, timeout_s: float) -> Context:
         if owns:
             D.shutdown_distributed()
         raise
-    return Context(env.rank, env.world_size, meshes.device, device_type, meshes, owns)
+    return Context(env.rank, env.world_size, meshes.device, device_type, meshes, owns, allocator=allocator)
 
 
 def teardown(ctx: Context) -> None:
