@@ -179,7 +179,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     # The runtime compiles blocks (fused elementwise kernels) on accelerators and stays eager on CPU.
     elementwise = pinned.pop("elementwise", "eager" if profile.device.kind == "cpu" else "fused")
     pinned_kernels = {slot: pinned.pop(slot) for slot in ("attention", "moe_gemm") if slot in pinned}
-    extra = {"tp_comm": pinned.pop("tp_comm")} if "tp_comm" in pinned else {}
+    # Knobs the search does not vary: a pinned value reaches every layout it prices.
+    extra = {name: pinned.pop(name) for name in ("tp_comm", "allocator") if name in pinned}
     recomputes = [pinned.pop("recompute")] if "recompute" in pinned else list(RECOMPUTE_ORDER)
     offloads = [pinned.pop("offload")] if "offload" in pinned else list(OFFLOAD_ORDER)
     keeps = [pinned.pop("keep_gathered")] if "keep_gathered" in pinned else gathered_choices(config)

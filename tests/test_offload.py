@@ -160,3 +160,20 @@ def test_an_offload_plan_that_overfills_host_memory_is_refused_before_start(monk
     monkeypatch.setattr(launch, "_available_host_bytes", lambda: 500 * 2**30)
     with pytest.raises(InputError, match="offloads 100.0 GiB per rank"):
         launch.check_host_offload(plan, 8)
+
+
+def test_a_tensor_saved_again_after_its_first_node_was_freed_gets_a_fresh_copy():
+    """A saved tensor whose node autograd frees during the forward (a branch the loss does not use)
+    and that a later op saves again must still come back in backward."""
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2.0
+            (y * y).sum()  # saves y, and the node is freed at once (its result is dropped)
+            return y * y  # saves y again
+
+    blocks = [Block(), Block()]
+    ActivationOffload(blocks, "cpu")
+    x = torch.randn(2, 8, requires_grad=True)
+    blocks[1](blocks[0](x)).sum().backward()
+    assert torch.allclose(x.grad, 256.0 * x.detach() ** 3)  # out = (2 (2x)^2)^2 = 64 x^4

@@ -217,7 +217,7 @@ class ActivationOffload:
         if group is None or not self._moves(tensor):
             return tensor
         entry = group.by_id.get(id(tensor))
-        if entry is None:
+        if entry is None or entry.slots == 0:  # new, or saved before by a node autograd already freed
             host = self.copier.to_host(tensor) if group.offloaded else None
             entry = group.by_id[id(tensor)] = _Entry(host, tensor, tensor.device)
             group.entries.append(entry)
