@@ -14,8 +14,12 @@ Accounting (bytes per rank), FSDP2 with mixed precision:
 - head phase: LM-head weight unsharded, the logits/loss tensors the trace measured as saved for
   the chosen loss kernel, and the larger of the loss's traced backward peak (logit gradients)
   and the head weight's gradient.
+- optimizer step: master weights, gradients, moments (back from host under optimizer offload) and
+  the step's temporaries (`offload.optimizer_step_bytes`).
+- offload and kept-gathered blocks: `cost_models/offload.py`.
 - overhead: what the caching allocator reserves beyond the allocated peak, the profile's
-  `memory.fragmentation` fraction of everything else.
+  `memory.fragmentation_expandable` (allocator expandable_segments) or `memory.fragmentation`
+  (caching) fraction of everything else.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .ops import priced_ops
 GIB = 2**30
 MASTER_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 2}  # fp8 training keeps bf16 weights for all-gather
+HOST_FIELDS = ("offloaded_to_host", "host_activations", "host_states")
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,9 @@ class MemoryBreakdown:
     logits_loss: float
     temporaries: float
     overhead: float
-    offloaded_to_host: float = 0.0
+    offloaded_to_host: float = 0.0  # host bytes per rank: host_activations + host_states
+    host_activations: float = 0.0  # one micro-batch's offloaded activations (offload: activations)
+    host_states: float = 0.0  # offloaded model states (optimizer: moments; params: + weights, gradients)
 
     @property
     def total(self) -> float:
@@ -57,7 +64,7 @@ class MemoryBreakdown:
         return out
 
     def dominant(self) -> str:
-        parts = {k: v for k, v in self.parts().items() if k not in ("offloaded_to_host",)}
+        parts = {k: v for k, v in self.parts().items() if k not in HOST_FIELDS}
         return max(parts, key=parts.get)
 
 
@@ -209,6 +216,17 @@ def fsdp_backward_buffers(block, ep: int, tp: int, compute_bytes: int, zero1: bo
     return {"attention": whole, "mlp": whole}
 
 
+def grads_not_yet_made(block, policy: str, part: str, ep: int, tp: int, compute_bytes: int, zero1: bool) -> float:
+    """Compute-dtype gradient bytes `fsdp_backward_buffers` counts for a whole-block unit that do
+    not exist yet at that part's traced peak (the trace's `backward_grads` share; a MoE MLP's peak
+    comes before its expert gradients). Expert units of their own (EP) keep the full count."""
+    routed = block.params.get("routed_expert", 0)
+    if zero1 or (ep > 1 and routed):
+        return 0.0
+    share = block.backward_grads.get(policy, {}).get(part, 1.0) if getattr(block, "backward_grads", None) else 1.0
+    return (1.0 - share) * block_unsharded_numel(block, ep, tp) * compute_bytes
+
+
 def backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                     in_flight: float, compute_bytes: int = 2, zero1: bool = False, grads: float = 0.0,
                     accumulated: bool = True, ep_copy: float = 0.0, every_mm: int = 0) -> tuple[float, ...]:
@@ -288,6 +306,7 @@ def _backward_rows(trace, recompute, token_factor: float, tp: int, pp: int, ep: 
         load = _routed_load(trace, kind, ep, imbalance)
         for part, peak in block.backward_peak.get(policy, {}).items():
             gathered, held = buffers[kind][part]
+            held -= grads_not_yet_made(block, policy, part, ep, tp, compute_bytes, zero1)
             if part == "mlp" and policy == "selective":
                 peak += redone_mm_bytes(trace, kind, every_mm)
             adds_ep_copy = part == "mlp" and bool(block.num_experts) and ep > 1

@@ -2,20 +2,24 @@
 
 Space: FSDP shard group (whole data-parallel world, each interconnect level's unit = HSDP; 1 =
 ZeRO-1 with `allow_3d`), expert parallel, Ulysses, recompute (none, selective, fractions, full), offload,
-token tiles of the feed-forward half (`TILE_TOKENS`, where a rank's micro-batch has more tokens),
-micro-batch (gradient accumulation follows from the global batch), loss kernel; TP/PP with
-`allow_3d`. Decisions given by the caller are pinned.
+blocks kept gathered across micro-batches (by MLP kind), token tiles of the feed-forward half
+(`TILE_TOKENS`, where a rank's micro-batch has more tokens), micro-batch (gradient accumulation
+follows from the global batch), loss kernel; TP/PP with `allow_3d`. Decisions given by the caller
+are pinned.
 
 Pruning (exact, so `exhaustive=True` finds the same best plan): for one "core" layout (sharding,
 EP, SP, micro-batch, loss kernel) and offload setting, the recompute settings none → 25% → 50% →
 75% → full use monotonically less memory and more time, so the first that fits is the fastest
-fitting one and the rest of the chain is dominated ('selective' is priced on its own). Memory is
-checked before time, so layouts that cannot fit are never fully priced. Token tiling adds time at a
-given recompute setting (each tile's forward is redone, GEMMs shrink, all-to-alls multiply) and
-smaller tiles add more, so without activation offload tiles are tried only on the settings before
-the untiled (then the larger tile's) first fit: a layout that fits untiled without recompute is
-never tiled, and short sequences price as before. Under activation offload tiling also shrinks the
-host traffic, so tiles are tried on the whole chain there.
+fitting one and the rest of the chain is dominated ('selective' is priced on its own). With
+activation offload the copy time falls as recompute rises, so every fitting setting of such a
+chain is priced. Memory is checked before time, so layouts that cannot fit are never fully priced.
+Token tiling adds time at a given recompute setting (each tile's forward is redone, GEMMs shrink,
+all-to-alls multiply) and smaller tiles add more, so without activation offload tiles are tried
+only on the settings before the untiled (then the larger tile's) first fit: a layout that fits
+untiled without recompute is never tiled, and short sequences price as before. Under activation
+offload tiling also shrinks the host traffic, so tiles are tried on the whole chain there. Each
+offload and keep_gathered setting gets its own tiling and recompute chain: the three are weighed
+together by the time of what fits.
 """
 
 from __future__ import annotations
@@ -28,7 +32,14 @@ from functools import partial
 from typing import Any
 
 from xplan.errors import InputError
-from xplan.layout import DEFAULT_KERNELS, DEVICE_TYPE_OF_KIND, Layout, check_layout, runtime_refusals
+from xplan.layout import (
+    DEFAULT_KERNELS,
+    DEVICE_TYPE_OF_KIND,
+    GATHERED_KINDS,
+    Layout,
+    check_layout,
+    runtime_refusals,
+)
 from xplan.layout_tiles import tile_count
 
 from .pricing import Workload, get_trace, load_hw, load_model_config
@@ -67,6 +78,13 @@ def _powers_of_two_upto(n: int) -> list[int]:
         out.append(p)
         p *= 2
     return out
+
+
+def gathered_choices(config) -> list[tuple[str, ...]]:
+    """`keep_gathered` settings to try: none, each block kind (by MLP) the model has, all of them."""
+    present = tuple(k for k in GATHERED_KINDS
+                    if any(("moe" if config.is_moe_layer(i) else "dense") == k for i in range(config.num_layers)))
+    return list(dict.fromkeys([(), *((k,) for k in present), present]))
 
 
 def recompute_chains(recomputes: list) -> list[list]:
@@ -158,7 +176,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     """Find the fastest layouts that fit; see the module docstring for the space and pruning.
     `headroom_bytes`: device memory to keep free (a layout fits when its peak is within HBM less
     this)."""
-    from xplan.cost_models import PricingContext, estimate, fits_memory, memory_estimate
+    from xplan.cost_models import PricingContext, estimate, fits_memory, host_capacity, memory_estimate
 
     loading = time.perf_counter()
     workload.check()
@@ -172,10 +190,12 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     # The runtime compiles blocks (fused elementwise kernels) on accelerators and stays eager on CPU.
     elementwise = pinned.pop("elementwise", "eager" if profile.device.kind == "cpu" else "fused")
     pinned_kernels = {slot: pinned.pop(slot) for slot in ("attention", "moe_gemm") if slot in pinned}
-    extra = {"tp_comm": pinned.pop("tp_comm")} if "tp_comm" in pinned else {}
+    # Knobs the search does not vary: a pinned value reaches every layout it prices.
+    extra = {name: pinned.pop(name) for name in ("tp_comm", "allocator") if name in pinned}
     recomputes = [pinned.pop("recompute")] if "recompute" in pinned else list(RECOMPUTE_ORDER)
     offloads = [pinned.pop("offload")] if "offload" in pinned else list(OFFLOAD_ORDER)
     tile_options = [pinned.pop("tile_tokens")] if "tile_tokens" in pinned else [None, *TILE_TOKENS]
+    keeps = [pinned.pop("keep_gathered")] if "keep_gathered" in pinned else gathered_choices(config)
     losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
     traces = {(loss, 1): get_trace(workload.model, workload.seq_len, loss) for loss in losses}
     tracing = [0.0]
@@ -200,7 +220,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         if kind not in smallest_memory or memory.total < smallest_memory[kind][0]:
             smallest_memory[kind] = (memory.total, layout, trace)
 
-    hbm, host = profile.hbm_bytes() - headroom_bytes, profile.host_memory_bytes()
+    hbm = profile.hbm_bytes() - headroom_bytes
+    host = host_capacity(profile, devices, profile.device.ranks_per_device)
     if headroom_bytes < 0 or hbm <= 0:
         raise InputError(f"--headroom must be at least 0 and below the device memory "
                          f"({profile.hbm_bytes() / 2**30:.0f} GiB), got {headroom_bytes / 2**30:.1f} GiB.")
@@ -218,7 +239,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
         grad_accum = base.grad_accum(workload.global_batch)  # recompute and offload leave it alone
-        for offload, chain in itertools.product(offloads, chains):
+        sharded = core["dp_mode"] in ("fsdp", "hsdp")  # kept-gathered blocks need FSDP's resharding
+        for offload, keep, chain in itertools.product(offloads, keeps if sharded else [()], chains):
             offload = tuple(offload)
             limit = len(chain)  # recompute settings a tiled layout may still win with: chain[:limit]
             for tile in tile_options:
@@ -228,8 +250,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                 if limit == 0:
                     break
                 trace = trace_for(loss, tiles)
-                make = partial(Layout, **core, **extra, offload=offload, precision=precision, kernels=kernels,
-                               tile_tokens=tile)
+                make = partial(Layout, **core, **extra, offload=offload, keep_gathered=keep, precision=precision,
+                               kernels=kernels, tile_tokens=tile)
                 if exhaustive:
                     candidates = [make(recompute=r) for r in chain[:limit]]
                 else:
@@ -247,6 +269,11 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                             lo = mid + 1
                             track(memory, layout, trace)
                     candidates = [first_fitting] if first_fitting is not None else []
+                    if first_fitting is not None and "activations" in offload:
+                        # Offloaded activations cost copy time that falls as recompute rises (less
+                        # to copy): time is not monotone along such a chain, so every fitting
+                        # setting is priced.
+                        candidates += [make(recompute=r) for r in chain[lo + 1:limit]]
                     if "activations" not in offload:
                         limit = lo
                 for layout in candidates:

@@ -132,8 +132,14 @@ def test_comparison_joins_the_measurement_and_the_prediction(tmp_path, monkeypat
     assert d["error"] == pytest.approx((8.0 - d["measured_peak_gib"]) / d["measured_peak_gib"])
     assert d["components"]["overhead"] == {"measured": 0.0, "predicted": pytest.approx(1.0)}
     # Caveats of the run, then the comparison's, then how the run was made.
-    assert [n.split()[0] for n in d["notes"]] == ["offload", "the"]
-    assert d["notes"][1].startswith("the predicted overhead (1.00 GiB")
+    assert [n.split()[0] for n in d["notes"]] == ["the", "offload"]
+    assert d["notes"][0].startswith("the predicted overhead (1.00 GiB")
+    # The AdamW moments live in host memory (offload: optimizer): host bytes beside the device peak.
+    moments = result.report.measured_host_bytes
+    assert moments > 0 and d["measured_host_gib"] == pytest.approx(moments / 2**30)
+    assert d["host_components"]["model_states"]["measured"] == pytest.approx(d["measured_host_gib"])
+    assert d["components"]["optimizer"]["measured"] == pytest.approx(0.0, abs=1e-6)
+    assert d["measured_device_gib"] == d["measured_peak_gib"]
 
 
 @pytest.mark.parametrize(("family", "layers", "layout"), [
@@ -142,6 +148,8 @@ def test_comparison_joins_the_measurement_and_the_prediction(tmp_path, monkeypat
     ("qwen3_moe", 10, dict(devices=4, ep=2, sp=1, recompute=0.5, grad_accum=1)),
     # (sliding, full) x 5 with EP and Ulysses: a periodic pattern.
     ("gpt_oss", 10, dict(devices=8, ep=4, sp=2, recompute="none", grad_accum=1)),
+    # Offloaded layer inputs and moments: host bytes grow with the copies too.
+    ("qwen3_moe", 10, dict(devices=4, ep=2, sp=1, recompute="full", offload=("optimizer", "activations"))),
 ])
 def test_reduced_depth_extrapolates_to_the_full_run(tmp_path, family, layers, layout):
     from xplan.runtime.dryrun import dry_run
@@ -159,6 +167,8 @@ def test_reduced_depth_extrapolates_to_the_full_run(tmp_path, family, layers, la
     assert reduced.peak_phase == full.peak_phase
     for name, value in full.measured.items():
         assert reduced.measured[name] == pytest.approx(value, rel=1e-9, abs=1e-3), name
+    assert reduced.measured_host_bytes == pytest.approx(full.measured_host_bytes, rel=1e-9)
+    assert (full.measured_host_bytes > 0) == bool(layout.get("offload"))
 
 
 def test_layer_segments():

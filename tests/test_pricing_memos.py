@@ -59,7 +59,8 @@ def test_layout_key_sees_every_field():
     changed = [dict(devices=16, fsdp=16), dict(dp_mode="hsdp", fsdp=4), dict(dp_mode="ddp", fsdp=1), dict(ep=2),
                dict(sp=2), dict(tp=2, dp_mode="zero1", fsdp=1), dict(pp=2, dp_mode="zero1", fsdp=1),
                dict(pp=2, vpp=2, dp_mode="zero1", fsdp=1), dict(micro_batch=2), dict(recompute="full"),
-               dict(offload=("optimizer",)), dict(tile_tokens=4096), dict(precision="fp8"), dict(tp_comm="overlapped"),
+               dict(offload=("optimizer",)), dict(tile_tokens=4096), dict(keep_gathered=("moe",)),
+               dict(allocator="caching"), dict(precision="fp8"), dict(tp_comm="overlapped"),
                dict(ranks_per_device=2, fsdp=16), dict(kernels={**DEFAULT_KERNELS, "loss": "full"})]
     assert {f for c in changed for f in c} == set(vars(base))
     keys = {layout_key(base.with_changes(**c)) for c in changed}
@@ -71,6 +72,7 @@ def test_communication_terms_ignore_recompute_and_offload(traced):
     profile = load_profile("h800")
     layout = Layout(devices=16, fsdp=8, ep=2, sp=2, micro_batch=2)
     first = communication_terms(trace, config, layout, profile)
-    for change in (dict(recompute="full"), dict(offload=("optimizer", "activations")), dict(recompute=0.5)):
+    for change in (dict(recompute="full"), dict(offload=("optimizer", "activations")), dict(recompute=0.5),
+                   dict(keep_gathered=("moe",)), dict(allocator="caching")):
         fresh = trace_from_json(json.loads(json.dumps(trace_to_json(trace))))
         assert communication_terms(fresh, config, layout.with_changes(**change), profile) == first

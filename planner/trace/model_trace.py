@@ -46,6 +46,9 @@ class BlockSummary:
     # 'attention' (its attention sub-block's backward) and 'mlp' (the rest). The head group's is
     # its worst stage's (the loss: logit gradients beside the saved log-softmax).
     backward_peak: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Share of the block's parameter-gradient bytes alive at each of those peaks, by policy and part
+    # (a MoE block's experts get their gradients after its MLP's peak).
+    backward_grads: dict[str, dict[str, float]] = field(default_factory=dict)
     recompute_flops: dict[str, int] = field(default_factory=dict)  # forward FLOPs redone in backward
     num_experts: int = 0
     top_k: int = 0
@@ -236,6 +239,8 @@ def _block_from_json(data: Any) -> BlockSummary:
                                                                "recompute_flops")},
         backward_peak={_str(p, "backward_peak"): _numbers_by_name(parts, "backward_peak")
                        for p, parts in _dict(d["backward_peak"], "backward_peak").items()},
+        backward_grads={_str(p, "backward_grads"): _numbers_by_name(parts, "backward_grads")
+                        for p, parts in _dict(d["backward_grads"], "backward_grads").items()},
         tokens_per_expert=tokens_per_expert,
     )
 

@@ -302,10 +302,25 @@ class OpRecorder(TorchDispatchMode):
             info = self.stages.get(stage) or StageInfo(stage)
             parts.setdefault((stage, "attention" if info.in_attention(op.scope.path) else "mlp"), []).append(op.index)
         peaks: dict[str, dict[str, int]] = {}
+        self.grads_at_peak: dict[str, dict[str, float]] = {}
         for (stage, part), indices in parts.items():
             baseline = live[first[stage]] - created[first[stage]]
-            peaks.setdefault(stage, {})[part] = max(live[t] for t in indices) - baseline
+            top = max(indices, key=lambda t: live[t])
+            peaks.setdefault(stage, {})[part] = live[top] - baseline
+            self.grads_at_peak.setdefault(stage, {})[part] = self._grads_alive(exclude, stage, top, n)
         return peaks
+
+    def _grads_alive(self, grads: set[int], stage: str, index: int, end: int) -> float:
+        """Share of `stage`'s parameter-gradient bytes alive at op `index` (FSDP holds a block's
+        gradients until its backward ends: the cost model adds the share alive at each peak)."""
+        total = alive = 0
+        for key in grads:
+            entry = self.storages.get(key)
+            if entry is None or entry[3] != stage:
+                continue
+            total += entry[1]
+            alive += entry[1] if entry[2] <= index < self.deaths.get(key, end) else 0
+        return alive / total if total else 1.0
 
     def alive(self) -> list[tuple[int, int, str]]:
         """(nbytes, creating op, owning stage) of every recorded storage still alive."""

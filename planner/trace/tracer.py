@@ -155,6 +155,7 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
     peak bytes per stage; {} without `backward`)."""
     tracker = ScopeTracker(scopes, stage_inputs, param_scopes).install()
     rec = OpRecorder(tracker, stages, seq_len, detailed=detailed, timeline=backward)
+    rec.grads_at_peak = {}
     peaks: dict[str, dict[str, int]] = {}
     hooks = []
     try:
@@ -241,6 +242,7 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
                                  detailed=True, backward=True, fake=fake)
         saved = {"none": _saved_by_stage(alive)}
         backward_peaks = {"none": peaks}
+        backward_grads = {"none": rec.grads_at_peak}
         for nbytes, op_index, _ in alive:
             rec.ops[op_index].saved_bytes += nbytes
         for policy in rc.RECOMPUTE_POLICIES:
@@ -249,13 +251,14 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
             for layer in layers:
                 rc.apply_recompute(layer, policy)
             try:
-                _, alive_p, peaks_p = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len,
-                                           loss, detailed=False, backward=True, fake=fake)
+                rec_p, alive_p, peaks_p = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch,
+                                               seq_len, loss, detailed=False, backward=True, fake=fake)
             finally:
                 for layer in layers:
                     rc.apply_recompute(layer, "none")
             saved[policy] = _saved_by_stage(alive_p)
             backward_peaks[policy] = peaks_p
+            backward_grads[policy] = rec_p.grads_at_peak
 
     tokens = seq_len * micro_batch
     kinds = _block_kinds(config)
@@ -308,6 +311,7 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
         b.saved_bytes = {p: sum(v for s, v in by_stage.items() if s in stage_names) for p, by_stage in saved.items()}
         if name in counts:
             b.backward_peak = {p: dict(by_stage.get(name, {})) for p, by_stage in backward_peaks.items()}
+            b.backward_grads = {p: dict(by_stage.get(name, {})) for p, by_stage in backward_grads.items()}
         else:  # head / embedding: their stages' backwards run one after another, so the worst one
             b.backward_peak = {p: _worst_stage_peak(by_stage, stage_names) for p, by_stage in backward_peaks.items()}
         return b

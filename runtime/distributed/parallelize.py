@@ -42,7 +42,8 @@ from ..precision import apply_precision, require_torchao
 from ..recompute import apply_recompute
 from .expert_parallel import apply_expert_parallel, run_fsdp_hooks_outside_recompute
 from .mesh import Meshes
-from .offload import apply_activation_offload, fsdp_offload_policy
+from .offload import OffloadLabels, apply_activation_offload, fsdp_offload_policy
+from .reshard import keeps_gathered, mark_kept
 from .ulysses import apply_ulysses
 from .zero1 import apply_zero1, zero1_of
 
@@ -86,13 +87,13 @@ def _expert_placement(num_experts: int, group_size: int):
     return placement if num_experts else None
 
 
-def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activation_offload: bool = False,
-                expert_imbalance: float = 1.0, fp8_recipe: str = "tensorwise") -> nn.Module:
+def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imbalance: float = 1.0,
+                fp8_recipe: str = "tensorwise", offload_labels: OffloadLabels | None = None) -> nn.Module:
     """Apply `layout` to `model` in place and return it (see the module docstring for the contracts).
 
-    `force_activation_offload` runs the activation-offload hooks even on cpu (tests);
     `expert_imbalance` is the busiest EP rank's load over the mean, used only under fake tensors;
-    `fp8_recipe` is the scaling of fp8 GEMMs (`runtime.precision`).
+    `fp8_recipe` is the scaling of fp8 GEMMs (`runtime.precision`); `offload_labels` tells an
+    observer (the dry run) which copies live in host memory.
     """
     config = model.config
     check_runtime_layout(layout, config, world_size=meshes.world_size)
@@ -118,7 +119,7 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
     for block, policy in zip(blocks, layout.recompute_policies(len(blocks)), strict=True):
         block.token_tiling = tiling
         apply_recompute(block, policy)
-    apply_activation_offload(blocks, layout, meshes.device_type, force=force_activation_offload)
+    apply_activation_offload(blocks, layout, meshes.device_type, labels=offload_labels)
 
     # 4a. ZeRO-1: replicated compute-dtype parameters, fp32 optimizer shards; no FSDP2 units.
     if layout.zero1:
@@ -139,14 +140,17 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
                   offload_policy=fsdp_offload_policy(layout, meshes.device_type))
     units: list[FSDPModule] = []
     expert_units: dict[int, nn.Module] = {}
+    kept: list[FSDPModule] = []  # units gathered across micro-batches (runtime.distributed.reshard)
     for i, block in enumerate(blocks):
         mlp = block.mlp
+        reshard = not keeps_gathered(block, layout)
         if isinstance(mlp, MoE) and layout.ep > 1:
-            fully_shard(mlp.experts, mesh=meshes.expert_fsdp, reshard_after_forward=True,
+            fully_shard(mlp.experts, mesh=meshes.expert_fsdp, reshard_after_forward=reshard,
                         shard_placement_fn=_expert_placement(config.num_experts, layout.expert_fsdp), **common)
             run_fsdp_hooks_outside_recompute(mlp.experts)
             expert_units[i] = mlp.experts
             units.append(mlp.experts)
+            kept += [] if reshard else [mlp.experts]
         placement = None
         if isinstance(mlp, MoE) and layout.ep == 1:
             expert_params = {id(p) for p in mlp.experts.parameters()}
@@ -154,8 +158,9 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
 
             def placement(p, _ids=expert_params, _fn=expert_fn):
                 return _fn(p) if id(p) in _ids else Shard(0)
-        fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=True, shard_placement_fn=placement, **common)
+        fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=reshard, shard_placement_fn=placement, **common)
         units.append(block)
+        kept += [] if reshard else [block]
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if not tied:
         fully_shard(model.model.embed_tokens, mesh=meshes.fsdp, reshard_after_forward=True, **common)
@@ -164,6 +169,7 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
     fully_shard(model, mesh=meshes.fsdp, reshard_after_forward=False, **common)
     units.append(model)
 
+    mark_kept(model, kept)
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # SUM: see the loss-normalisation contract
         unit.set_force_sum_reduction_for_comms(True)

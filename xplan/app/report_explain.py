@@ -10,14 +10,16 @@ from typing import Any
 
 # The layout fields shown for a plan, in table order (kernel slots by their own name).
 LAYOUT_FIELDS = ("dp_mode", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch", "recompute", "offload",
-                 "tile_tokens", "precision", "tp_comm", "attention", "moe_gemm", "loss", "elementwise")
+                 "tile_tokens", "keep_gathered", "allocator", "precision", "tp_comm", "attention", "moe_gemm",
+                 "loss", "elementwise")
 # Column headers where the name is long; the legend says what each stands for.
 SHORT = {"dp_mode": "dp", "micro_batch": "mb", "recompute": "rc", "offload": "off", "tile_tokens": "tile",
-         "precision": "prec", "tp_comm": "tp comm", "attention": "attn", "moe_gemm": "moe gemm", "elementwise": "eltw"}
+         "keep_gathered": "kept", "allocator": "alloc", "precision": "prec", "tp_comm": "tp comm", "attention": "attn",
+         "moe_gemm": "moe gemm", "elementwise": "eltw"}
 OFFLOAD_SHORT = {"optimizer": "opt", "params": "params", "activations": "act"}
 LEGEND = ("dp = data-parallel mode, mb = micro-batch, rc = recompute, off = offload (opt = optimizer "
-          "states, act = activations), tile = tokens per feed-forward tile, prec = precision, "
-          "eltw = elementwise kernels")
+          "states, act = activations), tile = tokens per feed-forward tile, kept = blocks kept gathered, "
+          "prec = precision, eltw = elementwise kernels")
 
 # Step-time components (estimate `time_s` keys): what each is, and which kind of time it is.
 TIME_WORDS = {
@@ -76,6 +78,8 @@ def show(name: str, value: Any, short: bool = False) -> str:
         return "+".join(OFFLOAD_SHORT[k] if short else k for k in kinds) or "none"
     if name == "tile_tokens" and value is None:
         return "none"
+    if name == "keep_gathered":
+        return "+".join(value or ()) or "none"
     return str(value)
 
 

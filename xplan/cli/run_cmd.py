@@ -174,8 +174,15 @@ def _dry_run(loaded, layers: int | None, imbalance: float | None, reprice: bool,
             continue
         ratio = c["measured"] / c["predicted"] if c["predicted"] else None
         table.add_row(name, f"{c['measured']:.3f}", f"{c['predicted']:.3f}", _fmt(ratio, ".3f"))
-    table.add_row("[bold]peak[/]", f"[bold]{result['measured_peak_gib']:.3f}[/]",
+    table.add_row("[bold]device peak[/]", f"[bold]{result['measured_peak_gib']:.3f}[/]",
                   f"[bold]{result['predicted_peak_gib']:.3f}[/]", f"[bold]{_fmt(result['ratio'], '.3f')}[/]")
+    if result["measured_host_gib"] or result["predicted_host_gib"]:
+        for name, c in result["host_components"].items():
+            if c["measured"] or c["predicted"]:
+                ratio = c["measured"] / c["predicted"] if c["predicted"] else None
+                table.add_row(f"host: {name}", f"{c['measured']:.3f}", f"{c['predicted']:.3f}", _fmt(ratio, ".3f"))
+        table.add_row("[bold]host peak[/]", f"[bold]{result['measured_host_gib']:.3f}[/]",
+                      f"[bold]{result['predicted_host_gib']:.3f}[/]", f"[bold]{_fmt(result['host_ratio'], '.3f')}[/]")
     console.print(table)
     if result["rank_memory_budget_gib"]:
         per = " (per die)" if result["ranks_per_device"] > 1 else ""
