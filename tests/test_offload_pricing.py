@@ -96,7 +96,10 @@ def test_search_at_64k_without_sequence_parallelism_finds_an_offload_plan():
     result = search(Workload(QWEN, "h800", 65536, 256), 256, {"sp": 1})
     best = result.best_runnable
     assert best is not None and best.fits and "activations" in best.layout.offload
-    assert best.layout.recompute == "full"
+    # Tiling, recompute and offload weighed together: the fastest fit tiles the feed-forward half
+    # and recomputes only what the host cannot hold (untiled full + offload fits too, slower).
+    assert best.layout.tile_tokens is not None and best.layout.recompute not in ("none", "selective")
+    assert best.memory.host_activations > 0
 
 
 def _dry_run(layout: Layout, seq_len: int, global_batch: int):
@@ -110,6 +113,8 @@ def _dry_run(layout: Layout, seq_len: int, global_batch: int):
 @pytest.mark.parametrize(("layout", "seq_len", "global_batch"), [
     # issue #16: the 64k plan `xplan search ... --sp 1` writes, and XTuner V1's 2000 tok/s layout.
     (Layout(devices=256, fsdp=256, ep=1, micro_batch=1, recompute="full", offload=("activations",)), 65536, 256),
+    (Layout(devices=256, fsdp=256, ep=1, micro_batch=1, recompute=0.75, offload=("activations",), tile_tokens=8192),
+     65536, 256),
     (Layout(**XTUNER, offload=("optimizer", "activations")), 4096, 4096),
 ])
 def test_dry_run_agrees_with_the_device_and_host_prediction(layout, seq_len, global_batch):

@@ -271,12 +271,13 @@ class OpRecorder(TorchDispatchMode):
                 still.append(key)
         self._pending = still
 
-    def backward_peaks(self, exclude: set[int]) -> dict[str, dict[str, int]]:
+    def backward_peaks(self, exclude: set[int], final: set[int] | None = None) -> dict[str, dict[str, int]]:
         """Per stage and part ('attention' sub-block, 'mlp' = the rest): the most bytes alive at
         once while that part's backward ops run, above what was alive when the stage's first
         backward op started (its saved activations, the incoming gradient and everything outside
         the stage). Storages in `exclude` (parameter gradients, priced separately) are left out.
-        Needs `timeline=True`."""
+        `final`: the parameters' `.grad` storages (the share of gradients alive at each peak is
+        counted against them). Needs `timeline=True`."""
         n = len(self.ops) + 1
         diff = [0] * (n + 1)
         created = [0] * n
@@ -307,18 +308,20 @@ class OpRecorder(TorchDispatchMode):
             baseline = live[first[stage]] - created[first[stage]]
             top = max(indices, key=lambda t: live[t])
             peaks.setdefault(stage, {})[part] = live[top] - baseline
-            self.grads_at_peak.setdefault(stage, {})[part] = self._grads_alive(exclude, stage, top, n)
+            self.grads_at_peak.setdefault(stage, {})[part] = self._grads_alive(exclude, stage, top, n, final)
         return peaks
 
-    def _grads_alive(self, grads: set[int], stage: str, index: int, end: int) -> float:
-        """Share of `stage`'s parameter-gradient bytes alive at op `index` (FSDP holds a block's
-        gradients until its backward ends: the cost model adds the share alive at each peak)."""
+    def _grads_alive(self, grads: set[int], stage: str, index: int, end: int, final: set[int] | None) -> float:
+        """Bytes of `stage`'s parameter gradients alive at op `index` (final ones, and those on their
+        way: a tile's gradient beside the sum of the tiles before it) over the bytes of its final
+        gradients (FSDP holds a block's gradients until its backward ends: the cost model adds this
+        share at each peak; above 1 where a tile's gradient and the running sum are both alive)."""
         total = alive = 0
         for key in grads:
             entry = self.storages.get(key)
             if entry is None or entry[3] != stage:
                 continue
-            total += entry[1]
+            total += entry[1] if final is None or key in final else 0
             alive += entry[1] if entry[2] <= index < self.deaths.get(key, end) else 0
         return alive / total if total else 1.0
 

@@ -175,7 +175,7 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
             del loss
         if backward:
             grads = {p.grad.untyped_storage()._cdata for p in model.parameters() if p.grad is not None}
-            peaks = rec.backward_peaks(exclude=grads | rec.param_grads)
+            peaks = rec.backward_peaks(exclude=grads | rec.param_grads, final=grads)
     finally:
         tracker.remove()
         for hook in hooks:

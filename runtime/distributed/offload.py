@@ -134,10 +134,10 @@ class _Slot:
     """What autograd keeps for one saved tensor. Its copy back lives as long as autograd keeps
     the slot (as the tensor itself would without offload): the last slot gone frees both copies."""
 
-    __slots__ = ("entry", "group")
+    __slots__ = ("entry", "group", "view")
 
-    def __init__(self, group: _Group, entry: _Entry):
-        self.group, self.entry = group, entry
+    def __init__(self, group: _Group, entry: _Entry, view: tuple):
+        self.group, self.entry, self.view = group, entry, view  # view: (size, stride, storage offset)
         entry.slots += 1
 
     def __del__(self):
@@ -153,10 +153,19 @@ class _Group:
     index: int
     offloaded: bool
     entries: list[_Entry] = field(default_factory=list)
-    by_id: dict[int, _Entry] = field(default_factory=dict)  # id(tensor) -> its entry (saved twice: one copy)
+    # (storage, dtype) -> its entry: tensors saved twice, or views of one storage, share one copy
+    by_storage: dict[tuple, _Entry] = field(default_factory=dict)
     copied: object = None  # event after this group's copies to host
     prefetch_issued: bool = False
     prefetched: object = None  # event after its copies back
+
+
+def _whole_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat tensor of `tensor`'s dtype over all of its storage (the tensor itself when it is)."""
+    numel = tensor.untyped_storage().nbytes() // tensor.element_size()
+    if tensor.storage_offset() == 0 and tensor.numel() == numel and tensor.is_contiguous():
+        return tensor.detach().view(-1)
+    return tensor.detach().as_strided((numel,), (1,), 0)
 
 
 class ActivationOffload:
@@ -216,12 +225,17 @@ class ActivationOffload:
         group = self.current
         if group is None or not self._moves(tensor):
             return tensor
-        entry = group.by_id.get(id(tensor))
+        # What autograd would keep alive is the tensor's whole storage (views of one storage - q, k, v
+        # of one projection, a tile's slice of the block's tokens - keep it once): that storage is
+        # copied, once, and each saved view is rebuilt from it in backward.
+        key = (tensor.untyped_storage()._cdata, tensor.dtype)
+        entry = group.by_storage.get(key)
         if entry is None or entry.slots == 0:  # new, or saved before by a node autograd already freed
-            host = self.copier.to_host(tensor) if group.offloaded else None
-            entry = group.by_id[id(tensor)] = _Entry(host, tensor, tensor.device)
+            whole = _whole_storage(tensor)
+            host = self.copier.to_host(whole) if group.offloaded else None
+            entry = group.by_storage[key] = _Entry(host, whole, tensor.device)
             group.entries.append(entry)
-        return _Slot(group, entry)
+        return _Slot(group, entry, (tensor.size(), tensor.stride(), tensor.storage_offset()))
 
     # ---- backward
     def _unpack(self, packed):
@@ -233,7 +247,8 @@ class ActivationOffload:
         if entry.device is None:  # not prefetched (a block run out of order): fetch it now
             self._prefetch(group.index, force=True)
         self.copier.wait(group.prefetched)
-        return entry.device
+        size, stride, offset = packed.view
+        return entry.device.as_strided(size, stride, offset)
 
     def _prefetch(self, index: int, force: bool = False) -> None:
         group = self.groups.get(index)
