@@ -177,3 +177,28 @@ def test_a_tensor_saved_again_after_its_first_node_was_freed_gets_a_fresh_copy()
     x = torch.randn(2, 8, requires_grad=True)
     blocks[1](blocks[0](x)).sum().backward()
     assert torch.allclose(x.grad, 256.0 * x.detach() ** 3)  # out = (2 (2x)^2)^2 = 64 x^4
+
+
+def test_views_of_one_storage_are_copied_once_and_come_back_right():
+    """q and k, two views of one projection's output, share one host copy of that storage (what the
+    trace counts), and backward gets each view back."""
+    from xplan.runtime.distributed.offload import OffloadLabels
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 16))
+
+        def forward(self, x):
+            q, k = (x @ self.w).chunk(2, dim=-1)  # views of one [4, 16] storage
+            return q * k  # saves q and k
+
+    torch.manual_seed(0)
+    blocks = [Block(), Block()]
+    x = torch.randn(4, 8, requires_grad=True)
+    reference = torch.autograd.grad(blocks[1](blocks[0](x) @ torch.ones(8, 8)).sum(), [x, blocks[0].w])
+    copied = []
+    ActivationOffload(blocks, "cpu", OffloadLabels(host=lambda t: copied.append(t.numel() * t.element_size())))
+    grads = torch.autograd.grad(blocks[1](blocks[0](x) @ torch.ones(8, 8)).sum(), [x, blocks[0].w])
+    assert copied == [4 * 8 * 4, 4 * 16 * 4]  # block 0: its input, its projection output once (block 1 keeps its own)
+    assert all(torch.allclose(a, b) for a, b in zip(grads, reference, strict=True))

@@ -12,7 +12,8 @@
   side stream while the next block computes, and copied back one block ahead in backward. Under
   full recompute only the block inputs are saved (the recompute checkpoints); under selective
   recompute the block input moves and the module outputs the policy keeps stay on the device (they
-  are held by the policy, not by autograd); without recompute every saved tensor moves. The last
+  are held by the policy, not by autograd); without recompute every saved tensor moves. A saved
+  tensor's whole storage is copied, once per block: views of one storage share the copy. The last
   block keeps its tensors on the device (its backward comes first). Parameters and the tensors
   all blocks share (rotary tables) never move.
 
