@@ -77,7 +77,8 @@ def main() -> None:
             row.update(tokens_per_s_per_device=plan.tokens_per_s_per_device, memory_gib=plan.memory.total / 2**30,
                        host_gib=plan.memory.offloaded_to_host / 2**30,
                        layout=f"fsdp{lay.fsdp} ep{lay.ep} mb{lay.micro_batch} recompute={lay.recompute} "
-                              f"offload={'+'.join(lay.offload) or 'none'}")
+                              f"offload={'+'.join(lay.offload) or 'none'} tile_tokens={lay.tile_tokens or 'none'} "
+                              f"keep_gathered={'+'.join(lay.keep_gathered) or 'none'}")
         rows.append(row)
     if args.json:
         print(json.dumps({"model": args.model, "hardware": args.hardware, "devices": args.devices, "rows": rows},
