@@ -34,3 +34,8 @@ timeout 150 python3 "$repo/benchmarks/gpu_check.py" --profile "$profile" --compa
 timeout 420 python3 "$repo/benchmarks/kernels_gpu.py" --json "$out/kernels_gpu.json" 2>&1 | tee "$out/kernels_gpu.txt"
 timeout 240 python3 "$repo/benchmarks/allocator_check.py" --profile "$profile" --json "$out/allocator_check.json" \
   2>&1 | tee "$out/allocator_check.txt"
+# xplan's runtime against a torchtitan-style plain-torch baseline (same models, batches, precision)
+for precision in bf16 fp8; do
+  timeout 420 python3 "$repo/benchmarks/vs_torchtitan.py" --profile "$profile" --precision "$precision" \
+    --json "$out/vs_torchtitan-$precision.json" 2>&1 | tee "$out/vs_torchtitan-$precision.txt"
+done

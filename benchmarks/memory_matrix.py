@@ -100,6 +100,9 @@ MATRIX: list[Row] = [
     # fp8 (torchao Float8Linear in the blocks' linear layers).
     Row("qwen3-8b", 8, 1, 1, "selective", 4096, micro_batch=4, precision="fp8"),
     Row("qwen3-30b-a3b", 16, 8, 1, "full", 4096, micro_batch=4, dp_mode="zero1", precision="fp8"),
+    # ZeRO-1 with one micro-batch: the fp32 gradient buffers appear as the backward reaches each parameter.
+    Row("qwen3-8b", 8, 1, 1, "none", 4096, grad_accum=1, dp_mode="zero1"),
+    Row("llama3-8b", 8, 1, 1, "full", 4096, grad_accum=1, micro_batch=2, dp_mode="zero1"),
     # Token tiling of the feed-forward half (tile_tokens): long sequences without Ulysses.
     # (Qwen3 reaches 64k with YaRN x4, as its model card describes; the runtime refuses longer
     # sequences than the config's max_position_embeddings.)

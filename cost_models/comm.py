@@ -94,7 +94,7 @@ def fsdp_block_times(profile, dense_numel: float, routed_numel: float, layout, p
     Dense weights are sharded over the `fsdp` consecutive ranks; routed experts (already split
     by EP) over the `expert_fsdp` ranks `ep` apart. Both groups run their collectives in turn.
     """
-    d = layout.devices
+    d = layout.ranks
     stride_tp = layout.tp
     ag = all_gather_time(profile, dense_numel * param_bytes, layout.fsdp, stride_tp, d)
     rs = reduce_scatter_time(profile, dense_numel * reduce_bytes, layout.fsdp, stride_tp, d)
@@ -110,12 +110,14 @@ def expert_parallel_time(profile, tokens: float, hidden: int, top_k: int, layout
     """EP dispatch + combine, forward and backward (4 all-to-alls) for one MoE layer.
 
     Each rank sends its tokens' top-k copies (`tokens * top_k * hidden` activations); the busiest
-    rank receives `imbalance` times the mean.
+    rank receives `imbalance` times the mean. The EP group's ranks sit `expert_tp` apart (expert
+    tensor parallelism innermost, as Megatron lays out its expert mesh): tp apart when experts
+    are tensor-parallel, consecutive when EP spans the tensor-parallel ranks.
     """
     if layout.ep <= 1:
         return 0.0
     nbytes = tokens * top_k * hidden * act_bytes * imbalance
-    return 4 * all_to_all_time(profile, nbytes, layout.ep, layout.tp, layout.devices)
+    return 4 * all_to_all_time(profile, nbytes, layout.ep, layout.expert_tp, layout.ranks)
 
 
 def ulysses_time(profile, tokens: float, q_width: int, kv_width: int, out_width: int, layout,
@@ -128,24 +130,67 @@ def ulysses_time(profile, tokens: float, q_width: int, kv_width: int, out_width:
     if layout.sp <= 1:
         return 0.0
     per_pass = tokens * (q_width + kv_width + out_width) * act_bytes
-    return 2 * all_to_all_time(profile, per_pass, layout.sp, layout.tp, layout.devices)
+    return 2 * all_to_all_time(profile, per_pass, layout.sp, layout.tp, layout.ranks)
 
 
-def tensor_parallel_time(profile, tokens: float, hidden: int, layout, act_bytes: int) -> float:
-    """Megatron TP with sequence parallelism: per layer 2 all-gathers + 2 reduce-scatters of the
-    activations forward, the same backward. `tokens` is the whole micro-batch sequence (each TP
-    rank holds tokens / tp of it between the collectives)."""
+def tensor_parallel_time(profile, tokens: float, hidden: int, layout, act_bytes: int, routed_copies: float = 0.0,
+                         dense_mlp: bool = True) -> float:
+    """Megatron TP with sequence parallelism, one layer forward and backward: the attention's
+    all-gather and reduce-scatter of the activations each pass, and the MLP's: a dense MLP (or an
+    MoE layer's shared expert, `dense_mlp`) the same; routed experts split over expert_tp > 1 ranks
+    all-gather the tokens the EP all-to-all brought them and reduce-scatter their outputs over the
+    expert-TP group (Megatron's alltoall dispatcher: gather_from_sequence_parallel_region after the
+    dispatch, reduce_scatter_to_sequence_parallel_region before the combine), `routed_copies` =
+    top-k x imbalance times a dense MLP's bytes; with expert TP 1 (EP spanning the TP ranks) the
+    experts run on each rank's own sequence shard and need none. `tokens` is the whole micro-batch
+    sequence (each TP rank holds tokens / tp of it between the collectives)."""
     if layout.tp <= 1:
         return 0.0
     full = tokens * hidden * act_bytes  # the micro-batch's activation, gathered over the TP group
-    one = all_gather_time(profile, full, layout.tp, 1, layout.devices) + reduce_scatter_time(
-        profile, full, layout.tp, 1, layout.devices)
-    return 4 * one
+
+    def one(nbytes: float, group: int) -> float:
+        return all_gather_time(profile, nbytes, group, 1, layout.ranks) + reduce_scatter_time(
+            profile, nbytes, group, 1, layout.ranks)
+
+    total = 2 * one(full, layout.tp) * (2 if dense_mlp else 1)
+    if routed_copies and layout.expert_tp > 1:
+        total += 2 * one(full * routed_copies, layout.expert_tp)
+    return total
+
+
+#: Share of the SMs a GEMM gives up while Transformer Engine's userbuffers overlap its TP collective
+#: by the `pipeline` or `bulk` method: num_sm 16 with set_sm_margin (the GEMM launched on the SMs
+#: left), of a GH100's 132 (transformer_engine/pytorch/module/base.py initialize_ub,
+#: get_default_config). The `ring_exchange` method copies with the copy engines (num_sm 1, no margin).
+TP_OVERLAP_SM_SHARE = 16 / 132
+#: TE's default method per overlapped GEMM (initialize_ub `methods`): pipeline for proj_fprop and
+#: fc2_fprop (row-parallel forward), bulk for qkv and fc1 dgrad and wgrad (column-parallel
+#: backward); ring_exchange for the others.
+ROW_PARALLEL = ("o_proj", "down_proj")
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "q_b_proj",
+                   "kv_b_proj")
+
+
+def under_tp_sm_margin(module: str, phase: str) -> bool:
+    """Whether the dense GEMM of `module` in `phase` runs beside a userbuffers collective that keeps
+    `TP_OVERLAP_SM_SHARE` of the SMs (Megatron --tp-comm-overlap with TE's default methods):
+    row-parallel forward (pipeline), column-parallel backward (bulk). Routed experts are not
+    overlapped that way."""
+    if ".experts" in module:
+        return False
+    name = module.rsplit(".", 1)[-1]
+    return name in ROW_PARALLEL if phase == "forward" else name in COLUMN_PARALLEL
+
+
+def tp_overlap_sm_time(margin_gemm: float) -> float:
+    """Seconds the GEMMs under the SM margin (`margin_gemm` seconds on every SM) take beyond that:
+    they run on 1 - `TP_OVERLAP_SM_SHARE` of the SMs."""
+    return margin_gemm * TP_OVERLAP_SM_SHARE / (1.0 - TP_OVERLAP_SM_SHARE)
 
 
 def pipeline_p2p_time(profile, tokens: float, hidden: int, layout, act_bytes: int) -> float:
     """Activations forward and gradients backward across one stage boundary per micro-batch."""
     if layout.pp <= 1:
         return 0.0
-    stride = layout.devices // layout.pp
-    return 2 * layout.vpp * p2p_time(profile, tokens * hidden * act_bytes, stride, layout.devices)
+    stride = layout.ranks // layout.pp
+    return 2 * layout.vpp * p2p_time(profile, tokens * hidden * act_bytes, stride, layout.ranks)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .comm import under_tp_sm_margin
 from .kernels import DTYPE_BYTES, attention_time, gemm_time, memory_time
-from .ops import PricedOp, priced_ops
+from .ops import PricedOp, is_norm_module, priced_ops
 
 
 @dataclass(frozen=True)
@@ -16,12 +17,16 @@ class RankWork:
     token_factor: float  # micro_batch / sp
     tp: int = 1
     ep: int = 1
+    expert_tp: int = 0  # ranks a routed expert is split over (Layout.expert_tp); 0: tp
     imbalance: float = 1.0  # busiest EP rank's routed-token load over the mean
     precision: str = "bf16"
     seq_len: int = 4096
     traced_dtype_bytes: int = 2
     fused_elementwise: bool = True  # kernels.elementwise == "fused"
+    fused_norm: bool = False  # kernels.norm == "fused": norm modules' ops fused beside eager elementwise ops
+    fused_loss: bool = False  # kernels.loss == "fused": one cross-entropy kernel over the logits (fused_loss_time)
     attention_kernel: str = "flash"  # kernels.attention: sdpa prices at the profile's sdpa_fraction
+    moe_gemm: str = "grouped_mm"  # kernels.moe_gemm: loop issues one GEMM per local expert
     # Selective recompute also redoes every n-th forward aten.mm of a block (torchtitan's op-level
     # SAC: 2, "every second mm"); 0: every GEMM output is kept (the trace's own policy).
     recompute_every_mm: int = 0
@@ -29,7 +34,42 @@ class RankWork:
     weight_cast_share: float = 1.0
 
 
-def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, profile) -> float:
+# Traced groups outside the decoder blocks (embedding, final norm, LM head, loss, ...).
+OUTSIDE_BLOCKS = ("embed", "head", "loss", "norm", "rotary", "model")
+FP8_ALIGNMENT = 16  # torch._scaled_mm needs both weight widths to be multiples of 16
+
+
+def gemm_precision(op: PricedOp, precision: str) -> str:
+    """The precision a GEMM runs in. Under fp8 the runtime converts only the decoder blocks'
+    linear layers whose widths are multiples of 16 (runtime/precision.py, torchtitan's rule): the
+    LM head, the routers (`mlp.gate`, `mlp.router`) and the routed experts' grouped GEMMs run in
+    bf16, as its `precision_executed.kept_bf16` says."""
+    if precision != "fp8":
+        return precision
+    router = op.module.rsplit(".", 1)[-1] in ("gate", "router")
+    if op.category != "gemm" or op.group in OUTSIDE_BLOCKS or not op.module or router:
+        return "bf16"
+    if any(int(width) % FP8_ALIGNMENT for width in op.dims[1:]):
+        return "bf16"
+    return "fp8"
+
+
+#: M tile of the grouped (expert) GEMM kernels on Hopper: DeepGEMM's contiguous-layout grouped
+#: GEMM pads every expert's rows to get_m_alignment_for_contiguous_layout() = 128 (deepseek-ai/
+#: DeepGEMM README, "M-axis" alignment of each group); CUTLASS grouped GEMMs (Transformer Engine
+#: GroupedLinear, torch._grouped_mm) tile M by 128 as well (assumed the same).
+GROUP_TILE_ROWS = 128
+
+
+def grouped_rows(rows: float) -> float:
+    """Rows one expert's GEMM computes: its `rows` plus the empty part of its last M tile. Per-
+    expert token counts vary step to step around the mean, so the last tile is on average half
+    empty: rows + GROUP_TILE_ROWS / 2 (0 rows: nothing computed)."""
+    return rows + GROUP_TILE_ROWS / 2 if rows > 0 else 0.0
+
+
+def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, profile,
+                  grouped: bool = False) -> float:
     """fp8 GEMMs quantise their operands: read bf16 (2 B), write fp8 (1 B) per element (the
     scaling-factor reductions ride along).
 
@@ -39,10 +79,14 @@ def fp8_cast_time(m: float, n: float, k: float, groups: int, work: RankWork, pro
     weight-sized operand [k, n] is cast once per optimizer step: Transformer Engine caches the fp8
     weights after the step's first micro-batch (`is_first_microbatch`), so a micro-batch pays
     `weight_cast_share` = 1 / micro-batches of it.
+
+    A grouped (expert) GEMM's token operand is the dispatched, permuted tokens: Transformer
+    Engine's GroupedLinear quantises them in a kernel of its own (one multi-tensor quantise over
+    the groups), fused or not.
     """
     if work.precision != "fp8":
         return 0.0
-    tokens = 0.0 if work.fused_elementwise else m * k
+    tokens = 0.0 if work.fused_elementwise and not grouped else m * k
     return memory_time(profile, groups * (tokens + k * n * work.weight_cast_share) * 3)
 
 
@@ -50,13 +94,43 @@ def rank_gemm(op: PricedOp, work: RankWork) -> tuple[float, float, float, int, f
     """(m, n, k, groups, repeat) of a GEMM or grouped-GEMM op on one rank under `work`: the call
     is `groups` GEMMs of [m, k] x [k, n] issued as one, made `repeat` times."""
     m, n, k = op.dims
-    if op.category == "grouped":  # m = rows per expert on the busiest EP rank
+    if op.category == "grouped":  # m = rows per expert on the busiest EP rank (its last tile padded)
         load = work.imbalance if work.ep > 1 else 1.0
-        return m * work.token_factor * work.ep * load, n / work.tp, k, max(1, op.groups // work.ep), 1.0
+        # Experts split over expert_tp ranks see the tokens of expert_tp sequence-parallel slices.
+        etp = work.expert_tp or work.tp
+        rows = m * work.token_factor * work.ep * load * etp / work.tp
+        # a grouped kernel pads each expert's last M tile; a loop's plain matmuls are priced as GEMMs
+        rows = rows if expert_loop(op, work) else grouped_rows(rows)
+        return rows, n / etp, k, max(1, op.groups // work.ep), 1.0
     if op.token_scaled:
         return m * work.token_factor, n / work.tp, k, op.groups, 1.0
     # Token count sits in a batch dimension (e.g. per-head matmuls): cost scales linearly.
     return m, n, k, op.groups, work.token_factor / work.tp
+
+
+def expert_loop(op: PricedOp, work: RankWork) -> bool:
+    """A routed-expert GEMM run as a loop of per-expert matmuls (`kernels.moe_gemm: loop`,
+    runtime/models/grouped.py) rather than one grouped call."""
+    return op.category == "grouped" and work.moe_gemm == "loop"
+
+
+#: Attention kernel choices that run attention as one fused kernel per pass (`Kernels.attention`).
+FUSED_ATTENTION = ("flash", "flash1")
+
+
+def inside_fused_attention(op: PricedOp, work: RankWork) -> bool:
+    """Whether `op` is part of the runtime's blockwise attention and `work` prices a fused kernel
+    in its place: its score math runs in the kernel's registers, its tail and launch once per pass
+    (see `attention_call_time`)."""
+    return op.in_attention_kernel and work.attention_kernel in FUSED_ATTENTION
+
+
+def attention_tail(profile, work: RankWork, backward: bool) -> float:
+    """The per-call tail of one fused attention pass (see `kernels.attention_time`)."""
+    from .kernels import attention_kernel_fraction
+
+    fit = profile.compute.attention.backward if backward else profile.compute.attention.forward
+    return (fit.tail_us or 0.0) * 1e-6 / attention_kernel_fraction(profile, work.attention_kernel)
 
 
 def op_time(op: PricedOp, work: RankWork, profile) -> float:
@@ -64,17 +138,28 @@ def op_time(op: PricedOp, work: RankWork, profile) -> float:
     overhead = profile.compute.gemm.overhead_us * 1e-6
     if op.category == "attention":
         dtype = "fp32" if work.precision == "fp32" else "bf16"
-        return attention_time(profile, op.flops * work.token_factor / work.tp, work.seq_len,
-                              backward=op.phase == "backward", kernel=work.attention_kernel, dtype=dtype) + overhead
+        backward = op.phase == "backward"
+        t = attention_time(profile, op.flops * work.token_factor / work.tp, work.seq_len, backward=backward,
+                           kernel=work.attention_kernel, dtype=dtype)
+        if inside_fused_attention(op, work):  # one block of a fused call: its FLOPs (group_times adds the call)
+            return t - attention_tail(profile, work, backward)
+        return t + overhead
+    if op.category == "memory" and inside_fused_attention(op, work):
+        return 0.0  # the fused kernel's own softmax and masking
     if op.category in ("grouped", "gemm"):
         m, n, k, groups, repeat = rank_gemm(op, work)
-        return repeat * (gemm_time(profile, m, n, k, work.precision, groups)
-                         + fp8_cast_time(m, n, k, groups, work, profile))
+        precision = gemm_precision(op, work.precision)
+        cast = (fp8_cast_time(m, n, k, groups, work, profile, grouped=op.category == "grouped")
+                if precision == "fp8" else 0.0)
+        if expert_loop(op, work):  # one GEMM (and its launch overhead) per local expert
+            return op.repeat * repeat * (groups * gemm_time(profile, m, n, k, precision, 1) + cast)
+        return op.repeat * repeat * (gemm_time(profile, m, n, k, precision, groups) + cast)
     scale = DTYPE_BYTES.get(work.precision, 2) / work.traced_dtype_bytes if work.precision == "fp32" else 1.0
-    nbytes = op.fused_nbytes if work.fused_elementwise else op.nbytes
-    if work.fused_elementwise and not nbytes:
+    fused = work.fused_elementwise or (work.fused_norm and is_norm_module(op.module))
+    nbytes = op.fused_nbytes if fused else op.nbytes
+    if fused and not nbytes:
         return 0.0  # folded into a neighbouring kernel: no launch of its own
-    return memory_time(profile, nbytes * scale * work.token_factor / work.tp) + overhead
+    return op.repeat * (memory_time(profile, nbytes / op.repeat * scale * work.token_factor / work.tp) + overhead)
 
 
 def redone_by_selective(op: PricedOp, mm_seen: dict[str, int], every_mm: int) -> bool:
@@ -95,30 +180,76 @@ def redone_by_selective(op: PricedOp, mm_seen: dict[str, int], every_mm: int) ->
     return not op.selective_saved
 
 
+def traced_loss(kernel: str) -> str:
+    """The loss kernel a layout's trace is taken with: a fused cross entropy prices the full loss's
+    LM head and prices its loss from the logits' size (`fused_loss_time`)."""
+    return "full" if kernel == "fused" else kernel
+
+
+def logits_bytes(trace) -> int:
+    """Bytes of the traced micro-batch's logits (the LM head GEMM's output, compute dtype)."""
+    return max((op.out_bytes for op in priced_ops(trace) if op.group == "head" and op.phase == "forward"
+                and op.category == "gemm"), default=0)
+
+
+def fused_loss_time(trace, work: RankWork, profile) -> tuple[float, float]:
+    """(forward, backward) seconds of a fused cross entropy (Transformer Engine / Megatron): the
+    forward reads the logits once, the backward reads them and writes their gradient in place."""
+    nbytes = logits_bytes(trace) * work.token_factor / work.tp
+    overhead = profile.compute.gemm.overhead_us * 1e-6
+    return memory_time(profile, nbytes) + overhead, memory_time(profile, 2 * nbytes) + overhead
+
+
 def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     """{(group, phase): seconds} for one instance of each traced group (block kind, embed, head...).
 
     Phase `selective_recompute` is what the selective recompute policy redoes of the forward (see
     `redone_by_selective`); phase `gemm` is the GEMM and grouped-GEMM time of both passes (what
-    overlapped tensor-parallel collectives can hide under); phase `ops` counts (not seconds) the
-    ops the host issues for both passes: every traced op when elementwise kernels run eagerly,
-    else the GEMMs, attention and fused chains (what `host.dispatch_us` prices); `ops_forward`
-    and `ops_selective` count those of the forward and of what selective recompute redoes.
+    overlapped tensor-parallel collectives can hide under), `gemm_forward` / `gemm_backward` by
+    pass, `gemm_tp_margin` the GEMMs an overlapped TP collective takes SMs from
+    (`comm.under_tp_sm_margin`); phase `ops` counts (not seconds) the ops the host issues for both passes: every traced
+    op when elementwise kernels run eagerly, else the GEMMs, attention and fused chains (what
+    `host.dispatch_us` prices); `ops_forward` and `ops_selective` count those of the forward and
+    of what selective recompute redoes. The runtime's blockwise attention priced as a fused
+    kernel (`inside_fused_attention`) is one call per pass.
     """
     times: dict[tuple[str, str], float] = defaultdict(float)
     mm_seen: dict[str, int] = {}
-    for op in priced_ops(trace):
+    fused_calls: set[tuple[str, str]] = set()  # (group, phase) of blockwise attention priced as one kernel
+    ops = priced_ops(trace)
+    if work.fused_loss:
+        ops = [op for op in ops if op.group != "loss"]
+        forward, backward = fused_loss_time(trace, work, profile)
+        times[("loss", "forward")] += forward
+        times[("loss", "backward")] += backward
+        times[("loss", "ops")] += 2
+        times[("loss", "ops_forward")] += 1
+    for op in ops:
         t = op_time(op, work, profile)
+        inside = inside_fused_attention(op, work)
+        fused = work.fused_elementwise or (work.fused_norm and is_norm_module(op.module))
+        issued = op.category != "memory" or not fused or bool(op.fused_nbytes)
+        if inside:  # the first block of a pass issues the fused call: its tail and launch, once
+            issued = op.category == "attention" and (op.group, op.phase) not in fused_calls
+            if issued:
+                fused_calls.add((op.group, op.phase))
+                t += attention_tail(profile, work, op.phase == "backward") + profile.compute.gemm.overhead_us * 1e-6
         times[(op.group, op.phase)] += t
         if op.category in ("gemm", "grouped"):
             times[(op.group, "gemm")] += t
-        issued = op.category != "memory" or not work.fused_elementwise or bool(op.fused_nbytes)
+            times[(op.group, "gemm_" + op.phase)] += t
+            if op.category == "gemm" and under_tp_sm_margin(op.module, op.phase):
+                times[(op.group, "gemm_tp_margin")] += t
+        elif op.category == "attention":  # what an eager kernel replaces (estimate.eager_attention)
+            times[(op.group, f"attention_{op.phase}")] += t
+        # kernels the host launches for the op: one per local expert for an expert loop
+        issued *= rank_gemm(op, work)[3] if expert_loop(op, work) else 1
         if redone_by_selective(op, mm_seen, work.recompute_every_mm):
             times[(op.group, "selective_recompute")] += t
-            times[(op.group, "ops_selective")] += issued
+            times[(op.group, "ops_selective")] += issued * op.repeat
         if issued:
-            times[(op.group, "ops")] += 1
-            times[(op.group, "ops_forward")] += op.phase == "forward"
+            times[(op.group, "ops")] += issued * op.repeat
+            times[(op.group, "ops_forward")] += issued * (op.phase == "forward") * op.repeat
     return dict(times)
 
 

@@ -21,19 +21,24 @@ from typing import Any
 from xplan.layout import Layout, check_layout
 from xplan.layout_tiles import feed_forward_tiles
 
-from . import comm
+from . import comm, pipeline
 from .compute import PricingContext, RankWork, pricing_for
-from .kernels import memory_time
+from .ep_overlap import overlap_micro, paired_share
+from .kernels import eager_attention_time, memory_time
 from .memory import (
     COMPUTE_BYTES,
     GIB,
     MemoryBreakdown,
     block_unsharded_numel,
+    eager_attention_elements,
+    grad_bytes,
     rank_param_split,
 )
 from .memos import layout_key, memoised
 from .offload import block_mlp_kind, exposed_copy_time, offloaded_layers, optimizer_offload_time
 from .peak_memory import memory_estimate
+from .pipeline import PipelineRank, pipeline_ranks  # noqa: F401  (PipelineRank: part of this module's API)
+from .routing import default_imbalance, imbalance_note
 from .tiling import check_trace_tiles, expert_regather_times, tile_redo_share, tiled_expert_all_to_all_time
 
 # What the runtime runs: torch's foreach AdamW (runtime/train/optim.py) makes 8 passes over fp32
@@ -59,6 +64,7 @@ class Estimate:
     host_bytes: float
     binding: str
     notes: list[str] = field(default_factory=list)
+    imbalance: float = 1.0  # the busiest EP rank's routed load over the mean this estimate priced
 
     @property
     def fits(self) -> bool:
@@ -84,6 +90,7 @@ class Estimate:
             "time_s": dict(self.time),
             "flops_per_token": self.flops_per_token,
             "binding": self.binding,
+            "imbalance": self.imbalance,
             "notes": list(self.notes),
         }
 
@@ -91,57 +98,21 @@ class Estimate:
 # What one micro-batch costs a rank on its critical path (the step's first time keys, in order).
 MICRO_PARTS = ("compute", "recompute", "fsdp_exposed", "fsdp_copies", "expert_all_to_all", "ulysses_all_to_all",
                "tensor_parallel", "pipeline_p2p")
-# Parts of the model outside the blocks: what every rank runs, what the first and last hold.
-EVERY_RANK_PARTS = ("rotary", "model")
-FIRST_RANK_PARTS = ("embed",)
-LAST_RANK_PARTS = ("norm", "head", "loss")
-
-
-@dataclass(frozen=True)
-class PipelineRank:
-    """What one pipeline rank runs per micro-batch: `layers` transformer layers, plus the
-    embedding on the first rank and the final norm, LM head and loss on the last."""
-
-    layers: float
-    first: bool
-    last: bool
-
-    def parts(self) -> tuple[str, ...]:
-        return (EVERY_RANK_PARTS + (FIRST_RANK_PARTS if self.first else ())
-                + (LAST_RANK_PARTS if self.last else ()))
-
-
-def pipeline_ranks(num_layers: int, pp: int, vpp: int = 1) -> list[tuple[PipelineRank, int]]:
-    """The distinct ranks of a pipeline and how many ranks are alike, split as Megatron splits.
-
-    The layers divide evenly over the pp x vpp model chunks when they can, the embedding and
-    the head riding on the first and last rank. Otherwise, when layers + 2 divide, the embedding
-    and the loss take a layer's slot each (Megatron's account-for-embedding / loss split), so
-    the first and last rank run one layer fewer. Any other count is spread evenly (fractional
-    layers: Megatron would need explicit first / last stage sizes).
-    """
-    if pp == 1:
-        return [(PipelineRank(float(num_layers), first=True, last=True), 1)]
-    chunks = pp * vpp
-    per_rank, edge = num_layers / pp, 0
-    if num_layers % chunks and (num_layers + 2) % chunks == 0:
-        per_rank, edge = (num_layers + 2) / pp, 1
-    ranks = [(PipelineRank(per_rank - edge, first=True, last=False), 1)]
-    if pp > 2:
-        ranks.append((PipelineRank(per_rank, first=False, last=False), pp - 2))
-    ranks.append((PipelineRank(per_rank - edge, first=False, last=True), 1))
-    return ranks
 
 
 def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm: int = 0,
               grad_accum: int = 1) -> RankWork:
     """How one rank of `layout` relates to the traced micro-batch (what `op_time` prices);
     `grad_accum`: the micro-batches of one step (fp8 weight casts are paid once per step)."""
-    return RankWork(token_factor=layout.micro_batch / layout.sp, tp=layout.tp, ep=layout.ep, imbalance=imbalance,
+    return RankWork(token_factor=layout.micro_batch / layout.sp, tp=layout.tp, ep=layout.ep,
+                    expert_tp=layout.expert_tp, imbalance=imbalance,
                     precision=layout.precision, seq_len=trace.seq_len,
                     traced_dtype_bytes=2 if trace.dtype in ("bfloat16", "torch.bfloat16") else 4,
                     fused_elementwise=layout.kernels.get("elementwise", "fused") == "fused",
+                    fused_norm=layout.kernels.get("norm", "auto") == "fused",
+                    fused_loss=layout.kernels.get("loss") == "fused",
                     attention_kernel=layout.kernels.get("attention", "sdpa"),
+                    moe_gemm=layout.kernels.get("moe_gemm", "grouped_mm"),
                     recompute_every_mm=recompute_every_mm if layout.recompute == "selective" else 0,
                     # Only fp8 GEMMs cast weights: other precisions share one work (and its memo).
                     weight_cast_share=1.0 / max(1, grad_accum) if layout.precision == "fp8" else 1.0)
@@ -175,6 +146,7 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
     act_bytes = param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = 4
     fsdp2 = not layout.zero1 and layout.fsdp > 1
+    copied = fsdp2 and layout.fsdp_buffers == "copy"  # Megatron-FSDP's zero-copy buffers: no copies
     hidden = config.hidden_size
     q_width = config.num_heads * config.qk_head_dim
     kv_heads = config.num_heads if config.attention_kind == "mla" else max(config.num_kv_heads, layout.sp)
@@ -192,19 +164,21 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
         if layout.hsdp_replicas > 1 and not layout.zero1:  # gradients of each shard are also summed across replicas
             shard = block_unsharded_numel(block, layout.ep, layout.tp) / max(1, layout.fsdp // layout.ep)
             rs += comm.all_reduce_time(profile, shard * reduce_bytes, layout.hsdp_replicas,
-                                       layout.fsdp * layout.tp, layout.devices)
+                                       layout.fsdp * layout.tp, layout.ranks)
         copies = a2a = 0.0
-        if fsdp2:
+        if copied:
             copies = fsdp2_copy_time(profile, block_unsharded_numel(block, layout.ep, layout.tp), layout,
                                      param_bytes, reduce_bytes, gathers=2)
         regather, regather_copies = expert_regather_times(profile, routed / layout.ep / layout.tp, layout,
                                                           param_bytes, tiles)
-        copies += regather_copies
+        copies += regather_copies if copied else 0.0
         if block.num_experts:
             a2a = tiled_expert_all_to_all_time(profile, rank_tokens, hidden, block.top_k, layout, act_bytes,
                                                imbalance, tiles)
         uly = comm.ulysses_time(profile, tokens, q_width, kv_width, out_width, layout, act_bytes)
-        tp_comm = comm.tensor_parallel_time(profile, tokens, hidden, layout, act_bytes)
+        tp_comm = comm.tensor_parallel_time(
+            profile, tokens, hidden, layout, act_bytes, routed_copies=block.top_k * imbalance if block.num_experts else 0.0,
+            dense_mlp=not block.num_experts or block.params.get("shared_expert", 0) > 0)
         blocks[kind] = (ag, rs, copies, a2a, uly, tp_comm, regather)
     root_fsdp = root_fsdp_copies = 0.0
     if fsdp2:
@@ -214,28 +188,52 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
         root_ag, root_rs = comm.fsdp_block_times(profile, outside / layout.pp, 0.0, layout, param_bytes,
                                                  reduce_bytes)
         root_fsdp = root_ag + root_rs
-        root_fsdp_copies = fsdp2_copy_time(profile, outside / layout.pp, layout, param_bytes, reduce_bytes, gathers=1)
+        if copied:
+            root_fsdp_copies = fsdp2_copy_time(profile, outside / layout.pp, layout, param_bytes, reduce_bytes,
+                                               gathers=1)
     pp_time = comm.pipeline_p2p_time(profile, rank_tokens, hidden, layout, act_bytes)
     return blocks, (root_fsdp, root_fsdp_copies, pp_time)
 
 
-def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float = 1.0,
+def eager_attention(config, layout: Layout, profile, seq_len: int) -> tuple[float, float]:
+    """(forward, backward) seconds of one layer's `kernels.attention: eager` on one rank."""
+    elements = eager_attention_elements(config, layout, seq_len)
+    dtype = "fp32" if layout.precision == "fp32" else "bf16"
+    fused = layout.kernels.get("elementwise", "fused") == "fused"
+    return tuple(eager_attention_time(profile, elements, config.qk_head_dim, config.v_dim, dtype, backward, fused)
+                 for backward in (False, True))
+
+
+def rank_profile(profile, layout: Layout):
+    """The profile one rank of `layout` runs on: the per-rank view (`Profile.per_rank`) when the
+    layout runs the profile's ranks per device (a3: 2, one per die), else the profile itself."""
+    if layout.ranks_per_device > 1 and layout.ranks_per_device == profile.device.ranks_per_device:
+        return profile.per_rank()
+    return profile
+
+
+def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float | None = None,
              recompute_every_mm: int = 0, pricing: PricingContext | None = None) -> Estimate:
     """Price `layout` for `config` traced at `trace` (micro-batch 1, the run's seq_len) on `profile`.
 
     `recompute_every_mm`: under selective recompute, also redo every n-th forward mm of a block
     (torchtitan's op-level SAC recomputes every second one: 2); 0 keeps every GEMM output.
     `pricing`: the search's PricingContext on `profile` (its op times priced once per rank work).
+    `imbalance`: the busiest EP rank's routed load over the mean; None: the sourced default
+    (`cost_models.routing`). Every MoE estimate notes which it priced.
     """
+    given = imbalance is not None
+    imbalance = imbalance if given else default_imbalance(layout, config)
     seq = trace.seq_len
     if trace.micro_batch != 1:
         raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
     check_layout(layout, config, seq, global_batch)
+    device_profile, profile = profile, rank_profile(profile, layout)  # a3: a rank is one die
     tiles = check_trace_tiles(trace, layout)
     grad_accum = layout.grad_accum(global_batch)
     tf = layout.micro_batch / layout.sp  # this rank's tokens per micro-batch, in traced sequences
     param_bytes = COMPUTE_BYTES[layout.precision]
-    reduce_bytes = 4
+    reduce_bytes = grad_bytes(layout)
     work = rank_work(trace, layout, imbalance, recompute_every_mm, grad_accum)
     times = pricing_for(profile, pricing).group_times(trace, work)
 
@@ -245,20 +243,25 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     # gloo on CPU moves data with the same cores that compute: nothing hides under compute there.
     overlap = profile.device.kind != "cpu"
     fsdp2 = not layout.zero1 and layout.fsdp > 1
-    forward_total = backward_total = 0.0  # one layer's block compute, by pass
+    forward_total = backward_total = backward_gemm = 0.0  # one layer's block compute, by pass
     host_ops = 0.0  # ops the host issues for one layer of one micro-batch
     first_gather = 0.0
     block_comm, (root_fsdp, root_fsdp_copies, pp_time) = communication_terms(trace, config, layout, profile,
                                                                              imbalance)
     recompute_fraction = layout.recompute_fraction()
     num_layers = sum(block.count for block in trace.blocks.values())
+    eager = eager_attention(config, layout, profile, seq) if layout.kernels.get("attention") == "eager" else None
     for kind, block in trace.blocks.items():
         n = block.count / num_layers
         fwd, bwd = times.get((kind, "forward"), 0.0), times.get((kind, "backward"), 0.0)
+        if eager is not None:  # the traced fused attention's time, replaced by the eager kernel's
+            fwd += eager[0] - times.get((kind, "attention_forward"), 0.0)
+            bwd += eager[1] - times.get((kind, "attention_backward"), 0.0)
         compute += n * (fwd + bwd)
         host_ops += n * times.get((kind, "ops"), 0.0)
         forward_total += n * fwd
         backward_total += n * bwd
+        backward_gemm += n * times.get((kind, "gemm_backward"), 0.0)
         if layout.recompute == "selective":
             recompute += n * times.get((kind, "selective_recompute"), 0.0)
             host_ops += n * times.get((kind, "ops_selective"), 0.0)
@@ -279,20 +282,26 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
             fsdp_exposed += n * ((1 / grad_accum if kept else 2) * ag + rs)
         if not kept:  # a tile's gathers wait on the tile before: not prefetched (kept: gathered already)
             fsdp_exposed += n * regather
-        if fsdp2:
+        if fsdp2 and layout.fsdp_buffers == "copy":  # zero_copy buffers: no copies
             fsdp_copies += n * (fsdp2_copy_time(profile, block_unsharded_numel(block, layout.ep, layout.tp), layout,
                                                 param_bytes, reduce_bytes, gathers=1 / grad_accum) if kept else copies)
         if block.num_experts:
             redo_share = recompute_fraction if layout.recompute != "selective" else 0.0
             ep_time += n * a2a * (1 + 0.5 * (redo_share + tile_redo_share(tiles)))
         sp_time += n * uly * (1 + 0.5 * recompute_fraction)
-        if layout.tp_comm == "overlapped" and overlap:
+        if layout.tp_comm == "overlapped" and overlap and layout.tp > 1:
             # Each collective is pipelined with the GEMM it feeds or follows: what the layer's
-            # GEMMs cannot cover stays exposed.
-            tp_comm = max(0.0, tp_comm - times.get((kind, "gemm"), 0.0))
+            # GEMMs cannot cover stays exposed, and the GEMMs TE overlaps by its pipeline and bulk
+            # methods run on the SMs the communication leaves.
+            tp_comm = max(0.0, tp_comm - times.get((kind, "gemm"), 0.0)) + comm.tp_overlap_sm_time(
+                times.get((kind, "gemm_tp_margin"), 0.0))
         tp_time += n * tp_comm
 
     dispatch = (profile.host.dispatch_us or 0.0) * 1e-6
+
+    kind = pipeline.schedule(layout)
+    warmup = pipeline.in_flight(kind, layout.pp, layout.vpp, 0, 10**9) - 1.0 if layout.pp > 1 else 0.0
+    paired = paired_share(layout.ep_overlap, grad_accum, warmup)
 
     def price_rank(rank: PipelineRank) -> dict[str, float]:
         """One micro-batch on one pipeline rank: its layers plus the model's parts it holds."""
@@ -301,11 +310,18 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
                  "fsdp_copies": rank.layers * fsdp_copies + root_fsdp_copies,
                  "expert_all_to_all": rank.layers * ep_time, "ulysses_all_to_all": rank.layers * sp_time,
                  "tensor_parallel": rank.layers * tp_time, "pipeline_p2p": pp_time,
-                 "forward": rank.layers * forward_total, "backward": rank.layers * backward_total}
+                 "forward": rank.layers * forward_total, "backward": rank.layers * backward_total,
+                 "backward_gemm": rank.layers * backward_gemm}
         ops = rank.layers * host_ops
         for name in rank.parts():
             parts["compute"] += times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)
             ops += times.get((name, "ops"), 0.0)
+        all_to_all = parts["expert_all_to_all"]
+        parts["expert_all_to_all"], parts["pipeline_p2p"] = overlap_micro(
+            layout.ep_overlap, parts["compute"] + parts["recompute"], all_to_all, parts["pipeline_p2p"], paired)
+        if overlap:  # the compute left after hiding all-to-alls covers the pipeline sends
+            cover = parts["compute"] + parts["recompute"] - max(0.0, all_to_all - parts["expert_all_to_all"])
+            parts["pipeline_p2p"] = pipeline.exposed_p2p(kind, parts["pipeline_p2p"], max(0.0, cover))
         device = sum(parts[k] for k in MICRO_PARTS)
         # Kernels run asynchronously, but no faster than the host issues them: what the host
         # takes beyond the device's micro-batch is exposed (small models; null dispatch_us: not priced).
@@ -319,19 +335,25 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     busiest = max((parts for parts, _ in ranks), key=lambda parts: parts["micro"])
     micro = busiest["micro"]
     mean_micro = sum(parts["micro"] * count for parts, count in ranks) / layout.pp
-    bubble = (layout.pp - 1) / layout.vpp * mean_micro if layout.pp > 1 else 0.0
+    if kind == "dualpipe":
+        # A pair is one micro-batch's forward and backward overlapped; W the backward's weight
+        # gradients: half its GEMM time (dgrad and wgrad GEMMs have equal FLOPs).
+        weight_grad = busiest["backward_gemm"] / 2
+        bubble = pipeline.dualpipe_bubble(layout.pp, mean_micro, busiest["backward"], weight_grad)
+    else:
+        bubble = pipeline.bubble_slots(kind, layout.pp, layout.vpp) * mean_micro
     zero1_exposed = 0.0
     if layout.zero1:
         # Distributed optimizer: gradients reduce-scattered and parameters all-gathered once per
         # step over the data-parallel ranks, overlapped with the last backward / first forward.
         dense_rank, routed_rank = rank_param_split(trace, layout)
-        rs = comm.reduce_scatter_time(profile, dense_rank * reduce_bytes, layout.dp_world, layout.tp, layout.devices)
-        ag = comm.all_gather_time(profile, dense_rank * param_bytes, layout.dp_world, layout.tp, layout.devices)
-        expert_dp = max(1, layout.dp_world // layout.ep)
-        rs += comm.reduce_scatter_time(profile, routed_rank * reduce_bytes, expert_dp, layout.ep * layout.tp,
-                                       layout.devices)
-        ag += comm.all_gather_time(profile, routed_rank * param_bytes, expert_dp, layout.ep * layout.tp,
-                                   layout.devices)
+        rs = comm.reduce_scatter_time(profile, dense_rank * reduce_bytes, layout.dp_world, layout.tp, layout.ranks)
+        ag = comm.all_gather_time(profile, dense_rank * param_bytes, layout.dp_world, layout.tp, layout.ranks)
+        # Expert data parallelism: the tp x dp_world ranks over ep x expert_tp expert shards.
+        expert_dp = max(1, layout.dp_world * layout.tp // (layout.ep * layout.expert_tp))
+        expert_stride = layout.ep * layout.expert_tp
+        rs += comm.reduce_scatter_time(profile, routed_rank * reduce_bytes, expert_dp, expert_stride, layout.ranks)
+        ag += comm.all_gather_time(profile, routed_rank * param_bytes, expert_dp, expert_stride, layout.ranks)
         # Bucketed: reduce-scatter hides under the last micro-batch's backward, all-gather under
         # the first forward.
         zero1_exposed = max(0.0, rs - busiest["backward"]) + max(0.0, ag - busiest["forward"])
@@ -364,23 +386,24 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
                 host_bound=grad_accum * busiest["host_bound"])
     tokens_per_s = global_batch * seq / step / layout.devices
     flops_per_token = trace.flops_per_token
-    mfu = flops_per_token * tokens_per_s / profile.peak_flops("bf16")
+    mfu = flops_per_token * tokens_per_s / device_profile.peak_flops("bf16")  # tokens/s per device
 
     memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, work.recompute_every_mm)
-    hbm, host = float(profile.hbm_bytes()), host_capacity(profile, layout.devices, layout.ranks_per_device)
+    hbm, host = float(profile.hbm_bytes()), host_capacity(profile, layout.ranks)  # the rank profile: levels count ranks
     notes = []
-    if memory.total > hbm:
+    if memory.allocated > hbm:
         binding = f"memory ({memory.dominant()})"
     elif memory.offloaded_to_host > host:
         binding = "host memory (offloaded bytes)"
     else:
         binding = max(time, key=time.get)
-    if layout.ep > 1 and imbalance > 1:
-        notes.append(f"busiest EP rank carries {imbalance:.2f}x the mean routed load")
+    note = imbalance_note(layout, config, imbalance, given)
+    if note:
+        notes.append(note)
     return Estimate(layout=layout, seq_len=seq, global_batch=global_batch, grad_accum=grad_accum, memory=memory,
                     time=time, step_time_s=step, tokens_per_s_per_device=tokens_per_s, mfu=mfu,
                     flops_per_token=flops_per_token, hbm_bytes=hbm, host_bytes=host, binding=binding, notes=notes,
-                    node_ranks=min(layout.devices, profile.levels[0].devices or 1) * layout.ranks_per_device)
+                    imbalance=imbalance, node_ranks=min(layout.ranks, profile.levels[0].devices or 1))
 
 
 def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, reduce_bytes: int,
@@ -388,7 +411,10 @@ def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, red
     """FSDP2's copies around its collectives for one unit and micro-batch (memory-bound, read +
     write): per all-gather the copy-in of the shard and the copy-out into the unsharded
     parameters; per reduce-scatter the packing of the unsharded gradients and the accumulation of
-    the reduced shard."""
+    the reduced shard. Not paid with `fsdp_buffers: zero_copy`: Megatron-FSDP keeps parameters
+    and gradients in the buffers its collectives read and write ("Zero copy communication is
+    achieved by reorganizing the storage of parameters and main grad with ParamAndGradBuffer",
+    Megatron-LM megatron/core/distributed/fsdp/src/README.md)."""
     shard = numel / layout.fsdp
     per_gather = 2 * shard * param_bytes + 2 * numel * param_bytes
     reduce = 2 * numel * reduce_bytes + 2 * shard * reduce_bytes
@@ -404,6 +430,7 @@ def host_capacity(profile, devices: int, ranks_per_device: int = 1) -> float:
 
 
 def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) -> bool:
-    """Device peak within HBM and offloaded bytes within the host memory each rank may use
-    (`host_capacity`: its node's host memory over the ranks sharing it)."""
-    return memory.total <= hbm_bytes and memory.offloaded_to_host <= host_bytes
+    """Allocated device peak within HBM (the allocator's cached-but-free overhead is released
+    before an allocation fails: see cost_models.memory) and offloaded bytes within the host memory
+    each rank may use (`host_capacity`: its node's host memory over the ranks sharing it)."""
+    return memory.allocated <= hbm_bytes and memory.offloaded_to_host <= host_bytes

@@ -102,8 +102,10 @@ def causal_attention_flops(batch: float, heads: float, seq_len: float, qk_dim: f
 
 
 def attention_kernel_fraction(profile: Profile, kernel: str) -> float:
-    """What ``kernel`` reaches relative to the profile's fused-kernel fit: 1 for ``flash`` and
-    ``eager`` (and ``sdpa`` where the profile sets no ``sdpa_fraction``)."""
+    """What ``kernel`` reaches relative to the profile's fused-kernel fit: 1 for ``flash``, ``flex``
+    (a compiled fused kernel, priced as one until kernels_gpu.py measures it) and ``eager``
+    (priced on its own by ``eager_attention_time``), and ``sdpa`` where the profile sets no
+    ``sdpa_fraction``."""
     attention = profile.compute.attention
     if kernel == "sdpa" and attention.sdpa_fraction is not None:
         return attention.sdpa_fraction
@@ -134,6 +136,30 @@ def attention_time(profile: Profile, flops: float, seq_len: float, backward: boo
     fused = attention_efficiency(profile, seq_len, backward)
     tail = 0.0 if kernel == "eager" or fit.tail_us is None else fit.tail_us * 1e-6
     return (flops / (profile.peak_flops(dtype) * fused) + tail) / attention_kernel_fraction(profile, kernel)
+
+
+#: Bytes per [heads, seq, seq] score element the eager kernel's elementwise chain moves
+#: (runtime/kernels/attention.py: eager_attention): forward, the bf16 scores written and read,
+#: `.float()`, the scale, the mask, the fp32 softmax, the bf16 copy and its read by the value GEMM;
+#: backward, the probability-gradient GEMM output, the casts', mask's, scale's and softmax's
+#: backwards and the three GEMMs reading their [s, s] operand. Compiled blocks (elementwise fused)
+#: keep one pass: scores read, fp32 and bf16 probabilities written (forward); the gradient, fp32
+#: probabilities and the bf16 result (backward).
+EAGER_SCORE_BYTES = {("forward", False): 41, ("backward", False): 49, ("forward", True): 12, ("backward", True): 16}
+#: Bytes per score element the eager kernel saves for backward: the fp32 softmax output and its bf16 copy.
+EAGER_SAVED_BYTES = 6
+
+
+def eager_attention_time(profile: Profile, elements: float, qk_dim: float, v_dim: float, dtype: str = "bf16",
+                         backward: bool = False, fused_elementwise: bool = False) -> float:
+    """Seconds for unfused (`eager`) attention over ``elements`` = batch x heads x seq x seq scores:
+    its batched GEMMs compute the whole square (the causal or sliding mask is applied to the
+    scores afterwards), two forward (q k^T, p v) and four backward, at the GEMM rate; its softmax
+    chain moves ``EAGER_SCORE_BYTES`` per element at the HBM bandwidth. Launches not included."""
+    flops = 2.0 * elements * (qk_dim + v_dim) * (2 if backward else 1)
+    phase = "backward" if backward else "forward"
+    chain = elements * EAGER_SCORE_BYTES[(phase, fused_elementwise)]
+    return flops / gemm_rate(profile, qk_dim, v_dim, dtype) + chain / profile.hbm_bandwidth()
 
 
 # ---------------------------------------------------------------------- memory-bound

@@ -19,7 +19,11 @@ Accounting (bytes per rank), FSDP2 with mixed precision:
 - offload and kept-gathered blocks: `cost_models/offload.py`.
 - overhead: what the caching allocator reserves beyond the allocated peak, the profile's
   `memory.fragmentation_expandable` (allocator expandable_segments) or `memory.fragmentation`
-  (caching) fraction of everything else.
+  (caching) fraction of everything else. `total` (allocated + overhead) is the reserved peak a
+  framework reports (torchtitan's max_reserved); whether a layout fits is decided on the allocated
+  peak (`allocated`): on a failed allocation PyTorch's caching allocator frees its cached blocks
+  and retries before it reports out-of-memory (c10/cuda/CUDACachingAllocator.cpp,
+  `release_cached_blocks` in `malloc`), so cached-but-free memory does not stop a run.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .compute import redone_by_selective
+from .kernels import EAGER_SAVED_BYTES
 from .ops import priced_ops
+from .saving import SAVING_RULES, fused_saved_bytes, saving_rule  # noqa: F401  (part of this module's API)
 
 GIB = 2**30
 MASTER_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
@@ -51,8 +57,14 @@ class MemoryBreakdown:
 
     @property
     def total(self) -> float:
+        """The reserved peak: live tensors plus what the caching allocator keeps beyond them."""
+        return self.allocated + self.overhead
+
+    @property
+    def allocated(self) -> float:
+        """The allocated peak: tensors alive at the worst moment (what must fit; see `fits_memory`)."""
         return (self.parameters + self.gradients + self.optimizer + self.gathered_parameters + self.activations
-                + self.logits_loss + self.temporaries + self.overhead)
+                + self.logits_loss + self.temporaries)
 
     def parts(self) -> dict[str, float]:
         """Every field by name (`asdict` without its deep copies: the values are floats)."""
@@ -60,6 +72,7 @@ class MemoryBreakdown:
 
     def gib(self) -> dict[str, float]:
         out = {k: v / GIB for k, v in self.parts().items()}
+        out["allocated"] = self.allocated / GIB
         out["total"] = self.total / GIB
         return out
 
@@ -104,20 +117,24 @@ def _routed_saved_fraction(trace, kind: str) -> float:
     return routed / total if total else 0.0
 
 
-def stage_layers(trace, recompute, pp: int) -> list[tuple[str, str]]:
-    """(block kind, recompute policy) of each layer the busiest pipeline stage (the first) runs.
-    Policies follow `Layout.recompute_policies` over the whole model, as the runtime applies them."""
+def stage_layers(trace, recompute, pp: int, stage: str = "first", count: int | None = None) -> list[tuple[str, str]]:
+    """(block kind, recompute policy) of each layer a pipeline stage runs: the `count` first
+    (stage 'first') or last (stage 'last') layers of the model, ceil(layers / pp) when `count` is
+    None. Policies follow `Layout.recompute_policies` over the whole model, as the runtime applies
+    them."""
     from xplan.layout import recompute_policies
 
     kinds = trace.layer_kinds
     policies = recompute_policies(recompute, len(kinds))
-    return list(zip(kinds, policies, strict=True))[:-(-len(kinds) // pp)]
+    layers = list(zip(kinds, policies, strict=True))
+    n = -(-len(kinds) // pp) if count is None else max(0, min(len(kinds), count))
+    return layers[len(layers) - n:] if stage == "last" else layers[:n]
 
 
-def layers_by_policy(trace, recompute, pp: int) -> dict[str, int]:
-    """How many layers of the busiest pipeline stage run under each recompute policy."""
+def layers_by_policy(trace, recompute, pp: int, stage: str = "first", count: int | None = None) -> dict[str, int]:
+    """How many layers of a pipeline stage (see `stage_layers`) run under each recompute policy."""
     counts: dict[str, int] = {}
-    for _, policy in stage_layers(trace, recompute, pp):
+    for _, policy in stage_layers(trace, recompute, pp, stage, count):
         counts[policy] = counts.get(policy, 0) + 1
     return counts
 
@@ -131,12 +148,15 @@ def _routed_load(trace, kind: str, ep: int, imbalance: float) -> float:
 
 
 def activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                     in_flight: float, every_mm: int = 0) -> tuple[float, float]:
-    """(saved activations on the rank, largest single-block saved bytes) in bytes."""
+                     in_flight: float, every_mm: int = 0, stage: str = "first", count: int | None = None,
+                     rule: str = "eager") -> tuple[float, float]:
+    """(saved activations on the rank, largest single-block saved bytes) in bytes, for the pipeline
+    stage `stage` ('first' or 'last', `count` layers; see `stage_layers`) under saving `rule`."""
     memo = trace.__dict__.setdefault("_activation_bytes", {})
-    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm)
+    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm, stage, count, rule)
     if key not in memo:
-        memo[key] = _activation_bytes(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm)
+        memo[key] = _activation_bytes(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm,
+                                      stage, count, rule)
     return memo[key]
 
 
@@ -156,26 +176,30 @@ def redone_mm_bytes(trace, kind: str, every_mm: int) -> int:
 
 
 def _saved_walk(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                every_mm: int = 0):
-    """(embedding saved bytes, [(kind, policy, saved bytes)] per layer of the busiest stage), scaled
+                every_mm: int = 0, stage: str = "first", count: int | None = None, rule: str = "eager"):
+    """(embedding saved bytes, [(kind, policy, saved bytes)] per layer of a pipeline stage), scaled
     to this rank's tokens and the busiest EP rank's routed load; selective layers drop the
-    outputs of the mms redone under `every_mm` (see `redone_mm_bytes`). Memoised on the trace
-    (callers only read the result)."""
+    outputs of the mms redone under `every_mm` (see `redone_mm_bytes`); layers without recompute
+    save as `rule` says (see `fused_saved_bytes`). Only the first stage holds the embedding. Memoised
+    on the trace (callers only read the result)."""
     memo = trace.__dict__.setdefault("_saved_walk", {})
-    key = (recompute, token_factor, tp, pp, ep, imbalance, every_mm)
+    key = (recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage, count, rule)
     if key not in memo:
-        memo[key] = _saved_walk_uncached(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm)
+        memo[key] = _saved_walk_uncached(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage,
+                                         count, rule)
     return memo[key]
 
 
 def _saved_walk_uncached(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                         every_mm: int):
+                         every_mm: int, stage: str, count: int | None, rule: str):
     scale = token_factor / tp
     emb = trace.others.get("embedding")
-    embedding = emb.saved_bytes["none"] * scale if emb is not None else 0.0
+    embedding = emb.saved_bytes["none"] * scale if emb is not None and (stage == "first" or pp == 1) else 0.0
     layers = []
-    for kind, policy in stage_layers(trace, recompute, pp):
+    for kind, policy in stage_layers(trace, recompute, pp, stage, count):
         kept = trace.blocks[kind].saved_bytes[policy]
+        if policy == "none":
+            kept = fused_saved_bytes(trace, kind, rule)
         if policy == "selective":
             kept -= redone_mm_bytes(trace, kind, every_mm)
         layers.append((kind, policy, kept * scale * _routed_load(trace, kind, ep, imbalance)))
@@ -183,8 +207,10 @@ def _saved_walk_uncached(trace, recompute, token_factor: float, tp: int, pp: int
 
 
 def _activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                      in_flight: float, every_mm: int) -> tuple[float, float]:
-    embedding, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm)
+                      in_flight: float, every_mm: int, stage: str, count: int | None,
+                      rule: str) -> tuple[float, float]:
+    embedding, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage, count,
+                                    rule)
     largest = 0.0
     for kind, _, _ in layers:
         largest = max(largest, trace.blocks[kind].saved_bytes["none"] * token_factor / tp
@@ -229,19 +255,21 @@ def grads_not_yet_made(block, policy: str, part: str, ep: int, tp: int, compute_
 
 def backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                     in_flight: float, compute_bytes: int = 2, zero1: bool = False, grads: float = 0.0,
-                    accumulated: bool = True, ep_copy: float = 0.0, every_mm: int = 0) -> tuple[float, ...]:
+                    accumulated: bool = True, ep_copy: float = 0.0, every_mm: int = 0, stage: str = "first",
+                    count: int | None = None, rule: str = "eager") -> tuple[float, ...]:
     memo = trace.__dict__.setdefault("_backward_moment", {})
     key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, grads, accumulated,
-           ep_copy, every_mm)
+           ep_copy, every_mm, stage, count, rule)
     if key not in memo:
         memo[key] = _backward_moment(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
-                                     compute_bytes, zero1, grads, accumulated, ep_copy, every_mm)
+                                     compute_bytes, zero1, grads, accumulated, ep_copy, every_mm, stage, count, rule)
     return memo[key]
 
 
 def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                      in_flight: float, compute_bytes: int, zero1: bool, grads: float, accumulated: bool,
-                     ep_copy: float, every_mm: int) -> tuple[float, ...]:
+                     ep_copy: float, every_mm: int, stage: str = "first", count: int | None = None,
+                     rule: str = "eager") -> tuple[float, ...]:
     """(activations, workspace, gathered parameters, FSDP buffers, gradients) bytes at the worst
     moment of the backward through the blocks.
 
@@ -257,7 +285,7 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
     layer's MLP part also holds the mm outputs its recomputation redid.
     """
     parts, rows, total_params = _backward_rows(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
-                                               compute_bytes, zero1, every_mm)
+                                               compute_bytes, zero1, every_mm, stage, count, rule)
     # The moment compared is sum((saved, workspace, gathered, held, gradients)), added left to
     # right: the first three come summed per row, so each comparison is the same floating-point
     # sum as the tuple's. The first largest moment wins.
@@ -278,19 +306,20 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
 
 
 def _backward_rows(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                   in_flight: float, compute_bytes: int, zero1: bool,
-                   every_mm: int) -> tuple[list[tuple], list[tuple], int]:
+                   in_flight: float, compute_bytes: int, zero1: bool, every_mm: int, stage: str = "first",
+                   count: int | None = None, rule: str = "eager") -> tuple[list[tuple], list[tuple], int]:
     """The parts of `_backward_moment` that do not depend on the gradients or the EP copy, per
     part of each layer's backward in walk order: (saved activations, scaled workspace, gathered
     parameters); (their sum, FSDP buffers without the EP copy, whether the EP copy adds,
     parameters whose gradients exist then); and the model's parameter count. Memoised on the
     trace."""
     memo = trace.__dict__.setdefault("_backward_rows", {})
-    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, every_mm)
+    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, every_mm, stage, count, rule)
     if key in memo:
         return memo[key]
     scale = token_factor / tp
-    running, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm)
+    running, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage, count,
+                                  rule)
     cumulative = []
     for _, _, saved in layers:
         running += saved
@@ -337,6 +366,17 @@ def head_phase_bytes(trace, token_factor: float, tp: int, compute_bytes: int) ->
     return logits, head_params * compute_bytes + max(loss_peak, head_params * (compute_bytes + GRAD_BYTES))
 
 
+def fused_loss_head_bytes(trace, token_factor: float, tp: int, compute_bytes: int) -> tuple[float, float]:
+    """(logits bytes kept, LM-head phase bytes) under a fused cross entropy: the compute-dtype logits
+    (the kernel writes their gradient in place), then the gathered head weight, its gradient and
+    the gradient's fp32 reduce copy."""
+    from .compute import logits_bytes
+
+    head = trace.others.get("head")
+    head_params = head.params_total / tp if head is not None else 0
+    return logits_bytes(trace) * token_factor / tp, head_params * (2 * compute_bytes + GRAD_BYTES)
+
+
 LOSS_CHUNK_TOKENS = 1024  # the runtime's chunked loss (runtime/train/loss.py DEFAULT_CHUNK_TOKENS)
 
 
@@ -351,6 +391,24 @@ def chunked_head_bytes(head_params: float, vocab: int, hidden: int, tokens: floa
 def routed_copy_bytes(config, tokens: float, act_bytes: int) -> float:
     """One routed copy of `tokens` tokens (each sent to top_k experts): an EP all-to-all's output."""
     return tokens * config.top_k * config.hidden_size * act_bytes
+
+
+def eager_attention_elements(config, layout, seq_len: int) -> float:
+    """Score elements one rank's eager attention materialises per layer and micro-batch:
+    micro-batch x its heads (over tp, and over sp under Ulysses: whole sequences) x seq x seq."""
+    return layout.micro_batch / layout.sp * config.num_heads / layout.tp * seq_len * seq_len
+
+
+def eager_saved_bytes(config, layout, policy_counts: dict[str, float], seq_len: int, in_flight: float) -> float:
+    """What `kernels.attention: eager` keeps beyond the fused kernel the trace ran: each layer
+    that keeps its activations holds its probabilities (fp32 and bf16, `EAGER_SAVED_BYTES` per
+    score element) for backward; a fully recomputed layer holds them again while its backward
+    runs (one layer at a time)."""
+    if layout.kernels.get("attention") != "eager":
+        return 0.0
+    probs = eager_attention_elements(config, layout, seq_len) * EAGER_SAVED_BYTES
+    kept = policy_counts.get("none", 0.0) + policy_counts.get("selective", 0.0)
+    return (kept * in_flight + (1.0 if policy_counts.get("full", 0.0) else 0.0)) * probs
 
 
 def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_layers: float, tokens: float,
@@ -389,5 +447,9 @@ def rank_param_split(trace, layout) -> tuple[float, float]:
     """(dense, routed-expert) parameters one rank holds unsharded by FSDP (after TP, PP and EP)."""
     routed = sum(b.count * b.params.get("routed_expert", 0) for b in trace.blocks.values())
     dense = trace.params_total - routed
-    expert_tp = layout.tp if layout.ep <= layout.dp_world else 1  # EP spanning TP ranks: experts not TP-split
-    return dense / (layout.tp * layout.pp), routed / (layout.ep * expert_tp * layout.pp)
+    return dense / (layout.tp * layout.pp), routed / (layout.ep * layout.expert_tp * layout.pp)
+
+
+def grad_bytes(layout) -> int:
+    """Bytes per gradient element the data-parallel reduction uses (`Layout.grad_dtype`)."""
+    return 2 if getattr(layout, "grad_dtype", "fp32") == "bf16" else 4

@@ -30,6 +30,17 @@ class PricedOp:
     op: str = ""  # aten op name (trailing underscore dropped), e.g. mm, addmm, mul
     selective_saved: bool = True  # forward ops: kept by the selective recompute policy (else redone)
     out_bytes: int = 0  # bytes the op writes (its outputs)
+    # Identical calls the op stands for (a long sequence's loss chunks, traced once): flops and
+    # bytes are their totals, dims and shape those of one call.
+    repeat: int = 1
+    # Inside the runtime's blockwise attention (score products, softmax, masks): what a fused
+    # attention kernel does in its registers, as one call per pass.
+    in_attention_kernel: bool = False
+
+
+def is_norm_module(module: str) -> bool:
+    """Whether a module path names a normalisation layer (input_layernorm, q_norm, ...)."""
+    return "norm" in module.rsplit(".", 1)[-1]
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -79,9 +90,11 @@ def priced_ops(trace) -> list[PricedOp]:
             continue
         name, flops = d["op"].rstrip("_"), int(d.get("flops", 0))
         nbytes = int(d.get("bytes_read", 0)) + int(d.get("bytes_written", 0))
+        repeat = max(1, int(d.get("repeat", 1)))
         common = dict(group=d["stage"], phase=d["phase"], flops=flops, flops_dense=int(d.get("flops_dense", flops)),
                       nbytes=nbytes, module=d.get("module", ""), op=name,
-                      selective_saved=bool(d.get("selective_saved", True)), out_bytes=int(d.get("bytes_written", 0)))
+                      selective_saved=bool(d.get("selective_saved", True)), out_bytes=int(d.get("bytes_written", 0)),
+                      repeat=repeat, in_attention_kernel=bool(d.get("in_attention_kernel", False)))
         shape = _shape(d.get("out_shape", ""))
         tokens = d.get("tile_tokens") or all_tokens  # an op of a token tile works on the tile's tokens
         if d.get("attention"):
@@ -101,7 +114,7 @@ def priced_ops(trace) -> list[PricedOp]:
             for size in shape[:-2]:
                 batch *= size
             m, n = shape[-2], shape[-1]
-            k = flops / (2 * batch * m * n)
+            k = flops / (2 * batch * m * n * repeat)
             dims = [m, n, k]
             # Put the token dimension first; weight gradients carry tokens in the reduced dim.
             if abs(k - tokens) < 0.5 and m != tokens:
@@ -111,7 +124,7 @@ def priced_ops(trace) -> list[PricedOp]:
             out.append(PricedOp(category="gemm", dims=tuple(dims), groups=batch,
                                 token_scaled=abs(dims[0] - tokens) < 0.5, **common))
         elif flops:
-            out.append(PricedOp(category="gemm", dims=(tokens, 1, flops / (2 * tokens)), **common))
+            out.append(PricedOp(category="gemm", dims=(tokens, 1, flops / (2 * tokens * repeat)), **common))
         else:
             out.append(PricedOp(category="memory", fused_nbytes=fused.get(node, nbytes), **common))
     try:

@@ -255,6 +255,23 @@ def _covered(path: str, keys: set[str]) -> bool:
     return False
 
 
+class FittedOn(_Model):
+    """Which measured rows a constant was fitted on (issue #18: fitting is kept apart from scoring).
+
+    ``rows``: published validation row ids (``xplan validate`` reports them as calibration rows
+    and refits the constant without them when their source is left out), or measurement files
+    (``benchmarks/results/...``) for constants fitted to this project's own runs. ``prior``: the
+    value to use when every fitting row is left out (a literature or microbenchmark value;
+    ``null``: the field's "not priced" value). A constant with no entry was measured or taken from
+    the literature without looking at any row."""
+
+    rows: Annotated[list[Text], Field(min_length=1)]
+    prior: float | None = None
+
+
+_PER_RANK: dict[int, tuple[Profile, Profile]] = {}  # id(profile) -> (profile, its per-rank view)
+
+
 class Profile(_Model):
     """A hardware profile: one device kind and the interconnect hierarchy joining devices."""
 
@@ -269,10 +286,24 @@ class Profile(_Model):
     #: Where every number came from: dotted field path (``compute.peak_tflops.bf16``,
     #: ``interconnect.levels[0]``) -> source text. A key covers the fields below it.
     sources: dict[Text, Text]
+    #: Constants fitted on measured rows: dotted field path (a number) -> rows and prior.
+    fitted_on: dict[Text, FittedOn] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fitted_on_names_numbers(self) -> Profile:
+        numbers = {p: v for p, v in _walk(self, "") if not p.startswith(("sources", "fitted_on"))}
+        for path in self.fitted_on:
+            value = numbers.get(path, "")
+            if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+                raise ValueError(f"fitted_on names {path!r}, which is not a number of this profile (use the "
+                                 "dotted path of one constant, e.g. 'memory.fragmentation'; optional ones may be null)")
+            if not _covered(path, set(self.sources)):
+                raise ValueError(f"fitted_on names {path!r}, which has no sources entry")
+        return self
 
     @model_validator(mode="after")
     def _every_number_has_a_source(self) -> Profile:
-        nodes = [(p, v) for p, v in _walk(self, "") if not p.startswith("sources")]
+        nodes = [(p, v) for p, v in _walk(self, "") if not p.startswith(("sources", "fitted_on"))]
         known = {p for p, _ in nodes}
         keys = set(self.sources)
         unknown = sorted(k for k in keys if k not in known)
@@ -294,6 +325,37 @@ class Profile(_Model):
                 "its source (a paper, datasheet, measurement command and date, or 'assumed: why')"
             )
         return self
+
+    def per_rank(self) -> Profile:
+        """The profile of one rank: with ranks_per_device r > 1 (a3: one rank per die of a 910C
+        package) peak FLOPs, HBM capacity and bandwidth, host memory and link and every level's
+        bandwidth are split r ways and a level's device count counts ranks (the profile's own
+        header: "halve ... for per-die numbers"). r = 1: the profile itself. One object per
+        profile, so memos keyed on the profile's id keep hitting."""
+        r = self.device.ranks_per_device
+        if r == 1:
+            return self
+        known = _PER_RANK.get(id(self))
+        if known is not None and known[0] is self:
+            return known[1]
+        peak = self.compute.peak_tflops
+        split = {k: (v / r if v is not None else None) for k, v in peak.model_dump().items()}
+        derived = self.model_copy(update={
+            "name": f"{self.name}-rank",
+            "device": self.device.model_copy(update={"ranks_per_device": 1,
+                                                     "definition": f"one rank of {self.device.definition}"}),
+            "compute": self.compute.model_copy(update={"peak_tflops": peak.model_copy(update=split)}),
+            "memory": self.memory.model_copy(update={"hbm_gib": self.memory.hbm_gib / r,
+                                                     "hbm_tbps": self.memory.hbm_tbps / r}),
+            "host": self.host.model_copy(update={"memory_gib": self.host.memory_gib / r,
+                                                 "link_gbps": self.host.link_gbps / r}),
+            "interconnect": self.interconnect.model_copy(update={"levels": [
+                level.model_copy(update={"devices": level.devices * r if level.devices else None,
+                                         "bandwidth_gbps": level.bandwidth_gbps / r})
+                for level in self.interconnect.levels]}),
+        })
+        _PER_RANK[id(self)] = (self, derived)
+        return derived
 
     # ------------------------------------------------------------------ compute
     def peak_flops(self, dtype: str = "bf16") -> float:

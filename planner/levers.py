@@ -63,18 +63,21 @@ def lever_host_bytes(name: str, memory) -> float:
 def explain_levers(est, workload, pricing=None) -> list[Lever]:
     """Each lever of `est`'s layout priced away (see the module docstring)."""
     from xplan.cost_models import PricingContext, estimate
+    from xplan.cost_models.compute import traced_loss
+    from xplan.cost_models.estimate import rank_profile
     from xplan.layout_tiles import feed_forward_tiles
 
     from .pricing import get_trace, load_hw, load_model_config
 
     config = load_model_config(workload.model)
     profile = load_hw(workload.hardware)
-    pricing = pricing or PricingContext(profile)
-    loss = est.layout.kernels.get("loss", "chunked")
+    pricing = pricing or PricingContext(rank_profile(profile, est.layout))  # a3: estimate prices per die
+    loss = traced_loss(est.layout.kernels.get("loss", "chunked"))
     out = []
     for name, changes in alternatives(est.layout):
         layout = est.layout.with_changes(**changes)
-        trace = get_trace(workload.model, workload.seq_len, loss, feed_forward_tiles(layout, workload.seq_len))
+        trace = get_trace(workload.model, workload.seq_len, loss, feed_forward_tiles(layout, workload.seq_len),
+                          workload.image_tokens)
         alt = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance, pricing=pricing)
         out.append(Lever(name=name, device_gib=(alt.memory.total - est.memory.total) / GIB,
                          host_gib=lever_host_bytes(name, est.memory) / GIB,

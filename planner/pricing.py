@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Any
 
 from xplan.cost_models import Estimate, estimate
+from xplan.cost_models.compute import traced_loss
 from xplan.errors import InputError
 from xplan.layout import Layout, flat_to_nested, layout_from_dict, parse_knob
 from xplan.layout_tiles import feed_forward_tiles
@@ -29,13 +30,14 @@ class Workload:
     hardware: str
     seq_len: int
     global_batch: int
-    imbalance: float = 1.0  # busiest EP rank's routed load over the mean
+    imbalance: float | None = None  # busiest EP rank's routed load over the mean; None: the sourced default
+    image_tokens: int = 0  # image tokens per sample (vision-language models; the images come first)
 
     def check(self) -> None:
         check_seq_len(self.seq_len)
         if self.global_batch < 1:
             raise InputError(f"--global-batch must be a positive integer, got {self.global_batch}.")
-        if self.imbalance < 1.0:
+        if self.imbalance is not None and self.imbalance < 1.0:
             raise InputError(f"--imbalance is the busiest rank's load over the mean and must be >= 1, "
                              f"got {self.imbalance}.")
 
@@ -55,11 +57,12 @@ def load_hw(hardware: str):
 
 
 @lru_cache(maxsize=64)
-def get_trace(model: str, seq_len: int, loss: str, tiles: int = 1):
+def get_trace(model: str, seq_len: int, loss: str, tiles: int = 1, image_tokens: int = 0):
     """The trace at micro-batch 1; `tiles`: a layout's `xplan.layout_tiles.feed_forward_tiles`."""
     from xplan.planner.trace import trace_model
 
-    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss, tiles=tiles)
+    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss, tiles=tiles,
+                       image_tokens=image_tokens)
 
 
 def price(workload: Workload, layout: Layout) -> Estimate:
@@ -68,13 +71,13 @@ def price(workload: Workload, layout: Layout) -> Estimate:
     profile = load_hw(workload.hardware)
     if layout.devices < 1:
         raise InputError(f"--devices must be a positive integer, got {layout.devices}.")
-    trace = get_trace(workload.model, workload.seq_len, layout.kernels.get("loss", "chunked"),
-                      feed_forward_tiles(layout, workload.seq_len))
+    trace = get_trace(workload.model, workload.seq_len, traced_loss(layout.kernels.get("loss", "chunked")),
+                      feed_forward_tiles(layout, workload.seq_len), workload.image_tokens)
     return estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
 
 
-def layout_from_flags(flags: dict[str, Any]) -> Layout:
+def layout_from_flags(flags: dict[str, Any], ranks_per_device: int = 1) -> Layout:
     """Layout from CLI flags ({knob: value, None where unset}); unset knobs take the declared
-    defaults (see xplan.layout)."""
+    defaults (see xplan.layout). `ranks_per_device`: the hardware's (a3: 2), not a flag."""
     checked = {name: parse_knob(name, value) for name, value in flags.items() if value is not None}
-    return layout_from_dict(flat_to_nested(checked))
+    return layout_from_dict({**flat_to_nested(checked), "ranks_per_device": ranks_per_device})

@@ -141,15 +141,17 @@ def sp_choices(config, dp_world: int, seq_len: int) -> list[int]:
 
 
 def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict[str, Any],
-                 allow_3d: bool) -> list[dict[str, Any]]:
-    """Sharding × EP × SP × micro-batch × loss (× TP/PP) before recompute/offload are chosen."""
+                 allow_3d: bool, ranks_per_device: int = 1) -> list[dict[str, Any]]:
+    """Sharding × EP × SP × micro-batch × loss (× TP/PP) before recompute/offload are chosen.
+    Sizes count ranks (devices × ranks_per_device; `profile` is the per-rank view)."""
+    ranks = devices * ranks_per_device
     tps = [pinned["tp"]] if "tp" in pinned else ([1, 2, 4, 8] if allow_3d else [1])
     pps = [pinned["pp"]] if "pp" in pinned else ([1, 2, 4, 8, 16] if allow_3d else [1])
     out = []
     for tp, pp in itertools.product(tps, pps):
-        if devices % (tp * pp):
+        if ranks % (tp * pp):
             continue
-        dp_world = devices // (tp * pp)
+        dp_world = ranks // (tp * pp)
         vpps = [pinned["vpp"]] if "vpp" in pinned else ([1, 2, 4] if pp > 1 else [1])
         fsdps = [pinned["fsdp"]] if "fsdp" in pinned else fsdp_choices(dp_world, profile, allow_3d,
                                                                         pinned.get("dp_mode"))
@@ -157,6 +159,8 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
             dp_mode = pinned.get("dp_mode") or search_dp_mode(fsdp, dp_world)
             eps = [pinned["ep"]] if "ep" in pinned else ep_choices(config, fsdp, dp_world)
             sps = [pinned["sp"]] if "sp" in pinned else sp_choices(config, dp_world, workload.seq_len)
+            if workload.image_tokens and "sp" not in pinned:
+                sps = [1]  # the runtime joins image features to whole sequences (no Ulysses with images)
             for ep, sp, vpp in itertools.product(eps, sps, vpps):
                 data_parallel = dp_world // sp if dp_world % sp == 0 else 0
                 per_rank = workload.global_batch // data_parallel if data_parallel else 0
@@ -165,7 +169,7 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
                     if per_rank and workload.global_batch % (data_parallel * m) == 0]
                 losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
                 for mb, loss in itertools.product(mbs, losses):
-                    out.append({"devices": devices, "dp_mode": dp_mode, "fsdp": fsdp, "ep": ep, "sp": sp, "tp": tp, "pp": pp,
+                    out.append({"devices": devices, "ranks_per_device": ranks_per_device, "dp_mode": dp_mode, "fsdp": fsdp, "ep": ep, "sp": sp, "tp": tp, "pp": pp,
                                 "vpp": vpp, "micro_batch": mb, "loss": loss})
     return out
 
@@ -184,7 +188,10 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         raise InputError(f"--devices must be a positive integer, got {devices}.")
     pinned = dict(pinned or {})
     config = load_model_config(workload.model)
-    profile = load_hw(workload.hardware)
+    device_profile = load_hw(workload.hardware)
+    # Sizes, memory and times are per rank: a3 runs two ranks (dies) per device, each with half of it.
+    ranks_per_device = device_profile.device.ranks_per_device
+    profile = device_profile.per_rank()
     pricing = PricingContext(profile)  # op times priced once per (trace, rank work) for this search
     precision = pinned.pop("precision", "bf16")
     # The runtime compiles blocks (fused elementwise kernels) on accelerators and stays eager on CPU.
@@ -197,34 +204,36 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     tile_options = [pinned.pop("tile_tokens")] if "tile_tokens" in pinned else [None, *TILE_TOKENS]
     keeps = [pinned.pop("keep_gathered")] if "keep_gathered" in pinned else gathered_choices(config)
     losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
-    traces = {(loss, 1): get_trace(workload.model, workload.seq_len, loss) for loss in losses}
+    traces = {(loss, 1): get_trace(workload.model, workload.seq_len, loss, 1, workload.image_tokens)
+              for loss in losses}
     tracing = [0.0]
 
     def trace_for(loss: str, tiles: int):
         """The trace of `tiles` token tiles, traced on first use (its time is not search time)."""
         if (loss, tiles) not in traces:
             began = time.perf_counter()
-            traces[(loss, tiles)] = get_trace(workload.model, workload.seq_len, loss, tiles)
+            traces[(loss, tiles)] = get_trace(workload.model, workload.seq_len, loss, tiles, workload.image_tokens)
             tracing[0] += time.perf_counter() - began
         return traces[(loss, tiles)]
 
     # The clock starts once model, profile and traces are loaded (tracing is cached on disk and
     # timed by its own benchmark): it measures enumerating and pricing.
     start = time.perf_counter()
-    cores = core_layouts(config, workload, devices, profile, pinned, allow_3d)
+    cores = core_layouts(config, workload, devices, profile, pinned, allow_3d, ranks_per_device)
     fitting, evaluated, smallest, rejected = [], 0, None, {}
     smallest_memory: dict[str, tuple] = {}  # 'device' / 'offload' -> (peak bytes, layout, trace)
 
     def track(memory, layout, trace) -> None:
         kind = "offload" if layout.offload else "device"
-        if kind not in smallest_memory or memory.total < smallest_memory[kind][0]:
-            smallest_memory[kind] = (memory.total, layout, trace)
+        if kind not in smallest_memory or memory.allocated < smallest_memory[kind][0]:
+            smallest_memory[kind] = (memory.allocated, layout, trace)
 
-    hbm = profile.hbm_bytes() - headroom_bytes
-    host = host_capacity(profile, devices, profile.device.ranks_per_device)
+    # Per rank (the rank profile: a node level counts ranks, its host memory is split per rank).
+    hbm = profile.hbm_bytes() - headroom_bytes / ranks_per_device
+    host = host_capacity(profile, devices * ranks_per_device)
     if headroom_bytes < 0 or hbm <= 0:
         raise InputError(f"--headroom must be at least 0 and below the device memory "
-                         f"({profile.hbm_bytes() / 2**30:.0f} GiB), got {headroom_bytes / 2**30:.1f} GiB.")
+                         f"({device_profile.hbm_bytes() / 2**30:.0f} GiB), got {headroom_bytes / 2**30:.1f} GiB.")
     chains = recompute_chains(recomputes)
     for i, core in enumerate(cores):
         if progress and i % 16 == 0:
@@ -262,7 +271,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                         mid = (lo + hi) // 2
                         layout = make(recompute=chain[mid])
                         evaluated += 1
-                        memory = memory_estimate(trace, layout, profile, grad_accum, workload.imbalance, config)
+                        memory = memory_estimate(trace, layout, device_profile, grad_accum, workload.imbalance,
+                                                 config)
                         if fits_memory(memory, hbm, host):
                             hi, first_fitting = mid, layout
                         else:
@@ -278,36 +288,42 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                         limit = lo
                 for layout in candidates:
                     evaluated += exhaustive
-                    est = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance,
-                                   pricing=pricing)
+                    est = estimate(trace, config, layout, device_profile, workload.global_batch,
+                                   workload.imbalance, pricing=pricing)
                     if fits_memory(est.memory, hbm, host):
                         fitting.append(est)
                     else:
                         track(est.memory, layout, trace)
     smallest = {}
     for kind, (_, layout, trace) in smallest_memory.items():
-        smallest[kind] = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance,
+        smallest[kind] = estimate(trace, config, layout, device_profile, workload.global_batch, workload.imbalance,
                                   pricing=pricing)
     if progress:
         progress(len(cores), len(cores))
     ranked = rank_plans(fitting)
-    device_type = DEVICE_TYPE_OF_KIND.get(profile.device.kind, "cuda")
-    runnable = next((e for e in ranked if not runtime_refusals(e.layout, device_type)), None)
+    device_type = DEVICE_TYPE_OF_KIND.get(device_profile.device.kind, "cuda")
+    # From every fitting layout, not the ranked list: rank_plans drops a layout another one beats on
+    # speed and memory, and with allow_3d that is often a price-only 3D layout beating every runnable one.
+    runnable = next((e for e in sorted(fitting, key=rank_key) if not runtime_refusals(e.layout, device_type)), None)
     return SearchResult(plans=ranked[:top], pareto=pareto_front(fitting), candidates_evaluated=evaluated,
                         search_time_s=time.perf_counter() - start - tracing[0], smallest=smallest,
                         rejected=rejected, best_runnable=runnable, device_type=device_type,
                         trace_time_s=start - loading + tracing[0], headroom_bytes=headroom_bytes)
 
 
+def rank_key(est: Any) -> tuple:
+    """Fastest first, then the smaller allocated peak (what must fit), then less offload."""
+    return -round(est.tokens_per_s_per_device, 6), est.memory.allocated, len(est.layout.offload)
+
+
 def rank_plans(estimates: list[Any]) -> list[Any]:
     """Fastest first; a plan no faster than one already listed and using no less memory is dropped
     (e.g. an offload that changes nothing)."""
-    ranked = sorted(estimates, key=lambda e: (-round(e.tokens_per_s_per_device, 6), e.memory.total,
-                                              len(e.layout.offload)))
+    ranked = sorted(estimates, key=rank_key)
     out: list[Any] = []
     for est in ranked:
         if any(o.tokens_per_s_per_device >= est.tokens_per_s_per_device * 0.9999
-               and o.memory.total <= est.memory.total for o in out):
+               and o.memory.allocated <= est.memory.allocated for o in out):
             continue
         out.append(est)
     return out
@@ -316,10 +332,10 @@ def rank_plans(estimates: list[Any]) -> list[Any]:
 def pareto_front(estimates: list[Any]) -> list[Any]:
     """Fitting plans no other plan beats on both throughput and peak memory, fastest first."""
     front, best_memory = [], float("inf")
-    for est in sorted(estimates, key=lambda e: (-e.tokens_per_s_per_device, e.memory.total)):
-        if est.memory.total < best_memory:
+    for est in sorted(estimates, key=lambda e: (-e.tokens_per_s_per_device, e.memory.allocated)):
+        if est.memory.allocated < best_memory:
             front.append(est)
-            best_memory = est.memory.total
+            best_memory = est.memory.allocated
     return front
 
 
@@ -331,7 +347,7 @@ def explain_nothing_fits(result: SearchResult, workload: Workload, devices: int)
                 "Change --devices or the pinned flags.")
     est = result.smallest.get("device") or result.smallest["offload"]
     mem = est.memory.gib()
-    parts = sorted(((k, v) for k, v in mem.items() if k not in ("total", "offloaded_to_host")),
+    parts = sorted(((k, v) for k, v in mem.items() if k not in ("total", "allocated", "offloaded_to_host")),
                    key=lambda kv: -kv[1])[:3]
     breakdown = ", ".join(f"{k} {v:.1f}" for k, v in parts)
     lay = est.layout
@@ -349,14 +365,14 @@ def explain_nothing_fits(result: SearchResult, workload: Workload, devices: int)
     levers.append("--offload optimizer,params (needs host memory)")
     message = (f"no layout of {workload.model} fits on {devices} x {workload.hardware} "
                f"({est.hbm_bytes / 2**30:.0f} GiB each) at seq {workload.seq_len}: without offload the smallest "
-               f"peak found is {mem['total']:.1f} GiB (fsdp={lay.fsdp} ep={lay.ep} sp={lay.sp} "
+               f"peak found is {mem['allocated']:.1f} GiB allocated (fsdp={lay.fsdp} ep={lay.ep} sp={lay.sp} "
                f"recompute={lay.recompute} micro_batch={lay.micro_batch}"
                + (f" tile_tokens={lay.tile_tokens}" if lay.tile_tokens else "") + f"), dominated by {dominant} "
                f"({breakdown} GiB).")
     off = result.smallest.get("offload")
     if off is not None:
         om = off.memory.gib()
-        message += (f" With offload ({','.join(off.layout.offload)}) the device peak falls to {om['total']:.1f} GiB "
+        message += (f" With offload ({','.join(off.layout.offload)}) the device peak falls to {om['allocated']:.1f} GiB "
                     f"but {om['offloaded_to_host']:.0f} GiB must live in host memory per device, which has "
                     f"{off.host_bytes / 2**30:.0f} GiB.")
     return message + f" Levers: {'; '.join(dict.fromkeys(levers))}."

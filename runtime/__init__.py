@@ -35,10 +35,10 @@ def build_model(config: ModelConfig, dtype: torch.dtype | None = None, device: s
     `dtype` defaults to float32."""
     import torch
 
-    from .models.transformer import CausalLM
+    from .models.transformer import model_class
 
     with torch.device("meta"):
-        model = CausalLM(config).to(torch.float32 if dtype is None else dtype)
+        model = model_class(config)(config).to(torch.float32 if dtype is None else dtype)
     if str(device) != "meta":
         model.materialize(device)
         model.init_weights(seed)
@@ -56,7 +56,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
 
     from .models.config import load_config
     from .models.hf_io import checkpoint_files, load_hf_weights
-    from .models.transformer import CausalLM
+    from .models.transformer import model_class
 
     dtype = torch.float32 if dtype is None else dtype
     config = load_config(name_or_path)
@@ -65,7 +65,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype | None = None,
     if str(device) == "meta" or not files:
         return build_model(config, dtype, device, seed)
     with torch.device("meta"):
-        model = CausalLM(config).to(dtype)
+        model = model_class(config)(config).to(dtype)
     model.materialize(device)
     load_hf_weights(model, path, config.num_layers)
     return model

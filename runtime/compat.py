@@ -6,9 +6,9 @@ below says why the runtime needs it and where it is known to work. `tests/test_t
 exercises every one on the installed torch (its test ids name the version), so an upgrade that
 breaks one fails there, by name, instead of deep inside a run or a dry run.
 
-Versions: pyproject allows torch >= 2.8, < 2.15. Every touch point is tested on 2.13 (the pinned
-CPU build). `DeviceMesh._unflatten` is known to be missing from 2.8 (added in the 2.9/2.10 cycle),
-so the runtime's meshes need a newer torch than the planner does; other versions are untested.
+Versions: pyproject allows torch >= 2.10, < 2.15. Every touch point is tested on 2.13 (the pinned
+CPU build). The floor is `DeviceMesh._unflatten`, which the runtime's meshes need and which torch
+2.8/2.9 lack (it shipped in 2.10); other versions in the range are untested.
 
 Public torch APIs (FSDP2's `fully_shard`, DTensor, `torch.utils.checkpoint`, DCP) are used
 directly where they are needed; so are `nn.Module._parameters` (read) and `Module.__dict__`
@@ -69,7 +69,7 @@ def unflatten_mesh(mesh, dim: int, sizes: tuple[int, ...], names: tuple[str, ...
 
     All of a layout's meshes are views of one 1-D world mesh, so FSDP2 can combine the expert
     mesh with the expert-parallel mesh into one SPMD mesh (`runtime.distributed.mesh`); public
-    `init_device_mesh` calls would create unrelated meshes. Tested: 2.13; missing in 2.8."""
+    `init_device_mesh` calls would create unrelated meshes. Tested: 2.13; missing before 2.10."""
     if not hasattr(mesh, "_unflatten"):
         raise RuntimeError(f"this torch ({torch.__version__}) has no DeviceMesh._unflatten, which the runtime's "
                            "meshes need; install a torch that has it (tested: 2.13).")
@@ -421,9 +421,18 @@ def allocator_settings() -> str:
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`torch._grouped_mm(x [tokens, in], weight [experts, in, out], offs=offsets)`: one GEMM per
-    expert over contiguous row groups, one kernel (the MoE grouped GEMM, `runtime.models.grouped`).
-    Tested: 2.13 (CPU)."""
+    """`torch._grouped_mm(x, weight, offs=offsets)`: one GEMM per expert over contiguous row groups,
+    one kernel (the MoE grouped GEMM, `runtime.models.grouped`). Two forms: x [tokens, in] with
+    weight [experts, in, out] gives [tokens, out]; x [out, tokens] with weight [tokens, in], split
+    along the tokens, gives [experts, out, in] (the weight gradient). Tested: 2.13 (CPU).
+
+    The kernel runs fp32 on CPU, but its fake-tensor (meta) registration accepts bf16 only, so a
+    dry run of an fp32 plan would fail; under fake tensors other dtypes get an empty result of the
+    kernel's output shape, which is all a dry run measures."""
+    if x.dtype != torch.bfloat16 and is_fake(x):
+        if weight.dim() == 3:
+            return x.new_empty((x.shape[0], weight.shape[-1]))
+        return x.new_empty((offsets.shape[0], x.shape[0], weight.shape[-1]))
     return torch._grouped_mm(x, weight, offs=offsets)
 
 

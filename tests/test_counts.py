@@ -23,7 +23,15 @@ PUBLISHED = {
     "gpt-oss-120b": (116.8, 5.7),
     "gpt-oss-20b": (20.9, 4.2),
     "llama3-405b": (405.9, None),
+    # InternVL 3.5 model card (total, active); Intern-S1: a 235B-A22B language model + a 6B InternViT.
+    "internvl3.5-2b": (2.3, None),
+    "internvl3.5-8b": (8.5, None),
+    "internvl3.5-30b-a3b": (30.8, None),
+    "internvl3.5-241b-a28b": (240.7, 28.0),
+    "intern-s1": (240.7, 28.0),
 }
+# Exact stored parameter counts of published checkpoints: (total, vision tower, projector).
+PUBLISHED_EXACT = {"internvl3.5-1b": (1_060_897_792, 304_012_288, 5_253_120)}  # InternVL3_5-1B-HF
 
 
 def inspect_json(capsys, *args) -> dict:
@@ -35,17 +43,48 @@ def inspect_json(capsys, *args) -> dict:
 def test_inspect_matches_published_sizes(name, capsys):
     total, active = PUBLISHED[name]
     out = inspect_json(capsys, name)
-    assert out["params_total"] / 1e9 == pytest.approx(total, rel=0.01)
+    assert out["params_total"] / 1e9 == pytest.approx(total, rel=0.01, abs=0.05)  # cards round to 0.1B
     if active is not None:
-        assert out["params_active"] / 1e9 == pytest.approx(active, rel=0.01)
+        assert out["params_active"] / 1e9 == pytest.approx(active, rel=0.01, abs=0.05)
     assert out["num_layers"] == load_config(name).num_layers
 
 
-def transformers_count(raw: dict) -> int:
+def transformers_model(raw: dict):
     hf_config = hf_config_from_dict(raw)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config)
-    return sum(p.numel() for p in model.parameters())
+        if isinstance(hf_config, transformers.InternVLConfig):
+            return transformers.InternVLForConditionalGeneration(hf_config)
+        return transformers.AutoModelForCausalLM.from_config(hf_config)
+
+
+def transformers_count(raw: dict) -> int:
+    return sum(p.numel() for p in transformers_model(raw).parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_EXACT))
+def test_inspect_matches_published_exact_counts(name, capsys):
+    total, vision, projector = PUBLISHED_EXACT[name]
+    out = inspect_json(capsys, name)
+    assert (out["params_total"], out["params_vision"]) == (total, vision + projector)
+
+
+VLM_PRESETS = [n for n in preset_names() if n.startswith(("internvl", "intern-s1"))]
+
+
+@pytest.mark.parametrize("name", VLM_PRESETS)
+def test_vlm_presets_split_like_transformers(name, capsys):
+    """Vision tower + projector and the language model's active count, against transformers' modules."""
+    config = load_config(name)
+    model = transformers_model(json.loads(json.dumps(config.hf_dict | {"model_type": config.model_type})))
+    vision = sum(p.numel() for n, p in model.named_parameters() if ".vision_tower." in n or "projector" in n)
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    inactive = routed * (config.num_experts - config.top_k) // config.num_experts if config.num_experts else 0
+    total = sum(p.numel() for p in model.parameters())
+    out = inspect_json(capsys, name)
+    assert out["params_vision"] == vision > 0
+    assert out["params_total"] == total
+    assert out["params_language_active"] == total - vision - inactive
+    assert out["vision"]["image_tokens_per_image"] == 256
 
 
 @pytest.mark.parametrize("name", preset_names())

@@ -132,8 +132,9 @@ def test_comparison_joins_the_measurement_and_the_prediction(tmp_path, monkeypat
     assert d["error"] == pytest.approx((8.0 - d["measured_peak_gib"]) / d["measured_peak_gib"])
     assert d["components"]["overhead"] == {"measured": 0.0, "predicted": pytest.approx(1.0)}
     # Caveats of the run, then the comparison's, then how the run was made.
-    assert [n.split()[0] for n in d["notes"]] == ["the", "offload"]
-    assert d["notes"][0].startswith("the predicted overhead (1.00 GiB")
+    # (an h800 plan compiles its blocks; the dry run on CPU runs them eager and says so)
+    assert [n.split()[0] for n in d["notes"]] == ["kernels.elementwise=fused", "the", "offload"]
+    assert d["notes"][1].startswith("the predicted overhead (1.00 GiB")
     # The AdamW moments live in host memory (offload: optimizer): host bytes beside the device peak.
     moments = result.report.measured_host_bytes
     assert moments > 0 and d["measured_host_gib"] == pytest.approx(moments / 2**30)
@@ -198,7 +199,7 @@ def _matrix():
 MATRIX = _matrix()
 
 
-@pytest.mark.parametrize("row", [2, 3, 13, 18, 22, 28])
+@pytest.mark.parametrize("row", [2, 3, 13, 18, 22, 26, 30])
 def test_cost_model_peak_within_3_percent_on_a_slice_of_the_matrix(row):
     """Full model size and world size, 3 and 4 copies of each repeated block pattern, extrapolated."""
     spec = MATRIX.MATRIX[row - 1]

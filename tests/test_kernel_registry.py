@@ -48,9 +48,10 @@ def test_every_listed_implementation_exists_and_runs_where_listed():
                         impl = IMPLEMENTATIONS[(registry_slot, name)]
                         assert device in impl.devices, (name, device)
                     # The last candidate is the fallback: it must take every module (the choice's own
-                    # single implementation excepted: chunked loss, compiled blocks).
+                    # single implementation excepted: chunked loss, compiled blocks, flex_attention).
                     assert "always" in IMPLEMENTATIONS[(registry_slot, names[-1])].needs or \
-                        names == (choice,) or names[-1] == "torch.compile(blocks)", names
+                        names == (choice,) or names[-1] == "torch.compile(blocks)" or \
+                        (plan_slot, choice, names) == ("attention", "flex", ("flex_attention",)), names
     for slot, name in STAND_IN.items():
         assert "cpu" in IMPLEMENTATIONS[(slot, name)].devices
     assert any(row["runs"].startswith("refused") for row in describe())
@@ -154,6 +155,7 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize("attention, message", [
     ("flash", "kernels.attention = flash runs on cuda, npu only, not cpu"),
     ("flash1", "kernels.attention = flash1 is priced only"),
+    ("flex", "kernels.attention = flex runs on cuda only, not cpu"),  # torch has no flex backward on CPU
 ])
 def test_attention_the_device_does_not_run_exits_2_before_spawning(model_dir, tmp_path, monkeypatch, attention,
                                                                    message):
@@ -171,3 +173,15 @@ def test_attention_the_device_does_not_run_exits_2_before_spawning(model_dir, tm
     code, out, err = xplan("run", plan)
     assert code == 2, (out, err)
     assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_flex_choice_runs_flex_attention_for_every_layer_on_cuda_only():
+    plain = AttentionCase("cuda", torch.bfloat16, 8, 64, 64, None, False, 8)
+    sinks = AttentionCase("cuda", torch.bfloat16, 8, 64, 64, 128, True, 2)
+    mla = AttentionCase("cuda", torch.bfloat16, 8, 192, 128, None, False, 8)
+    for case in (plain, sinks, mla):
+        assert select("attention", "flex", "attention", "cuda", lambda n, c=case: attention_accepts(n, c)) \
+            == "flex_attention"
+    assert candidates("attention", "flex", "attention", "cpu") == ("blockwise",)  # dry runs' stand-in
+    layout = layout_from_dict({"devices": 2, "kernels": {"attention": "flex"}})
+    assert runtime_refusals(layout, "cuda") == [] and runtime_refusals(layout, "npu")

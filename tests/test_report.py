@@ -171,20 +171,20 @@ def test_plan_records_provenance_and_headroom(tmp_path, capsys):
     assert plan.profile_sha256 == hashlib.sha256((PROFILE_DIR / "h800.yaml").read_bytes()).hexdigest()
     result = json.loads(out)
     assert result["headroom_gib"] == 20.0
-    assert all(p["memory_gib"]["total"] <= p["memory_gib"]["capacity"] - 20 for p in result["plans"])
+    assert all(p["memory_gib"]["allocated"] <= p["memory_gib"]["capacity"] - 20 for p in result["plans"])
 
 
 def test_headroom_changes_the_choice(capsys):
     code, out, _ = run([*SEARCH, "--json"], capsys)
     assert code == 0
     free = json.loads(out)["plans"][0]
-    peak, capacity = free["memory_gib"]["total"], free["memory_gib"]["capacity"]
+    peak, capacity = free["memory_gib"]["allocated"], free["memory_gib"]["capacity"]
     need = capacity - peak + 1  # more than #1 leaves free: #1 no longer fits
     code, out, err = run([*SEARCH, "--headroom", f"{need:.2f}GiB", "--json"], capsys)
     assert code == 0, err
     kept = json.loads(out)["plans"]
     assert kept[0]["layout"] != free["layout"]
-    assert all(p["memory_gib"]["total"] <= capacity - need for p in kept)
+    assert all(p["memory_gib"]["allocated"] <= capacity - need for p in kept)
 
 
 @pytest.mark.parametrize(("text", "gib"), [("8", 8.0), ("8GiB", 8.0), ("0.1", 8.0), ("10%", 8.0), (None, 0.0),

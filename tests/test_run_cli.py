@@ -126,6 +126,8 @@ def test_world_size_2_fsdp_ep_matches_world_size_1(baseline, model_dir, tmp_path
     plan = write_plan(tmp_path / "plan.yaml", model_dir, devices=2, fsdp=2, ep=2)
     summary = run_json(plan, "--steps", 20, "--checkpoint-dir", tmp_path / "ckpt")
     assert summary["world_size"] == 2
+    # The busiest EP rank's routed load over the mean, measured every step (what --imbalance prices).
+    assert summary["ep_imbalance"] is not None and 1.0 <= summary["ep_imbalance"] <= 2.0
     ref = baseline[0]["losses"]
     assert max(abs(a - b) / abs(b) for a, b in zip(summary["losses"], ref, strict=True)) <= 1e-5
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))

@@ -32,7 +32,7 @@ def test_deepseek_v3_on_2048_h800_finds_a_fitting_plan(capsys):
     assert result["search_time_s"] > 0
     speeds = [p["tokens_per_s_per_device"] for p in result["plans"]]
     assert speeds == sorted(speeds, reverse=True)
-    assert all(p["memory_gib"]["total"] <= p["memory_gib"]["capacity"] for p in result["plans"])
+    assert all(p["memory_gib"]["allocated"] <= p["memory_gib"]["capacity"] for p in result["plans"])
 
 
 @pytest.mark.parametrize("model, devices, batch", [("qwen3-235b-a22b", 256, 2048), ("kimi-k2", 1024, 4096)])
@@ -41,8 +41,12 @@ def test_pruned_search_returns_the_exhaustive_best(model, devices, batch):
     pruned = search(workload, devices)
     full = search(workload, devices, exhaustive=True)
     assert full.candidates_evaluated > pruned.candidates_evaluated
-    assert pruned.plans[0].layout == full.plans[0].layout
     assert pruned.plans[0].tokens_per_s_per_device == pytest.approx(full.plans[0].tokens_per_s_per_device)
+    if pruned.plans[0].layout != full.plans[0].layout:
+        # A tie on speed: the exhaustive search also prices offload variants of the fastest layout
+        # that offload hides completely, and breaks the tie on memory.
+        differs = {k for k, v in pruned.plans[0].layout.settings().items() if full.plans[0].layout.settings()[k] != v}
+        assert differs <= {"offload", "recompute"}, differs
 
 
 def test_qwen3_235b_best_beats_each_published_3d_layout():
@@ -144,3 +148,33 @@ def test_unreadable_plans_exit_2(tmp_path, text, capsys):
     path.write_text(text)
     code, _, err = run(["whatif", str(path)], capsys)
     assert code == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model, hardware, devices, extra", [
+    # --allow-3d: every runnable layout is beaten on speed and memory by a price-only 3D one, which
+    # the ranked list keeps instead; search must still write the fastest runnable layout
+    ("gpt-oss-20b", "a100", "8", ["--allow-3d"]),
+    ("qwen3-30b-a3b", "a3", "16", []),  # a3: two ranks per device, sizes in ranks
+    ("qwen3-30b-a3b", "a3", "8", ["--allow-3d", "--seq-len", "2048"]),
+    ("llama3-8b", "h100", "8", ["--global-batch", "32"]),
+    ("qwen3-0.6b", "cpu", "2", ["--seq-len", "512", "--precision", "fp32"]),
+])
+def test_search_writes_only_plans_the_runtime_executes(model, hardware, devices, extra, tmp_path, capsys):
+    from xplan.hw_profiles import load_profile
+    from xplan.layout import DEVICE_TYPE_OF_KIND, runtime_refusals
+    from xplan.runtime.train.loop import check_plan_for_runtime
+
+    path = tmp_path / "plan.yaml"
+    code, out, err = run(["search", model, hardware, "--devices", devices, *extra, "-o", str(path), "--json"],
+                         capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    plan = load_plan(path)
+    profile = load_profile(hardware)
+    device_type = DEVICE_TYPE_OF_KIND[profile.device.kind]
+    assert runtime_refusals(plan.layout, device_type) == []
+    check_plan_for_runtime(plan, device_type)  # what `xplan run` checks before spawning
+    assert plan.layout.ranks_per_device == profile.device.ranks_per_device
+    assert result["written_plan"]["layout"] == plan.layout.to_dict()
+    if "--allow-3d" in extra:
+        assert any(p["runtime_refusals"] for p in result["plans"])  # 3D layouts are listed, priced only

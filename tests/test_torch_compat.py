@@ -23,7 +23,8 @@ def torch_version(request):
 
 
 def test_torch_is_in_the_supported_range():
-    assert torch.__version__ >= "2.8" and torch.__version__ < "2.15"  # pyproject's torch range
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    assert (2, 10) <= (major, minor) < (2, 15)  # pyproject's torch range
 
 
 # ---- grouped GEMM ------------------------------------------------------------------------------
@@ -44,6 +45,27 @@ def test_grouped_mm_equals_one_matmul_per_expert():
     ref.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(weight.grad, w_ref.grad)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_under_fake_tensors_has_the_real_output_shapes(dtype):
+    """The meta kernel takes bf16 only; the dry run of an fp32 MoE plan needs the fp32 shapes too."""
+    from xplan.runtime.models.grouped import grouped_linear_mm
+
+    counts = [3, 0, 7, 6]
+    real = (torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True),
+            torch.randn(len(counts), 8, 16, dtype=dtype, requires_grad=True))  # x, weight [experts, out, in]
+    real_out = grouped_linear_mm(*real, torch.tensor(counts))
+    real_out.sum().backward()
+    mode = compat.fake_tensor_mode()
+    x, weight = (mode.from_tensor(t.detach()).requires_grad_() for t in real)
+    tokens_per_expert = mode.from_tensor(torch.tensor(counts))
+    with mode:
+        out = grouped_linear_mm(x, weight, tokens_per_expert)
+        out.sum().backward()
+        assert (out.shape, out.dtype) == (real_out.shape, real_out.dtype)
+        assert x.grad.shape == real[0].grad.shape and weight.grad.shape == real[1].grad.shape
 
 
 # ---- fake process group, collectives, meshes ---------------------------------------------------

@@ -215,3 +215,25 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert latest_checkpoint(tmp_path) == (10, done)
     step, path, _, notes = require_checkpoint(tmp_path)
     assert (step, path) == (10, done) and notes == ["skipped step_00000020: no manifest (the save did not finish)"]
+
+
+def test_moe_block_accepts_zero_tokens():
+    """A rank can receive no tokens (an empty micro-batch shard); the torch combine path must not fail."""
+    from xplan.runtime.models.moe import MoE, SoftmaxTopKRouter, SwiGLUExperts
+
+    torch.manual_seed(0)
+    moe = MoE(SoftmaxTopKRouter(8, 4, 2, True), SwiGLUExperts(4, 8, 16), num_experts=4, top_k=2)
+    out = moe(torch.randn(1, 0, 8, requires_grad=True))
+    assert out.shape == (1, 0, 8)
+    out.sum().backward()
+
+
+def test_run_compares_allocated_memory_with_the_allocated_prediction():
+    """`max_memory_allocated` excludes the allocator's reserve, so the prediction it is held
+    against leaves the priced overhead out."""
+    from xplan.runtime.train.metrics import predicted_values
+
+    predictions = {"memory_gib": {"activations": 50.0, "overhead": 6.0, "total": 70.0}, "step_time_s": 2.5}
+    assert predicted_values(predictions) == (64.0, 2.5)
+    assert predicted_values({"memory_gib": 12.0}) == (12.0, None)
+    assert predicted_values(None) == (None, None)

@@ -15,6 +15,7 @@ Rank arithmetic, used the same way by the cost models, the search and the runtim
     dp_world = sp * data_parallel           (sp ranks split one sequence, Ulysses)
     dp_world = fsdp * hsdp_replicas         (dense weights sharded over `fsdp` ranks)
     fsdp     = ep * expert_fsdp             (routed experts split over `ep`, then sharded)
+    zero1: ep | dp_world * tp; expert_tp = tp when ep | dp_world, else 1 (EP spans the TP ranks)
 
 Data-parallel modes (`dp_mode`), one meaning for planner and runtime:
     fsdp   parameters, gradients and optimizer states sharded over all dp_world ranks (FSDP2)
@@ -62,6 +63,7 @@ DEVICE_TYPES = ("cpu", "cuda", "npu")
 _ALL = DEVICE_TYPES
 _NONE: tuple[str, ...] = ()
 _ACCELERATORS = ("cuda", "npu")
+_CUDA = ("cuda",)
 
 
 def knob(default: Any = ..., help: str = "", *, flag: str | None = None, short: str | None = None,
@@ -83,23 +85,30 @@ class _Frozen(BaseModel):
 class Kernels(_Frozen):
     """Which implementation runs in each kernel slot."""
 
-    attention: Literal["sdpa", "eager", "flash", "flash1"] = knob(
+    attention: Literal["sdpa", "eager", "flash", "flex", "flash1"] = knob(
         "sdpa", "Attention kernel: sdpa (torch scaled_dot_product_attention's default dispatch; the blockwise "
         "path for sinks, windows and MLA off CUDA), eager (unfused matmul, softmax, matmul), flash (fused: an "
         "explicit SDPA flash/cuDNN/memory-efficient backend, flex_attention for sinks, windows and MLA on CUDA; "
-        "npu_fusion_attention on Ascend), flash1 (FlashAttention-1, older stacks; priced, not run).",
-        runs={"sdpa": _ALL, "eager": _ALL, "flash": _ACCELERATORS, "flash1": _NONE})
+        "npu_fusion_attention on Ascend), flex (compiled flex_attention for every layer, CUDA: torch has no "
+        "flex backward on CPU), flash1 (FlashAttention-1, older stacks; priced, not run).",
+        runs={"sdpa": _ALL, "eager": _ALL, "flash": _ACCELERATORS, "flex": _CUDA, "flash1": _NONE})
     moe_gemm: Literal["grouped_mm", "loop"] = knob(
         "grouped_mm", "Routed-expert GEMMs: grouped_mm (torch._grouped_mm where aligned; Triton token "
         "permutation on CUDA) or loop (one per expert).",
         flag="--moe-gemm", runs={"grouped_mm": _ALL, "loop": _ALL})
-    loss: Literal["full", "chunked"] = knob(
-        "chunked", "Loss kernel: full logits, or chunked (LM head and cross-entropy by token chunks).",
-        runs={"full": _ALL, "chunked": _ALL})
+    loss: Literal["full", "chunked", "fused"] = knob(
+        "chunked", "Loss kernel: full logits, chunked (LM head and cross-entropy by token chunks), or fused (one "
+        "cross-entropy kernel over the compute-dtype logits that writes their gradient in place, as Transformer "
+        "Engine's and Megatron's fused cross entropy; priced, not run).",
+        runs={"full": _ALL, "chunked": _ALL, "fused": _NONE})
     elementwise: Literal["fused", "eager"] = knob(
         "fused", "Elementwise ops: fused (each block compiled on accelerators; Triton RMSNorm on CUDA) or eager "
         "(one kernel per op).",
         runs={"fused": _ACCELERATORS, "eager": _ALL})
+    norm: Literal["auto", "fused"] = knob(
+        "auto", "Normalisation kernel: auto (as the elementwise ops run) or fused (one kernel that keeps only "
+        "its input for backward, e.g. a Triton RMSNorm beside eager elementwise ops; priced, not run).",
+        runs={"auto": _ALL, "fused": _NONE})
 
     # Dict-style reads (`layout.kernels.get("loss")`) for code that takes a slot name.
     def get(self, slot: str, default: Any = None) -> Any:
@@ -157,6 +166,21 @@ class Layout(_Frozen):
         "exposed", "Tensor-parallel collectives exposed, or overlapped with the GEMMs as Megatron's "
         "--tp-comm-overlap runs them (an assumption about that engine; only the cost model reads it).",
         flag="--tp-comm", price_only=True)
+    ep_overlap: Literal["exposed", "microbatch", "dualpipe"] = knob(
+        "exposed", "Expert-parallel all-to-all schedule: exposed (on the critical path, what the runtime runs), "
+        "microbatch (overlapped with another micro-batch's compute, Megatron-core's EP A2A overlap), dualpipe "
+        "(DeepSeek's DualPipe pipeline schedule: forward and backward chunks of two micro-batches overlapped, "
+        "hiding the all-to-alls and pipeline sends; two parameter copies per rank). Priced, not run.",
+        flag="--ep-overlap", runs={"exposed": _ALL, "microbatch": _NONE, "dualpipe": _NONE})
+    grad_dtype: Literal["fp32", "bf16"] = knob(
+        "fp32", "Gradient accumulation and data-parallel reduction dtype: fp32 (the runtime) or bf16 (Megatron "
+        "with grad_reduce_in_fp32 off: zero1 keeps bf16 gradients; an assumption about that engine, only the "
+        "cost model reads it).", flag="--grad-dtype", runs={"fp32": _ALL, "bf16": _NONE})
+    fsdp_buffers: Literal["copy", "zero_copy"] = knob(
+        "copy", "FSDP collective buffers: copy (FSDP2 copies each shard into and out of the collectives' buffers, "
+        "what the runtime runs) or zero_copy (Megatron-FSDP: parameters and gradients live in the buffers the "
+        "collectives use, its ParamAndGradBuffer). Priced, not run.",
+        flag="--fsdp-buffers", runs={"copy": _ALL, "zero_copy": _NONE})
     kernels: Kernels = Field(default_factory=Kernels, description="Kernel choice per slot.")
 
     @field_validator("devices", "ranks_per_device", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch",
@@ -250,6 +274,13 @@ class Layout(_Frozen):
     @property
     def expert_fsdp(self) -> int:
         return max(1, self.fsdp // self.ep)
+
+    @property
+    def expert_tp(self) -> int:
+        """Ranks one routed expert is split over: tp while the EP group fits in the data-parallel
+        world (experts tensor-parallel like the dense layers), 1 when EP spans the tensor-parallel
+        ranks (Megatron's expert TP 1: the EP group then runs over consecutive ranks)."""
+        return self.tp if self.ep <= self.dp_world else 1
 
     @property
     def zero1(self) -> bool:
@@ -434,52 +465,6 @@ def layout_from_dict(data: dict[str, Any]) -> Layout:
         raise InputError("; ".join(_describe(e) for e in exc.errors()[:3]) + ".") from None
 
 
-def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None = None) -> None:
-    """Divisibility and architectural constraints; raises InputError naming the first violation.
-
-    `config` is a runtime ModelConfig (only its fields are read).
-    """
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise InputError(message)
-
-    d = layout
-    need(d.ranks % (d.tp * d.pp) == 0,
-         f"{d.ranks_text(noun_first=True)} must be a multiple of tp × pp ({d.tp} × {d.pp}).")
-    need(d.dp_world % d.sp == 0, f"sp ({d.sp}) must divide the data-parallel world ({d.dp_world} = ranks / (tp × pp)).")
-    need(d.dp_world % d.fsdp == 0,
-         f"fsdp ({d.fsdp}) must divide the data-parallel world ({d.dp_world}); use a divisor for HSDP.")
-    if d.fsdp > 1:
-        need(d.fsdp % d.ep == 0, f"ep ({d.ep}) must divide the FSDP shard group ({d.fsdp}): experts are split "
-                                 "over EP ranks inside each shard group.")
-    else:
-        # Megatron-style: the expert-parallel group may span tensor-parallel ranks (expert TP = 1).
-        need((d.dp_world * d.tp) % d.ep == 0,
-             f"ep ({d.ep}) must divide the data-parallel × tensor-parallel ranks ({d.dp_world} × {d.tp}).")
-    if d.ep > 1:
-        need(config.num_experts > 0, f"ep = {d.ep} needs a mixture-of-experts model; {config.name} is dense.")
-        need(config.num_experts % d.ep == 0,
-             f"ep ({d.ep}) must divide the number of routed experts ({config.num_experts}).")
-    if d.sp > 1:
-        heads, kv = config.num_heads, config.num_kv_heads
-        if config.attention_kind == "mla":
-            kv = heads  # MLA expands its latent into one k/v per head before attention
-        need(heads % d.sp == 0, f"Ulysses sp ({d.sp}) must divide the attention heads ({heads}).")
-        need(kv % d.sp == 0 or d.sp % kv == 0,
-             f"Ulysses sp ({d.sp}) and the kv heads ({kv}) must divide one another (kv heads are repeated "
-             "when sp exceeds them).")
-        need(seq_len % d.sp == 0, f"seq_len ({seq_len}) must be a multiple of sp ({d.sp}).")
-    if d.tp > 1:
-        need(config.num_heads % d.tp == 0, f"tp ({d.tp}) must divide the attention heads ({config.num_heads}).")
-    if d.pp > 1 or d.vpp > 1:
-        # Embedding and loss may take a virtual stage each (as Megatron's uneven split allows).
-        need(config.num_layers + 2 >= d.pp * d.vpp,
-             f"pp × vpp ({d.pp} × {d.vpp}) stages cannot exceed the layers ({config.num_layers}) + 2.")
-    need(d.vpp == 1 or d.pp > 1, "vpp > 1 needs pipeline parallelism (pp > 1).")
-    if d.keep_gathered:
-        present = {"moe" if config.is_moe_layer(i) else "dense" for i in range(config.num_layers)}
-        missing = [k for k in d.keep_gathered if k not in present]
-        need(not missing, f"keep_gathered names {', '.join(missing)} blocks, but {config.name} has only "
-                          f"{', '.join(sorted(present))} blocks.")
-    if global_batch is not None:
-        layout.grad_accum(global_batch)
+# The divisibility and architecture checks live beside (xplan/layout_check.py); imported here so
+# `xplan.layout.check_layout` stays the one name every caller uses.
+from xplan.layout_check import check_layout  # noqa: E402, F401

@@ -58,6 +58,7 @@ class DataSettings(_Strict):
 class TrainingSettings(_Strict):
     seq_len: int = Field(..., ge=1)
     global_batch: int = Field(..., ge=1)  # sequences per optimizer step
+    image_tokens: int = Field(0, ge=0)  # image tokens per sample (vision-language models; images first)
     steps: int = Field(10, ge=1)
     seed: int = 0
     grad_clip: float = Field(1.0, ge=0)

@@ -94,10 +94,11 @@ def dtype_name(dtype: Any) -> str:
 
 
 def cache_key(config, seq_len: int, micro_batch: int, recompute: str, dtype: Any, loss: str = "full",
-              tiles: int = 1) -> str:
+              tiles: int = 1, image_tokens: int = 0) -> str:
     tiled = f"-t{tiles}" if tiles > 1 else ""  # untiled keys as before token tiling existed
+    images = f"-i{image_tokens}" if image_tokens else ""
     return (f"{config.family}-{config_hash(config)}-s{seq_len}-b{micro_batch}-{recompute}-{dtype_name(dtype)}-{loss}"
-            f"{tiled}-{code_version()}")
+            f"{images}{tiled}-{code_version()}")
 
 
 def entry_path(cache_dir: str | Path | None, key: str) -> Path:

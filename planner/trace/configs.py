@@ -177,7 +177,7 @@ def load_model_config(name_or_path: str | Path) -> model_config.ModelConfig:
 
 
 def _counts_from_json(data: Any) -> ParameterCounts:
-    ints = ("total", "active", "routed_experts")
+    ints = ("total", "active", "routed_experts", "vision")
     if (type(data) is not dict or set(data) != {*ints, "layers_by_kind"}
             or not all(type(data[k]) is int and 0 <= data[k] < INT_LIMIT for k in ints)
             or type(data["layers_by_kind"]) is not dict
@@ -200,6 +200,7 @@ def parameter_counts(config: model_config.ModelConfig) -> ParameterCounts:
     from xplan.runtime.models.counting import count_parameters
 
     counts = count_parameters(build_model(config, device="meta"))
-    out = ParameterCounts(counts.total, counts.active, counts.routed_experts, dict(counts.layers_by_kind))
+    out = ParameterCounts(counts.total, counts.active, counts.routed_experts, dict(counts.layers_by_kind),
+                          counts.vision)
     store.write_entry(None, COUNTS_KIND, key, dataclasses.asdict(out))
     return out

@@ -62,7 +62,9 @@ def build_graph(trace, ops, roles, scopes) -> nx.DiGraph:
             continue
         key = (stage_node(op.scope.stage, blocks), op.phase)
         flops[key] = flops.get(key, 0) + op.flops
-    for stage in STAGE_ORDER:
+    extra = {op.scope.stage for op in ops} | {scope.stage for scope in scopes.values()}
+    extra = sorted(s for s in extra - set(STAGE_ORDER) if stage_node(s, blocks) == s)  # e.g. "vision"
+    for stage in (*extra, *STAGE_ORDER):
         g.add_node(stage, type="stage", flops_forward=flops.get((stage, "forward"), 0),
                    flops_backward=flops.get((stage, "backward"), 0))
     for kind, b in blocks.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -215,6 +216,36 @@ def _plain(value: Any, what: str, depth: int = 0) -> Any:
     raise _bad(what)
 
 
+# What cost models read from an op node (cost_models/ops.py, memory.py): each must have this
+# form; other attributes are free-form JSON (`_plain`).
+_OP_COUNTS = ("flops", "flops_dense", "bytes_read", "bytes_written", "saved_bytes")
+_SHAPE = re.compile(r"scalar|[0-9]+(x[0-9]+)*")
+_OP_TEXT = ("op", "stage", "module", "out_shape", "out_dtype")
+
+
+def _check_op_node(attrs: dict) -> None:
+    for name in _OP_COUNTS:
+        if _int(attrs.get(name), name) < 0:
+            raise _bad(name)
+    for name in _OP_TEXT:
+        _str(attrs.get(name), name)
+    if attrs.get("phase") not in ("forward", "backward"):
+        raise _bad("op phase")
+    if type(attrs.get("attention")) is not bool or type(attrs.get("selective_saved")) is not bool:
+        raise _bad("op flags")
+    if not 0 <= _number(attrs.get("mask_fraction"), "mask_fraction") <= 1:
+        raise _bad("mask_fraction")
+    for name in ("groups", "repeat"):
+        if name in attrs and _int(attrs[name], name) < 1:
+            raise _bad(name)
+    if "rows_per_group" in attrs and _number(attrs["rows_per_group"], "rows_per_group") < 0:
+        raise _bad("rows_per_group")
+    shape = attrs["out_shape"]  # "AxB..." or "scalar"; a GEMM's dimensions divide its FLOPs
+    if not _SHAPE.fullmatch(shape) or (attrs["flops"] and shape != "scalar" and not all(
+            int(d) for d in shape.split("x"))):
+        raise _bad("out_shape")
+
+
 def _block_to_json(b: BlockSummary) -> dict:
     return dataclasses.asdict(b)
 
@@ -263,7 +294,10 @@ def graph_from_json(data: Any) -> nx.DiGraph:
     for item in d["nodes"]:
         if type(item) is not list or len(item) != 2:
             raise _bad("graph node")
-        nodes.append((_str(item[0], "node name"), _plain(_dict(item[1], "node attributes"), "node attributes")))
+        attrs = _plain(_dict(item[1], "node attributes"), "node attributes")
+        if attrs.get("type") == "op":
+            _check_op_node(attrs)
+        nodes.append((_str(item[0], "node name"), attrs))
     g.add_nodes_from(nodes)
     edges = []
     for item in d["edges"]:

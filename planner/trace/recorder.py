@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from xplan.runtime.models.blockwise_attention import BlockCount, current_block
+from xplan.runtime.models.blockwise_attention import in_kernel as in_blockwise_kernel
 from xplan.runtime.models.tiling import current_tile
 from xplan.runtime.recompute import selective_saves
 
@@ -407,6 +408,8 @@ class OpRecorder(TorchDispatchMode):
                 record.extra["groups"] = groups
                 if args[0].dim() == 2 and args[1].dim() == 3:  # rows split over groups
                     record.extra["rows_per_group"] = args[0].shape[0] / groups
+        if in_blockwise_kernel():  # inside the runtime's blockwise attention: a fused kernel's work
+            record.extra["in_attention_kernel"] = True
         block = current_block()
         if dense and block is not None:  # one block of the runtime's blockwise attention
             record.attention = True

@@ -22,6 +22,11 @@ runs it; a rank's tile count, traced at micro-batch 1, scales to its tokens like
 tensor. Ops of a tile carry `tile_tokens`; the tile's forward redone in the backward is marked
 `recompute` and counted in `recompute_flops` (every policy), not in the model FLOPs.
 
+Long sequences: past `EXPANDED_LOSS_CHUNKS` chunks, the 'chunked' loss runs one chunk of each
+distinct size (`loss.representative_chunks`) and the ops of a chunk that stands for n carry
+`repeat` = n with their FLOPs and bytes multiplied by n (cost models price n calls of the traced
+shape); below it every chunk is traced, as the runtime runs them.
+
 MoE routing is data dependent; the runtime's dropless MoE has static shapes, so the trace is exact
 for FLOPs and memory whatever the routing. The expected load, tokens x top-k / experts, is
 recorded per MoE block kind (`tokens_per_expert`) for cost models to apply imbalance to.
@@ -35,6 +40,7 @@ them there), so `flops_per_token_forward` includes them; with 'full' it is the m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import Counter
@@ -50,9 +56,17 @@ from . import cache as trace_cache
 from .model_trace import ROLES, BlockSummary, ModelTrace
 from .recorder import OpRecorder, Scope, ScopeTracker, StageInfo
 
+# Most loss chunks traced one by one (shorter traces are exactly the runtime's op sequence); past
+# it, one chunk per distinct size stands for the rest (16M tokens would be 16k chunks).
+EXPANDED_LOSS_CHUNKS = 256
+
 NON_BLOCK_GROUPS = {"embed": "embedding", "rotary": "embedding", "model": "embedding", "norm": "head",
-                    "head": "head"}
-_STAGE_OF_CHILD = {"embed_tokens": "embed", "rotary_emb": "rotary", "norm": "norm", "lm_head": "head"}
+                    "head": "head", "vision": "embedding"}
+# The vision tower and projector of a vision-language model are one stage, "vision", in the
+# embedding group: they run before the first decoder layer, on the first pipeline rank, and keep
+# every activation (no recompute), as the runtime runs them.
+_STAGE_OF_CHILD = {"embed_tokens": "embed", "rotary_emb": "rotary", "norm": "norm", "lm_head": "head",
+                   "vision_tower": "vision", "multi_modal_projector": "vision"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,15 +80,16 @@ def _block_kinds(config) -> list[str]:
 
 
 def build_skeleton(config, dtype: torch.dtype, fake_mode) -> tuple[nn.Module, list[str], list[int]]:
-    """The runtime's CausalLM with one decoder layer per block kind, on fake CPU tensors."""
-    from xplan.runtime.models.transformer import CausalLM, DecoderLayer
+    """The runtime's CausalLM with one decoder layer per block kind, on fake CPU tensors (a
+    vision-language model keeps its whole vision tower)."""
+    from xplan.runtime.models.transformer import DecoderLayer, model_class
 
     kinds = _block_kinds(config)
     reps: dict[str, int] = {}
     for i, kind in enumerate(kinds):
         reps.setdefault(kind, i)
     with torch.device("meta"):
-        model = CausalLM(dataclasses.replace(config, num_layers=0))
+        model = model_class(config)(dataclasses.replace(config, num_layers=0))
         model.model.layers = nn.ModuleList(DecoderLayer(config, i) for i in reps.values())
         model.to(dtype)
     for layer, kind in zip(model.model.layers, reps, strict=True):
@@ -138,11 +153,12 @@ def _param_roles(model: nn.Module, scopes: dict[nn.Module, Scope]) -> dict[int, 
     return out
 
 
-def training_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+def training_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, kind: str,
+                  pixel_values: torch.Tensor | None = None) -> torch.Tensor:
     """The runtime's training loss (sum of token losses, computed inside the LM head's call)."""
     from xplan.runtime.train.loss import token_loss_sum
 
-    return token_loss_sum(model, input_ids, labels, kind=kind)
+    return token_loss_sum(model, input_ids, labels, kind=kind, pixel_values=pixel_values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,7 +166,7 @@ def training_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
 
 
 def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len, loss_kind, detailed, backward,
-         fake):
+         fake, image_tokens=0):
     """One traced training step. Returns (recorder, storages alive after the forward, backward
     peak bytes per stage; {} without `backward`)."""
     tracker = ScopeTracker(scopes, stage_inputs, param_scopes).install()
@@ -158,16 +174,26 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
     rec.grads_at_peak = {}
     peaks: dict[str, dict[str, int]] = {}
     hooks = []
+    marks: list[tuple[int, int]] = []  # (op index, repeats) where a representative loss chunk starts / ends
+    chunks = _loss_chunks(marks, rec) if loss_kind == "chunked" and _compress_loss(micro_batch * seq_len) else (
+        contextlib.nullcontext())
     try:
-        with fake, rec, observing_tiles(rec.on_tile):
+        with fake, rec, chunks, observing_tiles(rec.on_tile):
             # Inputs are made under the recorder: the embedding keeps the token ids and the loss
             # its labels for backward, as in training.
             ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+            pixels = None
+            if image_tokens:  # the runtime's synthetic layout: a sample's images first
+                from xplan.runtime.train.data import image_batch
+
+                tracker.push(Scope("vision"))
+                ids, pixels = image_batch(ids, model.spec, image_tokens)
+                tracker.pop()
             tracker.push(Scope("head"))
             labels = torch.zeros(micro_batch, seq_len, dtype=torch.long)
             tracker.pop()
-            loss = training_loss(model, ids, labels, loss_kind)
-            del ids, labels
+            loss = training_loss(model, ids, labels, loss_kind, pixels)
+            del ids, labels, pixels
             alive = rec.alive()
             if backward:
                 hooks = _note_parameter_gradients(loss, model, rec.param_grads)
@@ -182,6 +208,7 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
             hook.remove()
     for p in model.parameters():
         p.grad = None
+    _scale_repeated(rec.ops, marks)
     return rec, alive, peaks
 
 
@@ -213,10 +240,36 @@ def _note_parameter_gradients(loss: torch.Tensor, model: nn.Module, sink: set[in
     return hooks
 
 
+def _compress_loss(tokens: int) -> bool:
+    from xplan.runtime.train.loss import DEFAULT_CHUNK_TOKENS
+
+    return tokens > EXPANDED_LOSS_CHUNKS * DEFAULT_CHUNK_TOKENS
+
+
+def _loss_chunks(marks: list[tuple[int, int]], rec):
+    from xplan.runtime.train.loss import representative_chunks
+
+    return representative_chunks(lambda repeats: marks.append((len(rec.ops), repeats)))
+
+
+def _scale_repeated(ops, marks: list[tuple[int, int]]) -> None:
+    """Ops of a loss chunk that stands for `repeats` chunks: FLOPs and bytes times `repeats`."""
+    for (begin, repeats), (end, _) in zip(marks[::2], marks[1::2], strict=True):
+        if repeats == 1:
+            continue
+        for op in ops[begin:end]:
+            op.flops *= repeats
+            op.flops_dense *= repeats
+            op.bytes_read *= repeats
+            op.bytes_written *= repeats
+            op.extra["repeat"] = repeats
+
+
 def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.dtype,
-                   loss: str, tiles: int = 1) -> ModelTrace:
+                   loss: str, tiles: int = 1, image_tokens: int = 0) -> ModelTrace:
     """Trace `config` now (see the module docstring); `trace_model` is the cached front. `dtype` is
-    a torch dtype or its name; `tiles` the token tiles of each block's feed-forward half."""
+    a torch dtype or its name; `tiles` the token tiles of each block's feed-forward half;
+    `image_tokens` per sample run the vision tower (vision-language models)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -239,7 +292,7 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
         stages[kind] = StageInfo(kind, attention_window=config.sliding_window if sliding else None)
     with torch.enable_grad():
         rec, alive, peaks = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len, loss,
-                                 detailed=True, backward=True, fake=fake)
+                                 detailed=True, backward=True, fake=fake, image_tokens=image_tokens)
         saved = {"none": _saved_by_stage(alive)}
         backward_peaks = {"none": peaks}
         backward_grads = {"none": rec.grads_at_peak}
@@ -252,7 +305,8 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
                 rc.apply_recompute(layer, policy)
             try:
                 rec_p, alive_p, peaks_p = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch,
-                                               seq_len, loss, detailed=False, backward=True, fake=fake)
+                                               seq_len, loss, detailed=False, backward=True, fake=fake,
+                                               image_tokens=image_tokens)
             finally:
                 for layer in layers:
                     rc.apply_recompute(layer, "none")

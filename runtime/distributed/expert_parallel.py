@@ -120,6 +120,7 @@ def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, fake_imbalance: float =
             return even, [busiest] * ep
         both = torch.cat([counts.view(ep, local).sum(1), received.view(ep, local).sum(1)])
         values = both.tolist()  # the one device-to-host sync of this MoE layer
+        moe._xplan_received.append(sum(values[ep:]))  # this rank's routed load (step_imbalance)
         return values[:ep], values[ep:]
 
     def dispatch(x: torch.Tensor, expert_ids: torch.Tensor):
@@ -148,7 +149,30 @@ def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, fake_imbalance: float =
     moe.__dict__["dispatch"] = dispatch
     moe.__dict__["combine"] = combine
     moe._xplan_ep = ep  # type: ignore[attr-defined]
+    moe._xplan_ep_group = group  # type: ignore[attr-defined]
+    moe._xplan_received = []  # type: ignore[attr-defined]
     return moe
+
+
+def step_imbalance(model: nn.Module) -> float | None:
+    """The busiest EP rank's routed load over the mean, averaged over the MoE layer calls since
+    the last call (each layer's dispatch recorded this rank's received rows): one all-reduce of
+    the loads (max and sum) over the EP group. None without expert parallelism or calls. Every
+    EP rank must call it (a collective)."""
+    blocks = [m for m in moe_blocks(model) if getattr(m, "_xplan_ep", 1) > 1]
+    loads = [load for m in blocks for load in m._xplan_received]
+    for m in blocks:
+        m._xplan_received = []
+    if not blocks or not loads:
+        return None
+    group, ep = blocks[0]._xplan_ep_group, blocks[0]._xplan_ep
+    peak = torch.tensor(loads, dtype=torch.float64)
+    total = peak.clone()
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=group)
+    mean = total / ep
+    ratios = [p / m for p, m in zip(peak.tolist(), mean.tolist(), strict=True) if m > 0]
+    return sum(ratios) / len(ratios) if ratios else None
 
 
 class _OutsideRecomputeRegion:
@@ -186,4 +210,4 @@ def moe_blocks(model: nn.Module) -> list[MoE]:
 
 
 __all__ = ["apply_expert_parallel", "local_experts_forward", "moe_blocks", "run_fsdp_hooks_outside_recompute",
-           "shard_experts"]
+           "shard_experts", "step_imbalance"]

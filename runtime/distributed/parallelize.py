@@ -161,6 +161,10 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imba
         fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=reshard, shard_placement_fn=placement, **common)
         units.append(block)
         kept += [] if reshard else [block]
+    if hasattr(model, "vision_tower"):  # one unit per vision layer; embeddings and projector in the root
+        for layer in model.vision_tower.encoder.layer:
+            fully_shard(layer, mesh=meshes.fsdp, reshard_after_forward=True, **common)
+            units.append(layer)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if not tied:
         fully_shard(model.model.embed_tokens, mesh=meshes.fsdp, reshard_after_forward=True, **common)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from .depth import Segment, layer_classes, reduced_layers, segments
 from .report import GIB, DryRunReport
-from .run import build_fake_model, check_dry_run, dry_run, fake_process_group
+from .run import build_fake_model, check_dry_run, dry_run, executed_layout, fake_process_group
 from .tracker import COMPONENTS, PhasePeak, components_of
 
 __all__ = ["COMPONENTS", "GIB", "DryRunReport", "PhasePeak", "Segment", "build_fake_model", "check_dry_run",
-           "components_of", "dry_run", "fake_process_group", "layer_classes", "reduced_layers", "segments"]
+           "components_of", "dry_run", "executed_layout", "fake_process_group", "layer_classes", "reduced_layers", "segments"]

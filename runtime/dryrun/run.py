@@ -80,14 +80,13 @@ def build_fake_model(config, indices: list[int] | None, fake_mode) -> nn.Module:
 
     `indices`: keep only these decoder layers (built with their original index, so kind, attention
     type and layer-dependent details are those of the full model)."""
-    from xplan.runtime.models import CausalLM
-    from xplan.runtime.models.transformer import DecoderLayer
+    from xplan.runtime.models.transformer import DecoderLayer, model_class
 
     with torch.device("meta"):
         if indices is None:
-            model = CausalLM(config)
+            model = model_class(config)(config)
         else:
-            model = CausalLM(dataclasses.replace(config, num_layers=0))
+            model = model_class(config)(dataclasses.replace(config, num_layers=0))
             model.model.layers = nn.ModuleList(DecoderLayer(config, i) for i in indices)
             model.config = config
     with fake_mode:
@@ -175,18 +174,23 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
                 input_ids = torch.zeros(rows, cols, dtype=torch.long)
                 labels = torch.zeros(rows, cols, dtype=torch.long)
                 positions = (torch.arange(cols) + meshes.sp_rank * cols).expand(rows, cols)
+                pixels = None
+                if training.image_tokens:  # the runtime's image + text samples (images first)
+                    from xplan.runtime.train.data import image_batch
+
+                    input_ids, pixels = image_batch(input_ids, config.vision_spec, training.image_tokens)
             loss_fn = token_loss_fn(layout.kernels.get("loss", "chunked"), chunk_tokens)
             # Where the runtime keeps model states in host memory: FSDP2's CPU offload (params) keeps
             # the shards, gradients and moments there; ZeRO-1 with offload its fp32 masters and moments.
             zero1_host = layout.zero1 and any(k in layout.offload for k in ("optimizer", "params"))
             host_categories = ("OptState",) if zero1_host else PARAMS_OFFLOAD_HOST if "params" in layout.offload else ()
             hooks.tracker = tracker = tracker_class()(model, optimizer, model.lm_head, host_categories, zero1_host)
-            tracker.track_inputs((input_ids, labels, positions))
+            tracker.track_inputs(tuple(t for t in (input_ids, labels, positions, pixels) if t is not None))
             for host in (state_offload.host.values() if state_offload is not None else ()):
                 tracker.label_host_states(host)
             with fake, tracker:
                 tracker.stage = "step"
-                train_step(model, optimizer, [Batch(input_ids, labels, positions)] * micro, loss_fn,
+                train_step(model, optimizer, [Batch(input_ids, labels, positions, pixels)] * micro, loss_fn,
                            training.global_batch * training.seq_len, meshes, training.grad_clip, scheduler,
                            hooks=hooks)
             peaks = dict(tracker.peaks)
@@ -230,6 +234,16 @@ def check_dry_run(plan, layers: int | None = None, imbalance: float | None = Non
     return config, imbalance
 
 
+def executed_layout(layout):
+    """The layout as a dry run executes it: the plan's, except that `kernels.elementwise: fused`
+    runs eager. Blocks are compiled only on accelerators (`train.parallel.compile_blocks`); on CPU
+    fake tensors they stay eager and RMSNorm is the torch one (`kernels.registry.STAND_IN`), so the
+    activations a dry run measures are what eager ops save, not what compiled blocks keep."""
+    if layout.kernels.get("elementwise", "fused") != "fused":
+        return layout
+    return layout.with_changes(kernels={**layout.kernels.model_dump(), "elementwise": "eager"})
+
+
 def rank_memory_budget(hardware: str, ranks_per_device: int) -> float | None:
     """Device memory one rank may use, in bytes: the profile's per-device HBM over its ranks (an a3
     package's 128 GiB is two 64 GiB dies). None when the profile cannot be read."""
@@ -265,6 +279,10 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None,
     if layout.offload:
         run_notes.append(f"offload ({', '.join(layout.offload)}) simulated: the runtime's host copies are counted as "
                          "host memory, not on the device; the copies' timing is not.")
+    if executed_layout(layout) is not layout:
+        caveats.append("kernels.elementwise=fused compiles each block on the accelerator; here the blocks run eager "
+                       "(no torch.compile on CPU fake tensors), so activations are measured as eager ops save them, "
+                       "not as compiled blocks keep them (fewer: pointwise ops recomputed).")
 
     classes = layer_classes(config, layout)
     segs = segments(classes)
@@ -303,4 +321,4 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None,
     )
 
 
-__all__ = ["build_fake_model", "check_dry_run", "dry_run", "fake_process_group", "measure"]
+__all__ = ["build_fake_model", "check_dry_run", "dry_run", "executed_layout", "fake_process_group", "measure"]

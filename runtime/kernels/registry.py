@@ -116,6 +116,8 @@ CHOICES: dict[str, dict[str, dict[str, dict[str, tuple[str, ...]]]]] = {
         # windows, sinks and MLA's unequal widths (CUDA); npu_fusion_attention on Ascend.
         "flash": {"attention": {"cuda": ("flex_attention", *PLAIN_SDPA_BACKENDS, "blockwise"),
                                 "npu": ("npu_fusion_attention", "blockwise")}},
+        # flex_attention for every layer, plain causal included (CUDA only: no CPU backward in torch 2.13).
+        "flex": {"attention": {"cuda": ("flex_attention",)}},
         "flash1": {"attention": {}},  # FlashAttention-1: no implementation here; priced for old stacks
     },
     "moe_gemm": {
@@ -126,6 +128,14 @@ CHOICES: dict[str, dict[str, dict[str, dict[str, tuple[str, ...]]]]] = {
     "loss": {
         "chunked": {"loss": _on(ALL, "chunked")},
         "full": {"loss": _on(ALL, "full")},
+        "fused": {"loss": {}},  # one fused cross-entropy kernel (TE / Megatron): priced, not run
+    },
+    # RMSNorm: `auto` runs what the elementwise choice picks (apply_kernels selects it through the
+    # elementwise slot); `fused` (a fused norm beside eager elementwise ops) is priced, not run.
+    "norm": {
+        "auto": {"norm": {"cuda": ("triton_rmsnorm", "torch_rmsnorm"), "cpu": ("torch_rmsnorm",),
+                          "npu": ("torch_rmsnorm",)}},
+        "fused": {"norm": {}},
     },
     "elementwise": {
         "fused": {"elementwise": _on(("cuda", "npu"), "torch.compile(blocks)"),

@@ -52,6 +52,22 @@ def current_block() -> BlockCount | None:
     return getattr(_state, "block", None)
 
 
+def in_kernel() -> bool:
+    """Whether this thread runs inside `blockwise_attention`'s forward or backward: the ops a
+    fused attention kernel (FlashAttention, cuDNN) would do in its registers (the tracer marks them)."""
+    return getattr(_state, "kernel", False)
+
+
+@contextlib.contextmanager
+def _kernel():
+    previous = in_kernel()
+    _state.kernel = True
+    try:
+        yield
+    finally:
+        _state.kernel = previous
+
+
 @contextlib.contextmanager
 def counting(block: BlockCount):
     previous = current_block()
@@ -117,6 +133,11 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, scale: float, window, q_offset: int):
+        with _kernel():
+            return _BlockwiseAttention._forward(ctx, q, k, v, sinks, scale, window, q_offset)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, sinks, scale: float, window, q_offset: int):
         blocks, kept_total = _plan(q, k, q_offset, window)
         seq_q, seq_k = q.shape[2], k.shape[2]
         # Laid out [b, s, h, dv] like the fused kernels' output, so the caller's transpose back to
@@ -143,6 +164,11 @@ class _BlockwiseAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with _kernel():
+            return _BlockwiseAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         q, k, v, sinks, out, lse = ctx.saved_tensors
         scale, window, q_offset, blocks, kept_total = ctx.config
         seq_q, seq_k = q.shape[2], k.shape[2]

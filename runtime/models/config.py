@@ -28,6 +28,10 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "deepseek_v3": "deepseek_v3",
     "kimi_k2": "deepseek_v3",  # Kimi K2 ships the DeepSeek-V3 architecture under its own name.
     "gpt_oss": "gpt_oss",
+    # Vision-language: an InternViT tower + projector before a Qwen3 / Qwen3-MoE language model,
+    # whose family the ModelConfig takes (runtime/models/vlm_config.py).
+    "internvl": "internvl",
+    "interns1": "internvl",
 }
 
 
@@ -72,12 +76,26 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     swiglu_limit: float = 0.0
+    # Vision tower and projector of a vision-language model ({} for text-only models; fields of
+    # `vlm_config.VisionSpec`).
+    vision: dict[str, Any] = field(default_factory=dict)
     # The parsed config, for writing config.json back out.
     hf_dict: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def is_vlm(self) -> bool:
+        return bool(self.vision)
+
+    @property
+    def vision_spec(self):
+        """The vision tower's `VisionSpec` (vision-language models only)."""
+        from .vlm_config import vision_spec
+
+        return vision_spec(self.vision)
 
     @property
     def attention_kind(self) -> str:
@@ -141,6 +159,12 @@ def hf_config_from_dict(raw: dict[str, Any]):
             f"model_type {model_type!r} is not supported; supported model_types are "
             f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}."
         )
+    if SUPPORTED_MODEL_TYPES[model_type] == "internvl":  # Intern-S1 built as transformers' InternVL
+        import transformers
+
+        from .vlm_config import internvl_fields
+
+        return transformers.InternVLConfig(**internvl_fields(raw))
     check_raw_config(raw, model_type, known_config_keys(model_type), config_key_aliases(model_type))
     check_required_fields(raw, model_type, config_key_aliases(model_type))
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
@@ -162,6 +186,10 @@ def model_config_from_dict(raw: dict[str, Any], name: str = "custom") -> ModelCo
     """Parse and validate a config.json dict into a ModelConfig."""
     if not isinstance(raw, dict):
         raise InputError("config.json must hold a JSON object.")
+    if raw.get("model_type") in ("internvl", "interns1"):
+        from .vlm_config import vlm_config_from_dict
+
+        return vlm_config_from_dict(raw, name, model_config_from_dict)
     hf = hf_config_from_dict(raw)
     model_type = raw["model_type"]
     family = SUPPORTED_MODEL_TYPES[model_type]

@@ -20,4 +20,6 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
             routed += n
             inactive += n * (module.num_experts - module.top_k) / module.num_experts
     kinds = Counter(layer.kind for layer in model.model.layers)
-    return ParameterCounts(total, round(total - inactive), routed, dict(kinds))
+    vision = sum(p.numel() for name, p in model.named_parameters()
+                 if name.startswith(("vision_tower.", "multi_modal_projector.")))
+    return ParameterCounts(total, round(total - inactive), routed, dict(kinds), vision)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import grouped_mm
+
 GROUPED_GEMM_IMPLS = ("auto", "grouped_mm", "loop")
 
 
@@ -37,7 +39,7 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, offsets):
         ctx.save_for_backward(x, weight, offsets)
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+        return grouped_mm(x, weight.transpose(-2, -1), offsets)
 
     @staticmethod
     def backward(ctx, grad):
@@ -45,10 +47,10 @@ class _GroupedLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch._grouped_mm(grad, weight, offs=offsets)
+            grad_x = grouped_mm(grad, weight, offsets)
         if ctx.needs_input_grad[1]:
             # [out, tokens] @ [tokens, in] split along the tokens: one [out, in] block per expert.
-            grad_w = torch._grouped_mm(grad.transpose(0, 1), x, offs=offsets)
+            grad_w = grouped_mm(grad.transpose(0, 1), x, offsets)
         return grad_x, grad_w, None
 
 

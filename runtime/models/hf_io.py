@@ -54,13 +54,16 @@ def _extra_layer_key(key: str, num_layers: int) -> bool:
 def load_hf_weights(model: nn.Module, directory: Path, num_layers: int) -> int:
     """Copy every tensor of the checkpoint into `model` (already materialised). Returns the count."""
     files = checkpoint_files(directory)
+    # Models whose local names differ from the checkpoint's by prefix (vision-language models).
+    rename = getattr(model, "hf_key_to_local", lambda key: key)
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
+                for hf_key in handle.keys():
+                    key = rename(hf_key)
                     if not _extra_layer_key(key, num_layers):
-                        tensors[key] = handle.get_tensor(key)
+                        tensors[key] = handle.get_tensor(hf_key)
         except (OSError, RuntimeError) as exc:
             raise InputError(f"cannot read safetensors file {path}: {exc}") from exc
 
@@ -102,7 +105,8 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state.update(module.local_to_hf(prefix))
     if getattr(model, "config", None) is not None and model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    rename = getattr(model, "local_key_to_hf", lambda key: key)
+    return {rename(k): v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def save_hf(model: nn.Module, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> Path:

@@ -106,7 +106,7 @@ class MoE(nn.Module):
             return self.token_permuter.unpermute(y_sorted, weights, order)
         y = torch.empty_like(y_sorted)
         y[order] = y_sorted
-        y = y.view(weights.shape[0], self.top_k, -1)
+        y = y.view(weights.shape[0], self.top_k, y_sorted.shape[-1])  # -1 is ambiguous with zero tokens
         return (y * weights.unsqueeze(-1)).sum(dim=1)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

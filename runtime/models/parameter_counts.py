@@ -12,3 +12,4 @@ class ParameterCounts:
     active: int  # total minus the routed experts one token does not visit
     routed_experts: int
     layers_by_kind: dict[str, int]
+    vision: int = 0  # vision tower + projector of a vision-language model (inside total and active)

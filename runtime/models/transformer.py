@@ -86,8 +86,9 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = build_rotary(config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         cos, sin = self.rotary_emb(positions, x.dtype)
@@ -135,3 +136,12 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:  # to_empty allocates each module's tensors separately
             self.lm_head.weight = self.model.embed_tokens.weight
         self.model.rotary_emb = build_rotary(self.config).to(device)
+
+
+def model_class(config: ModelConfig) -> type[CausalLM]:
+    """The module class for a config: `CausalLM`, or `VisionLanguageLM` for InternVL / Intern-S1."""
+    if config.is_vlm:
+        from .vision import VisionLanguageLM
+
+        return VisionLanguageLM
+    return CausalLM

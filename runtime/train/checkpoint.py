@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -102,6 +103,13 @@ def _storage_error(exc: BaseException | None) -> OSError | None:
     return None
 
 
+def _first_failure(exc: CheckpointException) -> str:
+    for failure in exc.failures.values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"{type(inner).__name__}: {inner}"
+    return str(exc)
+
+
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     zero = zero1_of(model)
     return zero.state_dicts(optimizer) if zero is not None else get_state_dict(model, optimizer)
@@ -151,10 +159,13 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
             _fsync_dir(tmp)
             _replace_dir(tmp, final)  # saving the same step again (e.g. a rerun) swaps atomically
             _fsync_dir(root)
-    except Exception as exc:
+    except BaseException as exc:  # DCP's CheckpointException derives from BaseException
         storage = _storage_error(exc)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if storage is None and isinstance(exc, CheckpointException):
+            raise RuntimeError(f"saving the checkpoint of step {step} under {root} failed: "
+                               f"{_first_failure(exc)}; the partial save was removed.") from None
         if storage is None:
             raise
         reason = "the disk is full" if storage.errno in (errno.ENOSPC, errno.EDQUOT) else storage.strerror

@@ -40,10 +40,12 @@ class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor
+    pixel_values: torch.Tensor | None = None  # [b * images per sample, C, H, W] (vision-language models)
 
     def to(self, device: torch.device | str) -> Batch:
+        pixels = None if self.pixel_values is None else self.pixel_values.to(device, non_blocking=True)
         return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
-                     self.positions.to(device, non_blocking=True))
+                     self.positions.to(device, non_blocking=True), pixels)
 
 
 class DataSource:
@@ -223,4 +225,61 @@ def split_micro_batches(windows: torch.Tensor, micro_batch: int, sp_rank: int = 
     for start in range(0, windows.shape[0], micro_batch):
         chunk = windows[start: start + micro_batch]
         out.append(Batch(chunk[:, lo:hi].contiguous(), chunk[:, lo + 1: hi + 1].contiguous(), positions))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Image + text samples (vision-language models): a fixed number of image tokens per sample, the
+# images first (their placeholder tokens at positions [0, image_tokens)), then text.
+
+
+def images_per_sample(spec, image_tokens: int) -> int:
+    return image_tokens // spec.tokens_per_image
+
+
+def image_batch(ids: torch.Tensor, spec, image_tokens: int,
+                pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ids` [b, s] with each sample's first `image_tokens` positions set to the image token, and
+    the images ([b * images, C, H, W]; zeros unless given) whose features replace them."""
+    ids = ids.clone()
+    ids[:, :image_tokens] = spec.image_token_id
+    if pixels is None:
+        n = ids.shape[0] * images_per_sample(spec, image_tokens)
+        pixels = torch.zeros(n, spec.num_channels, *spec.image_size)
+    return ids, pixels
+
+
+def sample_pixels(spec, image_tokens: int, samples: range, seed: int) -> torch.Tensor:
+    """Random images of global samples `samples` (the same on every rank and world size)."""
+    n = images_per_sample(spec, image_tokens)
+    out = [torch.randn(n, spec.num_channels, *spec.image_size,
+                       generator=torch.Generator().manual_seed(seed * 1_000_003 + 7919 * sample + 1))
+           for sample in samples]
+    return torch.cat(out) if out else torch.empty(0, spec.num_channels, *spec.image_size)
+
+
+def label_tokens(seq_len: int, image_tokens: int) -> int:
+    """Labelled tokens per sample: the image placeholders are never predicted (their labels,
+    except the last one's, which is the first text token, are ignored)."""
+    return seq_len - max(image_tokens - 1, 0)
+
+
+def image_micro_batches(windows: torch.Tensor, first_sample: int, micro_batch: int, spec, image_tokens: int,
+                        seed: int) -> list[Batch]:
+    """`split_micro_batches` for image + text samples (no sequence parallelism)."""
+    from .loss import IGNORE_INDEX
+
+    windows = windows.clone()
+    text = windows[:, image_tokens:]
+    text[text == spec.image_token_id] = spec.image_token_id + (1 if spec.image_token_id == 0 else -1)  # text only
+    ids, _ = image_batch(windows, spec, image_tokens)
+    pixels = sample_pixels(spec, image_tokens, range(first_sample, first_sample + windows.shape[0]), seed)
+    per = images_per_sample(spec, image_tokens)
+    out = []
+    for b in split_micro_batches(ids, micro_batch):
+        # a fresh tensor: labels may view the same storage as the input ids
+        b.labels = torch.where(b.labels == spec.image_token_id, IGNORE_INDEX, b.labels)
+        start = len(out) * micro_batch
+        b.pixel_values = pixels[start * per: (start + b.input_ids.shape[0]) * per]
+        out.append(b)
     return out

@@ -5,7 +5,9 @@ Failure handling: a worker that raises writes its error to the run's scratch dir
 non-zero; torch.multiprocessing then terminates the other workers (which may be blocked in a
 collective) and the parent re-raises the first error: `InputError` stays an InputError (exit 2),
 anything else becomes a RuntimeError carrying the worker's message (exit 1). Collectives have a
-timeout (`RunOptions.timeout_s`), so a rank that hangs is bounded as well.
+timeout (`RunOptions.timeout_s`), so a rank that hangs is bounded as well: the ranks that see a
+collective fail raise `peers.PeerFailure` naming the rank that fell behind, reported without a
+traceback when no rank has an error of its own.
 """
 
 from __future__ import annotations
@@ -204,15 +206,21 @@ def _raise_worker_error(scratch: Path, cause: BaseException) -> None:
     if not errors:
         raise RuntimeError(f"a worker process died without reporting an error ({cause}); "
                            "it may have been killed (out of memory?).") from None
-    errors.sort(key=lambda e: (e["kind"] != "input", e["time"]))
+    # A rank's own error first; a rank that only saw its peer fail (PeerFailure) explains the rest.
+    errors.sort(key=lambda e: (e["kind"] != "input", e["type"] == "PeerFailure", e["time"]))
     first = errors[0]
     if first["kind"] == "input":
         raise InputError(first["message"]) from None
+    if first["type"] == "PeerFailure" and not os.environ.get("XPLAN_DEBUG"):
+        raise RuntimeError(first["message"]) from None
     tail = first["traceback"].strip().splitlines()[-6:]
     if os.environ.get("XPLAN_DEBUG"):
         tail = first["traceback"].strip().splitlines()
     raise RuntimeError(f"rank {first['rank']} failed: {first['type']}: {first['message']}\n  " + "\n  ".join(tail)) \
         from None
+
+
+SHUTDOWN_GRACE_S = 5.0
 
 
 def spawn(plan_path: Path, options: RunOptions, world: int) -> dict[str, Any]:
@@ -221,8 +229,12 @@ def spawn(plan_path: Path, options: RunOptions, world: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="xplan-run-") as scratch:
         port = free_port()
         try:
-            mp.start_processes(_worker, args=(str(plan_path), options, world, port, scratch), nprocs=world,
-                               join=True, start_method="spawn")
+            context = mp.start_processes(_worker, args=(str(plan_path), options, world, port, scratch),
+                                         nprocs=world, join=False, start_method="spawn")
+            # Once one rank fails, the others get SHUTDOWN_GRACE_S to report their own errors, then
+            # SIGTERM, then SIGKILL after as long again (a stopped rank ignores SIGTERM).
+            while not context.join(grace_period=SHUTDOWN_GRACE_S):
+                pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             _raise_worker_error(Path(scratch), exc)
         result = Path(scratch) / "result.json"

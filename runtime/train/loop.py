@@ -19,10 +19,11 @@ import torch
 from xplan.errors import InputError
 from xplan.runtime.distributed import apply_optimizer_offload
 
+from ..distributed.expert_parallel import step_imbalance
 from ..precision import precision_executed
 from . import checkpoint as ckpt
-from . import manifest, resume
-from .data import build_data
+from . import manifest, peers, resume
+from .data import build_data, label_tokens
 from .metrics import (
     MetricsLog,
     memory_kind,
@@ -74,10 +75,27 @@ def check_plan_for_runtime(plan, device_type: str | None = None, check_positions
     check_ranks_per_device(plan)
     check_runtime_layout(plan.layout, config, plan.training.seq_len, plan.training.global_batch,
                          device_type=device_type)
+    check_vision_runtime(plan, config)
     if check_positions and plan.training.seq_len > config.max_position_embeddings:
         raise InputError(f"seq_len {plan.training.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings}).")
     return config
+
+
+def check_vision_runtime(plan, config) -> None:
+    """Image + text batches run with FSDP and expert parallelism; sequence, tensor and pipeline
+    parallelism would split the sequence or the model before the image features join it."""
+    from xplan.runtime.models.vlm_config import check_image_tokens
+
+    image_tokens = plan.training.image_tokens
+    check_image_tokens(config, image_tokens, plan.training.seq_len)
+    layout = plan.layout
+    if image_tokens and (layout.sp > 1 or layout.tp > 1 or layout.pp > 1):
+        raise InputError(f"image tokens run with fsdp and ep only; the plan has sp {layout.sp}, tp {layout.tp}, "
+                         f"pp {layout.pp}.")
+    if image_tokens and plan.training.data.kind != "synthetic":
+        raise InputError("image tokens run on synthetic data (random images) only; set training.data.kind: "
+                         "synthetic.")
 
 
 def check_ranks_per_device(plan) -> None:
@@ -108,13 +126,20 @@ def train(plan, options: RunOptions, plan_dir: Path | None = None) -> dict[str, 
     training = plan.training
     layout = plan.layout
     ctx = setup(layout, options.device_type, options.timeout_s)
+    where = {"step": 0}  # the step this rank is in (1-based), for a failed collective's message
     try:
-        return _train(plan, options, plan_dir, config, training, layout, ctx, load_model)
+        return _train(plan, options, plan_dir, config, training, layout, ctx, load_model, where)
+    except Exception as exc:
+        failure = peers.explain(exc, ctx.rank, ctx.world_size, where["step"], options.timeout_s)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         teardown(ctx)
 
 
-def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load_model) -> dict[str, Any] | None:
+def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load_model,
+           where: dict[str, int]) -> dict[str, Any] | None:
     target_steps = options.steps if options.steps is not None else training.steps
     if target_steps < 1:
         raise InputError(f"--steps must be at least 1, got {target_steps}.")
@@ -132,6 +157,8 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         resume_from = resume.agree(point, error, ctx.is_main, ctx.world_size)
 
     source = build_data(training.data, config.vocab_size, training.seq_len, plan_dir)
+    if training.image_tokens:  # image + text samples (parallel.micro_batches)
+        source.image_tokens, source.vision = training.image_tokens, config.vision_spec
     torch.manual_seed(training.seed)
     model = load_model(plan.model, dtype=torch.float32, device=ctx.device, seed=training.seed)
     model = parallelize(model, layout, ctx, training.fp8_recipe)
@@ -152,7 +179,8 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
                              f"{training.seq_len}. Resume with the plan the run started with.")
 
     global_batch, seq_len = training.global_batch, training.seq_len
-    tokens_per_step = global_batch * seq_len  # every packed label is a real token
+    # every packed label is a real token; image placeholders are not predicted
+    tokens_per_step = global_batch * label_tokens(seq_len, training.image_tokens)
     memory = memory_kind(ctx.device_type)
     log = None
     if ctx.is_main:
@@ -169,6 +197,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
     skips = 0  # steps whose gradients were not finite (skipped, not applied)
     try:
         for step in range(start, target_steps):
+            where["step"] = step + 1
             reset_peak_memory(ctx.device_type)
             synchronize(ctx.device_type)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -192,6 +221,9 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
                       "step_time_s": elapsed, "host_cpu_s": cpu,
                       "tokens_per_s_per_device": tokens_per_step / elapsed / layout.devices, "peak_memory_gib": peak,
                       "peak_reserved_gib": peak_reserved_gib(ctx.device_type)}
+            imbalance = step_imbalance(model) if layout.ep > 1 else None
+            if imbalance is not None:  # busiest EP rank's routed load over the mean (what --imbalance prices)
+                record["ep_imbalance"] = imbalance
             records.append(record)
             if log is not None:
                 log.log(dict(record))
@@ -202,6 +234,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
                                      {"global_batch": global_batch, "seq_len": seq_len,
                                       "samples_consumed": done * global_batch},
                                      ctx.rank, ctx.world_size, ctx.device_type, fingerprint, training_settings)
+            peers.mark(ctx.rank, done)
     finally:
         if log is not None:
             log.close()

@@ -14,11 +14,48 @@ recomputed. The value and gradients equal the full loss (same math, different su
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def representative_chunks(observer: Callable[[int], None]):
+    """Tracing aid (fake tensors only): while active, the chunked loss runs one chunk of each
+    distinct size instead of every chunk, calling `observer(repeats)` before that chunk's ops
+    (`repeats`: how many chunks of that size the loop stands for) and `observer(0)` after them.
+    Every full chunk runs the same ops on the same shapes, so the tracer scales the ops of the one
+    it sees; the value computed is not the loss."""
+    previous = getattr(_state, "observer", None)
+    _state.observer = observer
+    try:
+        yield
+    finally:
+        _state.observer = previous
+
+
+def _chunks(tokens: int, chunk_tokens: int):
+    """(start, repeats) of the chunks the loop runs: every chunk, or one per distinct size."""
+    observer = getattr(_state, "observer", None)
+    if observer is None:
+        for start in range(0, tokens, chunk_tokens):
+            yield start, 1
+        return
+    full, rest = divmod(tokens, chunk_tokens)
+    for start, repeats in ((0, full), (full * chunk_tokens, 1 if rest else 0)):
+        if repeats:
+            observer(repeats)
+            yield start, repeats
+            observer(0)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +77,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         # Accumulated in the weight's dtype (fp32 in parity runs); each chunk's product is exact fp32.
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], chunk_tokens):
+        for start, _ in _chunks(hidden.shape[0], chunk_tokens):
             h = hidden[start: start + chunk_tokens]
             y = labels[start: start + chunk_tokens]
             logits = _upcast(h @ weight.t())
@@ -82,8 +119,9 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
 
 def token_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    positions: torch.Tensor | None = None, kind: str = "chunked",
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
-    """Forward the model and return the sum of its token losses (an fp32 scalar).
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward the model and return the sum of its token losses (an fp32 scalar). `pixel_values`:
+    the images of a vision-language model's batch (their tokens are in `input_ids`).
 
     The loss runs *inside* the lm_head's module call (its forward is swapped for the loss for the
     duration of the call, through the model's own `forward`): FSDP2's hooks on the head and the
@@ -105,6 +143,8 @@ def token_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
         raise RuntimeError("lm_head already has an instance-level forward; token_loss_sum cannot wrap it")
     head.__dict__["forward"] = loss_head
     try:
+        if pixel_values is not None:
+            return model(input_ids, positions, pixel_values)
         return model(input_ids, positions)
     finally:
         head.__dict__.pop("forward", None)

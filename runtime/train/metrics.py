@@ -63,13 +63,19 @@ def predicted_values(predictions: dict[str, Any] | None) -> tuple[float | None, 
     """(peak memory GiB, step time s) from a plan's predictions block, None where absent.
 
     Accepts the shapes the planner writes: `peak_memory_gib`, or `memory_gib` as a number or an
-    object with `total`; and `step_time_s`."""
+    object with `total` (less its `overhead`, the allocator's reserve, which
+    `max_memory_allocated` does not see); and `step_time_s`."""
     if not predictions:
         return None, None
     peak = predictions.get("peak_memory_gib")
     if peak is None:
         mem = predictions.get("memory_gib")
         peak = mem.get("total") if isinstance(mem, dict) else mem
+        overhead = mem.get("overhead") if isinstance(mem, dict) else None
+        if isinstance(peak, (int, float)) and isinstance(overhead, (int, float)):
+            # The run measures max_memory_allocated: compare it with the allocated prediction,
+            # not with the allocator's reserve on top of it.
+            peak = peak - overhead
     step = predictions.get("step_time_s")
     as_float = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # noqa: E731
     return as_float(peak), as_float(step)
@@ -103,6 +109,9 @@ def summarize(records: list[dict[str, Any]], predictions: dict[str, Any] | None,
         "world_size": world_size,
         "devices": devices,
         "tokens_per_step": tokens_per_step,
+        # the busiest EP rank's routed load over the mean (median over steps; absent without EP)
+        "ep_imbalance": (statistics.median(r["ep_imbalance"] for r in records if "ep_imbalance" in r)
+                         if any("ep_imbalance" in r for r in records) else None),
     }
 
 

@@ -125,4 +125,9 @@ def micro_batches(source: DataSource, step: int, global_batch: int, micro_batch:
     of each sequence (the same slice as `distributed.local_batch`, without building the rows of
     other ranks)."""
     windows = rank_windows(source, step, global_batch, ctx.dp_rank, ctx.dp_size)
+    if getattr(source, "image_tokens", 0):
+        from .data import image_micro_batches
+
+        first = step * global_batch + ctx.dp_rank * (global_batch // ctx.dp_size)
+        return image_micro_batches(windows, first, micro_batch, source.vision, source.image_tokens, source.seed)
     return split_micro_batches(windows, micro_batch, ctx.sp_rank, ctx.sp_size)

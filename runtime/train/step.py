@@ -43,7 +43,8 @@ def token_loss_fn(kind: str = "chunked", chunk_tokens: int = L.DEFAULT_CHUNK_TOK
     def loss_fn(model: nn.Module, batch) -> torch.Tensor:
         if device is not None:
             batch = batch.to(device)
-        return L.token_loss_sum(model, batch.input_ids, batch.labels, batch.positions, kind, chunk_tokens)
+        return L.token_loss_sum(model, batch.input_ids, batch.labels, batch.positions, kind, chunk_tokens,
+                                pixel_values=batch.pixel_values)
 
     return loss_fn
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xplan.errors import InputError
-from xplan.runtime.dryrun import COMPONENTS, GIB, DryRunReport, check_dry_run, dry_run
+from xplan.runtime.dryrun import COMPONENTS, GIB, DryRunReport, check_dry_run, dry_run, executed_layout
 
 # The prediction's host bytes (cost_models.memory.MemoryBreakdown): total, offloaded activations
 # and model states, next to the dry run's host components.
@@ -23,15 +23,16 @@ HOST_PAIRS = (("activations", "host_activations"), ("model_states", "host_states
 
 def predicted_components(plan, imbalance: float, reprice: bool = False) -> tuple[dict[str, float], float, str]:
     """(component -> bytes, total bytes, source): the plan's recorded `predictions.memory_gib`, else
-    `planner.pricing.price` now (source 'plan' or 'price'). Host components (offload) are in the
-    same mapping under `HOST_KEYS`."""
+    `planner.pricing.price` now (source 'plan' or 'price') of the layout as the dry run executes it
+    (`executed_layout`: blocks eager, not compiled). Host components (offload) are in the same
+    mapping under `HOST_KEYS`."""
     memory = None if reprice else (plan.data.predictions or {}).get("memory_gib")
     source = "plan"
     if not memory:
         from xplan.planner.pricing import Workload, price
 
         est = price(Workload(plan.model, plan.hardware, plan.training.seq_len, plan.training.global_batch,
-                             imbalance), plan.layout)
+                             imbalance, plan.training.image_tokens), executed_layout(plan.layout))
         memory, source = est.memory.gib(), "price"
     if not isinstance(memory, dict):
         raise InputError("the plan's predictions.memory_gib must be a mapping of components to GiB (as `xplan search` "
@@ -96,6 +97,9 @@ class DryRunComparison:
             comparison.append(f"the predicted overhead ({self.predicted['overhead'] / GIB:.2f} GiB: the caching "
                               "allocator's fragmentation) is not measurable under fake tensors and is left out of "
                               "the compared peak.")
+        if self.predicted_source == "price" and (self.report.layout.get("kernels") or {}).get("elementwise") == "fused":
+            comparison.append("priced as the dry run ran it: kernels.elementwise=eager (the plan's compiled blocks "
+                              "are priced with fewer saved activations).")
         return [*self.report.caveats, *comparison, *self.report.run_notes]
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,21 +34,22 @@ SEQ_SCALES = (0.5, 1, 2, 4)  # sequence lengths: each new one is a trace (second
 
 def _point(est: dict[str, Any]) -> dict[str, Any]:
     """A compact view of an estimate (for scatter plots and sweeps)."""
-    return {"tokens_per_s_per_device": est["tokens_per_s_per_device"], "peak_gib": est["memory_gib"]["total"],
+    return {"tokens_per_s_per_device": est["tokens_per_s_per_device"], "peak_gib": est["memory_gib"]["allocated"],
             "step_time_s": est["step_time_s"], "mfu": est["mfu"], "fits": est["fits"],
             "layout": flat_layout(est["layout"])}
 
 
 def _fits(est: dict[str, Any], headroom_gib: float) -> bool:
     mem = est["memory_gib"]
-    return mem["total"] <= mem["capacity"] - headroom_gib and mem["offloaded_to_host"] <= mem["host_capacity"]
+    return mem["allocated"] <= mem["capacity"] - headroom_gib and mem["offloaded_to_host"] <= mem["host_capacity"]
 
 
 def memory_section(est: dict[str, Any], headroom_gib: float) -> dict[str, Any]:
     mem = est["memory_gib"]
-    return {"device_gib": {k: mem[k] for k in MEMORY_COMPONENTS}, "total_gib": mem["total"],
+    return {"device_gib": {k: mem[k] for k in MEMORY_COMPONENTS}, "allocated_gib": mem["allocated"],
+            "total_gib": mem["total"],
             "capacity_gib": mem["capacity"], "headroom_gib": headroom_gib,
-            "usable_gib": mem["capacity"] - headroom_gib, "free_gib": mem["capacity"] - mem["total"],
+            "usable_gib": mem["capacity"] - headroom_gib, "free_gib": mem["capacity"] - mem["allocated"],
             "host": {"offloaded_gib": mem["offloaded_to_host"], "capacity_gib": mem["host_capacity"]},
             "fits": _fits(est, headroom_gib)}
 
@@ -102,12 +103,12 @@ def binding_section(workload, layout, est: dict[str, Any], headroom_gib: float) 
             continue
         fits = _fits(other, headroom_gib)
         levers.append({"change": f"{name} {value if name != 'offload' else 'none'}", "fits": fits,
-                       "peak_gib": other["memory_gib"]["total"], "offloaded_gib": other["memory_gib"]["offloaded_to_host"],
+                       "peak_gib": other["memory_gib"]["allocated"], "offloaded_gib": other["memory_gib"]["offloaded_to_host"],
                        "tokens_per_s_per_device": other["tokens_per_s_per_device"]})
         gain = other["tokens_per_s_per_device"] / est["tokens_per_s_per_device"] - 1.0
         if not fits and gain > 0:
             lines.append(f"Memory binds {name}: {levers[-1]['change']} would run {gain:+.1%} tokens/s/device but peak at "
-                         f"{other['memory_gib']['total']:.1f} GiB (usable {est['memory_gib']['capacity'] - headroom_gib:.1f}).")
+                         f"{other['memory_gib']['allocated']:.1f} GiB (usable {est['memory_gib']['capacity'] - headroom_gib:.1f}).")
     return {"binding": est["binding"], "explanation": lines, "levers": levers}
 
 
@@ -261,7 +262,7 @@ def build_report(workload, layout, *, headroom_gib: float = 0.0, search_result=N
     report: dict[str, Any] = {
         "report": REPORT_FORMAT, "title": title or f"{workload.model} on {layout.devices} × {workload.hardware}",
         "model": workload.model, "hardware": workload.hardware, "devices": layout.devices,
-        "seq_len": workload.seq_len, "global_batch": workload.global_batch, "imbalance": workload.imbalance,
+        "seq_len": workload.seq_len, "global_batch": workload.global_batch, "imbalance": chosen["imbalance"],
         "headroom_gib": headroom_gib, "plan_file": plan_file, "provenance": _provenance(plan, workload.hardware),
         "estimate": chosen, "memory": memory_section(chosen, headroom_gib), "time": time_section(chosen),
         "binding": binding_section(workload, layout, chosen, headroom_gib), "alternatives": alts,

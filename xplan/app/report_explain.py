@@ -10,12 +10,13 @@ from typing import Any
 
 # The layout fields shown for a plan, in table order (kernel slots by their own name).
 LAYOUT_FIELDS = ("dp_mode", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch", "recompute", "offload",
-                 "tile_tokens", "keep_gathered", "allocator", "precision", "tp_comm", "attention", "moe_gemm",
-                 "loss", "elementwise")
+                 "tile_tokens", "keep_gathered", "allocator", "precision", "tp_comm", "ep_overlap", "grad_dtype",
+                 "fsdp_buffers", "attention", "moe_gemm", "loss", "elementwise", "norm")
 # Column headers where the name is long; the legend says what each stands for.
 SHORT = {"dp_mode": "dp", "micro_batch": "mb", "recompute": "rc", "offload": "off", "tile_tokens": "tile",
          "keep_gathered": "kept", "allocator": "alloc", "precision": "prec", "tp_comm": "tp comm", "attention": "attn",
-         "moe_gemm": "moe gemm", "elementwise": "eltw"}
+         "moe_gemm": "moe gemm", "elementwise": "eltw", "ep_overlap": "ep a2a", "grad_dtype": "grads",
+         "fsdp_buffers": "fsdp bufs"}
 OFFLOAD_SHORT = {"optimizer": "opt", "params": "params", "activations": "act"}
 LEGEND = ("dp = data-parallel mode, mb = micro-batch, rc = recompute, off = offload (opt = optimizer "
           "states, act = activations), tile = tokens per feed-forward tile, kept = blocks kept gathered, "
@@ -126,7 +127,7 @@ def separation(chosen: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     key, delta = decisive(chosen, other)
     mkey, mdelta = memory_decisive(chosen, other)
     speed = other["tokens_per_s_per_device"] / chosen["tokens_per_s_per_device"] - 1.0
-    memory = other["memory_gib"]["total"] - chosen["memory_gib"]["total"]
+    memory = other["memory_gib"]["allocated"] - chosen["memory_gib"]["allocated"]
     text = f"{speed:+.1%} tokens/s/device, {gib(memory, True)} peak; {TIME_WORDS.get(key, key)} {secs(delta, True)}/step"
     if mdelta and abs(mdelta) >= 0.001 * max(1.0, abs(memory)):
         text += f", {mkey} {gib(mdelta, True)}"
@@ -137,8 +138,10 @@ def separation(chosen: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 
 def memory_margin(est: dict[str, Any], headroom_gib: float = 0.0) -> str:
     mem = est["memory_gib"]
-    free = mem["capacity"] - mem["total"]
-    text = f"peaks at {gib(mem['total'])} of {mem['capacity']:.0f} GiB per device ({gib(free)} free"
+    free = mem["capacity"] - mem["allocated"]
+    per = "rank (one die)" if est["layout"].get("ranks_per_device", 1) > 1 else "device"
+    text = (f"peaks at {gib(mem['allocated'])} allocated of {mem['capacity']:.0f} GiB per {per} ({gib(free)} free; "
+            f"{gib(mem['total'])} reserved with the allocator's overhead")
     if headroom_gib:
         text += f"; {gib(headroom_gib)} headroom was required"
     return text + ")"
@@ -161,12 +164,12 @@ def explain_choice(plans: list[dict[str, Any]], headroom_gib: float = 0.0) -> li
             f"({runner['tokens_per_s_per_device']:,.0f}), which changes {', '.join(sep['changes']) or 'nothing'}.")
         lines.append(
             f"Decisive: #2 spends {secs(delta, True)}/step on {TIME_WORDS.get(key, key)} (of {secs(step_delta, True)}"
-            f"/step in all); it peaks at {gib(runner['memory_gib']['total'])} against #1's "
-            f"{gib(best['memory_gib']['total'])}.")
+            f"/step in all); it peaks at {gib(runner['memory_gib']['allocated'])} against #1's "
+            f"{gib(best['memory_gib']['allocated'])}.")
     else:
         lines.append("Only one layout fits.")
     mem = best["memory_gib"]
-    free = mem["capacity"] - mem["total"]
+    free = mem["capacity"] - mem["allocated"]
     margin = f"#1 {memory_margin(best, headroom_gib)}; binding: {best['binding']}."
     if free < 0.1 * mem["capacity"] and not headroom_gib:
         margin += " Pass --headroom (GiB, or a fraction of the device memory) to keep more free."

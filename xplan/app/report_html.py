@@ -61,7 +61,7 @@ def _summary(r: dict[str, Any]) -> str:
     fits = '<span class="ok">fits</span>' if mem["fits"] else '<span class="bad">does not fit</span>'
     cards = [("tokens/s/device", f"{est['tokens_per_s_per_device']:,.0f}"), ("MFU", f"{est['mfu']:.1%}"),
              ("step time", f"{est['step_time_s']:.3f} s"),
-             ("peak memory", f"{mem['total_gib']:.1f} / {mem['capacity_gib']:.0f} GiB"), ("binding", est["binding"])]
+             ("peak memory", f"{mem['allocated_gib']:.1f} allocated / {mem['capacity_gib']:.0f} GiB"), ("binding", est["binding"])]
     out = '<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in cards) + "</div>"
     out += (f"<p>{fits}. {_e(r['model'])} on {r['devices']} × {_e(r['hardware'])}, sequence length {r['seq_len']}, "
             f"global batch {r['global_batch']} sequences (grad accumulation {est['grad_accum']}).</p>")
@@ -72,7 +72,8 @@ def _memory(r: dict[str, Any], figs: dict[str, str]) -> str:
     mem = r["memory"]
     rows = [[_e(k), f"{v:.2f}", f"{v / mem['total_gib']:.0%}" if mem["total_gib"] else "-"]
             for k, v in mem["device_gib"].items() if v]
-    rows.append(["<b>total (device)</b>", f"<b>{mem['total_gib']:.2f}</b>", ""])
+    rows.append(["<b>allocated (must fit)</b>", f"<b>{mem['allocated_gib']:.2f}</b>", ""])
+    rows.append(["total (device, reserved)", f"{mem['total_gib']:.2f}", ""])
     out = _table(["component", "GiB", "share"], rows)
     cap = [["HBM capacity", f"{mem['capacity_gib']:.2f}"], ["headroom kept free", f"{mem['headroom_gib']:.2f}"],
            ["usable", f"{mem['usable_gib']:.2f}"], ["free at peak", f"{mem['free_gib']:.2f}"],
@@ -109,7 +110,7 @@ def _alternatives(r: dict[str, Any]) -> str:
     if not r["alternatives"]:
         return "<p>No other fitting layout was found.</p>"
     rows = [[_e(a["label"]), f"{a['estimate']['tokens_per_s_per_device']:,.0f}", f"{a['tokens_per_s_change']:+.1%}",
-             f"{a['estimate']['memory_gib']['total']:.1f}", f"{a['peak_gib_change']:+.1f}",
+             f"{a['estimate']['memory_gib']['allocated']:.1f}", f"{a['peak_gib_change']:+.1f}",
              _e(", ".join(a["changes"]) or "-"), _e(a["summary"])] for a in r["alternatives"]]
     return ("<p>Each alternative against the chosen layout: what it changes and what separates it.</p>"
             + _table(["plan", "tok/s/dev", "Δ", "peak GiB", "Δ GiB", "changes", "what separates it"], rows,
@@ -159,7 +160,7 @@ def _compare_3d(r: dict[str, Any], figs: dict[str, str]) -> str:
     for name, key in (("tokens/s/device", "tokens_per_s_per_device"), ("step time s", "step_time_s"), ("MFU", "mfu")):
         fmt = "{:.1%}" if key == "mfu" else "{:,.3f}" if key == "step_time_s" else "{:,.0f}"
         rows.append([name, fmt.format(c["chosen"][key]), fmt.format(best[key])])
-    rows.append(["peak GiB", f"{c['chosen']['memory_gib']['total']:.1f}", f"{best['memory_gib']['total']:.1f}"])
+    rows.append(["peak GiB", f"{c['chosen']['memory_gib']['allocated']:.1f}", f"{best['memory_gib']['allocated']:.1f}"])
     rows.append(["binding", _e(c["chosen"]["binding"]), _e(best["binding"])])
     rows.append(["layout", f"<code>{_e(_layout_text(c['chosen']['layout']))}</code>",
                  f"<code>{_e(_layout_text(best['layout']))}</code>"])

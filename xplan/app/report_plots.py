@@ -131,11 +131,11 @@ def pareto(report: dict[str, Any]) -> str:
         ax.plot([p["peak_gib"] for p in front], [p["tokens_per_s_per_device"] for p in front], marker="o", ms=4,
                 color=FRONT, label="Pareto front", drawstyle="steps-post")
     est = report["estimate"]
-    ax.scatter([est["memory_gib"]["total"]], [est["tokens_per_s_per_device"]], marker="*", s=180, color=CHOSEN,
+    ax.scatter([est["memory_gib"]["allocated"]], [est["tokens_per_s_per_device"]], marker="*", s=180, color=CHOSEN,
                zorder=5, label="chosen")
     best3d = (report.get("comparison_3d") or {}).get("best_3d")
     if best3d:
-        ax.scatter([best3d["memory_gib"]["total"]], [best3d["tokens_per_s_per_device"]], marker="D", s=40,
+        ax.scatter([best3d["memory_gib"]["allocated"]], [best3d["tokens_per_s_per_device"]], marker="D", s=40,
                    color=THREE_D, zorder=5, label="best 3D (price only)")
     mem = report["memory"]
     ax.axvline(mem["capacity_gib"], color="black", lw=1)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from xplan import cost_models
+from xplan.cost_models.compute import traced_loss
 from xplan.errors import InputError, read_yaml
 
 # The published data and the case translations stay with the cost models they check.
@@ -95,9 +96,12 @@ class Case:
     metrics: tuple[MetricSpec, ...]
     flops: dict[str, Any] | None = None
     loss: str = "full"
-    imbalance: float = 1.0
+    imbalance: float | None = None  # busiest EP rank's load over the mean; None: the sourced default
     notes: tuple[str, ...] = ()
     recompute_every_mm: int = 0  # selective recompute also redoes every n-th forward mm (torchtitan: 2)
+    source: str = ""  # the publication (leave-one-source-out groups rows by it)
+    exclude: str | None = None  # priced and shown, left out of the summary, for this reason
+    known_gap: str | None = None  # counted; also reported apart (the max without known gaps)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class NotExpressible:
     id: str
     model: str
     reason: str
+    check: dict[str, Any] | None = None  # how tests/test_validate.py verifies the reason
+    fit_check: dict[str, Any] | None = None  # the layout of a run that ran, for the fit check only
 
 
 def _read_yaml(path: str | Path, key: str, what: str) -> dict[str, Any]:
@@ -139,8 +145,12 @@ def load_cases(path: str | Path | None = None,
         cid = entry["id"]
         row = published.get(cid, {})
         if entry.get("expressible", True) is False:
+            fit_check = entry.get("fit_check")
+            if fit_check and fit_check.get("config") is None and fit_check.get("model") in models:
+                fit_check = {**fit_check, "config": models[fit_check["model"]]}
             skipped.append(NotExpressible(id=cid, model=str(row.get("model", entry.get("model", ""))),
-                                          reason=_need(entry, "reason", cid)))
+                                          reason=_need(entry, "reason", cid), check=entry.get("check"),
+                                          fit_check=fit_check))
             continue
         model = _need(entry, "model", cid)
         config = entry.get("config")
@@ -157,8 +167,10 @@ def load_cases(path: str | Path | None = None,
             id=cid, model=str(model), config=config, hardware=_need(entry, "hardware", cid),
             layout=dict(_need(entry, "layout", cid)), seq_len=int(_need(entry, "seq_len", cid)),
             global_batch=int(_need(entry, "global_batch", cid)), metrics=metrics, flops=entry.get("flops"),
-            loss=entry.get("loss", "full"), imbalance=float(entry.get("imbalance", 1.0)),
+            loss=entry.get("loss", "full"),
+            imbalance=float(entry["imbalance"]) if entry.get("imbalance") is not None else None,
             notes=tuple(entry.get("notes") or ()), recompute_every_mm=int(entry.get("recompute_every_mm", 0)),
+            source=str(entry.get("source", "")), exclude=entry.get("exclude"), known_gap=entry.get("known_gap"),
         ))
     return cases, skipped
 
@@ -188,10 +200,42 @@ class ValidationRow:
     global_batch: int
     notes: list[str] = field(default_factory=list)
     estimate: dict[str, Any] = field(default_factory=dict)  # Estimate.to_dict() of the case
+    source: str = ""
+    calibration: bool = False  # a profile constant of its hardware was fitted on this row
+    excluded: str | None = None  # left out of the summary, for this reason
+    known_gap: str | None = None
 
     @property
     def kind(self) -> str:
         return "memory" if self.metric in MEMORY_METRICS else "throughput"
+
+
+@dataclass
+class FitRow:
+    """The fit check of one published run: its predicted peak against the device memory (and the
+    published peak, where one is published)."""
+
+    id: str
+    source: str
+    hardware: str
+    layout: str
+    allocated_gib: float  # what must fit
+    reserved_gib: float  # with the allocator's overhead (what frameworks report as reserved)
+    capacity_gib: float
+    published_gib: float | None = None
+    error: float | None = None  # reserved / published - 1 (torchtitan publishes the reserved peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.allocated_gib <= self.capacity_gib
+
+    @property
+    def within_published(self) -> bool:
+        return self.error is None or abs(self.error) <= FIT_TOLERANCE
+
+
+#: The fit check's tolerance against a published peak.
+FIT_TOLERANCE = 0.10
 
 
 @dataclass
@@ -201,6 +245,8 @@ class ValidationReport:
     failed: list[dict[str, str]]  # expressible cases the estimator rejected: {id, error}
     summary: dict[str, Any]
     elapsed_s: float
+    fit: list[FitRow] = field(default_factory=list)
+    loso: dict[str, Any] | None = None  # leave-one-source-out (run_validation(loso=True))
 
     def to_dict(self, details: bool = True) -> dict[str, Any]:
         rows = []
@@ -210,13 +256,19 @@ class ValidationReport:
             if not details:
                 d.pop("estimate")
             rows.append(d)
-        return {
+        out = {
             "rows": rows,
             "not_expressible": [asdict(n) for n in self.not_expressible],
             "failed": list(self.failed),
+            "fit_check": [asdict(f) | {"fits": f.fits, "within_published": f.within_published} for f in self.fit],
             "summary": dict(self.summary),
             "elapsed_s": self.elapsed_s,
         }
+        if self.loso is not None:
+            loso = dict(self.loso)
+            loso["rows"] = [{k: v for k, v in asdict(r).items() if k != "estimate"} for r in loso.get("rows", [])]
+            out["loso"] = loso
+        return out
 
 
 def _stats(rows: list[ValidationRow]) -> dict[str, Any]:
@@ -229,11 +281,19 @@ def _stats(rows: list[ValidationRow]) -> dict[str, Any]:
 
 
 def summarize(rows: list[ValidationRow]) -> dict[str, Any]:
-    """Median and max absolute error, throughput-type and memory rows separately."""
-    return {
-        "throughput": _stats([r for r in rows if r.kind == "throughput"]),
-        "memory": _stats([r for r in rows if r.kind == "memory"]),
-    }
+    """Median and max absolute error, throughput-type and memory rows separately, over the rows
+    not excluded: all of them, the held-out ones (no profile constant fitted on them) and the
+    calibration ones; the throughput max also without the rows of known gaps."""
+    scored = [r for r in rows if not r.excluded]
+    out: dict[str, Any] = {}
+    for kind in ("throughput", "memory"):
+        of_kind = [r for r in scored if r.kind == kind]
+        out[kind] = _stats(of_kind)
+        out[kind]["held_out"] = _stats([r for r in of_kind if not r.calibration])
+        out[kind]["calibration"] = _stats([r for r in of_kind if r.calibration])
+        out[kind]["without_known_gaps"] = _stats([r for r in of_kind if not r.known_gap])
+    out["excluded"] = sorted({r.id for r in rows if r.excluded})
+    return out
 
 
 def layout_summary(layout, grad_accum: int | None = None) -> str:
@@ -295,13 +355,26 @@ def case_layout(case: Case):
     return layout_from_dict(layout_dict)
 
 
-def evaluate_case(case: Case, trace, config, profile) -> list[ValidationRow]:
-    """Price one case and compare each of its metrics (raises InputError if the layout is invalid)."""
+def case_imbalance(case: Case, layout, config) -> float:
+    """The case's imbalance, or the sourced default (`cost_models.routing`) when it states none."""
+    from xplan.cost_models.routing import default_imbalance
+
+    return case.imbalance if case.imbalance is not None else default_imbalance(layout, config)
+
+
+def price_case(case: Case, trace, config, profile):
+    """(Layout, Estimate) of one case (raises InputError if the layout is invalid)."""
     from xplan.cost_models import estimate
 
     layout = case_layout(case)
-    est = estimate(trace, config, layout, profile, case.global_batch, imbalance=case.imbalance,
-                   recompute_every_mm=case.recompute_every_mm)
+    return layout, estimate(trace, config, layout, profile, case.global_batch,
+                            imbalance=case_imbalance(case, layout, config),
+                            recompute_every_mm=case.recompute_every_mm)
+
+
+def evaluate_case(case: Case, trace, config, profile, calibration: bool = False) -> list[ValidationRow]:
+    """Price one case and compare each of its metrics (raises InputError if the layout is invalid)."""
+    layout, est = price_case(case, trace, config, profile)
     details = est.to_dict()
     out = []
     for m in case.metrics:
@@ -310,14 +383,42 @@ def evaluate_case(case: Case, trace, config, profile) -> list[ValidationRow]:
             id=case.id, model=case.model, hardware=case.hardware, layout=layout_summary(layout, est.grad_accum),
             metric=m.metric, published=m.published, predicted=predicted, error=predicted / m.published - 1.0,
             seq_len=case.seq_len, global_batch=case.global_batch, notes=list(case.notes), estimate=details,
+            source=case.source, calibration=calibration, excluded=case.exclude, known_gap=case.known_gap,
         ))
     return out
 
 
+def fit_row(case: Case, est, profile) -> FitRow:
+    """The fit check of a priced case: allocated and reserved peak against the device memory."""
+    published = next((m.published for m in case.metrics if m.metric == "memory_gib"), None)
+    reserved = est.memory.total / 2**30
+    return FitRow(id=case.id, source=case.source, hardware=case.hardware,
+                  layout=layout_summary(est.layout, est.grad_accum), allocated_gib=est.memory.allocated / 2**30,
+                  reserved_gib=reserved, capacity_gib=profile.hbm_bytes() / 2**30, published_gib=published,
+                  error=reserved / published - 1.0 if published else None)
+
+
+def fit_check_case(entry: NotExpressible) -> Case:
+    """A not-expressible row's `fit_check` layout as a Case (priced for the fit check only)."""
+    spec = dict(entry.fit_check or {})
+    return Case(id=entry.id, model=str(spec["model"]), config=spec.get("config"), hardware=spec["hardware"],
+                layout=dict(spec["layout"]), seq_len=int(spec["seq_len"]), global_batch=int(spec["global_batch"]),
+                metrics=(), loss=spec.get("loss", "full"),
+                imbalance=float(spec["imbalance"]) if spec.get("imbalance") is not None else None,
+                recompute_every_mm=int(spec.get("recompute_every_mm", 0)), source=str(spec.get("source", "")))
+
+
+def calibration_rows(profile) -> set[str]:
+    """Row ids any constant of `profile` was fitted on (`fitted_on`)."""
+    return {row for entry in profile.fitted_on.values() for row in entry.rows}
+
+
 def run_validation(cache_dir: str | Path | None = None, progress: Progress | None = None,
                    only: str | None = None, cases_path: str | Path | None = None,
-                   published_path: str | Path | None = None) -> ValidationReport:
-    """Validate every expressible case (those whose id contains `only`, when given).
+                   published_path: str | Path | None = None, loso: bool = False) -> ValidationReport:
+    """Validate every expressible case (those whose id contains `only`, when given), fit-check
+    every priced run, and with `loso` score each source's rows with what is fitted refitted
+    without them (`xplan.app.validation_loso`).
 
     Traces are shared: cases are grouped by (model, seq_len, loss kernel) and each group is traced
     once (trace_model also caches on disk under `cache_dir`).
@@ -334,12 +435,15 @@ def run_validation(cache_dir: str | Path | None = None, progress: Progress | Non
         if not cases and not skipped:
             raise InputError(f"no published row id contains {only!r}; run `xplan validate` without --only to "
                              "see every id.")
+    fit_only = [fit_check_case(n) for n in skipped if n.fit_check]
     groups: dict[tuple[str, int, str], list[Case]] = {}
-    for c in cases:
-        groups.setdefault((c.model, c.seq_len, c.loss), []).append(c)
+    for c in cases + fit_only:
+        groups.setdefault((c.model, c.seq_len, traced_loss(c.loss)), []).append(c)
     profiles: dict[str, Any] = {}
     rows: list[ValidationRow] = []
+    fit: list[FitRow] = []
     failed: list[dict[str, str]] = []
+    priced: dict[str, tuple[Case, Any, Any]] = {}  # case id -> (case, trace, config): what LOSO re-prices
     total = len(groups)
     for i, ((model, seq, loss), members) in enumerate(groups.items()):
         if progress is not None:
@@ -349,18 +453,34 @@ def run_validation(cache_dir: str | Path | None = None, progress: Progress | Non
         for case in members:
             if case.hardware not in profiles:
                 profiles[case.hardware] = load_profile(case.hardware)
+            profile = profiles[case.hardware]
             try:
-                rows.extend(evaluate_case(case, trace, config, profiles[case.hardware]))
+                _, est = price_case(case, trace, config, profile)
+                fit.append(fit_row(case, est, profile))
+                if case.metrics:
+                    rows.extend(evaluate_case(case, trace, config, profile, case.id in calibration_rows(profile)))
+                    priced[case.id] = (case, trace, config)
             except InputError as exc:
                 failed.append({"id": case.id, "error": str(exc)})
     if progress is not None:
         progress(total, total, "done")
-    order = {c.id: i for i, c in enumerate(cases)}
+    order = {c.id: i for i, c in enumerate(cases + fit_only)}
     rows.sort(key=lambda r: order[r.id])
+    fit.sort(key=lambda r: order[r.id])
     summary = summarize(rows)
     summary["expressible_cases"] = len(cases)
     summary["not_expressible"] = len(skipped)
     summary["failed"] = len(failed)
+    summary["fit_check"] = {"runs": len(fit), "fit": sum(f.fits for f in fit),
+                            "misses": [f.id for f in fit if not f.fits],
+                            "off_published": [f.id for f in fit if not f.within_published]}
+    loso_result = None
+    if loso:
+        from xplan.app.validation_loso import leave_one_source_out
+
+        loso_result = leave_one_source_out(rows, priced, profiles)
+        summary["loso"] = loso_result["summary"]
     elapsed = time.perf_counter() - start
     summary["elapsed_s"] = elapsed
-    return ValidationReport(rows=rows, not_expressible=skipped, failed=failed, summary=summary, elapsed_s=elapsed)
+    return ValidationReport(rows=rows, not_expressible=skipped, failed=failed, summary=summary, elapsed_s=elapsed,
+                            fit=fit, loso=loso_result)

@@ -23,21 +23,31 @@ def render_estimate(title: str, est, levers=None) -> None:
     summary.add_row("step time", f"{d['step_time_s']:.3f} s (grad accum {d['grad_accum']})")
     summary.add_row("tokens/s/device", f"{d['tokens_per_s_per_device']:,.0f}")
     summary.add_row("MFU (bf16 peak)", f"{d['mfu']:.1%}")
-    summary.add_row("peak memory", f"{mem['total']:.1f} / {mem['capacity']:.0f} GiB")
-    summary.add_row("layout", f"devices={d['layout']['devices']} {layout_summary(d)}")
+    per_die = d["layout"].get("ranks_per_device", 1) > 1
+    summary.add_row("peak memory", f"{mem['allocated']:.1f} allocated ({mem['total']:.1f} reserved) / "
+                                   f"{mem['capacity']:.0f} GiB{' per rank (one die)' if per_die else ''}")
+    ranks = f" ranks={d['layout']['ranks']} (one per die)" if per_die else ""
+    summary.add_row("layout", f"devices={d['layout']['devices']}{ranks} {layout_summary(d)}")
+    lay = d["layout"]
+    summary.add_row("data parallel", f"{lay['dp_mode']} over {lay['dp_world']} ranks (priced)")
+    if lay["ep"] > 1:
+        summary.add_row("expert parallel", f"ep {lay['ep']}, all-to-all {lay['ep_overlap']}, routing imbalance "
+                                           f"{d['imbalance']:.2f}")
     console.print(summary)
-    tables = Table(title="memory per device (GiB)", show_header=True)
+    tables = Table(title=f"memory per {'rank (one die)' if per_die else 'device'} (GiB)", show_header=True)
     tables.add_column("component")
     tables.add_column("GiB", justify="right")
     for key, value in mem.items():  # device components only; capacities and host memory below the table
-        if key not in ("total", "capacity", "host_capacity", "offloaded_to_host", "host_activations", "host_states"):
+        if key not in ("total", "capacity", "host_capacity", "offloaded_to_host", "host_activations", "host_states",
+                       "allocated"):
             tables.add_row(key, f"{value:.2f}")
-    tables.add_row("[bold]total (device)[/]", f"[bold]{mem['total']:.2f}[/]")
+    tables.add_row("allocated (must fit)", f"{mem['allocated']:.2f}")
+    tables.add_row("[bold]total (device, reserved)[/]", f"[bold]{mem['total']:.2f}[/]")
     console.print(tables)
-    free = mem["capacity"] - mem["total"]
+    free = mem["capacity"] - mem["allocated"]
     margin = f"{free:.2f} GiB free" if free >= 0 else f"{-free:.2f} GiB over"
-    console.print(f"device memory (busiest rank): {mem['total']:.2f} of {mem['capacity']:.0f} GiB ({margin})",
-                  highlight=False)
+    console.print(f"device memory (busiest rank): {mem['allocated']:.2f} allocated of {mem['capacity']:.0f} GiB "
+                  f"({margin}; {mem['total']:.2f} reserved with the allocator's overhead)", highlight=False)
     if mem["offloaded_to_host"]:
         node = d["host_per_node_gib"]
         console.print(f"host memory: {mem['offloaded_to_host']:.2f} GiB offloaded per rank (activations "
@@ -67,7 +77,8 @@ def estimate_cmd(
     seq_len: int = opt.SEQ_LEN,
     global_batch: int = typer.Option(None, "--global-batch", help="Sequences per optimizer step (default: one "
                                      "micro-batch per data-parallel rank, no accumulation)."),
-    imbalance: float = opt.IMBALANCE,
+    imbalance: float | None = opt.IMBALANCE,
+    image_tokens: int = opt.IMAGE_TOKENS,
     json_out: bool = JSON_OPTION,
     layout_flags: dict = None,
 ) -> None:
@@ -78,12 +89,13 @@ def estimate_cmd(
       [bold]xplan estimate llama3-70b h100 --devices 64 --tp 4 --pp 4 --json[/]
     """
     from xplan.planner.levers import explain_levers
-    from xplan.planner.pricing import Workload, layout_from_flags, price
+    from xplan.planner.pricing import Workload, layout_from_flags, load_hw, price
 
-    layout = layout_from_flags(layout_flags)
+    # Sizes count ranks: the hardware's ranks per device (a3: one per die) times --devices.
+    layout = layout_from_flags(layout_flags, load_hw(hardware).device.ranks_per_device)
     if global_batch is None:
         global_batch = layout.data_parallel * layout.micro_batch
-    workload = Workload(model, hardware, seq_len, global_batch, imbalance)
+    workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens)
     est = price(workload, layout)
     levers = explain_levers(est, workload)
     if json_out:

@@ -27,6 +27,8 @@ def inspect_summary(model_ref: str, seq_len: int, graph: Path | None = None) -> 
         "params_total": counts.total,
         "params_active": counts.active,
         "params_routed_experts": counts.routed_experts,
+        "params_vision": counts.vision,
+        "params_language_active": counts.active - counts.vision,
         "num_layers": config.num_layers,
         "layers": counts.layers_by_kind,
         "flops_per_token": traced["flops_per_token"],
@@ -38,7 +40,17 @@ def inspect_summary(model_ref: str, seq_len: int, graph: Path | None = None) -> 
         "vocab_size": config.vocab_size,
         "num_experts": config.num_experts,
         "top_k": config.top_k,
+        "vision": _vision_summary(config),
     }
+
+
+def _vision_summary(config) -> dict | None:
+    if not config.is_vlm:
+        return None
+    spec = config.vision_spec
+    return {"num_layers": spec.num_layers, "hidden_size": spec.hidden_size, "num_heads": spec.num_heads,
+            "image_size": list(spec.image_size), "patches_per_image": spec.patches_per_image,
+            "image_tokens_per_image": spec.tokens_per_image}
 
 
 def _selective_note(model: str, seq_len: int, activation_bytes: dict) -> str | None:
@@ -76,6 +88,12 @@ def inspect(
     table.add_column("value", justify="right")
     table.add_row("parameters (total)", human_count(summary["params_total"]))
     table.add_row("parameters (active per token)", human_count(summary["params_active"]))
+    if summary["params_vision"]:
+        table.add_row("  vision tower + projector", human_count(summary["params_vision"]))
+        table.add_row("  language model (active per token)", human_count(summary["params_language_active"]))
+        v = summary["vision"]
+        table.add_row("vision tower", f"{v['num_layers']} layers, hidden {v['hidden_size']}, {v['num_heads']} heads; "
+                      f"{v['image_tokens_per_image']} image tokens per {v['image_size'][0]}x{v['image_size'][1]} image")
     table.add_row("layers", ", ".join(f"{n} {kind}" for kind, n in summary["layers"].items()))
     table.add_row("hidden / heads / kv heads",
                   f"{summary['hidden_size']} / {summary['num_heads']} / {summary['num_kv_heads']}")

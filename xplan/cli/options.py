@@ -14,7 +14,10 @@ from typing import Any, Optional
 import typer
 
 SEQ_LEN = typer.Option(4096, "--seq-len", help="Tokens per sequence.")
-IMBALANCE = typer.Option(1.0, "--imbalance", help="Busiest expert-parallel rank's routed load over the mean.")
+IMAGE_TOKENS = typer.Option(0, "--image-tokens", help="Image tokens per sample (vision-language models): the "
+                            "images they stand for run the vision tower and join the sequence first.")
+IMBALANCE = typer.Option(None, "--imbalance", help="Busiest expert-parallel rank's routed load over the mean "
+                         "(default: 1.30 for EP >= 32 from UltraEP's measurement, else 1; see cost_models/routing.py).")
 
 LAYOUT_FLAGS = "layout_flags"  # the parameter a decorated command receives the knob values in
 

@@ -27,7 +27,8 @@ def render_report(r: dict) -> None:
     for key, value in mem["device_gib"].items():
         if value:
             memory.add_row(key, f"{value:.2f}", f"{value / mem['total_gib']:.0%}")
-    memory.add_row("[bold]total (device)[/]", f"[bold]{mem['total_gib']:.2f}[/]", "")
+    memory.add_row("[bold]allocated (must fit)[/]", f"[bold]{mem['allocated_gib']:.2f}[/]", "")
+    memory.add_row("total (device, reserved)", f"{mem['total_gib']:.2f}", "")
     memory.add_section()
     memory.add_row("device memory (HBM)", f"{mem['capacity_gib']:.2f}", "")
     if mem["headroom_gib"]:
@@ -58,7 +59,7 @@ def render_report(r: dict) -> None:
             alts.add_column(col, justify=justify, overflow="fold")
         for a in r["alternatives"]:
             alts.add_row(a["label"], f"{a['estimate']['tokens_per_s_per_device']:,.0f}",
-                         f"{a['estimate']['memory_gib']['total']:.1f}", ", ".join(a["changes"]) or "-", a["summary"])
+                         f"{a['estimate']['memory_gib']['allocated']:.1f}", ", ".join(a["changes"]) or "-", a["summary"])
         console.print(alts)
     c = r.get("comparison_3d")
     if c and c.get("best_3d"):
@@ -66,7 +67,7 @@ def render_report(r: dict) -> None:
         lay = b["layout"]
         console.print(f"best 3D layout (price only): tp {lay['tp']} pp {lay['pp']} vpp {lay['vpp']} ep {lay['ep']} "
                       f"mb {lay['micro_batch']} recompute {lay['recompute']}: {b['tokens_per_s_per_device']:,.0f} "
-                      f"tokens/s/device, {b['memory_gib']['total']:.1f} GiB ({c['separation']['summary']})",
+                      f"tokens/s/device, {b['memory_gib']['allocated']:.1f} GiB ({c['separation']['summary']})",
                       highlight=False, markup=False)
     prov = r.get("provenance") or {}
     if prov.get("profile_changed"):
@@ -96,7 +97,8 @@ def report(
     from xplan.planner.pricing import Workload
 
     loaded = load_plan(plan)
-    workload = Workload(loaded.model, loaded.hardware, loaded.training.seq_len, loaded.training.global_batch)
+    workload = Workload(loaded.model, loaded.hardware, loaded.training.seq_len, loaded.training.global_batch,
+                        image_tokens=loaded.training.image_tokens)
     full = html is not None or json_out  # sweeps and the 3D comparison: for the file and the JSON
     kwargs = dict(headroom_gib=loaded.data.headroom_gib, plan=loaded, plan_file=str(plan), alternatives=max(top, 0),
                   sweeps=full)

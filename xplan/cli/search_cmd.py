@@ -54,7 +54,7 @@ def plan_table(title: str, estimates: list[dict], labels: list[str], refused: se
             flat = flats[i]
             mark = ("*" if refused and i in refused else "") + ("●" if front and i in front else "")
             cells = [labels[i] + mark, f"{d['tokens_per_s_per_device']:,.0f}",
-                     f"{d['mfu']:.1%}", f"{d['step_time_s']:.2f}", f"{d['memory_gib']['total']:.1f}"]
+                     f"{d['mfu']:.1%}", f"{d['step_time_s']:.2f}", f"{d['memory_gib']['allocated']:.1f}"]
             if one_column:
                 cells.append(" ".join(f"{SHORT.get(name, name)}={show(name, flat[name], True)}" for name in differ))
             else:
@@ -71,7 +71,9 @@ def plan_table(title: str, estimates: list[dict], labels: list[str], refused: se
     caption = "all rows: " + " ".join(f"{k}={show(k, v)}" for k, v in common.items())
     if len(bindings) == 1:
         caption += f" binding={next(iter(bindings))}"
-    caption += "\ntok/s = tokens/s/device, GiB = peak memory per device"
+    per_die = any(d["layout"].get("ranks_per_device", 1) > 1 for d in estimates)
+    caption += (f"\ntok/s = tokens/s/device, GiB = allocated peak per {'rank (one die)' if per_die else 'device'}"
+                " (what must fit)")
     if front:
         caption += ", ● = on the Pareto front (throughput vs memory)"
     if refused:
@@ -109,7 +111,7 @@ def parse_headroom(text: str | None, hbm_gib: float) -> float:
 
 def command_line(model: str, hardware: str, devices: int, seq_len: int, global_batch: int, imbalance: float,
                  pinned: dict, allow_3d: bool, exhaustive: bool, headroom: str | None, steps: int,
-                 output: Path | None) -> list[str]:
+                 output: Path | None, image_tokens: int = 0) -> list[str]:
     """The search as a command line that repeats it (what the plan records as `command`)."""
     from xplan.layout import knobs
 
@@ -119,8 +121,10 @@ def command_line(model: str, hardware: str, devices: int, seq_len: int, global_b
         if info.name in pinned:
             value = pinned[info.name]
             args += [info.flag, ",".join(value) or "none" if info.name == "offload" else str(value)]
-    if imbalance != 1.0:
+    if imbalance is not None:
         args += ["--imbalance", str(imbalance)]
+    if image_tokens:
+        args += ["--image-tokens", str(image_tokens)]
     args += ["--allow-3d"] * allow_3d + ["--exhaustive"] * exhaustive
     if headroom:
         args += ["--headroom", str(headroom)]
@@ -154,7 +158,8 @@ def search_cmd(
     seq_len: int = opt.SEQ_LEN,
     global_batch: int = typer.Option(None, "--global-batch",
                                      help="Sequences per optimizer step (default: one per device)."),
-    imbalance: float = opt.IMBALANCE,
+    imbalance: float | None = opt.IMBALANCE,
+    image_tokens: int = opt.IMAGE_TOKENS,
     allow_3d: bool = typer.Option(False, "--allow-3d", help="Also price tensor and pipeline parallelism "
                                   "(listed for comparison; the runtime does not execute them)."),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="Price the whole space without pruning."),
@@ -188,11 +193,11 @@ def search_cmd(
     started = time.perf_counter()
     devices = parse_knob("devices", layout_flags.pop("devices"))
     pinned = {name: parse_knob(name, value) for name, value in layout_flags.items() if value is not None}
-    if global_batch is None:
-        global_batch = devices
     profile = load_hw(hardware)
+    if global_batch is None:  # one sequence per rank (a3: two ranks per device)
+        global_batch = devices * profile.device.ranks_per_device
     headroom_gib = parse_headroom(headroom, profile.hbm_bytes() / 2**30)
-    workload = Workload(model, hardware, seq_len, global_batch, imbalance)
+    workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens)
     kwargs = dict(allow_3d=allow_3d, exhaustive=exhaustive, top=max(top, 1), headroom_bytes=headroom_gib * 2**30)
     if json_out or not console_err.is_terminal:
         result = search(workload, devices, pinned, **kwargs)
@@ -221,14 +226,16 @@ def search_cmd(
     plan = None
     if best is not None:
         training = {"seq_len": seq_len, "global_batch": global_batch, "steps": steps}
+        if image_tokens:
+            training["image_tokens"] = image_tokens
         predictions = {k: v for k, v in best.to_dict().items() if k in (
-            "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "time_s", "binding")}
+            "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "time_s", "binding", "imbalance")}
         plan = make_plan(model, hardware, best.layout, training, predictions,
                          devices_per_node=profile.levels[0].devices, headroom_gib=headroom_gib,
                          notes=f"written by xplan search ({result.candidates_evaluated} candidates)",
                          **provenance(hardware, command_line(model, hardware, devices, seq_len, global_batch,
                                                              imbalance, pinned, allow_3d, exhaustive, headroom,
-                                                             steps, output)))
+                                                             steps, output, image_tokens)))
     if not json_out:
         rows, labels, front, first_extra = _rows(result, top)
         dicts = [e.to_dict() for e in rows]
@@ -277,12 +284,15 @@ def search_cmd(
                     "pareto": [e.to_dict() for e in result.pareto], "search_time_s": result.search_time_s,
                     "trace_time_s": result.trace_time_s, "elapsed_s": elapsed,
                     "candidates_evaluated": result.candidates_evaluated, "plan_file": written,
+                    "written_plan": best.to_dict() if written else None,
                     "report_file": report_file,
                     # the best runnable plan's recompute / offload / keep_gathered / tile_tokens, each priced away
                     "levers": [lever.to_dict() for lever in levers]})
         return
     if written:
-        note = "" if best is result.plans[0] else " (the fastest layout the runtime executes)"
+        note = "" if best is result.plans[0] else (
+            f" (the fastest layout the runtime executes: {best.tokens_per_s_per_device:,.0f} tokens/s/device, "
+            f"{best.memory.allocated / 2**30:.1f} GiB allocated; {escape(layout_summary(best.to_dict()))})")
         console.print(f"best plan written to [bold]{escape(written)}[/]{note} — run it with `xplan run {escape(written)}`")
     if report_file:
         console.print(f"report written to [bold]{escape(report_file)}[/]")

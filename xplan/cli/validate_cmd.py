@@ -31,6 +31,10 @@ def validate(
                                   "instead of the shipped set, e.g. your own cluster's measurements."),
     cases: str = typer.Option(None, "--cases", help="The cases YAML mapping those rows onto the estimator "
                               "(`models:`, `cases:`; may be the same file as --published)."),
+    loso: bool = typer.Option(False, "--loso", help="Also score each source's rows with every constant fitted on "
+                              "them refitted without them (leave one source out)."),
+    table: bool = typer.Option(False, "--table", help="Print the markdown per-row table (with --loso), the format "
+                               "of cost_models/validation_table.md."),
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Predicted vs published throughput and memory for every expressible published result.
@@ -38,10 +42,13 @@ def validate(
     Each row of the published-results set (cost_models/published_results.yaml) is mapped onto the
     estimator by cost_models/validation_cases.yaml, or listed with the reason it cannot be.
     error = predicted / published - 1; the summary gives the median and max absolute error of the
-    throughput rows (tokens/s, TFLOPS, MFU) and of the memory rows separately.
+    throughput rows (tokens/s, TFLOPS, MFU) and of the memory rows separately, for all rows, the
+    held-out ones (no profile constant fitted on them) and the calibration ones. Every priced run is
+    fit-checked (allocated peak within the device memory, within 10% of a published peak).
 
     Examples:
       [bold]xplan validate[/]
+      [bold]xplan validate --loso[/]
       [bold]xplan validate --only tt_ --json[/]
       [bold]xplan validate --published cost_models/extended/ascend_910b.yaml --cases cost_models/extended/ascend_910b.yaml[/]
     """
@@ -50,8 +57,13 @@ def validate(
     paths = {"published_path": published, "cases_path": cases}
 
     if json_out:
-        report = run_validation(only=only, **paths)
+        report = run_validation(only=only, loso=loso, **paths)
         print_json(report.to_dict(details=details))
+        return
+    if table:
+        from xplan.app.validation_table import render
+
+        print(render(run_validation(only=only, loso=True, **paths)), end="")
         return
 
     with Progress(TextColumn("tracing {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -61,12 +73,12 @@ def validate(
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label)
 
-        report = run_validation(only=only, progress=progress, **paths)
+        report = run_validation(only=only, progress=progress, loso=loso, **paths)
 
     table = Table(title="xplan validate: predicted vs published (error = predicted / published - 1)")
     for header, justify in (("id", "left"), ("model", "left"), ("hw", "left"), ("layout", "left"),
                             ("metric", "left"), ("published", "right"), ("predicted", "right"),
-                            ("error", "right")):
+                            ("error", "right"), ("set", "left")):
         table.add_column(header, justify=justify, overflow="fold")
     for r in report.rows:
         err = f"{r.error:+.1%}"
@@ -74,17 +86,35 @@ def validate(
             err = f"[red]{err}[/]"
         elif abs(r.error) > 0.10:
             err = f"[yellow]{err}[/]"
+        role = "excluded" if r.excluded else "calibration" if r.calibration else "held-out"
+        if r.known_gap and not r.excluded:
+            role += " (known gap)"
         table.add_row(r.id, r.model, r.hardware, r.layout, _UNITS.get(r.metric, r.metric),
-                      _fmt(r.metric, r.published), _fmt(r.metric, r.predicted), err)
+                      _fmt(r.metric, r.published), _fmt(r.metric, r.predicted), err, role)
     console.print(table)
     s = report.summary
-    for kind, label in (("throughput", "throughput (tok/s, TFLOPS, MFU)"), ("memory", "memory")):
-        st = s[kind]
+
+    def line(label: str, st: dict) -> None:
         if st["count"]:
             console.print(f"{label}: {st['count']} rows, median |error| {_pct(st['median_abs_error'])}, "
                           f"max |error| {_pct(st['max_abs_error'])} ({st['max_id']})", highlight=False)
         else:
             console.print(f"{label}: no rows", highlight=False)
+
+    for kind, label in (("throughput", "throughput (tok/s, TFLOPS, MFU)"), ("memory", "memory")):
+        line(label, s[kind])
+        line(f"  held-out {kind}", s[kind]["held_out"])
+        line(f"  calibration {kind}", s[kind]["calibration"])
+    line("throughput without known gaps", s["throughput"]["without_known_gaps"])
+    if report.loso is not None:
+        console.print(f"leave-one-source-out: {report.loso['note']}", highlight=False, markup=False)
+        line("  LOSO throughput", report.loso["summary"]["throughput"])
+        line("  LOSO memory", report.loso["summary"]["memory"])
+    fits = s["fit_check"]
+    console.print(f"fit check: {fits['fit']} of {fits['runs']} priced runs fit"
+                  + (f"; misses: {', '.join(fits['misses'])}" if fits["misses"] else "")
+                  + (f"; off the published peak: {', '.join(fits['off_published'])}" if fits["off_published"] else ""),
+                  highlight=False, markup=False)
     console.print(f"validated in {report.elapsed_s:.1f} s", highlight=False)
     if report.failed:
         console.print("[bold red]cases the estimator rejected:[/]")

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .app import JSON_OPTION, app, console, print_json
 
-WORKLOAD_KEYS = ("seq_len", "global_batch", "hardware", "hw", "model", "imbalance")
+WORKLOAD_KEYS = ("seq_len", "global_batch", "hardware", "hw", "model", "imbalance", "image_tokens")
 
 
 def whatif_keys() -> list[str]:
@@ -38,6 +38,50 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
+def measured_imbalance(path: Path) -> float:
+    """The busiest EP rank's routed load over the mean that `xplan run` measured (metrics.jsonl
+    `ep_imbalance`, median over its steps): from a metrics file or a run directory holding one."""
+    import json
+    import statistics
+
+    from xplan.errors import InputError
+
+    metrics = path / "metrics.jsonl" if path.is_dir() else path
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError as exc:
+        raise InputError(f"--set imbalance: cannot read {metrics}: {exc.strerror or exc}.") from None
+    values = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("ep_imbalance"), (int, float)):
+            values.append(float(record["ep_imbalance"]))
+    if not values:
+        raise InputError(f"--set imbalance: {metrics} holds no ep_imbalance (a run with expert parallelism writes "
+                         "one per step).")
+    return statistics.median(values)
+
+
+def parse_imbalance(value: str) -> float:
+    """`--set imbalance=`: a number, or a run's metrics.jsonl / run directory (its measured value)."""
+    from xplan.errors import InputError
+
+    try:
+        number = float(value)
+    except ValueError:
+        path = Path(value)
+        if not path.exists():
+            raise InputError(f"--set imbalance needs a number or a run's metrics.jsonl (or its folder), got "
+                             f"{value!r}.") from None
+        number = measured_imbalance(path)
+    if not number >= 1.0:
+        raise InputError(f"--set imbalance is the busiest rank's load over the mean and must be >= 1, got {number}.")
+    return number
+
+
 # Changing these re-derives the FSDP group of an fsdp-mode plan (all data-parallel ranks) unless
 # fsdp itself is set.
 _RESIZING = ("devices", "tp", "pp", "dp_mode")
@@ -48,7 +92,8 @@ def apply_changes(workload, layout, changes: dict[str, str]):
     from xplan.layout import flat_to_nested, knob_value, knobs, layout_from_dict, parse_knob
 
     w = {"model": workload.model, "hardware": workload.hardware, "seq_len": workload.seq_len,
-         "global_batch": workload.global_batch, "imbalance": workload.imbalance}
+         "global_batch": workload.global_batch, "imbalance": workload.imbalance,
+         "image_tokens": workload.image_tokens}
     flat = {info.name: knob_value(layout, info) for info in knobs()}
     for key, value in changes.items():
         if key in ("hardware", "hw"):
@@ -56,22 +101,26 @@ def apply_changes(workload, layout, changes: dict[str, str]):
         elif key == "model":
             w["model"] = value
         elif key == "imbalance":
-            try:
-                w["imbalance"] = float(value)
-            except ValueError:
-                raise InputError(f"--set imbalance needs a number, got {value!r}.") from None
-        elif key in ("seq_len", "global_batch"):
+            w["imbalance"] = parse_imbalance(value)
+        elif key in ("seq_len", "global_batch", "image_tokens"):
             try:
                 w[key] = int(value)
             except ValueError:
                 raise InputError(f"--set {key} needs an integer, got {value!r}.") from None
         else:
             flat[key] = parse_knob(key, value)
-    if "fsdp" not in changes and any(k in changes for k in _RESIZING) and layout.dp_mode != "hsdp":
+    # A hardware fact, not a knob: the plan's ranks per device, or the new hardware's (a3: 2).
+    ranks_per_device = layout.ranks_per_device
+    if w["hardware"] != workload.hardware:
+        from xplan.planner.pricing import load_hw
+
+        ranks_per_device = load_hw(w["hardware"]).device.ranks_per_device
+    resized = any(k in changes for k in _RESIZING) or ranks_per_device != layout.ranks_per_device
+    if "fsdp" not in changes and resized and layout.dp_mode != "hsdp":
         flat["fsdp"] = None
         if "dp_mode" not in changes:
             flat["dp_mode"] = None
-    return replace(workload, **w), layout_from_dict(flat_to_nested(flat))
+    return replace(workload, **w), layout_from_dict({**flat_to_nested(flat), "ranks_per_device": ranks_per_device})
 
 
 # Command-line flags in messages from the layers below, as whatif spells them.
@@ -121,7 +170,8 @@ def _pp(value: float) -> str:
 def whatif(
     plan: Path = typer.Argument(..., help="Plan file written by `xplan search`."),
     sets: list[str] = typer.Option([], "--set", help="key=value to change (repeatable): seq_len, global_batch, "
-                                   "hardware, model, imbalance, or any layout knob (the --flags of `xplan "
+                                   "image_tokens, hardware, model, imbalance (a number, or a run's metrics.jsonl or "
+                                   "folder: its measured ep_imbalance), or any layout knob (the --flags of `xplan "
                                    "estimate`, with _ for -: devices, dp_mode, fsdp, ep, micro_batch, loss, ...)."),
     report: Path = typer.Option(None, "--report", help="Also write the HTML report of the what-if layout here "
                                 "(the plan as written shown beside it)."),
@@ -140,7 +190,10 @@ def whatif(
     from xplan.planner.pricing import Workload, price
 
     loaded = load_plan(plan)
-    workload = Workload(loaded.model, loaded.hardware, loaded.training.seq_len, loaded.training.global_batch)
+    planned = loaded.data.predictions.get("imbalance") if isinstance(loaded.data.predictions, dict) else None
+    workload = Workload(loaded.model, loaded.hardware, loaded.training.seq_len, loaded.training.global_batch,
+                        float(planned) if isinstance(planned, (int, float)) and planned >= 1 else None,
+                        image_tokens=loaded.training.image_tokens)
     before = price(workload, loaded.layout)
     changes = parse_sets(sets)
     try:
@@ -150,7 +203,8 @@ def whatif(
     except InputError as exc:
         raise InputError(as_set_keys(str(exc))) from None
     b, a = before.to_dict(), after.to_dict()
-    rows = [("fits", b["fits"], a["fits"]), ("tokens/s/device", b["tokens_per_s_per_device"],
+    rows = [("fits", b["fits"], a["fits"]), ("routing imbalance", b["imbalance"], a["imbalance"]),
+            ("tokens/s/device", b["tokens_per_s_per_device"],
                                              a["tokens_per_s_per_device"]),
             ("step time s", b["step_time_s"], a["step_time_s"]), ("MFU", b["mfu"], a["mfu"]),
             ("peak memory GiB", b["memory_gib"]["total"], a["memory_gib"]["total"])]

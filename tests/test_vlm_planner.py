@@ -1,0 +1,78 @@
+"""The planner on vision-language models: `--image-tokens` traces the vision tower (its FLOPs are
+those torch counts on the runtime's own tower), prices it in estimate / search / whatif, and bad
+values are clear errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_run_vlm import TINY_VLM
+from xplan.cli import main
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-internvl-plan")
+    (path / "config.json").write_text(json.dumps(TINY_VLM))
+    return path
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_trace_prices_the_vision_tower(vlm_dir):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xplan.planner.trace import trace_model
+    from xplan.runtime import build_model, load_config
+
+    text = trace_model(str(vlm_dir), 32, loss="full", use_cache=False)
+    images = trace_model(str(vlm_dir), 32, loss="full", image_tokens=8, use_cache=False)
+    stage = images.graph.nodes["vision"]
+    config = load_config(str(vlm_dir))
+    model = build_model(config)
+    pixels = torch.randn(2, 3, 56, 56)
+    with FlopCounterMode(display=False) as counter:  # GEMMs and the patch convolution (not CPU SDPA)
+        model.image_features(pixels)
+    spec = config.vision_spec
+    tokens = spec.patches_per_image
+    attention = spec.num_layers * 4 * 2 * spec.num_heads * tokens * tokens * spec.head_dim  # QK^T and PV, 2 images
+    assert stage["flops_forward"] == counter.get_total_flops() + attention
+    assert images.flops_forward == text.flops_forward + stage["flops_forward"]
+    assert images.others["embedding"].saved_bytes["none"] > text.others["embedding"].saved_bytes["none"]
+    assert spec.tokens_per_image == 4
+
+
+def test_estimate_and_whatif_take_image_tokens(vlm_dir, capsys, tmp_path):
+    base = ["estimate", vlm_dir, "cpu", "--devices", 1, "--seq-len", 32, "--precision", "fp32", "--json"]
+    code, out, _ = cli(capsys, *base)
+    text = json.loads(out)
+    code, out, _ = cli(capsys, *base, "--image-tokens", 8)
+    assert code == 0
+    images = json.loads(out)
+    assert images["memory_gib"]["activations"] > text["memory_gib"]["activations"]
+    assert images["step_time_s"] > text["step_time_s"]
+    code, _, err = cli(capsys, "search", vlm_dir, "cpu", "--devices", 2, "--seq-len", 32, "--global-batch", 4,
+                       "--precision", "fp32", "--image-tokens", 8, "-o", tmp_path / "plan.yaml", "--json")
+    assert code == 0, err
+    plan = (tmp_path / "plan.yaml").read_text()
+    assert "image_tokens: 8" in plan and "sp: 1" in plan
+    code, out, err = cli(capsys, "whatif", tmp_path / "plan.yaml", "--set", "image_tokens=16", "--json")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("model, tokens, message", [
+    (None, 6, "multiple of the 4 image tokens"),
+    (None, 32, "must leave text"),
+    ("qwen3-0.6b", 8, "needs a vision-language model"),
+])
+def test_bad_image_tokens_exit_2(vlm_dir, capsys, model, tokens, message):
+    code, _, err = cli(capsys, "estimate", model or vlm_dir, "cpu", "--devices", 1, "--seq-len", 32,
+                       "--image-tokens", tokens)
+    assert code == 2 and message in " ".join(err.split()), err

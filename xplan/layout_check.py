@@ -1,0 +1,66 @@
+"""`check_layout`: a layout's divisibility and architectural constraints against a model (the
+rank arithmetic itself is in xplan/layout.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from xplan.errors import InputError
+
+if TYPE_CHECKING:
+    from xplan.layout import Layout
+
+
+def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None = None) -> None:
+    """Divisibility and architectural constraints; raises InputError naming the first violation.
+
+    `config` is a runtime ModelConfig (only its fields are read).
+    """
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise InputError(message)
+
+    d = layout
+    need(d.ranks % (d.tp * d.pp) == 0,
+         f"{d.ranks_text(noun_first=True)} must be a multiple of tp × pp ({d.tp} × {d.pp}).")
+    need(d.dp_world % d.sp == 0, f"sp ({d.sp}) must divide the data-parallel world ({d.dp_world} = ranks / (tp × pp)).")
+    need(d.dp_world % d.fsdp == 0,
+         f"fsdp ({d.fsdp}) must divide the data-parallel world ({d.dp_world}); use a divisor for HSDP.")
+    if d.fsdp > 1:
+        need(d.fsdp % d.ep == 0, f"ep ({d.ep}) must divide the FSDP shard group ({d.fsdp}): experts are split "
+                                 "over EP ranks inside each shard group.")
+    else:
+        # Megatron-style: the expert-parallel group may span tensor-parallel ranks (expert TP = 1).
+        need((d.dp_world * d.tp) % d.ep == 0,
+             f"ep ({d.ep}) must divide the data-parallel × tensor-parallel ranks ({d.dp_world} × {d.tp}).")
+    if d.ep > 1:
+        need(config.num_experts > 0, f"ep = {d.ep} needs a mixture-of-experts model; {config.name} is dense.")
+        need(config.num_experts % d.ep == 0,
+             f"ep ({d.ep}) must divide the number of routed experts ({config.num_experts}).")
+    if d.sp > 1:
+        heads, kv = config.num_heads, config.num_kv_heads
+        if config.attention_kind == "mla":
+            kv = heads  # MLA expands its latent into one k/v per head before attention
+        need(heads % d.sp == 0, f"Ulysses sp ({d.sp}) must divide the attention heads ({heads}).")
+        need(kv % d.sp == 0 or d.sp % kv == 0,
+             f"Ulysses sp ({d.sp}) and the kv heads ({kv}) must divide one another (kv heads are repeated "
+             "when sp exceeds them).")
+        need(seq_len % d.sp == 0, f"seq_len ({seq_len}) must be a multiple of sp ({d.sp}).")
+    if d.tp > 1:
+        need(config.num_heads % d.tp == 0, f"tp ({d.tp}) must divide the attention heads ({config.num_heads}).")
+    if d.pp > 1 or d.vpp > 1:
+        # Embedding and loss may take a virtual stage each (as Megatron's uneven split allows).
+        need(config.num_layers + 2 >= d.pp * d.vpp,
+             f"pp × vpp ({d.pp} × {d.vpp}) stages cannot exceed the layers ({config.num_layers}) + 2.")
+    need(d.vpp == 1 or d.pp > 1, "vpp > 1 needs pipeline parallelism (pp > 1).")
+    if d.ep_overlap == "dualpipe":
+        need(d.pp > 1 and d.pp % 2 == 0 and d.vpp == 1,
+             f"ep_overlap dualpipe is DeepSeek's DualPipe schedule: it needs an even pp > 1 and vpp 1 "
+             f"(got pp {d.pp}, vpp {d.vpp}).")
+    if d.keep_gathered:
+        present = {"moe" if config.is_moe_layer(i) else "dense" for i in range(config.num_layers)}
+        missing = [k for k in d.keep_gathered if k not in present]
+        need(not missing, f"keep_gathered names {', '.join(missing)} blocks, but {config.name} has only "
+                          f"{', '.join(sorted(present))} blocks.")
+    if global_batch is not None:
+        layout.grad_accum(global_batch)
