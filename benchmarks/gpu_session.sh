@@ -2,7 +2,8 @@
 # The GPU checks of the cost models, as one script for a lent H100 / H200 (a bare machine with
 # torch but without xplan): GEMM and attention at the validation rows' shapes, then the runtime's
 # real step time and peak memory against the prediction, then the kernel registry's CUDA kernels
-# (benchmarks/kernels_gpu.py). Writes logs and JSON under $OUT (or ./gpu-out).
+# (benchmarks/kernels_gpu.py), then the allocator (reserved vs allocated with and without expandable
+# segments) and the offload path on a real step. Writes logs and JSON under $OUT (or ./gpu-out).
 #
 #   bash benchmarks/gpu_session.sh [PROFILE [CASES]]   # PROFILE prices the rows (default: h200);
 #                                                     # CASES: the rows' hardware, or all (default)
@@ -31,6 +32,8 @@ timeout 240 python3 "$repo/benchmarks/gemm_shapes.py" --profile "$profile" --cas
   --json "$out/gemm_shapes.json" 2>&1 | tee "$out/gemm_shapes.txt"
 timeout 150 python3 "$repo/benchmarks/gpu_check.py" --profile "$profile" --compare 2>&1 | tee "$out/gpu_check.txt"
 timeout 420 python3 "$repo/benchmarks/kernels_gpu.py" --json "$out/kernels_gpu.json" 2>&1 | tee "$out/kernels_gpu.txt"
+timeout 240 python3 "$repo/benchmarks/allocator_check.py" --profile "$profile" --json "$out/allocator_check.json" \
+  2>&1 | tee "$out/allocator_check.txt"
 # xplan's runtime against a torchtitan-style plain-torch baseline (same models, batches, precision)
 for precision in bf16 fp8; do
   timeout 420 python3 "$repo/benchmarks/vs_torchtitan.py" --profile "$profile" --precision "$precision" \

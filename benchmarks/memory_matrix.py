@@ -14,8 +14,9 @@ plan as it finishes, then the components of every row that misses, and exits 1 i
 By default every dry run keeps 3 (and, in one extra run per segment, 4) copies of each repeated
 block pattern and extrapolates each memory moment linearly (`compare_dry_run(plan, layers=3)`;
 `tests/test_dryrun.py` checks that this equals the full-depth run, and on this matrix it is bit-exact
-against `--full-depth`). Timings on 2 shared CPU cores: all 21 rows ~2.5 min with extrapolation,
-~25 min at full depth. `--quick` runs one row per model (~20 s).
+against `--full-depth`). Timings on 2 shared CPU cores: the first 21 rows ~2.5 min with
+extrapolation (the five token-tiled rows, 32k-64k tokens without Ulysses, ~12 min more), ~25 min
+at full depth. `--quick` runs one row per model (~20 s).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Row:
     imbalance: float = 1.0
     dp_mode: str = "fsdp"
     precision: str = "bf16"
+    tile_tokens: int | None = None
+    yarn: float | None = None  # the preset with YaRN rope scaling by this factor (a longer context)
 
     @property
     def global_batch(self) -> int:
@@ -58,6 +61,10 @@ class Row:
             parts.append(self.dp_mode)
         if self.precision != "bf16":
             parts.append(self.precision)
+        if self.tile_tokens:
+            parts.append(f"tile{self.tile_tokens}")
+        if self.yarn:
+            parts.append(f"yarn{self.yarn:g}")
         return " ".join(parts)
 
 
@@ -96,8 +103,35 @@ MATRIX: list[Row] = [
     # ZeRO-1 with one micro-batch: the fp32 gradient buffers appear as the backward reaches each parameter.
     Row("qwen3-8b", 8, 1, 1, "none", 4096, grad_accum=1, dp_mode="zero1"),
     Row("llama3-8b", 8, 1, 1, "full", 4096, grad_accum=1, micro_batch=2, dp_mode="zero1"),
+    # Token tiling of the feed-forward half (tile_tokens): long sequences without Ulysses.
+    # (Qwen3 reaches 64k with YaRN x4, as its model card describes; the runtime refuses longer
+    # sequences than the config's max_position_embeddings.)
+    Row("qwen3-235b-a22b", 256, 64, 1, "full", 65536, tile_tokens=8192, yarn=4.0),
+    Row("qwen3-30b-a3b", 64, 8, 1, "full", 32768, tile_tokens=4096),
+    Row("qwen3-30b-a3b", 64, 8, 1, "none", 16384, tile_tokens=4096),
+    Row("deepseek-v3", 512, 64, 1, "full", 32768, tile_tokens=8192),
+    Row("gpt-oss-120b", 128, 64, 1, "full", 65536, tile_tokens=8192),
 ]
 QUICK = [2, 9, 13, 18]  # 1-based row numbers: one per model, short sequences
+
+
+def model_of(row: Row) -> str:
+    """The row's preset, or a config directory of it with YaRN rope scaling (`row.yarn`)."""
+    if not row.yarn:
+        return row.model
+    import tempfile
+    from pathlib import Path
+
+    from xplan.runtime.models.config import read_config_json
+
+    config = dict(read_config_json(row.model)[0])
+    original = config["max_position_embeddings"]
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": row.yarn, "original_max_position_embeddings": original}
+    config["max_position_embeddings"] = int(original * row.yarn)
+    folder = Path(tempfile.gettempdir()) / "xplan-memory-matrix" / f"{row.model}-yarn{row.yarn:g}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return str(folder)
 
 
 def make_row_plan(row: Row, hardware: str):
@@ -106,8 +140,9 @@ def make_row_plan(row: Row, hardware: str):
 
     fsdp = 1 if row.dp_mode == "zero1" else row.devices
     layout = Layout(devices=row.devices, dp_mode=row.dp_mode, fsdp=fsdp, ep=row.ep, sp=row.sp,
-                    micro_batch=row.micro_batch, recompute=row.recompute, precision=row.precision)
-    return make_plan(row.model, hardware, layout, {"seq_len": row.seq_len, "global_batch": row.global_batch})
+                    micro_batch=row.micro_batch, recompute=row.recompute, precision=row.precision,
+                    tile_tokens=row.tile_tokens)
+    return make_plan(model_of(row), hardware, layout, {"seq_len": row.seq_len, "global_batch": row.global_batch})
 
 
 def run_row(row: Row, hardware: str, layers: int | None):

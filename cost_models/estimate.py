@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xplan.layout import Layout, check_layout
+from xplan.layout_tiles import feed_forward_tiles
 
 from . import comm, pipeline
 from .compute import PricingContext, RankWork, pricing_for
@@ -28,16 +29,17 @@ from .memory import (
     COMPUTE_BYTES,
     GIB,
     MemoryBreakdown,
-    activation_bytes,
     block_unsharded_numel,
     eager_attention_elements,
     grad_bytes,
     rank_param_split,
 )
 from .memos import layout_key, memoised
+from .offload import block_mlp_kind, exposed_copy_time, offloaded_layers, optimizer_offload_time
 from .peak_memory import memory_estimate
 from .pipeline import PipelineRank, pipeline_ranks  # noqa: F401  (PipelineRank: part of this module's API)
 from .routing import default_imbalance, imbalance_note
+from .tiling import check_trace_tiles, expert_regather_times, tile_redo_share, tiled_expert_all_to_all_time
 
 # What the runtime runs: torch's foreach AdamW (runtime/train/optim.py) makes 8 passes over fp32
 # tensors - p *= 1 - lr*wd (8 B), lerp_ m (12), v *= b2 (8), addcmul_ v (12), sqrt(v) into a new
@@ -68,11 +70,16 @@ class Estimate:
     def fits(self) -> bool:
         return fits_memory(self.memory, self.hbm_bytes, self.host_bytes)
 
+    node_ranks: int = 1  # ranks of this layout on one node (they share its host memory)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "fits": self.fits,
             "memory_gib": self.memory.gib() | {"capacity": self.hbm_bytes / GIB,
                                                "host_capacity": self.host_bytes / GIB},
+            "host_per_node_gib": {"needed": self.memory.offloaded_to_host * self.node_ranks / GIB,
+                                  "capacity": self.host_bytes * self.node_ranks / GIB,
+                                  "ranks": self.node_ranks},
             "step_time_s": self.step_time_s,
             "tokens_per_s_per_device": self.tokens_per_s_per_device,
             "mfu": self.mfu,
@@ -114,8 +121,9 @@ def rank_work(trace, layout: Layout, imbalance: float = 1.0, recompute_every_mm:
 def communication_terms(trace, config, layout: Layout, profile, imbalance: float = 1.0):
     """What one micro-batch's communication costs a rank, before overlap and recompute:
     ({block kind: (FSDP all-gather, FSDP reduce-scatter incl. the HSDP all-reduce, FSDP2 copies,
-    EP all-to-alls, Ulysses all-to-alls, TP collectives)}, (root unit's FSDP gather + reduce,
-    its FSDP2 copies, pipeline p2p)); seconds, for the terms `estimate` uses.
+    EP all-to-alls, Ulysses all-to-alls, TP collectives, the expert unit's extra gathers under
+    token tiling)}, (root unit's FSDP gather + reduce, its FSDP2 copies, pipeline p2p)); seconds,
+    for the terms `estimate` uses.
 
     Communication depends on the sharding, not on recompute or offload (`estimate` applies
     their effects): the terms are priced on the layout without them and memoised on the trace
@@ -124,14 +132,17 @@ def communication_terms(trace, config, layout: Layout, profile, imbalance: float
     for, so their ids cannot name other objects.
     """
     memo = trace.__dict__.setdefault("_communication_terms", {})
-    key = (layout_key(layout, without=("recompute", "offload")), imbalance, id(profile), id(config))
+    key = (layout_key(layout, without=("recompute", "offload", "keep_gathered", "allocator")), imbalance, id(profile),
+           id(config))
     return memoised(memo, key, lambda: (profile, config, _communication_terms(
-        trace, config, layout.with_changes(recompute="none", offload=()), profile, imbalance)))[2]
+        trace, config, layout.with_changes(recompute="none", offload=(), keep_gathered=()), profile,
+        imbalance)))[2]
 
 
 def _communication_terms(trace, config, layout: Layout, profile, imbalance: float):
     tokens = layout.micro_batch / layout.sp * trace.seq_len  # the micro-batch this TP group works on
     rank_tokens = tokens / layout.tp
+    tiles = feed_forward_tiles(layout, trace.seq_len)
     act_bytes = param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = 4
     fsdp2 = not layout.zero1 and layout.fsdp > 1
@@ -158,13 +169,17 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
         if copied:
             copies = fsdp2_copy_time(profile, block_unsharded_numel(block, layout.ep, layout.tp), layout,
                                      param_bytes, reduce_bytes, gathers=2)
+        regather, regather_copies = expert_regather_times(profile, routed / layout.ep / layout.tp, layout,
+                                                          param_bytes, tiles)
+        copies += regather_copies if copied else 0.0
         if block.num_experts:
-            a2a = comm.expert_parallel_time(profile, rank_tokens, hidden, block.top_k, layout, act_bytes, imbalance)
+            a2a = tiled_expert_all_to_all_time(profile, rank_tokens, hidden, block.top_k, layout, act_bytes,
+                                               imbalance, tiles)
         uly = comm.ulysses_time(profile, tokens, q_width, kv_width, out_width, layout, act_bytes)
         tp_comm = comm.tensor_parallel_time(
             profile, tokens, hidden, layout, act_bytes, routed_copies=block.top_k * imbalance if block.num_experts else 0.0,
             dense_mlp=not block.num_experts or block.params.get("shared_expert", 0) > 0)
-        blocks[kind] = (ag, rs, copies, a2a, uly, tp_comm)
+        blocks[kind] = (ag, rs, copies, a2a, uly, tp_comm, regather)
     root_fsdp = root_fsdp_copies = 0.0
     if fsdp2:
         # The root FSDP unit (embedding, final norm, head) is gathered once per micro-batch and its
@@ -214,6 +229,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
     check_layout(layout, config, seq, global_batch)
     device_profile, profile = profile, rank_profile(profile, layout)  # a3: a rank is one die
+    tiles = check_trace_tiles(trace, layout)
     grad_accum = layout.grad_accum(global_batch)
     tf = layout.micro_batch / layout.sp  # this rank's tokens per micro-batch, in traced sequences
     param_bytes = COMPUTE_BYTES[layout.precision]
@@ -252,18 +268,26 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         else:
             recompute += n * recompute_fraction * fwd
             host_ops += n * recompute_fraction * times.get((kind, "ops_forward"), 0.0)
-        ag, rs, copies, a2a, uly, tp_comm = block_comm[kind]
+        ag, rs, copies, a2a, uly, tp_comm, regather = block_comm[kind]
+        # A kind kept gathered (keep_gathered) is gathered once per step, in the first forward.
+        kept = block_mlp_kind(block) in layout.keep_gathered
         if overlap:
             first_gather = max(first_gather, ag)
             # forward: gather overlaps the previous block; backward: re-gather + reduce-scatter.
-            fsdp_exposed += n * (max(0.0, ag - fwd) + max(0.0, ag + rs - bwd))
+            if kept:
+                fsdp_exposed += n * (max(0.0, ag - fwd) / grad_accum + max(0.0, rs - bwd))
+            else:
+                fsdp_exposed += n * (max(0.0, ag - fwd) + max(0.0, ag + rs - bwd))
         else:
-            fsdp_exposed += n * (2 * ag + rs)
-        if fsdp2:
-            fsdp_copies += n * copies
+            fsdp_exposed += n * ((1 / grad_accum if kept else 2) * ag + rs)
+        if not kept:  # a tile's gathers wait on the tile before: not prefetched (kept: gathered already)
+            fsdp_exposed += n * regather
+        if fsdp2 and layout.fsdp_buffers == "copy":  # zero_copy buffers: no copies
+            fsdp_copies += n * (fsdp2_copy_time(profile, block_unsharded_numel(block, layout.ep, layout.tp), layout,
+                                                param_bytes, reduce_bytes, gathers=1 / grad_accum) if kept else copies)
         if block.num_experts:
             redo_share = recompute_fraction if layout.recompute != "selective" else 0.0
-            ep_time += n * a2a * (1 + 0.5 * redo_share)
+            ep_time += n * a2a * (1 + 0.5 * (redo_share + tile_redo_share(tiles)))
         sp_time += n * uly * (1 + 0.5 * recompute_fraction)
         if layout.tp_comm == "overlapped" and overlap and layout.tp > 1:
             # Each collective is pipelined with the GEMM it feeds or follows: what the layer's
@@ -336,16 +360,24 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
 
     params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
     optimizer = memory_time(profile, params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
-    if "optimizer" in layout.offload or "params" in layout.offload:
-        # Gradients to host and updated parameters back over the host link, on top of the update
-        # itself (priced as if it ran at device speed: offload never looks cheaper than none).
+    if "params" in layout.offload or (layout.zero1 and "optimizer" in layout.offload):
+        # The step runs on host (FSDP2's CPU offload; ZeRO-1's host shards): gradients to host and
+        # updated parameters back over the host link, on top of the update itself (priced as if it
+        # ran at device speed: offload never looks cheaper than none).
         optimizer += 2 * params_on_rank * 4 / profile.host_bandwidth()
+    optimizer += optimizer_offload_time(params_on_rank, layout, profile)  # moments in and out
     offload_time = 0.0
     if "activations" in layout.offload:
-        saved, _ = activation_bytes(trace, layout.recompute, tf, layout.tp, layout.pp, layout.ep, imbalance, 1.0,
-                                    work.recompute_every_mm)
-        offload_time = grad_accum * 2 * saved / profile.host_bandwidth()  # out in forward, back in backward
-        offload_time = max(0.0, offload_time - grad_accum * busiest["compute"])  # hidden under compute when it can be
+        act_bytes = COMPUTE_BYTES[layout.precision]
+        _, layers = offloaded_layers(trace, layout, tf, imbalance, config, act_bytes, work.recompute_every_mm)
+        forward, backward = [], []
+        for layer in layers:
+            fwd = times.get((layer.kind, "forward"), 0.0)
+            redo = {"full": fwd, "selective": times.get((layer.kind, "selective_recompute"), 0.0)}
+            forward.append(fwd)
+            backward.append(times.get((layer.kind, "backward"), 0.0) + redo.get(layer.policy, 0.0))
+        offload_time = grad_accum * sum(exposed_copy_time(layers, forward, backward, profile.host_bandwidth(),
+                                                          overlap=overlap))
 
     step = grad_accum * micro + bubble + optimizer + offload_time + zero1_exposed
     time = {key: grad_accum * busiest[key] for key in MICRO_PARTS}
@@ -357,12 +389,12 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     mfu = flops_per_token * tokens_per_s / device_profile.peak_flops("bf16")  # tokens/s per device
 
     memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, work.recompute_every_mm)
-    hbm, host = float(profile.hbm_bytes()), float(profile.host_memory_bytes())
+    hbm, host = float(profile.hbm_bytes()), host_capacity(profile, layout.ranks)  # the rank profile: levels count ranks
     notes = []
     if memory.allocated > hbm:
         binding = f"memory ({memory.dominant()})"
     elif memory.offloaded_to_host > host:
-        binding = "host memory (offloaded state)"
+        binding = "host memory (offloaded bytes)"
     else:
         binding = max(time, key=time.get)
     note = imbalance_note(layout, config, imbalance, given)
@@ -371,7 +403,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     return Estimate(layout=layout, seq_len=seq, global_batch=global_batch, grad_accum=grad_accum, memory=memory,
                     time=time, step_time_s=step, tokens_per_s_per_device=tokens_per_s, mfu=mfu,
                     flops_per_token=flops_per_token, hbm_bytes=hbm, host_bytes=host, binding=binding, notes=notes,
-                    imbalance=imbalance)
+                    imbalance=imbalance, node_ranks=min(layout.ranks, profile.levels[0].devices or 1))
 
 
 def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, reduce_bytes: int,
@@ -389,8 +421,16 @@ def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, red
     return memory_time(profile, gathers * per_gather + reduce)
 
 
+def host_capacity(profile, devices: int, ranks_per_device: int = 1) -> float:
+    """Host bytes one rank may fill: a node's host memory (the profile's host.memory_gib is per
+    device; a node is one unit of the innermost interconnect level) shared by the ranks the layout
+    puts on that node (all of them when fewer than a node)."""
+    per_node = profile.levels[0].devices or 1
+    return float(profile.host_memory_bytes()) * per_node / max(1, min(devices, per_node) * ranks_per_device)
+
+
 def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) -> bool:
-    """Allocated device peak within HBM and offloaded state within the host memory per device (the
-    allocator's cached-but-free overhead is released before an allocation fails: see
-    cost_models.memory)."""
+    """Allocated device peak within HBM (the allocator's cached-but-free overhead is released
+    before an allocation fails: see cost_models.memory) and offloaded bytes within the host memory
+    each rank may use (`host_capacity`: its node's host memory over the ranks sharing it)."""
     return memory.allocated <= hbm_bytes and memory.offloaded_to_host <= host_bytes

@@ -14,11 +14,15 @@ Accounting (bytes per rank), FSDP2 with mixed precision:
 - head phase: LM-head weight unsharded, the logits/loss tensors the trace measured as saved for
   the chosen loss kernel, and the larger of the loss's traced backward peak (logit gradients)
   and the head weight's gradient.
+- optimizer step: master weights, gradients, moments (back from host under optimizer offload) and
+  the step's temporaries (`offload.optimizer_step_bytes`).
+- offload and kept-gathered blocks: `cost_models/offload.py`.
 - overhead: what the caching allocator reserves beyond the allocated peak, the profile's
-  `memory.fragmentation` fraction of everything else. `total` (allocated + overhead) is the
-  reserved peak a framework reports (torchtitan's max_reserved); whether a layout fits is decided
-  on the allocated peak (`allocated`): on a failed allocation PyTorch's caching allocator frees
-  its cached blocks and retries before it reports out-of-memory (c10/cuda/CUDACachingAllocator.cpp,
+  `memory.fragmentation_expandable` (allocator expandable_segments) or `memory.fragmentation`
+  (caching) fraction of everything else. `total` (allocated + overhead) is the reserved peak a
+  framework reports (torchtitan's max_reserved); whether a layout fits is decided on the allocated
+  peak (`allocated`): on a failed allocation PyTorch's caching allocator frees its cached blocks
+  and retries before it reports out-of-memory (c10/cuda/CUDACachingAllocator.cpp,
   `release_cached_blocks` in `malloc`), so cached-but-free memory does not stop a run.
 """
 
@@ -34,6 +38,7 @@ from .saving import SAVING_RULES, fused_saved_bytes, saving_rule  # noqa: F401  
 GIB = 2**30
 MASTER_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 2}  # fp8 training keeps bf16 weights for all-gather
+HOST_FIELDS = ("offloaded_to_host", "host_activations", "host_states")
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,9 @@ class MemoryBreakdown:
     logits_loss: float
     temporaries: float
     overhead: float
-    offloaded_to_host: float = 0.0
+    offloaded_to_host: float = 0.0  # host bytes per rank: host_activations + host_states
+    host_activations: float = 0.0  # one micro-batch's offloaded activations (offload: activations)
+    host_states: float = 0.0  # offloaded model states (optimizer: moments; params: + weights, gradients)
 
     @property
     def total(self) -> float:
@@ -70,7 +77,7 @@ class MemoryBreakdown:
         return out
 
     def dominant(self) -> str:
-        parts = {k: v for k, v in self.parts().items() if k not in ("offloaded_to_host",)}
+        parts = {k: v for k, v in self.parts().items() if k not in HOST_FIELDS}
         return max(parts, key=parts.get)
 
 
@@ -235,6 +242,17 @@ def fsdp_backward_buffers(block, ep: int, tp: int, compute_bytes: int, zero1: bo
     return {"attention": whole, "mlp": whole}
 
 
+def grads_not_yet_made(block, policy: str, part: str, ep: int, tp: int, compute_bytes: int, zero1: bool) -> float:
+    """Compute-dtype gradient bytes `fsdp_backward_buffers` counts for a whole-block unit that do
+    not exist yet at that part's traced peak (the trace's `backward_grads` share; a MoE MLP's peak
+    comes before its expert gradients). Expert units of their own (EP) keep the full count."""
+    routed = block.params.get("routed_expert", 0)
+    if zero1 or (ep > 1 and routed):
+        return 0.0
+    share = block.backward_grads.get(policy, {}).get(part, 1.0) if getattr(block, "backward_grads", None) else 1.0
+    return (1.0 - share) * block_unsharded_numel(block, ep, tp) * compute_bytes
+
+
 def backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                     in_flight: float, compute_bytes: int = 2, zero1: bool = False, grads: float = 0.0,
                     accumulated: bool = True, ep_copy: float = 0.0, every_mm: int = 0, stage: str = "first",
@@ -317,6 +335,7 @@ def _backward_rows(trace, recompute, token_factor: float, tp: int, pp: int, ep: 
         load = _routed_load(trace, kind, ep, imbalance)
         for part, peak in block.backward_peak.get(policy, {}).items():
             gathered, held = buffers[kind][part]
+            held -= grads_not_yet_made(block, policy, part, ep, tp, compute_bytes, zero1)
             if part == "mlp" and policy == "selective":
                 peak += redone_mm_bytes(trace, kind, every_mm)
             adds_ep_copy = part == "mlp" and bool(block.num_experts) and ep > 1
@@ -393,7 +412,7 @@ def eager_saved_bytes(config, layout, policy_counts: dict[str, float], seq_len: 
 
 
 def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_layers: float, tokens: float,
-                         act_bytes: int, imbalance: float = 1.0) -> float:
+                         act_bytes: int, imbalance: float = 1.0, tiled: bool = False) -> float:
     """Activations expert and sequence parallelism add to what the single-device trace measured.
 
     - with EP the busiest rank receives `imbalance` times the mean routed copy of the tokens;
@@ -403,6 +422,7 @@ def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_la
     - without recompute, Ulysses keeps the attention output twice (the kernel's saved output and
       the output projection's input after the reverse all-to-all), which share storage at sp = 1.
     `policy_counts` are layers per policy on this rank; `tokens` this rank's tokens per micro-batch.
+    Token tiles (`tiled`) checkpoint the MoE per tile: a layer without recompute keeps no received copy.
     """
     selective = policy_counts.get("selective", 0.0)
     none = policy_counts.get("none", 0.0)
@@ -412,7 +432,7 @@ def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_la
         copy = routed_copy_bytes(config, tokens, act_bytes)
         extra += selective * share * 2 * copy
         # The busiest rank's received dispatch copy (made in the MoE block, outside the experts).
-        extra += (selective + none) * share * (imbalance - 1.0) * copy
+        extra += (selective + (0.0 if tiled else none)) * share * (imbalance - 1.0) * copy
     if layout.sp > 1:
         kv_heads = config.num_heads if config.attention_kind == "mla" else max(config.num_kv_heads, layout.sp)
         # Head-sharded over the whole sequence = this rank's tokens × all heads, per tensor.

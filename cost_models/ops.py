@@ -82,7 +82,7 @@ def priced_ops(trace) -> list[PricedOp]:
     cached = getattr(trace, "_priced_ops", None)
     if cached is not None:
         return cached
-    tokens = trace.seq_len * trace.micro_batch
+    all_tokens = trace.seq_len * trace.micro_batch
     fused = fused_memory_bytes(trace.graph)
     out: list[PricedOp] = []
     for node, d in trace.graph.nodes(data=True):
@@ -96,6 +96,7 @@ def priced_ops(trace) -> list[PricedOp]:
                       selective_saved=bool(d.get("selective_saved", True)), out_bytes=int(d.get("bytes_written", 0)),
                       repeat=repeat, in_attention_kernel=bool(d.get("in_attention_kernel", False)))
         shape = _shape(d.get("out_shape", ""))
+        tokens = d.get("tile_tokens") or all_tokens  # an op of a token tile works on the tile's tokens
         if d.get("attention"):
             out.append(PricedOp(category="attention", **common))
         elif name in GROUPED_OPS and flops:

@@ -1,5 +1,5 @@
 """Peak memory of one layout's busiest rank, assembled from the parts in `memory` (the accounting
-is described there).
+is described there) and, for offload and kept-gathered blocks, in `offload`.
 
 Without pipeline parallelism there is one stage. With it, the first and the last stage peak
 differently: the first holds the embedding and the most micro-batches in flight (pp under 1F1B),
@@ -38,15 +38,24 @@ from .memory import (
     stage_layers,
 )
 from .memos import layout_key, memoised
+from .offload import (
+    kept_gathered_bytes,
+    offloaded_activation_bytes,
+    offloaded_backward_moment,
+    offloaded_layers,
+    optimizer_step_bytes,
+)
 from .routing import default_imbalance
+from .tiling import check_trace_tiles
 
 
 def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float | None = None,
                     config=None, recompute_every_mm: int = 0) -> MemoryBreakdown:
     """Peak memory of the busiest rank (see cost_models.memory for the accounting).
 
-    The peak is the larger of two moments: the head's backward (loss and LM head live) and a
-    block's backward (two blocks gathered, its gradients and recomputed activations live).
+    The peak is the largest of three moments: the head's backward (loss and LM head live), a
+    block's backward (two blocks gathered, its gradients and recomputed activations live) and the
+    optimizer step (its moments on the device, back from host under optimizer offload).
     `config` (the ModelConfig) adds what EP / Ulysses keep beyond the single-device trace;
     `recompute_every_mm` is the selective policy's every-n-th-mm rule (see `estimate`).
 
@@ -66,7 +75,7 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
                id(config), stage)
         _, _, terms = memoised(memo, key, lambda stage=stage: (profile, config, _offload_free_terms(
             trace, layout, profile, grad_accum, imbalance, config, recompute_every_mm, stage)))
-        memory = _with_offload(trace, layout, terms, grad_accum, imbalance, recompute_every_mm)
+        memory = _with_offload(trace, layout, terms, grad_accum, imbalance, recompute_every_mm, config)
         if best is None or memory.total > best.total:
             best = memory
     return best
@@ -113,7 +122,9 @@ class _OffloadFreeTerms:
     ep_copy: float
     logits: float
     head: float
-    fragmentation: float
+    fragmentation: float  # for the layout's allocator
+    kept: float  # gathered weights of the kept-gathered blocks (keep_gathered)
+    largest_other: float  # largest block not kept, in numel (0 when every kind is kept)
     stage: Stage
     rule: str  # how layers without recompute save (memory.saving_rule)
 
@@ -121,6 +132,7 @@ class _OffloadFreeTerms:
 def _offload_free_terms(trace, layout: Layout, profile, grad_accum: int, imbalance: float, config,
                         recompute_every_mm: int, stage: Stage) -> _OffloadFreeTerms:
     tf = layout.micro_batch / layout.sp
+    tiles = check_trace_tiles(trace, layout)
     compute_bytes = COMPUTE_BYTES[layout.precision]
     copies = pipeline.parameter_copies(pipeline.schedule(layout))  # DualPipe: two stages' parameters
     rule = saving_rule(layout)
@@ -148,10 +160,10 @@ def _offload_free_terms(trace, layout: Layout, profile, grad_accum: int, imbalan
                                                                                  stage.name, stage.count)
                                                    if trace.blocks[kind].num_experts)))
         extra = parallel_saved_bytes(config, layout, counts, moe_layers, rank_tokens, compute_bytes,
-                                     imbalance) * in_flight
+                                     imbalance, tiled=tiles > 1) * in_flight
         extra += eager_saved_bytes(config, layout, counts, trace.seq_len, in_flight)
-        if layout.ep > 1 and config.num_experts:  # the busiest rank's gradient all-to-all output
-            ep_copy = routed_copy_bytes(config, rank_tokens, compute_bytes) * imbalance
+        if layout.ep > 1 and config.num_experts:  # the busiest rank's gradient all-to-all output (one tile's)
+            ep_copy = routed_copy_bytes(config, rank_tokens / tiles, compute_bytes) * imbalance
     logits, head = memoised(parts, ("head_phase", tf, layout.tp, compute_bytes),
                              lambda: head_phase_bytes(trace, tf, layout.tp, compute_bytes))
     if layout.kernels.get("loss") == "fused":
@@ -161,58 +173,76 @@ def _offload_free_terms(trace, layout: Layout, profile, grad_accum: int, imbalan
         head_params = head_block.params_total / layout.tp if head_block is not None else 0
         logits, head = 0.0, chunked_head_bytes(head_params, config.vocab_size, config.hidden_size,
                                                tf * trace.seq_len / layout.tp, compute_bytes)
+    kept, largest_other = (0.0, 0.0) if layout.zero1 else kept_gathered_bytes(trace, layout, compute_bytes)
     return _OffloadFreeTerms(compute_bytes=compute_bytes, state_numel=state_numel, resident=resident, tf=tf,
                              in_flight=in_flight, saved=saved, largest_block=largest_block,
                              gathered_block=gathered_block, extra=extra, ep_copy=ep_copy, logits=logits, head=head,
-                             fragmentation=profile.memory.fragmentation or 0.0, stage=stage, rule=rule)
+                             fragmentation=fragmentation(profile, layout), kept=kept, largest_other=largest_other,
+                             stage=stage, rule=rule)
+
+
+def fragmentation(profile, layout: Layout) -> float:
+    """The allocator's reserved-beyond-allocated fraction for the layout's allocator choice."""
+    memory = profile.memory
+    if layout.allocator == "expandable_segments" and memory.fragmentation_expandable is not None:
+        return memory.fragmentation_expandable
+    return memory.fragmentation or 0.0
 
 
 def _with_offload(trace, layout: Layout, t: _OffloadFreeTerms, grad_accum: int, imbalance: float,
-                  recompute_every_mm: int) -> MemoryBreakdown:
+                  recompute_every_mm: int, config) -> MemoryBreakdown:
     """The memory breakdown of `layout` from its offload-free terms and its offload setting."""
     compute_bytes = t.compute_bytes
-    params, grads, optim, offloaded = model_state_bytes(t.state_numel, layout.offload)
+    params, grads, optim, host_states = model_state_bytes(t.state_numel, layout.offload)
     if layout.zero1:
         # Replicated compute-dtype weights and gradients (fp32 unless grad_dtype says bf16, as
         # Megatron's grad_reduce_in_fp32 = False); fp32 master copy + moments sharded. Offload moves
         # the masters and moments to the host; the gradient buffers stay on the device.
         weights = t.resident * compute_bytes if layout.precision != "fp32" else 0.0
         params, grads = params + weights, t.resident * grad_bytes(layout)
-    saved = t.saved
-    if "activations" in layout.offload:
-        on_device = min(saved, 2 * t.largest_block)  # the block in flight and the one being copied
-        offloaded += saved - on_device
-        saved = on_device
-    gathered = 0.0 if layout.zero1 else 2 * t.gathered_block * compute_bytes  # running + prefetched
-    if "activations" not in layout.offload:
-        saved += t.extra
     logits, head = t.logits, t.head
     # Backward through the blocks: the worst layer's moment (saved activations of the layers
     # before it, its traced backward workspace) with its unsharded gradients (+ fp32 reduce copy)
-    # and two blocks gathered. Head's backward: its buffers, logits and their gradients, blocks resharded;
-    # no gradient exists yet in the first micro-batch.
+    # and two blocks gathered (and the kept ones). Head's backward: its buffers, logits and their
+    # gradients, blocks resharded but the kept ones; no gradient exists yet in the first micro-batch.
+    accumulated = grad_accum > 1  # ZeRO-1 too: its gradient buffers appear as backward reaches them
+    host_activations = 0.0
     if "activations" in layout.offload:
-        backward_saved, block_phase = saved, t.gathered_block * (compute_bytes + 4) + t.largest_block
-        grads_backward = grads
+        embedding, layers = offloaded_layers(trace, layout, t.tf, imbalance, config, compute_bytes,
+                                             recompute_every_mm)
+        saved, host_activations = offloaded_activation_bytes(embedding, layers)
+        saved, host_activations = saved * t.in_flight, host_activations * t.in_flight
+        backward_saved, workspace, gathered, held, grads_backward = offloaded_backward_moment(
+            trace, layout, embedding, layers, t.tf, imbalance, compute_bytes, grads, accumulated, t.ep_copy,
+            recompute_every_mm, t.kept)
     else:
+        saved = t.saved + t.extra
         backward_saved, workspace, gathered, held, grads_backward = backward_moment(
             trace, layout.recompute, t.tf, layout.tp, layout.pp, layout.ep, imbalance, t.in_flight, compute_bytes,
-            layout.zero1, grads, grad_accum > 1, t.ep_copy, recompute_every_mm, stage=t.stage.name,
+            layout.zero1, grads, accumulated, t.ep_copy, recompute_every_mm, stage=t.stage.name,
             count=t.stage.count, rule=t.rule)
         backward_saved += t.extra
-        block_phase = workspace + held
-    block_moment = grads_backward + gathered + block_phase + backward_saved
-    head_moment = (grads if grad_accum > 1 else 0.0) + logits + head + saved if t.stage.head else 0.0
-    if head_moment >= block_moment:
-        logits_loss, temporaries, gathered = logits, head, 0.0
-        grads_now = grads if grad_accum > 1 else 0.0
-    else:
-        logits_loss, temporaries, grads_now = 0.0, block_phase, grads_backward
-        saved = backward_saved
-    grads = grads_now
-    subtotal = params + grads + optim + gathered + saved + logits_loss + temporaries
-    # What the caching allocator reserves beyond the allocated peak (profile memory.fragmentation).
+        if t.kept:  # every kind kept: the kept weights replace the running pair; else on top of it
+            gathered = t.kept if not t.largest_other else gathered + t.kept
+    moments = {
+        "block": dict(gradients=grads_backward, gathered_parameters=gathered, activations=backward_saved,
+                      temporaries=workspace + held),
+    }
+    if t.stage.head:  # the LM head's backward (on the last pipeline stage)
+        moments["head"] = dict(gradients=grads if grad_accum > 1 else 0.0, gathered_parameters=t.kept,
+                               activations=saved, logits_loss=logits, temporaries=head)
+    _, step_grads, step_moments, step_temp = optimizer_step_bytes(t.state_numel, layout)
+    if step_moments:  # the optimizer step: moments resident (back from host when offloaded)
+        moments["optimizer"] = dict(gradients=step_grads, temporaries=step_temp)
+    resident = {name: optim for name in moments} | ({"optimizer": step_moments} if step_moments else {})
+    # The first largest wins, the head before the block on a tie (as before the optimizer moment).
+    name = max(moments, key=lambda k: (params + resident[k] + sum(moments[k].values()), k == "head"))
+    moment = {"gradients": 0.0, "gathered_parameters": 0.0, "activations": 0.0, "logits_loss": 0.0,
+              "temporaries": 0.0, **moments[name]}
+    optim = resident[name]
+    subtotal = params + optim + sum(moment.values())
+    # What the caching allocator reserves beyond the allocated peak (the allocator's fraction).
     overhead = t.fragmentation * subtotal
-    return MemoryBreakdown(parameters=params, gradients=grads, optimizer=optim, gathered_parameters=gathered,
-                           activations=saved, logits_loss=logits_loss, temporaries=temporaries, overhead=overhead,
-                           offloaded_to_host=offloaded)
+    return MemoryBreakdown(parameters=params, optimizer=optim, overhead=overhead, **moment,
+                           offloaded_to_host=host_states + host_activations, host_activations=host_activations,
+                           host_states=host_states)

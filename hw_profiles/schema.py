@@ -150,6 +150,9 @@ class Memory(_Model):
     # Optional: what the framework's caching allocator reserves beyond the allocated peak, as a
     # fraction of that peak (fragmentation); absent / null = 0. Capacity checks use the sum.
     fragmentation: Annotated[float, Field(ge=0, lt=1)] | None = None
+    # The same with the allocator's expandable segments on (layout allocator=expandable_segments,
+    # what the runtime sets by default); absent / null = `fragmentation`.
+    fragmentation_expandable: Annotated[float, Field(ge=0, lt=1)] | None = None
 
 
 class Host(_Model):

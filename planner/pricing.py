@@ -10,6 +10,7 @@ from xplan.cost_models import Estimate, estimate
 from xplan.cost_models.compute import traced_loss
 from xplan.errors import InputError
 from xplan.layout import Layout, flat_to_nested, layout_from_dict, parse_knob
+from xplan.layout_tiles import feed_forward_tiles
 
 # Longest sequence priced: 16M tokens, far past any published context (traced shapes beyond it
 # overflow tensor sizes).
@@ -56,10 +57,12 @@ def load_hw(hardware: str):
 
 
 @lru_cache(maxsize=64)
-def get_trace(model: str, seq_len: int, loss: str, image_tokens: int = 0):
+def get_trace(model: str, seq_len: int, loss: str, tiles: int = 1, image_tokens: int = 0):
+    """The trace at micro-batch 1; `tiles`: a layout's `xplan.layout_tiles.feed_forward_tiles`."""
     from xplan.planner.trace import trace_model
 
-    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss, image_tokens=image_tokens)
+    return trace_model(load_model_config(model), seq_len, micro_batch=1, loss=loss, tiles=tiles,
+                       image_tokens=image_tokens)
 
 
 def price(workload: Workload, layout: Layout) -> Estimate:
@@ -69,7 +72,7 @@ def price(workload: Workload, layout: Layout) -> Estimate:
     if layout.devices < 1:
         raise InputError(f"--devices must be a positive integer, got {layout.devices}.")
     trace = get_trace(workload.model, workload.seq_len, traced_loss(layout.kernels.get("loss", "chunked")),
-                      workload.image_tokens)
+                      feed_forward_tiles(layout, workload.seq_len), workload.image_tokens)
     return estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
 
 

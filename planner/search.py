@@ -2,14 +2,24 @@
 
 Space: FSDP shard group (whole data-parallel world, each interconnect level's unit = HSDP; 1 =
 ZeRO-1 with `allow_3d`), expert parallel, Ulysses, recompute (none, selective, fractions, full), offload,
-micro-batch (gradient accumulation follows from the global batch), loss kernel; TP/PP with
-`allow_3d`. Decisions given by the caller are pinned.
+blocks kept gathered across micro-batches (by MLP kind), token tiles of the feed-forward half
+(`TILE_TOKENS`, where a rank's micro-batch has more tokens), micro-batch (gradient accumulation
+follows from the global batch), loss kernel; TP/PP with `allow_3d`. Decisions given by the caller
+are pinned.
 
 Pruning (exact, so `exhaustive=True` finds the same best plan): for one "core" layout (sharding,
 EP, SP, micro-batch, loss kernel) and offload setting, the recompute settings none → 25% → 50% →
 75% → full use monotonically less memory and more time, so the first that fits is the fastest
-fitting one and the rest of the chain is dominated ('selective' is priced on its own). Memory is
-checked before time, so layouts that cannot fit are never fully priced.
+fitting one and the rest of the chain is dominated ('selective' is priced on its own). With
+activation offload the copy time falls as recompute rises, so every fitting setting of such a
+chain is priced. Memory is checked before time, so layouts that cannot fit are never fully priced.
+Token tiling adds time at a given recompute setting (each tile's forward is redone, GEMMs shrink,
+all-to-alls multiply) and smaller tiles add more, so without activation offload tiles are tried
+only on the settings before the untiled (then the larger tile's) first fit: a layout that fits
+untiled without recompute is never tiled, and short sequences price as before. Under activation
+offload tiling also shrinks the host traffic, so tiles are tried on the whole chain there. Each
+offload and keep_gathered setting gets its own tiling and recompute chain: the three are weighed
+together by the time of what fits.
 """
 
 from __future__ import annotations
@@ -22,7 +32,15 @@ from functools import partial
 from typing import Any
 
 from xplan.errors import InputError
-from xplan.layout import DEFAULT_KERNELS, DEVICE_TYPE_OF_KIND, Layout, check_layout, runtime_refusals
+from xplan.layout import (
+    DEFAULT_KERNELS,
+    DEVICE_TYPE_OF_KIND,
+    GATHERED_KINDS,
+    Layout,
+    check_layout,
+    runtime_refusals,
+)
+from xplan.layout_tiles import tile_count
 
 from .pricing import Workload, get_trace, load_hw, load_model_config
 
@@ -33,6 +51,7 @@ OFFLOAD_ORDER: tuple[tuple[str, ...], ...] = ((), ("optimizer",), ("activations"
 MAX_MICRO_BATCH = 16
 MAX_EP, MAX_SP = 64, 16
 LOSS_KERNELS = ("chunked", "full")
+TILE_TOKENS: tuple[int, ...] = (8192, 4096)  # tile sizes tried, largest (cheapest) first
 
 
 @dataclass
@@ -59,6 +78,13 @@ def _powers_of_two_upto(n: int) -> list[int]:
         out.append(p)
         p *= 2
     return out
+
+
+def gathered_choices(config) -> list[tuple[str, ...]]:
+    """`keep_gathered` settings to try: none, each block kind (by MLP) the model has, all of them."""
+    present = tuple(k for k in GATHERED_KINDS
+                    if any(("moe" if config.is_moe_layer(i) else "dense") == k for i in range(config.num_layers)))
+    return list(dict.fromkeys([(), *((k,) for k in present), present]))
 
 
 def recompute_chains(recomputes: list) -> list[list]:
@@ -154,7 +180,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     """Find the fastest layouts that fit; see the module docstring for the space and pruning.
     `headroom_bytes`: device memory to keep free (a layout fits when its peak is within HBM less
     this)."""
-    from xplan.cost_models import PricingContext, estimate, fits_memory, memory_estimate
+    from xplan.cost_models import PricingContext, estimate, fits_memory, host_capacity, memory_estimate
 
     loading = time.perf_counter()
     workload.check()
@@ -171,11 +197,25 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     # The runtime compiles blocks (fused elementwise kernels) on accelerators and stays eager on CPU.
     elementwise = pinned.pop("elementwise", "eager" if profile.device.kind == "cpu" else "fused")
     pinned_kernels = {slot: pinned.pop(slot) for slot in ("attention", "moe_gemm") if slot in pinned}
-    extra = {"tp_comm": pinned.pop("tp_comm")} if "tp_comm" in pinned else {}
+    # Knobs the search does not vary: a pinned value reaches every layout it prices.
+    extra = {name: pinned.pop(name) for name in ("tp_comm", "allocator") if name in pinned}
     recomputes = [pinned.pop("recompute")] if "recompute" in pinned else list(RECOMPUTE_ORDER)
     offloads = [pinned.pop("offload")] if "offload" in pinned else list(OFFLOAD_ORDER)
+    tile_options = [pinned.pop("tile_tokens")] if "tile_tokens" in pinned else [None, *TILE_TOKENS]
+    keeps = [pinned.pop("keep_gathered")] if "keep_gathered" in pinned else gathered_choices(config)
     losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
-    traces = {loss: get_trace(workload.model, workload.seq_len, loss, workload.image_tokens) for loss in losses}
+    traces = {(loss, 1): get_trace(workload.model, workload.seq_len, loss, 1, workload.image_tokens)
+              for loss in losses}
+    tracing = [0.0]
+
+    def trace_for(loss: str, tiles: int):
+        """The trace of `tiles` token tiles, traced on first use (its time is not search time)."""
+        if (loss, tiles) not in traces:
+            began = time.perf_counter()
+            traces[(loss, tiles)] = get_trace(workload.model, workload.seq_len, loss, tiles, workload.image_tokens)
+            tracing[0] += time.perf_counter() - began
+        return traces[(loss, tiles)]
+
     # The clock starts once model, profile and traces are loaded (tracing is cached on disk and
     # timed by its own benchmark): it measures enumerating and pricing.
     start = time.perf_counter()
@@ -188,7 +228,9 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         if kind not in smallest_memory or memory.allocated < smallest_memory[kind][0]:
             smallest_memory[kind] = (memory.allocated, layout, trace)
 
-    hbm, host = profile.hbm_bytes() - headroom_bytes / ranks_per_device, profile.host_memory_bytes()
+    # Per rank (the rank profile: a node level counts ranks, its host memory is split per rank).
+    hbm = profile.hbm_bytes() - headroom_bytes / ranks_per_device
+    host = host_capacity(profile, devices * ranks_per_device)
     if headroom_bytes < 0 or hbm <= 0:
         raise InputError(f"--headroom must be at least 0 and below the device memory "
                          f"({device_profile.hbm_bytes() / 2**30:.0f} GiB), got {headroom_bytes / 2**30:.1f} GiB.")
@@ -197,7 +239,6 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         if progress and i % 16 == 0:
             progress(i, len(cores))
         loss = core.pop("loss")
-        trace = traces[loss]
         kernels = {**DEFAULT_KERNELS, **pinned_kernels, "loss": loss, "elementwise": elementwise}
         try:
             base = Layout(**core, **extra, precision=precision, kernels=kernels)
@@ -207,40 +248,52 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
         grad_accum = base.grad_accum(workload.global_batch)  # recompute and offload leave it alone
-        for offload, chain in itertools.product(offloads, chains):
+        sharded = core["dp_mode"] in ("fsdp", "hsdp")  # kept-gathered blocks need FSDP's resharding
+        for offload, keep, chain in itertools.product(offloads, keeps if sharded else [()], chains):
             offload = tuple(offload)
-            if exhaustive:
-                candidates = [Layout(**core, **extra, recompute=r, offload=offload, precision=precision,
-                                     kernels=kernels) for r in chain]
-            else:
-                # Memory falls along the chain: bisect for the first layout that fits (only the
-                # layouts the bisection reaches are built).
-                make = partial(Layout, **core, **extra, offload=offload, precision=precision, kernels=kernels)
-                lo, hi, first_fitting = 0, len(chain), None
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    layout = make(recompute=chain[mid])
-                    evaluated += 1
-                    memory = memory_estimate(trace, layout, device_profile, grad_accum, workload.imbalance, config)
-                    if fits_memory(memory, hbm, host):
-                        hi, first_fitting = mid, layout
-                    else:
-                        lo = mid + 1
-                        track(memory, layout, trace)
-                # More recompute is slower, except under activation offload, where it also shrinks
-                # the host traffic that compute must hide: price every fitting setting there.
-                if "activations" in offload and first_fitting is not None:
-                    candidates = [first_fitting] + [make(recompute=r) for r in chain[lo + 1:]]
+            limit = len(chain)  # recompute settings a tiled layout may still win with: chain[:limit]
+            for tile in tile_options:
+                tiles = tile_count(base.micro_batch * workload.seq_len // base.sp, tile)
+                if tile is not None and ("selective" in chain or (tiles == 1 and len(tile_options) > 1)):
+                    continue  # tiling does not combine with selective recompute; or no token to tile
+                if limit == 0:
+                    break
+                trace = trace_for(loss, tiles)
+                make = partial(Layout, **core, **extra, offload=offload, keep_gathered=keep, precision=precision,
+                               kernels=kernels, tile_tokens=tile)
+                if exhaustive:
+                    candidates = [make(recompute=r) for r in chain[:limit]]
                 else:
+                    # Memory falls along the chain: bisect for the first layout that fits (only the
+                    # layouts the bisection reaches are built).
+                    lo, hi, first_fitting = 0, limit, None
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        layout = make(recompute=chain[mid])
+                        evaluated += 1
+                        memory = memory_estimate(trace, layout, device_profile, grad_accum, workload.imbalance,
+                                                 config)
+                        if fits_memory(memory, hbm, host):
+                            hi, first_fitting = mid, layout
+                        else:
+                            lo = mid + 1
+                            track(memory, layout, trace)
                     candidates = [first_fitting] if first_fitting is not None else []
-            for layout in candidates:
-                evaluated += exhaustive
-                est = estimate(trace, config, layout, device_profile, workload.global_batch, workload.imbalance,
-                               pricing=pricing)
-                if fits_memory(est.memory, hbm, host):
-                    fitting.append(est)
-                else:
-                    track(est.memory, layout, trace)
+                    if first_fitting is not None and "activations" in offload:
+                        # Offloaded activations cost copy time that falls as recompute rises (less
+                        # to copy): time is not monotone along such a chain, so every fitting
+                        # setting is priced.
+                        candidates += [make(recompute=r) for r in chain[lo + 1:limit]]
+                    if "activations" not in offload:
+                        limit = lo
+                for layout in candidates:
+                    evaluated += exhaustive
+                    est = estimate(trace, config, layout, device_profile, workload.global_batch,
+                                   workload.imbalance, pricing=pricing)
+                    if fits_memory(est.memory, hbm, host):
+                        fitting.append(est)
+                    else:
+                        track(est.memory, layout, trace)
     smallest = {}
     for kind, (_, layout, trace) in smallest_memory.items():
         smallest[kind] = estimate(trace, config, layout, device_profile, workload.global_batch, workload.imbalance,
@@ -253,9 +306,9 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     # speed and memory, and with allow_3d that is often a price-only 3D layout beating every runnable one.
     runnable = next((e for e in sorted(fitting, key=rank_key) if not runtime_refusals(e.layout, device_type)), None)
     return SearchResult(plans=ranked[:top], pareto=pareto_front(fitting), candidates_evaluated=evaluated,
-                        search_time_s=time.perf_counter() - start, smallest=smallest, rejected=rejected,
-                        best_runnable=runnable, device_type=device_type, trace_time_s=start - loading,
-                        headroom_bytes=headroom_bytes)
+                        search_time_s=time.perf_counter() - start - tracing[0], smallest=smallest,
+                        rejected=rejected, best_runnable=runnable, device_type=device_type,
+                        trace_time_s=start - loading + tracing[0], headroom_bytes=headroom_bytes)
 
 
 def rank_key(est: Any) -> tuple:
@@ -307,11 +360,14 @@ def explain_nothing_fits(result: SearchResult, workload: Workload, devices: int)
     if dominant in ("activations", "logits_loss", "temporaries"):
         levers += ["--recompute full", "a longer Ulysses degree (--sp)", "--offload activations",
                    "a smaller --micro-batch or --seq-len"]
+        if dominant == "temporaries" and lay.tile_tokens is None:
+            levers.append("--tile-tokens (the feed-forward half in token tiles)")
     levers.append("--offload optimizer,params (needs host memory)")
     message = (f"no layout of {workload.model} fits on {devices} x {workload.hardware} "
                f"({est.hbm_bytes / 2**30:.0f} GiB each) at seq {workload.seq_len}: without offload the smallest "
                f"peak found is {mem['allocated']:.1f} GiB allocated (fsdp={lay.fsdp} ep={lay.ep} sp={lay.sp} "
-               f"recompute={lay.recompute} micro_batch={lay.micro_batch}), dominated by {dominant} "
+               f"recompute={lay.recompute} micro_batch={lay.micro_batch}"
+               + (f" tile_tokens={lay.tile_tokens}" if lay.tile_tokens else "") + f"), dominated by {dominant} "
                f"({breakdown} GiB).")
     off = result.smallest.get("offload")
     if off is not None:

@@ -399,6 +399,26 @@ def mem_tracker_base() -> type:
 
 
 # --------------------------------------------------------------------------------------------------
+# Allocator settings
+
+
+def set_allocator_settings(settings: str) -> None:
+    """`torch._C._accelerator_setAllocatorSettings` (what `torch.cuda.memory._set_allocator_settings`,
+    deprecated, calls): the caching allocator's options (``expandable_segments:True``) at run time,
+    the same as ``PYTORCH_ALLOC_CONF`` before start-up. Tested: 2.13 (the CPU build stores them)."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:
+        setter = torch.cuda.memory._set_allocator_settings
+    setter(settings)
+
+
+def allocator_settings() -> str:
+    """The caching allocator's options in effect (`torch._C._accelerator_getAllocatorSettings`)."""
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    return getter() if getter is not None else ""
+
+
+# --------------------------------------------------------------------------------------------------
 # Grouped GEMM
 
 
@@ -441,10 +461,12 @@ def has_grouped_mm() -> bool:
 
 
 __all__ = [
-    "COLLECTIVE_NAMESPACES", "LazyChunks", "active_fake_mode", "all_to_all_overloads", "all_to_all_single",
-    "all_to_all_single_autograd", "chunk_with_empty", "fake_grouped_mm", "fake_store", "fake_tensor_mode", "fsdp_chunk_with_empty",
+    "COLLECTIVE_NAMESPACES", "LazyChunks", "active_fake_mode", "all_to_all_overloads", "allocator_settings",
+    "all_to_all_single", "all_to_all_single_autograd", "chunk_with_empty", "fake_grouped_mm", "fake_store",
+    "fake_tensor_mode", "fsdp_chunk_with_empty",
     "fsdp_unsharded_grads", "grouped_mm", "has_grouped_mm", "in_sharding_propagation", "is_fake",
     "is_selective_checkpoint_mode", "lazy_fsdp_chunks", "mem_tracker_base", "move_forward_hooks", "op_packets",
-    "pop_dispatch_modes_while", "push_dispatch_modes", "skip_sharding_propagation", "unflatten_mesh",
+    "pop_dispatch_modes_while", "push_dispatch_modes", "set_allocator_settings", "skip_sharding_propagation",
+    "unflatten_mesh",
     "wait_collective",
 ]

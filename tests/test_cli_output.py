@@ -52,13 +52,14 @@ def test_search_differing_fields_get_columns_or_share_one_that_wraps(monkeypatch
     code, out, err = run(args, capsys)
     assert code == 0, err
     header = next(line for line in out.splitlines() if "tok/s" in line)
-    assert all(f" {name} " in f" {header} " for name in ("ep", "mb", "rc", "off", "binding"))
+    # (every top plan recomputes fully: activation offload makes that the fastest way to fit)
+    assert all(f" {name} " in f" {header} " for name in ("ep", "mb", "off", "binding"))
     assert "off = offload" in " ".join(out.split())
     monkeypatch.setattr(console, "width", 72)  # too narrow for a column each: key=value in one column
     code, out, err = run(args, capsys)
     assert code == 0, err
     assert "…" not in out and max(len(line) for line in out.splitlines()) <= 72
-    assert "layout (fields" in out and "ep=2" in out and "expert all to" in out  # binding wraps, never cut
+    assert "layout (fields" in out and "ep=2" in out and "off=opt+act" in out and "fsdp exposed" in out
 
 
 @pytest.mark.parametrize("top", [1, 2])
@@ -73,15 +74,17 @@ def test_top_caps_every_table_and_the_json(top, capsys):
 
 
 def test_search_explains_why_the_best_won(capsys):
-    code, out, _ = run(["search", "qwen3-235b-a22b", "h800", "--devices", "256", "--global-batch", "2048"], capsys)
+    # Without offload (which would make the top plans differ in it alone), as close to HBM as before.
+    code, out, _ = run(["search", "qwen3-235b-a22b", "h800", "--devices", "256", "--global-batch", "2048",
+                        "--offload", "none"], capsys)
     assert code == 0
     text = " ".join(out.split())
     why = re.search(r"Why #1: ([\d,]+) tokens/s/device, ([\d.]+)% more than the runner-up #2 \(([\d,]+)\), which "
                     r"changes (.+?)\. Decisive: #2 spends \+([\d.]+) (s|ms)/step on (.+?) \(", text)
     assert why, text
-    assert "offload activations → params" in why.group(4) and why.group(7) == "optimizer step"
-    assert "peaks at 73.0 GiB allocated of 80 GiB per device (7.0 GiB free; 85.9 GiB reserved" in text
-    assert "--headroom" in text
+    assert "ep 1 → 2" in why.group(4) and why.group(7) == "expert all-to-all"
+    assert re.search(r"peaks at 69\.0 GiB allocated of 80 GiB per device \(11\.0 GiB free; 76\.8 GiB reserved", text)
+    assert "--headroom" not in text  # suggested only when less than 10% of the device is left free
 
 
 def test_search_time_includes_tracing(tmp_path, monkeypatch, tiny_moe_dir, capsys):

@@ -70,8 +70,13 @@ EXTRA_EXACT = {
     ("sp2_ep2", "selective"): ("sp2_ep2", dict(recompute="selective")),
     # HSDP replicas of expert-parallel groups (expert mesh: replicate 2 × efsdp 1 × ep 2).
     ("hsdp2_ep2", "full"): ("ep2_fsdp2", dict(fsdp=2, recompute="full")),
-    # Offload on cpu: optimizer offload is a logged no-op, activation offload is forced through save_on_cpu.
+    # Offload on cpu, the CUDA code path run synchronously: the AdamW moments leave
+    # the device storage between steps, every block's saved tensors go to host copies.
     ("sp2_ep2", "offload"): ("sp2_ep2", dict(recompute="none", offload=("optimizer", "activations"))),
+    ("ep2_fsdp2", "offload_full"): ("ep2_fsdp2", dict(recompute="full", offload=("optimizer", "activations"))),
+    # MoE blocks (and their expert units) gathered across the step's two micro-batches (ZeRO-2-like).
+    ("fsdp4_accum2", "keep_gathered"): ("fsdp4_accum2", dict(recompute="full", keep_gathered=("moe",))),
+    ("ep2_fsdp2", "keep_gathered"): ("ep2_fsdp2", dict(micro_batch=1, recompute="none", keep_gathered=("moe",))),
 }
 BF16_RUN = ("sp2_ep2", "bf16")  # mixed precision: losses close to the fp32 run, not equal
 BF16_TOL = 3e-2
@@ -149,10 +154,11 @@ def logits_loss(model, micro_batch) -> torch.Tensor:
 def run_steps(model, layout: Layout, meshes) -> tuple[list[float], list[float]]:
     """STEPS optimizer steps of the runtime's own `train_step` on the fixed global batches:
     (global mean losses, gradient norms)."""
-    from xplan.runtime.distributed import local_batch
+    from xplan.runtime.distributed import apply_optimizer_offload, local_batch
     from xplan.runtime.train.step import train_step
 
     opt = make_optimizer(model)
+    apply_optimizer_offload(opt, layout, meshes.device_type)
     losses, norms = [], []
     for ids in global_batches():
         batch = local_batch(ids, meshes)
@@ -176,7 +182,7 @@ def distributed_worker(rank: int, world: int, configs: dict, out_path: str) -> N
         for key, fields in runs().items():
             layout = Layout(devices=world, **fields)
             meshes = build_meshes(layout, "cpu")
-            model = parallelize(make_model(config), layout, meshes, force_activation_offload=True)
+            model = parallelize(make_model(config), layout, meshes)
             losses, norms = run_steps(model, layout, meshes)
             params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                       for n, p in model.named_parameters()}

@@ -133,8 +133,14 @@ def test_comparison_joins_the_measurement_and_the_prediction(tmp_path, monkeypat
     assert d["components"]["overhead"] == {"measured": 0.0, "predicted": pytest.approx(1.0)}
     # Caveats of the run, then the comparison's, then how the run was made.
     # (an h800 plan compiles its blocks; the dry run on CPU runs them eager and says so)
-    assert [n.split()[0] for n in d["notes"]] == ["offload", "kernels.elementwise=fused", "the"]
-    assert d["notes"][2].startswith("the predicted overhead (1.00 GiB")
+    assert [n.split()[0] for n in d["notes"]] == ["kernels.elementwise=fused", "the", "offload"]
+    assert d["notes"][1].startswith("the predicted overhead (1.00 GiB")
+    # The AdamW moments live in host memory (offload: optimizer): host bytes beside the device peak.
+    moments = result.report.measured_host_bytes
+    assert moments > 0 and d["measured_host_gib"] == pytest.approx(moments / 2**30)
+    assert d["host_components"]["model_states"]["measured"] == pytest.approx(d["measured_host_gib"])
+    assert d["components"]["optimizer"]["measured"] == pytest.approx(0.0, abs=1e-6)
+    assert d["measured_device_gib"] == d["measured_peak_gib"]
 
 
 @pytest.mark.parametrize(("family", "layers", "layout"), [
@@ -143,6 +149,8 @@ def test_comparison_joins_the_measurement_and_the_prediction(tmp_path, monkeypat
     ("qwen3_moe", 10, dict(devices=4, ep=2, sp=1, recompute=0.5, grad_accum=1)),
     # (sliding, full) x 5 with EP and Ulysses: a periodic pattern.
     ("gpt_oss", 10, dict(devices=8, ep=4, sp=2, recompute="none", grad_accum=1)),
+    # Offloaded layer inputs and moments: host bytes grow with the copies too.
+    ("qwen3_moe", 10, dict(devices=4, ep=2, sp=1, recompute="full", offload=("optimizer", "activations"))),
 ])
 def test_reduced_depth_extrapolates_to_the_full_run(tmp_path, family, layers, layout):
     from xplan.runtime.dryrun import dry_run
@@ -160,6 +168,8 @@ def test_reduced_depth_extrapolates_to_the_full_run(tmp_path, family, layers, la
     assert reduced.peak_phase == full.peak_phase
     for name, value in full.measured.items():
         assert reduced.measured[name] == pytest.approx(value, rel=1e-9, abs=1e-3), name
+    assert reduced.measured_host_bytes == pytest.approx(full.measured_host_bytes, rel=1e-9)
+    assert (full.measured_host_bytes > 0) == bool(layout.get("offload"))
 
 
 def test_layer_segments():
@@ -189,7 +199,7 @@ def _matrix():
 MATRIX = _matrix()
 
 
-@pytest.mark.parametrize("row", [2, 3, 13, 18, 22, 26])
+@pytest.mark.parametrize("row", [2, 3, 13, 18, 22, 26, 30])
 def test_cost_model_peak_within_3_percent_on_a_slice_of_the_matrix(row):
     """Full model size and world size, 3 and 4 copies of each repeated block pattern, extrapolated."""
     spec = MATRIX.MATRIX[row - 1]

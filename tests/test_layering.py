@@ -23,6 +23,7 @@ RULES = [
     ("xplan.cost_models", ("xplan.runtime", "xplan.planner", *UPPER)),
     ("xplan.planner", UPPER),
     ("xplan.layout", ("xplan.planner", "xplan.cost_models", "xplan.runtime", "xplan.hw_profiles", *UPPER)),
+    ("xplan.layout_values", ("xplan.planner", "xplan.cost_models", "xplan.runtime", "xplan.hw_profiles", *UPPER)),
     ("xplan.plan", ("xplan.planner", "xplan.cost_models", "xplan.runtime", *UPPER)),
     ("xplan.errors", ("xplan.planner", "xplan.cost_models", "xplan.runtime", "xplan.hw_profiles", *UPPER)),
 ]

@@ -59,7 +59,8 @@ def test_layout_key_sees_every_field():
     changed = [dict(devices=16, fsdp=16), dict(dp_mode="hsdp", fsdp=4), dict(dp_mode="ddp", fsdp=1), dict(ep=2),
                dict(sp=2), dict(tp=2, dp_mode="zero1", fsdp=1), dict(pp=2, dp_mode="zero1", fsdp=1),
                dict(pp=2, vpp=2, dp_mode="zero1", fsdp=1), dict(micro_batch=2), dict(recompute="full"),
-               dict(offload=("optimizer",)), dict(precision="fp8"), dict(tp_comm="overlapped"),
+               dict(offload=("optimizer",)), dict(tile_tokens=4096), dict(keep_gathered=("moe",)),
+               dict(allocator="caching"), dict(precision="fp8"), dict(tp_comm="overlapped"),
                dict(ranks_per_device=2, fsdp=16), dict(ep_overlap="microbatch"), dict(grad_dtype="bf16"),
                dict(fsdp_buffers="zero_copy"),
                dict(kernels={**DEFAULT_KERNELS, "loss": "full"})]
@@ -73,7 +74,8 @@ def test_communication_terms_ignore_recompute_and_offload(traced):
     profile = load_profile("h800")
     layout = Layout(devices=16, fsdp=8, ep=2, sp=2, micro_batch=2)
     first = communication_terms(trace, config, layout, profile)
-    for change in (dict(recompute="full"), dict(offload=("optimizer", "activations")), dict(recompute=0.5)):
+    for change in (dict(recompute="full"), dict(offload=("optimizer", "activations")), dict(recompute=0.5),
+                   dict(keep_gathered=("moe",)), dict(allocator="caching")):
         fresh = trace_from_json(json.loads(json.dumps(trace_to_json(trace))))
         assert communication_terms(fresh, config, layout.with_changes(**change), profile) == first
 
@@ -85,8 +87,8 @@ def test_zero_copy_fsdp_buffers_drop_only_the_fsdp2_copies(traced):
     layout = Layout(devices=16, fsdp=16, ep=2)
     (blocks, root) = communication_terms(trace, config, layout, profile)
     (zblocks, zroot) = communication_terms(trace, config, layout.with_changes(fsdp_buffers="zero_copy"), profile)
-    for kind, (ag, rs, copies, a2a, uly, tp) in blocks.items():
-        assert copies > 0 and zblocks[kind] == (ag, rs, 0.0, a2a, uly, tp)
+    for kind, (ag, rs, copies, a2a, uly, tp, regather) in blocks.items():
+        assert copies > 0 and zblocks[kind] == (ag, rs, 0.0, a2a, uly, tp, regather)
     assert root[1] > 0 and zroot == (root[0], 0.0, root[2])
     plain = estimate(trace, config, layout, profile, 64)
     zero = estimate(trace, config, layout.with_changes(fsdp_buffers="zero_copy"), profile, 64)

@@ -322,3 +322,14 @@ def test_mem_tracker_base_reads_the_tracker_state():
             extra = torch.empty(4, 4)
             tracker.label(extra, base.Ref.SHARDED_GRAD)
             assert tracker.snapshots()[0][base.Ref.SHARDED_GRAD] == params + 64
+
+
+def test_allocator_settings_round_trip():
+    from xplan.runtime import compat
+
+    before = compat.allocator_settings()
+    try:
+        compat.set_allocator_settings("expandable_segments:True")
+        assert "expandable_segments:True" in compat.allocator_settings()
+    finally:
+        compat.set_allocator_settings(before or "expandable_segments:False")

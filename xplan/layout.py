@@ -30,7 +30,6 @@ Gradient accumulation: global_batch = data_parallel * micro_batch * grad_accum  
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -46,9 +45,18 @@ from pydantic import (
 )
 
 from xplan.errors import InputError
+from xplan.layout_tiles import TILE_TOKENS_HELP, TileTokens
+from xplan.layout_values import (  # noqa: F401 (re-exported: the knobs' value parsers)
+    GATHERED_KINDS,
+    OFFLOAD_KINDS,
+    RECOMPUTE_MODES,
+    parse_keep_gathered,
+    parse_offload,
+    parse_recompute,
+    recompute_policies,
+)
 
-RECOMPUTE_MODES = ("none", "selective", "full")
-OFFLOAD_KINDS = ("optimizer", "params", "activations")
+ALLOCATORS = ("expandable_segments", "caching")
 PRECISIONS = ("fp32", "bf16", "fp8")
 DP_MODES = ("fsdp", "hsdp", "ddp", "zero1")
 DEVICE_TYPES = ("cpu", "cuda", "npu")
@@ -135,7 +143,20 @@ class Layout(_Frozen):
     micro_batch: int = knob(1, "Sequences per micro-batch per data-parallel rank.", ge=1)
     recompute: str | float = knob("none", "none | selective | full | fraction of layers fully recomputed "
                                   "(e.g. 0.5).")
-    offload: tuple[str, ...] = knob((), "none | optimizer,params,activations (comma-separated).")
+    offload: tuple[str, ...] = knob(
+        (), "none | optimizer,params,activations (comma-separated): optimizer = AdamW moments in host memory "
+        "between steps; params = FSDP2 CPU offload (parameters, gradients, moments; the step runs on host); "
+        "activations = what each block saves for backward (the layer input under full recompute), copied to "
+        "host on a side stream and prefetched one layer ahead.")
+    tile_tokens: TileTokens = knob(None, TILE_TOKENS_HELP)  # rules: xplan/layout_tiles.py
+    keep_gathered: tuple[str, ...] = knob(
+        (), "none | dense,moe: blocks (by MLP type) whose parameters stay gathered across the step's "
+        "micro-batches (ZeRO-2-like: one all-gather per step instead of two per micro-batch); none: every "
+        "block reshards after forward (ZeRO-3).", flag="--keep-gathered")
+    allocator: Literal["expandable_segments", "caching"] = knob(
+        "expandable_segments", "Device allocator: expandable_segments (the caching allocator with expandable "
+        "segments, which avoids most fragmentation; set before the first allocation on CUDA) or caching (its "
+        "default mode). No effect on CPU.", runs={"expandable_segments": _ALL, "caching": _ALL})
     precision: Literal["fp32", "bf16", "fp8"] = knob(
         "bf16", "fp32 | bf16 | fp8 (bf16 plus torchao Float8Linear GEMMs in the blocks' linear layers, "
         "training.fp8_recipe scaling; LM head, embedding, routers and routed experts stay bf16; on cpu "
@@ -180,6 +201,11 @@ class Layout(_Frozen):
     @classmethod
     def _offload(cls, value: Any) -> tuple[str, ...]:
         return parse_offload(value)
+
+    @field_validator("keep_gathered", mode="before")
+    @classmethod
+    def _keep_gathered(cls, value: Any) -> tuple[str, ...]:
+        return parse_keep_gathered(value)
 
     @field_validator("kernels", mode="before")
     @classmethod
@@ -283,7 +309,7 @@ class Layout(_Frozen):
     def settings(self) -> dict[str, Any]:
         """The declared knobs as plain data (what a plan file's `layout` holds, plus devices)."""
         out = self.model_dump(mode="json")
-        out["offload"] = list(self.offload)
+        out["offload"], out["keep_gathered"] = list(self.offload), list(self.keep_gathered)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -397,8 +423,8 @@ def parse_knob(name: str, value: Any) -> Any:
             raise InputError(f"{info.flag} needs an integer, got {value!r}.") from None
     if name == "recompute":
         return parse_recompute(value)
-    if name == "offload":
-        return parse_offload(value)
+    if name in ("offload", "keep_gathered"):
+        return (parse_offload if name == "offload" else parse_keep_gathered)(value)
     model: type[BaseModel] = Layout
     for part in info.path[:-1]:
         model = model.model_fields[part].annotation
@@ -411,49 +437,6 @@ def parse_knob(name: str, value: Any) -> Any:
         reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
         raise InputError(f"{info.flag}: {reason}, got {value!r}.") from None
     return value
-
-
-# ---------------------------------------------------------------------------- parsing
-def recompute_policies(recompute: str | float, num_blocks: int) -> list[str]:
-    """Policy of each block in order: the mode for all, or for a fraction f the first
-    ceil(f x blocks) fully recomputed and the rest none (the runtime and the cost model)."""
-    if isinstance(recompute, str):
-        return [recompute] * num_blocks
-    count = min(num_blocks, math.ceil(recompute * num_blocks - 1e-9))
-    return ["full"] * count + ["none"] * (num_blocks - count)
-
-
-def parse_recompute(value: Any) -> str | float:
-    """'none' | 'selective' | 'full' | a fraction of blocks in [0, 1] fully recomputed."""
-    if isinstance(value, str) and value in RECOMPUTE_MODES:
-        return value
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        fraction = float(value)
-    except (TypeError, ValueError):
-        raise InputError(
-            f"recompute must be one of {', '.join(RECOMPUTE_MODES)} or a fraction of layers in [0, 1], got {value!r}."
-        ) from None
-    if not 0.0 <= fraction <= 1.0:
-        raise InputError(f"recompute fraction must be in [0, 1], got {fraction}.")
-    return "none" if fraction == 0 else "full" if fraction == 1 else fraction
-
-
-def parse_offload(value: Any) -> tuple[str, ...]:
-    """'none', a comma-separated string, or a list of offload kinds."""
-    if value is None or value == "none" or value == [] or value == ():
-        return ()
-    if not isinstance(value, (str, list, tuple)):
-        raise InputError(f"offload must be 'none' or a comma-separated subset of {', '.join(OFFLOAD_KINDS)}; "
-                         f"got {value!r}.")
-    items = value.split(",") if isinstance(value, str) else list(value)
-    items = [str(i).strip() for i in items if str(i).strip() and str(i).strip() != "none"]
-    bad = [i for i in items if i not in OFFLOAD_KINDS]
-    if bad:
-        raise InputError(f"offload must be 'none' or a comma-separated subset of {', '.join(OFFLOAD_KINDS)}; "
-                         f"got {', '.join(bad)}.")
-    return tuple(k for k in OFFLOAD_KINDS if k in items)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -57,5 +57,10 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
         need(d.pp > 1 and d.pp % 2 == 0 and d.vpp == 1,
              f"ep_overlap dualpipe is DeepSeek's DualPipe schedule: it needs an even pp > 1 and vpp 1 "
              f"(got pp {d.pp}, vpp {d.vpp}).")
+    if d.keep_gathered:
+        present = {"moe" if config.is_moe_layer(i) else "dense" for i in range(config.num_layers)}
+        missing = [k for k in d.keep_gathered if k not in present]
+        need(not missing, f"keep_gathered names {', '.join(missing)} blocks, but {config.name} has only "
+                          f"{', '.join(sorted(present))} blocks.")
     if global_batch is not None:
         layout.grad_accum(global_batch)

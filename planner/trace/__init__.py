@@ -32,14 +32,16 @@ def __getattr__(name: str) -> Any:
 
 def trace_model(config, seq_len: int, micro_batch: int = 1, recompute: str = "none", dtype: Any = "bfloat16",
                 cache_dir: str | Path | None = None, use_cache: bool = True, loss: str = "full",
-                image_tokens: int = 0) -> ModelTrace:
+                tiles: int = 1, image_tokens: int = 0) -> ModelTrace:
     """Trace `config` (a ModelConfig, preset name or config directory) at (seq_len, micro_batch).
 
     `recompute` selects the policy whose saved bytes and recompute FLOPs the graph's layer nodes
     carry; summaries hold every policy. `dtype` is a torch dtype or its name. `loss` is the
-    runtime's loss kernel ('full' logits or 'chunked'). `image_tokens` per sample (vision-language
-    models) run the vision tower on the images they stand for, first in each sample. Results are cached under `cache_dir`
-    (default $XPLAN_CACHE_DIR or ~/.cache/xplan) unless `use_cache` is False.
+    runtime's loss kernel ('full' logits or 'chunked'). `tiles` > 1 runs every block's
+    feed-forward half in that many token tiles, the count `xplan.layout_tiles.feed_forward_tiles`
+    gives a layout's rank (see `tracer`). `image_tokens` per sample (vision-language models) run
+    the vision tower on the images they stand for, first in each sample. Results are cached under
+    `cache_dir` (default $XPLAN_CACHE_DIR or ~/.cache/xplan) unless `use_cache` is False.
     """
     from xplan.errors import InputError
 
@@ -53,20 +55,23 @@ def trace_model(config, seq_len: int, micro_batch: int = 1, recompute: str = "no
         raise InputError(f"recompute policy must be one of {', '.join(RECOMPUTE_POLICIES)}; got {recompute!r}")
     if loss not in LOSS_KERNELS:
         raise InputError(f"loss kernel must be one of {', '.join(LOSS_KERNELS)}; got {loss!r}.")
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or not 1 <= tiles <= int(seq_len) * int(micro_batch):
+        raise InputError(f"tiles must be a whole number between 1 and the traced tokens; got {tiles!r}.")
     seq_len, micro_batch = int(seq_len), int(micro_batch)
     from xplan.runtime.models.vlm_config import check_image_tokens
 
     check_image_tokens(config, image_tokens, seq_len)
-    key = cache.cache_key(config, seq_len, micro_batch, recompute, dtype, loss, image_tokens) if use_cache else None
+    key = (cache.cache_key(config, seq_len, micro_batch, recompute, dtype, loss, tiles, image_tokens)
+           if use_cache else None)
     if key is not None:
         hit = cache.load(cache_dir, key)
-        if hit is not None and (hit.seq_len, hit.micro_batch, hit.recompute, hit.loss, hit.dtype) == (
-                seq_len, micro_batch, recompute, loss, cache.dtype_name(dtype)):
+        if hit is not None and (hit.seq_len, hit.micro_batch, hit.recompute, hit.loss, hit.dtype, hit.tiles) == (
+                seq_len, micro_batch, recompute, loss, cache.dtype_name(dtype), tiles):
             hit.from_cache = True
             return hit
     from .tracer import trace_uncached
 
-    trace = trace_uncached(config, seq_len, micro_batch, recompute, dtype, loss, image_tokens)
+    trace = trace_uncached(config, seq_len, micro_batch, recompute, dtype, loss, tiles, image_tokens)
     if key is not None:
         cache.store_trace(cache_dir, key, trace)
     return trace

@@ -1,5 +1,5 @@
 """On-disk cache of traces, keyed by (model config, seq len, micro-batch, recompute policy, dtype,
-loss kernel, code version).
+loss kernel, token tiles, code version).
 
 The code version hashes the source of the tracer, the recompute policies, the training loss and
 the runtime's model zoo (plus the torch version, whose dispatch decides which ops run), so editing
@@ -94,10 +94,11 @@ def dtype_name(dtype: Any) -> str:
 
 
 def cache_key(config, seq_len: int, micro_batch: int, recompute: str, dtype: Any, loss: str = "full",
-              image_tokens: int = 0) -> str:
+              tiles: int = 1, image_tokens: int = 0) -> str:
+    tiled = f"-t{tiles}" if tiles > 1 else ""  # untiled keys as before token tiling existed
     images = f"-i{image_tokens}" if image_tokens else ""
     return (f"{config.family}-{config_hash(config)}-s{seq_len}-b{micro_batch}-{recompute}-{dtype_name(dtype)}-{loss}"
-            f"{images}-{code_version()}")
+            f"{images}{tiled}-{code_version()}")
 
 
 def entry_path(cache_dir: str | Path | None, key: str) -> Path:

@@ -18,12 +18,13 @@ Nodes (attribute `type`):
   `module`, `flops` (model FLOPs), `flops_dense` (as dispatched), `bytes_read`, `bytes_written`,
   `saved_bytes` (outputs still alive after the forward, no recompute), `selective_saved` (kept by
   the selective policy), `attention`, `mask_fraction`, `out_shape`, `out_dtype`, `groups` (grouped
-  GEMMs).
+  GEMMs), `tile_tokens` (ops of a token tile of the feed-forward half: the tile's tokens) and
+  `recompute` (a tile's forward op redone in the backward; its FLOPs are not model FLOPs).
 
 Edges (attribute `kind`): ``data`` (producer -> consumer, between ops and along the layer chain
 embed -> layer.0 -> ... -> norm -> head, rotary -> every layer), ``contains`` (stage/block
 -> module -> op), ``instance_of`` (layer -> its block node). Cost models select edges by kind.
-Graph attributes: model, family, seq_len, micro_batch, tokens, dtype, recompute, loss, flops_per_token,
+Graph attributes: model, family, seq_len, micro_batch, tokens, dtype, recompute, loss, tiles, flops_per_token,
 flops_per_token_forward, params_total, params_active, tokens_per_expert (by block kind).
 
 Every number is per instance and per micro-batch of `micro_batch` x `seq_len` tokens.
@@ -49,7 +50,7 @@ def build_graph(trace, ops, roles, scopes) -> nx.DiGraph:
     blocks = trace.blocks
     g = nx.DiGraph(
         model=trace.model, family=trace.family, seq_len=trace.seq_len, micro_batch=trace.micro_batch,
-        tokens=trace.tokens, dtype=trace.dtype, recompute=trace.recompute, loss=trace.loss,
+        tokens=trace.tokens, dtype=trace.dtype, recompute=trace.recompute, loss=trace.loss, tiles=trace.tiles,
         flops_per_token=trace.flops_per_token, flops_per_token_forward=trace.flops_per_token_forward,
         params_total=trace.params_total, params_active=trace.params_active,
         tokens_per_expert={k: b.tokens_per_expert for k, b in blocks.items() if b.tokens_per_expert is not None},
@@ -57,6 +58,8 @@ def build_graph(trace, ops, roles, scopes) -> nx.DiGraph:
     # Stage and block (template) nodes.
     flops = {}
     for op in ops:
+        if op.extra.get("recompute"):  # a tile's forward redone in backward: not model FLOPs
+            continue
         key = (stage_node(op.scope.stage, blocks), op.phase)
         flops[key] = flops.get(key, 0) + op.flops
     extra = {op.scope.stage for op in ops} | {scope.stage for scope in scopes.values()}
@@ -112,8 +115,8 @@ def build_graph(trace, ops, roles, scopes) -> nx.DiGraph:
                    selective_saved=op.selective_saved, attention=op.attention, mask_fraction=op.mask_fraction,
                    out_shape=op.out_shape, out_dtype=op.out_dtype, **op.extra)
         g.add_edge(owner, node, kind="contains")
-        path = op.scope.path
-        while path:  # module totals include their sub-modules
+        path = op.scope.path if not op.extra.get("recompute") else ""
+        while path:  # module totals include their sub-modules (model FLOPs: no tile recompute)
             attrs = g.nodes[module_nodes[(stage_node(op.scope.stage, blocks), path)]]
             attrs[f"flops_{op.phase}"] += op.flops
             attrs["saved_bytes"] += op.saved_bytes

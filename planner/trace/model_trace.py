@@ -47,6 +47,9 @@ class BlockSummary:
     # 'attention' (its attention sub-block's backward) and 'mlp' (the rest). The head group's is
     # its worst stage's (the loss: logit gradients beside the saved log-softmax).
     backward_peak: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Share of the block's parameter-gradient bytes alive at each of those peaks, by policy and part
+    # (a MoE block's experts get their gradients after its MLP's peak).
+    backward_grads: dict[str, dict[str, float]] = field(default_factory=dict)
     recompute_flops: dict[str, int] = field(default_factory=dict)  # forward FLOPs redone in backward
     num_experts: int = 0
     top_k: int = 0
@@ -74,6 +77,7 @@ class ModelTrace:
     params_active: int
     trace_time_s: float = 0.0
     code_version: str = ""
+    tiles: int = 1  # token tiles of each block's feed-forward half (1: untiled)
     from_cache: bool = field(default=False, compare=False)
 
     @property
@@ -148,6 +152,7 @@ class ModelTrace:
                 "dtype": self.dtype,
                 "recompute": self.recompute,
                 "loss": self.loss,
+                "tiles": self.tiles,
                 "params_total": self.params_total,
                 "params_active": self.params_active,
                 "blocks": blocks,
@@ -160,7 +165,7 @@ class ModelTrace:
 
 _SCALAR_FIELDS = {"model": str, "family": str, "seq_len": int, "micro_batch": int, "dtype": str, "recompute": str,
                   "loss": str, "params_total": int, "params_active": int, "trace_time_s": float,
-                  "code_version": str}
+                  "code_version": str, "tiles": int}
 INT_LIMIT = 2**63  # every count and byte total of a trace fits a signed 64-bit integer
 
 
@@ -265,6 +270,8 @@ def _block_from_json(data: Any) -> BlockSummary:
                                                                "recompute_flops")},
         backward_peak={_str(p, "backward_peak"): _numbers_by_name(parts, "backward_peak")
                        for p, parts in _dict(d["backward_peak"], "backward_peak").items()},
+        backward_grads={_str(p, "backward_grads"): _numbers_by_name(parts, "backward_grads")
+                        for p, parts in _dict(d["backward_grads"], "backward_grads").items()},
         tokens_per_expert=tokens_per_expert,
     )
 

@@ -27,6 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from xplan.runtime.compat import fake_grouped_mm
 from xplan.runtime.models.blockwise_attention import BlockCount, current_block
 from xplan.runtime.models.blockwise_attention import in_kernel as in_blockwise_kernel
+from xplan.runtime.models.tiling import current_tile
 from xplan.runtime.recompute import selective_saves
 
 from .flops import (
@@ -191,9 +192,36 @@ class OpRecorder(TorchDispatchMode):
         self.detailed = detailed
         self.ops: list[OpRecord] = []
         self.producer = WeakIdKeyDictionary()  # tensor -> index of the op that produced it
+        # Token tiles of the forward (runtime/models/tiling.py): autograd sequence numbers where a
+        # tile starts or ends, and the tile's tokens from there on (0: outside any tile), so a
+        # backward op finds the tile of the forward op it differentiates.
+        self._tile_marks: list[int] = []
+        self._tile_tokens: list[int] = []
+        # Storages of gradients on their way to a parameter (filled by the tracer's node hooks) and
+        # autograd's sums of them (one gradient per use of a weight, e.g. per token tile).
+        self.param_grads: set[int] = set()
         # storage pointer -> [weak ref, nbytes, creating op index, owning stage]
         self.storages: dict[int, list] = {}
         scopes.on_stage_input = self.own_input
+
+    # -- token tiles ----------------------------------------------------------------------------
+    def on_tile(self, tile) -> None:
+        """Observer of `tiling.observing_tiles`: a forward tile starts (tile) or ends (None)."""
+        if torch._C._current_graph_task_id() != -1:  # a tile's recompute, inside the backward
+            return
+        self._tile_marks.append(torch._C._autograd._get_sequence_nr())
+        self._tile_tokens.append(tile.tokens if tile is not None else 0)
+
+    def _tile_of_op(self, backward: bool) -> int:
+        """Tokens of the tile the running op belongs to (0: none)."""
+        tile = current_tile()
+        if tile is not None:
+            return tile.tokens
+        node = torch._C._current_autograd_node() if backward and self._tile_marks else None
+        if node is None:
+            return 0
+        i = bisect.bisect_right(self._tile_marks, node._sequence_nr()) - 1
+        return self._tile_tokens[i] if i >= 0 else 0
 
     # -- storages -------------------------------------------------------------------------------
     def own_input(self, t: torch.Tensor, stage: str) -> None:
@@ -219,12 +247,13 @@ class OpRecorder(TorchDispatchMode):
                 still.append(key)
         self._pending = still
 
-    def backward_peaks(self, exclude: set[int]) -> dict[str, dict[str, int]]:
+    def backward_peaks(self, exclude: set[int], final: set[int] | None = None) -> dict[str, dict[str, int]]:
         """Per stage and part ('attention' sub-block, 'mlp' = the rest): the most bytes alive at
         once while that part's backward ops run, above what was alive when the stage's first
         backward op started (its saved activations, the incoming gradient and everything outside
         the stage). Storages in `exclude` (parameter gradients, priced separately) are left out.
-        Needs `timeline=True`."""
+        `final`: the parameters' `.grad` storages (the share of gradients alive at each peak is
+        counted against them). Needs `timeline=True`."""
         n = len(self.ops) + 1
         diff = [0] * (n + 1)
         created = [0] * n
@@ -250,10 +279,27 @@ class OpRecorder(TorchDispatchMode):
             info = self.stages.get(stage) or StageInfo(stage)
             parts.setdefault((stage, "attention" if info.in_attention(op.scope.path) else "mlp"), []).append(op.index)
         peaks: dict[str, dict[str, int]] = {}
+        self.grads_at_peak: dict[str, dict[str, float]] = {}
         for (stage, part), indices in parts.items():
             baseline = live[first[stage]] - created[first[stage]]
-            peaks.setdefault(stage, {})[part] = max(live[t] for t in indices) - baseline
+            top = max(indices, key=lambda t: live[t])
+            peaks.setdefault(stage, {})[part] = live[top] - baseline
+            self.grads_at_peak.setdefault(stage, {})[part] = self._grads_alive(exclude, stage, top, n, final)
         return peaks
+
+    def _grads_alive(self, grads: set[int], stage: str, index: int, end: int, final: set[int] | None) -> float:
+        """Bytes of `stage`'s parameter gradients alive at op `index` (final ones, and those on their
+        way: a tile's gradient beside the sum of the tiles before it) over the bytes of its final
+        gradients (FSDP holds a block's gradients until its backward ends: the cost model adds this
+        share at each peak; above 1 where a tile's gradient and the running sum are both alive)."""
+        total = alive = 0
+        for key in grads:
+            entry = self.storages.get(key)
+            if entry is None or entry[3] != stage:
+                continue
+            total += entry[1] if final is None or key in final else 0
+            alive += entry[1] if entry[2] <= index < self.deaths.get(key, end) else 0
+        return alive / total if total else 1.0
 
     def alive(self) -> list[tuple[int, int, str]]:
         """(nbytes, creating op, owning stage) of every recorded storage still alive."""
@@ -285,11 +331,19 @@ class OpRecorder(TorchDispatchMode):
         self.ops.append(record)
         if backward and self.timeline:
             self._sweep(index)
+            if self.param_grads and func.overloadpacket is torch.ops.aten.add and all(
+                    t.untyped_storage()._cdata in self.param_grads for t in ins):
+                self.param_grads.update(t.untyped_storage()._cdata for t in outs)
         if not backward or self.timeline:
             for t in outs:
                 self._register(t, index, scope.stage)
         if self.detailed:
             self._detail(record, func, args, kwargs, out, ins, outs)
+            tile_tokens = self._tile_of_op(backward)
+            if tile_tokens:
+                record.extra["tile_tokens"] = tile_tokens
+                if backward and current_tile() is not None:  # a tile's forward redone before its backward
+                    record.extra["recompute"] = True
         for t in outs:
             self.producer[t] = index
         return out

@@ -16,6 +16,12 @@ How one trace runs (no memory, no compute):
    activations, gradients in flight and workspaces above what the block's backward starts with).
 4. Multiply per-kind numbers by the number of layers of that kind.
 
+Token tiling (`tiles` > 1): every block runs its feed-forward half in that many token tiles, each
+under its own checkpoint (xplan.runtime.models.tiling), as a rank of a layout with `tile_tokens`
+runs it; a rank's tile count, traced at micro-batch 1, scales to its tokens like every other
+tensor. Ops of a tile carry `tile_tokens`; the tile's forward redone in the backward is marked
+`recompute` and counted in `recompute_flops` (every policy), not in the model FLOPs.
+
 Long sequences: past `EXPANDED_LOSS_CHUNKS` chunks, the 'chunked' loss runs one chunk of each
 distinct size (`loss.representative_chunks`) and the ops of a chunk that stands for n carry
 `repeat` = n with their FLOPs and bytes multiplied by n (cost models price n calls of the traced
@@ -44,6 +50,7 @@ import torch
 from torch import nn
 
 from xplan.runtime import recompute as rc
+from xplan.runtime.models.tiling import TokenTiling, observing_tiles
 
 from . import cache as trace_cache
 from .model_trace import ROLES, BlockSummary, ModelTrace
@@ -164,12 +171,14 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
     peak bytes per stage; {} without `backward`)."""
     tracker = ScopeTracker(scopes, stage_inputs, param_scopes).install()
     rec = OpRecorder(tracker, stages, seq_len, detailed=detailed, timeline=backward)
+    rec.grads_at_peak = {}
     peaks: dict[str, dict[str, int]] = {}
+    hooks = []
     marks: list[tuple[int, int]] = []  # (op index, repeats) where a representative loss chunk starts / ends
     chunks = _loss_chunks(marks, rec) if loss_kind == "chunked" and _compress_loss(micro_batch * seq_len) else (
         contextlib.nullcontext())
     try:
-        with fake, rec, chunks:
+        with fake, rec, chunks, observing_tiles(rec.on_tile):
             # Inputs are made under the recorder: the embedding keeps the token ids and the loss
             # its labels for backward, as in training.
             ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
@@ -187,17 +196,48 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
             del ids, labels, pixels
             alive = rec.alive()
             if backward:
+                hooks = _note_parameter_gradients(loss, model, rec.param_grads)
                 loss.backward()
             del loss
         if backward:
             grads = {p.grad.untyped_storage()._cdata for p in model.parameters() if p.grad is not None}
-            peaks = rec.backward_peaks(exclude=grads)
+            peaks = rec.backward_peaks(exclude=grads | rec.param_grads, final=grads)
     finally:
         tracker.remove()
+        for hook in hooks:
+            hook.remove()
     for p in model.parameters():
         p.grad = None
     _scale_repeated(rec.ops, marks)
     return rec, alive, peaks
+
+
+def _note_parameter_gradients(loss: torch.Tensor, model: nn.Module, sink: set[int]) -> list:
+    """Hooks that add to `sink` the storage of every gradient an autograd node hands to a parameter.
+
+    Parameter gradients are priced with the parameters, not as backward workspace. A parameter used
+    several times (each token tile uses the block's weights once) receives one gradient per use,
+    summed by autograd before it becomes `.grad`; the recorder follows those sums (`param_grads`).
+    """
+    accumulators = set()
+    for param in model.parameters():
+        if param.requires_grad:
+            accumulators.add(torch.autograd.graph.get_gradient_edge(param).node)
+    hooks, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        to_params = [i for i, (nxt, _) in enumerate(node.next_functions) if nxt in accumulators]
+        if to_params:
+            def note(grad_inputs, grad_outputs, indices=tuple(to_params)):
+                for i in indices:
+                    if grad_inputs[i] is not None:
+                        sink.add(grad_inputs[i].untyped_storage()._cdata)
+            hooks.append(node.register_hook(note))
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None and nxt not in accumulators)
+    return hooks
 
 
 def _compress_loss(tokens: int) -> bool:
@@ -226,10 +266,10 @@ def _scale_repeated(ops, marks: list[tuple[int, int]]) -> None:
 
 
 def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype: torch.dtype,
-                   loss: str, image_tokens: int = 0) -> ModelTrace:
+                   loss: str, tiles: int = 1, image_tokens: int = 0) -> ModelTrace:
     """Trace `config` now (see the module docstring); `trace_model` is the cached front. `dtype` is
-    a torch dtype or its name; `image_tokens` per sample run the vision tower (vision-language
-    models)."""
+    a torch dtype or its name; `tiles` the token tiles of each block's feed-forward half;
+    `image_tokens` per sample run the vision tower (vision-language models)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -240,6 +280,8 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
     fake = FakeTensorMode()
     model, rep_kinds, rep_indices = build_skeleton(config, dtype, fake)
     layers = list(model.model.layers)
+    for layer in layers:
+        layer.token_tiling = TokenTiling(tiles=tiles) if tiles > 1 else None
     scopes = _module_scopes(model, rep_kinds)
     stage_inputs = {*layers, model.model.norm, model.lm_head}
     roles = _param_roles(model, scopes)
@@ -253,6 +295,7 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
                                  detailed=True, backward=True, fake=fake, image_tokens=image_tokens)
         saved = {"none": _saved_by_stage(alive)}
         backward_peaks = {"none": peaks}
+        backward_grads = {"none": rec.grads_at_peak}
         for nbytes, op_index, _ in alive:
             rec.ops[op_index].saved_bytes += nbytes
         for policy in rc.RECOMPUTE_POLICIES:
@@ -261,14 +304,15 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
             for layer in layers:
                 rc.apply_recompute(layer, policy)
             try:
-                _, alive_p, peaks_p = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len,
-                                           loss, detailed=False, backward=True, fake=fake,
-                                           image_tokens=image_tokens)
+                rec_p, alive_p, peaks_p = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch,
+                                               seq_len, loss, detailed=False, backward=True, fake=fake,
+                                               image_tokens=image_tokens)
             finally:
                 for layer in layers:
                     rc.apply_recompute(layer, "none")
             saved[policy] = _saved_by_stage(alive_p)
             backward_peaks[policy] = peaks_p
+            backward_grads[policy] = rec_p.grads_at_peak
 
     tokens = seq_len * micro_batch
     kinds = _block_kinds(config)
@@ -279,6 +323,7 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
 
     def summary(name: str, stage_names: set[str], count: int) -> BlockSummary:
         b = BlockSummary(kind=name, count=count, layer_indices=tuple(indices.get(name, ())))
+        tile_redo = 0
         for op in rec.ops:
             if op.scope.stage not in stage_names:
                 continue
@@ -286,13 +331,16 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
                 b.flops_forward += op.flops
                 b.flops_dense_forward += op.flops_dense
                 b.bytes_forward += op.bytes_read + op.bytes_written
+            elif op.extra.get("recompute"):  # a tile's forward redone: priced, not model FLOPs
+                tile_redo += op.flops
+                b.bytes_backward += op.bytes_read + op.bytes_written
             else:
                 b.flops_backward += op.flops
                 b.bytes_backward += op.bytes_read + op.bytes_written
-        b.recompute_flops = {"none": 0}
+        b.recompute_flops = {"none": tile_redo}
         if name in counts:
-            b.recompute_flops["full"] = b.flops_forward
-            b.recompute_flops["selective"] = sum(
+            b.recompute_flops["full"] = b.flops_forward + tile_redo
+            b.recompute_flops["selective"] = tile_redo + sum(
                 op.flops for op in rec.ops
                 if op.scope.stage in stage_names and op.phase == "forward" and not op.selective_saved
             )
@@ -317,6 +365,7 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
         b.saved_bytes = {p: sum(v for s, v in by_stage.items() if s in stage_names) for p, by_stage in saved.items()}
         if name in counts:
             b.backward_peak = {p: dict(by_stage.get(name, {})) for p, by_stage in backward_peaks.items()}
+            b.backward_grads = {p: dict(by_stage.get(name, {})) for p, by_stage in backward_grads.items()}
         else:  # head / embedding: their stages' backwards run one after another, so the worst one
             b.backward_peak = {p: _worst_stage_peak(by_stage, stage_names) for p, by_stage in backward_peaks.items()}
         return b
@@ -333,7 +382,7 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
         model=config.name, family=config.family, seq_len=seq_len, micro_batch=micro_batch,
         dtype=str(dtype).removeprefix("torch."), recompute=recompute, loss=loss, layer_kinds=tuple(kinds),
         blocks=blocks, others=others, graph=nx.DiGraph(), params_total=params_total,
-        params_active=params_active, code_version=trace_cache.code_version(),
+        params_active=params_active, code_version=trace_cache.code_version(), tiles=tiles,
     )
     trace.graph = build_graph(trace, rec.ops, roles, scopes)
     trace.trace_time_s = time.perf_counter() - start

@@ -16,6 +16,7 @@ See `parallelize` for the loss-normalisation contract `train_step` follows.
 from .device import DistEnv, init_distributed, resolve_device_type, shutdown_distributed
 from .expert_parallel import apply_expert_parallel
 from .mesh import IGNORE_INDEX, LocalBatch, Meshes, build_meshes, local_batch, shift_labels
+from .offload import OffloadLabels, apply_optimizer_offload
 from .parallelize import (
     bind_optimizer,
     check_runtime_layout,
@@ -26,6 +27,7 @@ from .parallelize import (
     parallelize,
     reduce_gradients,
 )
+from .reshard import set_last_micro_batch
 from .ulysses import apply_ulysses
 from .zero1 import ZeroOne, zero1_of
 
@@ -34,8 +36,10 @@ __all__ = [
     "DistEnv",
     "LocalBatch",
     "Meshes",
+    "OffloadLabels",
     "apply_expert_parallel",
     "ZeroOne",
+    "apply_optimizer_offload",
     "apply_ulysses",
     "bind_optimizer",
     "build_meshes",
@@ -49,6 +53,7 @@ __all__ = [
     "parallelize",
     "reduce_gradients",
     "resolve_device_type",
+    "set_last_micro_batch",
     "shift_labels",
     "shutdown_distributed",
     "zero1_of",

@@ -129,6 +129,7 @@ def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, fake_imbalance: float =
         received = compat.wait_collective(compat.all_to_all_single(counts, None, None, group))
         send_splits, recv_splits = splits(counts, received, x_sorted.shape[0])
         x_recv = compat.wait_collective(compat.all_to_all_single_autograd(x_sorted, recv_splits, send_splits, group))
+        del x_sorted  # sent: only the received copy is needed from here
         rows = sum(recv_splits)
         # Rows arrive grouped by (source rank, local expert); regroup them by local expert,
         # keeping source-rank order inside each expert.

@@ -1,5 +1,5 @@
-"""Apply a Layout to a model, torchtitan-style: precision (fp8 layers) → EP → Ulysses → recompute →
-offload → FSDP2 (or ZeRO-1 for `dp_mode: zero1`, `zero1.py`).
+"""Apply a Layout to a model, torchtitan-style: precision (fp8 layers) → EP → Ulysses → token tiling,
+recompute → offload → FSDP2 (or ZeRO-1 for `dp_mode: zero1`, `zero1.py`).
 
 Loss-normalisation contract (the train loop relies on it)
 ---------------------------------------------------------
@@ -37,11 +37,13 @@ from xplan.errors import InputError
 from xplan.layout import Layout, check_layout, runtime_refusals
 
 from ..models.moe import MoE
+from ..models.tiling import TokenTiling
 from ..precision import apply_precision, require_torchao
 from ..recompute import apply_recompute
 from .expert_parallel import apply_expert_parallel, run_fsdp_hooks_outside_recompute
 from .mesh import Meshes
-from .offload import apply_activation_offload, fsdp_offload_policy
+from .offload import OffloadLabels, apply_activation_offload, fsdp_offload_policy
+from .reshard import keeps_gathered, mark_kept
 from .ulysses import apply_ulysses
 from .zero1 import apply_zero1, zero1_of
 
@@ -85,13 +87,13 @@ def _expert_placement(num_experts: int, group_size: int):
     return placement if num_experts else None
 
 
-def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activation_offload: bool = False,
-                expert_imbalance: float = 1.0, fp8_recipe: str = "tensorwise") -> nn.Module:
+def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imbalance: float = 1.0,
+                fp8_recipe: str = "tensorwise", offload_labels: OffloadLabels | None = None) -> nn.Module:
     """Apply `layout` to `model` in place and return it (see the module docstring for the contracts).
 
-    `force_activation_offload` runs the activation-offload hooks even on cpu (tests);
     `expert_imbalance` is the busiest EP rank's load over the mean, used only under fake tensors;
-    `fp8_recipe` is the scaling of fp8 GEMMs (`runtime.precision`).
+    `fp8_recipe` is the scaling of fp8 GEMMs (`runtime.precision`); `offload_labels` tells an
+    observer (the dry run) which copies live in host memory.
     """
     config = model.config
     check_runtime_layout(layout, config, world_size=meshes.world_size)
@@ -111,10 +113,13 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
         for block in blocks:
             apply_ulysses(block.self_attn, layout.sp, meshes.sp_rank, meshes.sp_group)
 
-    # 3. Recompute, then activation offload hooks (around the checkpointed block).
+    # 3. Token tiling of each block's feed-forward half, recompute, then activation offload hooks
+    # (around the checkpointed block).
+    tiling = TokenTiling(tile_tokens=layout.tile_tokens) if layout.tile_tokens else None
     for block, policy in zip(blocks, layout.recompute_policies(len(blocks)), strict=True):
+        block.token_tiling = tiling
         apply_recompute(block, policy)
-    apply_activation_offload(blocks, layout, meshes.device_type, force=force_activation_offload)
+    apply_activation_offload(blocks, layout, meshes.device_type, labels=offload_labels)
 
     # 4a. ZeRO-1: replicated compute-dtype parameters, fp32 optimizer shards; no FSDP2 units.
     if layout.zero1:
@@ -135,14 +140,17 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
                   offload_policy=fsdp_offload_policy(layout, meshes.device_type))
     units: list[FSDPModule] = []
     expert_units: dict[int, nn.Module] = {}
+    kept: list[FSDPModule] = []  # units gathered across micro-batches (runtime.distributed.reshard)
     for i, block in enumerate(blocks):
         mlp = block.mlp
+        reshard = not keeps_gathered(block, layout)
         if isinstance(mlp, MoE) and layout.ep > 1:
-            fully_shard(mlp.experts, mesh=meshes.expert_fsdp, reshard_after_forward=True,
+            fully_shard(mlp.experts, mesh=meshes.expert_fsdp, reshard_after_forward=reshard,
                         shard_placement_fn=_expert_placement(config.num_experts, layout.expert_fsdp), **common)
             run_fsdp_hooks_outside_recompute(mlp.experts)
             expert_units[i] = mlp.experts
             units.append(mlp.experts)
+            kept += [] if reshard else [mlp.experts]
         placement = None
         if isinstance(mlp, MoE) and layout.ep == 1:
             expert_params = {id(p) for p in mlp.experts.parameters()}
@@ -150,8 +158,9 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
 
             def placement(p, _ids=expert_params, _fn=expert_fn):
                 return _fn(p) if id(p) in _ids else Shard(0)
-        fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=True, shard_placement_fn=placement, **common)
+        fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=reshard, shard_placement_fn=placement, **common)
         units.append(block)
+        kept += [] if reshard else [block]
     if hasattr(model, "vision_tower"):  # one unit per vision layer; embeddings and projector in the root
         for layer in model.vision_tower.encoder.layer:
             fully_shard(layer, mesh=meshes.fsdp, reshard_after_forward=True, **common)
@@ -164,6 +173,7 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
     fully_shard(model, mesh=meshes.fsdp, reshard_after_forward=False, **common)
     units.append(model)
 
+    mark_kept(model, kept)
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # SUM: see the loss-normalisation contract
         unit.set_force_sum_reduction_for_comms(True)
@@ -175,8 +185,9 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, force_activ
         block.set_modules_to_forward_prefetch(own + ([blocks[i + 1]] if i + 1 < len(blocks) else []))
         block.set_modules_to_backward_prefetch(own + ([blocks[i - 1]] if i > 0 else []))
     model._xplan_layout = layout  # type: ignore[attr-defined]
-    log.info("parallelized %s: fsdp=%d (x%d replicas) ep=%d sp=%d recompute=%s precision=%s", config.name,
-             layout.fsdp, layout.hsdp_replicas, layout.ep, layout.sp, layout.recompute, layout.precision)
+    log.info("parallelized %s: fsdp=%d (x%d replicas) ep=%d sp=%d recompute=%s tile_tokens=%s precision=%s",
+             config.name, layout.fsdp, layout.hsdp_replicas, layout.ep, layout.sp, layout.recompute,
+             layout.tile_tokens, layout.precision)
     return model
 
 

@@ -112,10 +112,12 @@ def extrapolate(segs: list[Segment], layers: int, measure: Measure) -> tuple[Mea
         if not all(key in m.moments for m in extra.values()):
             continue
         cats = set(peak.categories).union(*(m.moments[key].categories for m in extra.values()))
+        host = set(peak.host).union(*(m.moments[key].host for m in extra.values()))
         moments[key] = PhasePeak(
             bytes=linear(lambda m, key=key: m.moments[key].bytes),
             categories={k: linear(lambda m, key=key, k=k: m.moments[key].categories.get(k, 0)) for k in cats},
             where=peak.where,
+            host={k: linear(lambda m, key=key, k=k: m.moments[key].host.get(k, 0)) for k in host},
         )
     timings: dict[str, float] = {}
     for m in (ref, *extra.values()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tracker import COMPONENTS
+from .tracker import COMPONENTS, HOST_COMPONENTS
 
 GIB = 2**30
 
@@ -43,7 +43,9 @@ class DryRunReport:
     elapsed_s: float
     timings_s: dict[str, float] = field(default_factory=dict)  # where the time went (all runs)
     caveats: list[str] = field(default_factory=list)  # what the fake-tensor run does not simulate
-    run_notes: list[str] = field(default_factory=list)  # how it ran (reduced depth)
+    run_notes: list[str] = field(default_factory=list)  # how it ran (reduced depth, offload)
+    measured_host_bytes: float = 0.0  # the step's largest host memory (offload), rank 0
+    host: dict[str, float] = field(default_factory=dict)  # host component -> bytes at that moment
 
     @property
     def notes(self) -> list[str]:
@@ -71,7 +73,10 @@ class DryRunReport:
             "imbalance": self.imbalance,
             "measured_peak_gib": self.measured_peak_bytes / GIB,
             "measured_over_budget": self.measured_peak_bytes / self.rank_budget_bytes if self.rank_budget_bytes else None,
+            "measured_device_gib": self.measured_peak_bytes / GIB,
+            "measured_host_gib": self.measured_host_bytes / GIB,
             "components": {k: self.measured.get(k, 0.0) / GIB for k in COMPONENTS},
+            "host_components": {k: self.host.get(k, 0.0) / GIB for k in HOST_COMPONENTS},
             "peak_phase": self.peak_phase,
             "peak_where": self.peak_where,
             "phases": self.phases_gib(),

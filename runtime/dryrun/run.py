@@ -21,8 +21,10 @@ Which rank: every rank runs the same shapes under fake tensors; rank 0 holds the
 (even split × the routing imbalance, see `runtime.distributed.expert_parallel`), so rank 0's peak is
 the per-rank peak of the largest rank.
 
-Not simulated: allocator rounding and fragmentation, the CUDA/NCCL context, and host offload (fake
-tensors all live on one device: offloaded bytes are counted on the device, a caveat says so).
+Offload is simulated: the runtime's offload code runs (synchronously on this CPU), and the tracker counts
+its host copies (and, with ``offload: params``, FSDP2's sharded states) as host memory, reported
+beside the device peak. Not simulated: allocator rounding and fragmentation, the CUDA/NCCL
+context, and the host<->device copies' timing.
 
 Full depth is the default: it takes about a minute (DeepSeek-V3, 2 cores); `layers=` runs a few
 copies of each repeated block pattern and extrapolates (`depth`).
@@ -43,7 +45,15 @@ from xplan.errors import InputError
 from .. import compat
 from .depth import extrapolate, layer_classes, needs_extrapolation, reduced_layers, segments
 from .report import GIB, DryRunReport
-from .tracker import LAYER, Measured, PhasePeak, components_of, tracker_class
+from .tracker import (
+    LAYER,
+    PARAMS_OFFLOAD_HOST,
+    Measured,
+    PhasePeak,
+    components_of,
+    host_components_of,
+    tracker_class,
+)
 
 
 @contextlib.contextmanager
@@ -129,6 +139,10 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
     micro = min(layout.grad_accum(training.global_batch), 2)
     timings: dict[str, float] = {}
     hooks = _TrackedStep(None, timings)
+    # The tracker exists from the measured step on; copies made before (warm-up) are labelled then.
+    activation_labels = D.OffloadLabels(host=lambda t: hooks.tracker and hooks.tracker.label_host(t),
+                                        restored=lambda t: hooks.tracker and hooks.tracker.label_restored(t))
+    state_labels = D.OffloadLabels(host=lambda t: hooks.tracker and hooks.tracker.label_host_states(t))
 
     with fake_process_group(layout.ranks, rank=0):
         meshes = D.build_meshes(layout, "cpu")
@@ -139,13 +153,14 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
                 apply_kernels(model, layout)
                 hooks.lap("build")
                 model = D.parallelize(model, layout, meshes, expert_imbalance=imbalance,
-                                      fp8_recipe=training.fp8_recipe)
+                                      fp8_recipe=training.fp8_recipe, offload_labels=activation_labels)
                 hooks.lap("parallelize")
                 if indices is not None:  # reduced depth: each kept block has its full-model policy
                     for block, (_, policy) in zip(model.model.layers, classes, strict=True):
                         apply_recompute(block, policy)
                 model.train()
                 optimizer = build_optimizer(model, training.optimizer)
+                state_offload = D.apply_optimizer_offload(optimizer, layout, "cpu", labels=state_labels)
                 scheduler = build_scheduler(optimizer, training.schedule, training.steps)
                 # Warm-up: AdamW states exist from the first step on (ZeRO-1: on its shards).
                 for group in optimizer.param_groups:
@@ -165,8 +180,14 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
 
                     input_ids, pixels = image_batch(input_ids, config.vision_spec, training.image_tokens)
             loss_fn = token_loss_fn(layout.kernels.get("loss", "chunked"), chunk_tokens)
-            hooks.tracker = tracker = tracker_class()(model, optimizer, model.lm_head)
+            # Where the runtime keeps model states in host memory: FSDP2's CPU offload (params) keeps
+            # the shards, gradients and moments there; ZeRO-1 with offload its fp32 masters and moments.
+            zero1_host = layout.zero1 and any(k in layout.offload for k in ("optimizer", "params"))
+            host_categories = ("OptState",) if zero1_host else PARAMS_OFFLOAD_HOST if "params" in layout.offload else ()
+            hooks.tracker = tracker = tracker_class()(model, optimizer, model.lm_head, host_categories, zero1_host)
             tracker.track_inputs(tuple(t for t in (input_ids, labels, positions, pixels) if t is not None))
+            for host in (state_offload.host.values() if state_offload is not None else ()):
+                tracker.label_host_states(host)
             with fake, tracker:
                 tracker.stage = "step"
                 train_step(model, optimizer, [Batch(input_ids, labels, positions, pixels)] * micro, loss_fn,
@@ -200,7 +221,7 @@ def check_dry_run(plan, layers: int | None = None, imbalance: float | None = Non
     `predictions.imbalance`, else 1."""
     from xplan.runtime.train.loop import check_plan_for_runtime
 
-    config = check_plan_for_runtime(plan)
+    config = check_plan_for_runtime(plan, check_positions=False)
     if plan.layout.devices < 1:
         raise InputError(f"devices must be positive, got {plan.layout.devices}.")  # a plan file guarantees it
     if imbalance is None:
@@ -251,9 +272,13 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None,
     layout, training = plan.layout, plan.training
     chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
     caveats, run_notes = [], []
+    if training.seq_len > config.max_position_embeddings:
+        caveats.append(f"seq_len {training.seq_len} exceeds the model's max_position_embeddings "
+                       f"({config.max_position_embeddings}): `xplan run` refuses it until the model's config extends "
+                       "its positions (e.g. YaRN rope scaling); memory does not depend on it.")
     if layout.offload:
-        caveats.append(f"offload ({', '.join(layout.offload)}) is not simulated: fake tensors live on one device, "
-                       "so the measured peak counts offloaded bytes on the device.")
+        run_notes.append(f"offload ({', '.join(layout.offload)}) simulated: the runtime's host copies are counted as "
+                         "host memory, not on the device; the copies' timing is not.")
     if executed_layout(layout) is not layout:
         caveats.append("kernels.elementwise=fused compiles each block on the accelerator; here the blocks run eager "
                        "(no torch.compile on CPU fake tensors), so activations are measured as eager ops save them, "
@@ -275,6 +300,7 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None,
         run_notes.append(f"ran {layers_run} of {config.num_layers} layers ({layers} or {layers + 1} copies of each "
                          "repeated block pattern) and extrapolated each moment linearly in the copies.")
     peak, phase, by_phase = _summarise(measured.moments)
+    host_peak = max(measured.moments.values(), key=lambda p: p.host_bytes)
     categories = {k: float(v) for k, v in peak.categories.items()}
     phases = {p: {"peak_bytes": float(v.bytes), "where": v.where,
                   "components": components_of({k: float(b) for k, b in v.categories.items()})}
@@ -290,6 +316,8 @@ def dry_run(plan, layers: int | None = None, imbalance: float | None = None,
         peak_where=peak.where, phases=phases, categories=categories, layers_total=config.num_layers,
         layers_run=layers_run, extrapolated=extrapolated, elapsed_s=time.perf_counter() - start,
         timings_s=measured.timings, caveats=caveats, run_notes=run_notes,
+        measured_host_bytes=float(host_peak.host_bytes),
+        host=host_components_of({k: float(v) for k, v in host_peak.host.items()}),
     )
 
 

@@ -10,6 +10,11 @@ units' FSDP2 hooks are put back inside their selective-recompute guards (the tra
 them first/last); and peaks are kept per moment (phase and running decoder layer) with their
 breakdown and module. Components (`COMPONENTS`) use the cost model's names; a component sum equals
 the peak.
+
+Host offload is simulated: copies the offload code makes in host memory are labelled `HOST` (and,
+with ``offload: params``, FSDP2's sharded parameters, gradients and optimizer states count as host
+memory, where its CPU offload keeps them), so every moment has a device peak (what the component
+sum equals) and, beside it, the host bytes alive then.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ COMPONENTS = ("parameters", "gradients", "optimizer", "gathered_parameters", "ac
 
 # Extra tracker categories (FSDPMemTracker's own are the _FSDPRefType values).
 OPT_TEMP, LOSS, COMM, COMM_FWD = "Optimizer Temp", "Loss", "Communication", "Communication (forward)"
+HOST, HOST_STATES = "Host", "Host (states)"  # copies in host memory: activations, optimizer moments
+# Categories FSDP2's CPU offload (offload: params) keeps in host memory.
+PARAMS_OFFLOAD_HOST = ("Sharded Param", "Sharded Grad", "OptState")
 
 # Tracker category -> component.
 _CATEGORY_COMPONENT = {
@@ -53,6 +61,17 @@ _CATEGORY_COMPONENT = {
 LAYER = re.compile(r"\.layers\.(\d+)(?:\.|$)")
 
 
+HOST_COMPONENTS = ("activations", "model_states")
+
+
+def host_components_of(categories: dict[str, float]) -> dict[str, float]:
+    """Host categories (bytes) -> host components: offloaded activations and model states."""
+    out = dict.fromkeys(HOST_COMPONENTS, 0.0)
+    for name, value in categories.items():
+        out["activations" if name == HOST else "model_states"] += value
+    return out
+
+
 def components_of(categories: dict[str, float]) -> dict[str, float]:
     """Tracker categories (bytes) -> components (bytes)."""
     out = dict.fromkeys(COMPONENTS, 0.0)
@@ -63,12 +82,18 @@ def components_of(categories: dict[str, float]) -> dict[str, float]:
 
 @dataclass
 class PhasePeak:
-    """The largest tracked total of one moment (phase, running layer) and the breakdown then (bytes by
-    tracker category; they sum to `bytes`)."""
+    """The largest tracked device total of one moment (phase, running layer) and the breakdown then
+    (bytes by tracker category; they sum to `bytes`); `host`: the host bytes by category at the
+    moment's largest host total (offload)."""
 
     bytes: int = 0
     categories: dict[str, int] = field(default_factory=dict)
     where: str = ""
+    host: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
 
 
 @dataclass
@@ -90,11 +115,14 @@ def tracker_class() -> type:
     class DryRunMemTracker(base):
         """FSDPMemTracker with loss / all-to-all / optimizer-temporary categories and per-moment peaks."""
 
-        extra_categories = (OPT_TEMP, LOSS, COMM, COMM_FWD)
+        extra_categories = (OPT_TEMP, LOSS, COMM, COMM_FWD, HOST, HOST_STATES)
 
-        def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, head: nn.Module | None):
+        def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, head: nn.Module | None,
+                     host_categories: tuple[str, ...] = (), zero1_host: bool = False):
+            self.zero1_host = zero1_host  # ZeRO-1's fp32 masters live in host memory (offload)
             super().__init__(model, optimizer)
             self._head = head
+            self.host_categories = {HOST, HOST_STATES, *host_categories}
             self.stage = "forward"  # set by the driver: 'step' (micro-batches) or 'optimizer'
             # (phase, index of the running decoder layer or None) -> peak; reduced-depth runs
             # extrapolate each of these moments separately (the maximum of them is not linear).
@@ -115,7 +143,7 @@ def tracker_class() -> type:
                 return
             for item in zero.parameters:
                 self.label(item.param, ref.SHARDED_PARAM)
-                self.label(item.master, ref.SHARDED_PARAM)
+                self.label(item.master, HOST_STATES if self.zero1_host else ref.SHARDED_PARAM)
             if self._label_gradient not in zero.gradient_observers:
                 zero.gradient_observers.append(self._label_gradient)
 
@@ -158,9 +186,21 @@ def tracker_class() -> type:
                 return ref.TEMP
             return ref.ACT
 
+        def label_host(self, tensor: torch.Tensor) -> None:
+            self.label(tensor, HOST)
+
+        def label_host_states(self, tensor: torch.Tensor) -> None:
+            self.label(tensor, HOST_STATES)
+
+        def label_restored(self, tensor: torch.Tensor) -> None:
+            self.label(tensor, ref.ACT)  # an activation copied back for backward, not a temporary
+
         def on_memory_change(self) -> None:  # peaks per (phase, running block) only
             for snapshot in self.snapshots():
-                total = snapshot["Total"]
+                categories = {str(getattr(k, "value", k)): v for k, v in snapshot.items() if k != "Total"}
+                host = {k: v for k, v in categories.items() if k in self.host_categories and v}
+                device = {k: v for k, v in categories.items() if k not in self.host_categories}
+                total = snapshot["Total"] - sum(host.values())
                 phase = self._phase()
                 key = (phase, self._block(phase))
                 peak = self.peaks.get(key)
@@ -169,8 +209,10 @@ def tracker_class() -> type:
                 if total > peak.bytes:
                     parents = sorted(p for p in self.running_modules if p != "Global")
                     peak.bytes = total
-                    peak.categories = {str(getattr(k, "value", k)): v for k, v in snapshot.items() if k != "Total"}
+                    peak.categories = device
                     peak.where = max(parents, key=len) if parents else "(top level)"
+                if sum(host.values()) > peak.host_bytes:
+                    peak.host = host
 
     return DryRunMemTracker
 
@@ -195,4 +237,5 @@ def restore_recompute_guard_order(model: nn.Module) -> None:
         compat.move_forward_hooks(module, first_pre_hooks=guard("leave"), last_hooks=guard("reenter"))
 
 
-__all__ = ["COMPONENTS", "LAYER", "Measured", "PhasePeak", "components_of", "restore_recompute_guard_order", "tracker_class"]
+__all__ = ["COMPONENTS", "HOST", "HOST_COMPONENTS", "HOST_STATES", "LAYER", "PARAMS_OFFLOAD_HOST", "Measured", "PhasePeak",
+           "components_of", "host_components_of", "restore_recompute_guard_order", "tracker_class"]

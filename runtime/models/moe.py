@@ -115,7 +115,10 @@ class MoE(nn.Module):
         weights, ids = self.router(x)
         x_sorted, tokens_per_expert, order = self.dispatch(x, ids)
         y_sorted = self.experts(x_sorted, tokens_per_expert)
+        # Permuted buffers go as soon as their consumer has run (autograd keeps what backward needs).
+        del x_sorted
         out = self.combine(y_sorted, weights, order)
+        del y_sorted
         if hasattr(self, "shared_experts"):
             out = out + self.shared_experts(x)
         return out.view(shape)

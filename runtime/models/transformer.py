@@ -13,6 +13,7 @@ from .attention import GQAAttention
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU, build_rotary
 from .moe import MoE, SoftmaxTopKRouter, SwiGLUExperts
+from .tiling import TokenTiling, run_in_tiles
 
 
 def build_attention(config: ModelConfig, layer: int) -> nn.Module:
@@ -42,6 +43,9 @@ def build_mlp(config: ModelConfig, layer: int) -> nn.Module:
 
 
 class DecoderLayer(nn.Module):
+    # Token tiling of the feed-forward half (runtime/models/tiling.py); None: untiled.
+    token_tiling: TokenTiling | None = None
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer_index = layer
@@ -60,7 +64,18 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.feed_forward(x)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The token-wise half of the block (post-attention norm, MLP or MoE), in token tiles when
+        `token_tiling` asks for them (the residual add stays outside: the block returns a fresh tensor)."""
+        tiles = self.token_tiling.count(x.numel() // x.shape[-1]) if self.token_tiling is not None else 1
+        if tiles > 1:
+            return run_in_tiles(self.norm_mlp, x, tiles)
+        return self.norm_mlp(x)
+
+    def norm_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderModel(nn.Module):

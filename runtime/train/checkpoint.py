@@ -24,6 +24,7 @@ export is written the same way (``.tmp-hf`` then rename).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -114,6 +115,12 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     return zero.state_dicts(optimizer) if zero is not None else get_state_dict(model, optimizer)
 
 
+def resident_states(optimizer: torch.optim.Optimizer):
+    """Moments kept in host memory between steps (`offload: optimizer`) come back for a checkpoint."""
+    offload = getattr(optimizer, "_xplan_state_offload", None)
+    return offload.resident() if offload is not None else contextlib.nullcontext()
+
+
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, trainer_state: dict[str, Any], rank: int, world_size: int,
                     device_type: str = "cpu", fingerprint: str = "", training: dict[str, Any] | None = None) -> Path:
@@ -129,8 +136,9 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         _barrier(world_size)
-        model_sd, optim_sd = _state_dicts(model, optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+        with resident_states(optimizer):
+            model_sd, optim_sd = _state_dicts(model, optimizer)
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
         manifest.save_rng(tmp / f"rng_rank{rank}.safetensors", device_type)
         if rank == 0:
             # The schedule's shape and base LR are the plan's; the checkpoint keeps its position.
@@ -174,14 +182,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     world size only); returns the trainer state. The directory must have verified first."""
     path = Path(path)
     trainer = manifest.read_json(path / manifest.TRAINER_FILE, "trainer state")
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    zero = zero1_of(model)
-    if zero is not None:
-        zero.load_state_dicts(optimizer, state["model"], state["optimizer"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    with resident_states(optimizer):
+        model_sd, optim_sd = _state_dicts(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        zero = zero1_of(model)
+        if zero is not None:
+            zero.load_state_dicts(optimizer, state["model"], state["optimizer"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict({**scheduler.state_dict(), **trainer["scheduler"]})
     for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base * fn(scheduler.last_epoch)  # the plan's LR at the resumed position

@@ -86,6 +86,22 @@ def check_cpu_capacity(plan, local_world: int) -> None:
                          f"{available / 2**30:.1f} GiB is available: use a smaller model or fewer ranks.")
 
 
+def check_host_offload(plan, local_world: int) -> None:
+    """An offload plan's host bytes (the plan's predictions, per rank) fit this node's host memory:
+    every local rank pins its copies there."""
+    memory = (plan.data.predictions or {}).get("memory_gib") or {}
+    per_rank = memory.get("offloaded_to_host") if isinstance(memory, dict) else None
+    available = _available_host_bytes()
+    if not plan.layout.offload or not isinstance(per_rank, (int, float)) or available is None:
+        return
+    need = per_rank * 2**30 * local_world
+    if need > HOST_MEMORY_FRACTION * available:
+        raise InputError(f"the plan offloads {per_rank:.1f} GiB per rank to host memory; its {local_world} ranks on "
+                         f"this node need {need / 2**30:.1f} GiB but {available / 2**30:.1f} GiB is available: offload "
+                         "less (`xplan whatif PLAN --set offload=...`) or use a profile whose host.memory_gib matches "
+                         "this machine.")
+
+
 def check_device(device_type: str, hardware: str, local_world: int, plan=None) -> None:
     if device_type == "cpu":
         if plan is not None:
@@ -107,6 +123,8 @@ def check_device(device_type: str, hardware: str, local_world: int, plan=None) -
     if local_world > count:
         raise InputError(f"the plan needs {local_world} {device_type} devices on this machine but it has {count}; "
                          "launch with torchrun across nodes, or use a plan for fewer devices.")
+    if plan is not None:
+        check_host_offload(plan, local_world)
 
 
 def preflight(plan, options: RunOptions, plan_dir: Path | None) -> RunOptions:

@@ -17,13 +17,22 @@ from typing import Any
 import torch
 
 from xplan.errors import InputError
+from xplan.runtime.distributed import apply_optimizer_offload
 
 from ..distributed.expert_parallel import step_imbalance
 from ..precision import precision_executed
 from . import checkpoint as ckpt
 from . import manifest, peers, resume
 from .data import build_data, label_tokens
-from .metrics import MetricsLog, memory_kind, peak_memory_gib, reset_peak_memory, summarize, synchronize
+from .metrics import (
+    MetricsLog,
+    memory_kind,
+    peak_memory_gib,
+    peak_reserved_gib,
+    reset_peak_memory,
+    summarize,
+    synchronize,
+)
 from .optim import build_optimizer, build_scheduler
 from .parallel import Context, all_reduce_max, micro_batches, parallelize, setup, teardown
 from .step import token_loss_fn, train_step
@@ -55,9 +64,10 @@ def load_run_plan(plan_path: str | Path):
     return load_plan(plan_path)
 
 
-def check_plan_for_runtime(plan, device_type: str | None = None) -> Any:
+def check_plan_for_runtime(plan, device_type: str | None = None, check_positions: bool = True) -> Any:
     """Checks that need the model config (and what the runtime executes on `device_type`);
-    returns the config. Raises InputError."""
+    returns the config. Raises InputError. `check_positions`: refuse a seq_len beyond the model's
+    max_position_embeddings (the dry run measures memory, which does not depend on it)."""
     from xplan.runtime import load_config
     from xplan.runtime.distributed import check_runtime_layout
 
@@ -66,7 +76,7 @@ def check_plan_for_runtime(plan, device_type: str | None = None) -> Any:
     check_runtime_layout(plan.layout, config, plan.training.seq_len, plan.training.global_batch,
                          device_type=device_type)
     check_vision_runtime(plan, config)
-    if plan.training.seq_len > config.max_position_embeddings:
+    if check_positions and plan.training.seq_len > config.max_position_embeddings:
         raise InputError(f"seq_len {plan.training.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings}).")
     return config
@@ -154,6 +164,7 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
     model = parallelize(model, layout, ctx, training.fp8_recipe)
     model.train()
     optimizer = build_optimizer(model, training.optimizer)
+    apply_optimizer_offload(optimizer, layout, ctx.device_type)
     scheduler = build_scheduler(optimizer, training.schedule, training.steps)
 
     start = 0
@@ -208,7 +219,8 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
             record = {"step": step + 1, "loss": loss, "grad_norm": float(result.grad_norm), "lr": result.lr,
                       "skipped": result.skipped,
                       "step_time_s": elapsed, "host_cpu_s": cpu,
-                      "tokens_per_s_per_device": tokens_per_step / elapsed / layout.devices, "peak_memory_gib": peak}
+                      "tokens_per_s_per_device": tokens_per_step / elapsed / layout.devices, "peak_memory_gib": peak,
+                      "peak_reserved_gib": peak_reserved_gib(ctx.device_type)}
             imbalance = step_imbalance(model) if layout.ep > 1 else None
             if imbalance is not None:  # busiest EP rank's routed load over the mean (what --imbalance prices)
                 record["ep_imbalance"] = imbalance
@@ -246,5 +258,6 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         nonfinite_steps_skipped=skips,
         kernels_executed=ctx.kernels_executed,
         precision_executed=precision_executed(model),
+        allocator_executed=ctx.allocator,
     )
     return summary

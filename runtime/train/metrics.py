@@ -46,6 +46,13 @@ def peak_memory_gib(device_type: str) -> float:
     return kib * (1 if sys.platform == "darwin" else 1024) / GIB
 
 
+def peak_reserved_gib(device_type: str) -> float | None:
+    """What the caching allocator reserved at most since the last reset (None on CPU): beside
+    `peak_memory_gib`, the allocator's fragmentation (`benchmarks/allocator_check.py`)."""
+    mod = _accel(device_type)
+    return mod.max_memory_reserved() / GIB if mod is not None else None
+
+
 def synchronize(device_type: str) -> None:
     mod = _accel(device_type)
     if mod is not None:
@@ -93,6 +100,8 @@ def summarize(records: list[dict[str, Any]], predictions: dict[str, Any] | None,
         "tokens_per_s_per_device": tokens_per_step / step_time / devices if step_time else None,
         "peak_memory_gib": peak,
         "peak_memory_kind": memory,
+        "peak_reserved_gib": max((r["peak_reserved_gib"] for r in records if r.get("peak_reserved_gib") is not None),
+                                 default=None),
         "predicted_peak_gib": pred_peak,
         "predicted_step_time_s": pred_time,
         "peak_memory_ratio": peak / pred_peak if pred_peak and peak is not None else None,

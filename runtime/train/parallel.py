@@ -20,6 +20,7 @@ from xplan.errors import InputError
 from xplan.runtime import distributed as D
 from xplan.runtime.kernels import apply_kernels
 
+from ..distributed.allocator import configure_allocator
 from .data import Batch, DataSource, rank_windows, split_micro_batches
 
 log = logging.getLogger("xplan.runtime")
@@ -36,6 +37,7 @@ class Context:
     meshes: D.Meshes
     owns_process_group: bool
     kernels_executed: dict[str, str] = field(default_factory=dict)  # set by `parallelize`
+    allocator: str = "none"  # the allocator mode in effect (distributed.allocator.configure_allocator)
 
     @property
     def is_main(self) -> bool:
@@ -66,6 +68,7 @@ def setup(layout, device_type: str, timeout_s: float) -> Context:
                          f"launch {layout.ranks} processes (torchrun --nproc-per-node ...) or use a plan for "
                          f"{world} ranks.")
     owns = not dist.is_initialized()
+    allocator = configure_allocator(layout.allocator, device_type)  # before anything is allocated on the device
     env = D.init_distributed(device_type, timeout_s)
     try:
         meshes = D.build_meshes(layout, device_type)
@@ -73,7 +76,7 @@ def setup(layout, device_type: str, timeout_s: float) -> Context:
         if owns:
             D.shutdown_distributed()
         raise
-    return Context(env.rank, env.world_size, meshes.device, device_type, meshes, owns)
+    return Context(env.rank, env.world_size, meshes.device, device_type, meshes, owns, allocator=allocator)
 
 
 def teardown(ctx: Context) -> None:

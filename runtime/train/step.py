@@ -99,6 +99,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         hooks.micro_batch_start(index)
         if defer_sync:
             model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+        D.set_last_micro_batch(model, index == len(micro_batches) - 1)  # layout.keep_gathered
         token_loss = loss_fn(model, batch)
         hooks.forward_done(index)
         (token_loss / global_tokens).backward()

@@ -44,6 +44,8 @@ def _members(annotation: Any) -> list[Any]:
 def _type_name(annotation: Any) -> str:
     names = []
     for member in _members(annotation):
+        if typing.get_origin(member) is typing.Annotated:  # a constrained type: name the type itself
+            member = typing.get_args(member)[0]
         if member is type(None):
             names.append("null")
         elif typing.get_origin(member) is typing.Literal:
@@ -56,13 +58,17 @@ def _type_name(annotation: Any) -> str:
 
 
 def _allowed(info, field) -> str:
-    from xplan.layout import OFFLOAD_KINDS, RECOMPUTE_MODES
+    from xplan.layout import GATHERED_KINDS, OFFLOAD_KINDS, RECOMPUTE_MODES
+    from xplan.layout_tiles import MAX_TILE_TOKENS
 
-    # recompute and offload have their own parsers (xplan.layout.parse_recompute / parse_offload).
+    # recompute, offload and keep_gathered have their own parsers (xplan.layout_values).
     if info.name == "recompute":
         return f"{', '.join(f'`{m}`' for m in RECOMPUTE_MODES)}, or a fraction of layers in [0, 1]"
-    if info.name == "offload":
-        return f"`none` or a subset of {', '.join(f'`{k}`' for k in OFFLOAD_KINDS)}"
+    subsets = {"offload": OFFLOAD_KINDS, "keep_gathered": GATHERED_KINDS}
+    if info.name in subsets:
+        return f"`none` or a subset of {', '.join(f'`{k}`' for k in subsets[info.name])}"
+    if info.name == "tile_tokens":  # its own parser too (xplan.layout_tiles.parse_tile_tokens)
+        return f"`null` or `0` (untiled), or tokens from 1 to {MAX_TILE_TOKENS}"
     values = [v for m in _members(field.annotation) if typing.get_origin(m) is typing.Literal
               for v in typing.get_args(m)]
     if values:
@@ -78,6 +84,8 @@ def _allowed(info, field) -> str:
 def _default(info) -> str:
     if info.required:
         return "required"
+    if info.name == "tile_tokens":
+        return "`none` (untiled)"
     if info.default is None:
         return "derived (see help)"
     if info.default == ():

@@ -15,11 +15,17 @@ from typing import Any
 from xplan.errors import InputError
 from xplan.runtime.dryrun import COMPONENTS, GIB, DryRunReport, check_dry_run, dry_run, executed_layout
 
+# The prediction's host bytes (cost_models.memory.MemoryBreakdown): total, offloaded activations
+# and model states, next to the dry run's host components.
+HOST_KEYS = ("offloaded_to_host", "host_activations", "host_states")
+HOST_PAIRS = (("activations", "host_activations"), ("model_states", "host_states"))
+
 
 def predicted_components(plan, imbalance: float, reprice: bool = False) -> tuple[dict[str, float], float, str]:
     """(component -> bytes, total bytes, source): the plan's recorded `predictions.memory_gib`, else
     `planner.pricing.price` now (source 'plan' or 'price') of the layout as the dry run executes it
-    (`executed_layout`: blocks eager, not compiled)."""
+    (`executed_layout`: blocks eager, not compiled). Host components (offload) are in the same
+    mapping under `HOST_KEYS`."""
     memory = None if reprice else (plan.data.predictions or {}).get("memory_gib")
     source = "plan"
     if not memory:
@@ -32,7 +38,7 @@ def predicted_components(plan, imbalance: float, reprice: bool = False) -> tuple
         raise InputError("the plan's predictions.memory_gib must be a mapping of components to GiB (as `xplan search` "
                          "writes it); fix it or pass --reprice.")
     try:
-        out = {k: float(memory.get(k, 0.0) or 0.0) * GIB for k in COMPONENTS}
+        out = {k: float(memory.get(k, 0.0) or 0.0) * GIB for k in (*COMPONENTS, *HOST_KEYS)}
         total = float(memory["total"]) * GIB if memory.get("total") is not None else sum(out.values())
     except (TypeError, ValueError):
         raise InputError("the plan's predictions.memory_gib holds a value that is not a number; fix it or pass "
@@ -69,6 +75,21 @@ class DryRunComparison:
         return (self.predicted_peak_bytes - self.measured_peak_bytes) / self.measured_peak_bytes
 
     @property
+    def measured_host_bytes(self) -> float:
+        return self.report.measured_host_bytes
+
+    @property
+    def predicted_host_bytes(self) -> float:
+        return self.predicted.get("offloaded_to_host", 0.0)
+
+    @property
+    def host_ratio(self) -> float | None:
+        """Measured / predicted host bytes (None when neither side offloads anything)."""
+        if not self.predicted_host_bytes:
+            return None if not self.measured_host_bytes else math.inf
+        return self.measured_host_bytes / self.predicted_host_bytes
+
+    @property
     def notes(self) -> list[str]:
         """What neither side sees (the run's caveats, then the unmeasurable overhead), then how it ran."""
         comparison = []
@@ -100,6 +121,14 @@ class DryRunComparison:
             "imbalance": r.imbalance,
             "measured_peak_gib": r.measured_peak_bytes / GIB,
             "predicted_peak_gib": self.predicted_peak_bytes / GIB,
+            # Device and host separately (offload moves bytes from one to the other).
+            "measured_device_gib": r.measured_peak_bytes / GIB,
+            "predicted_device_gib": self.predicted_peak_bytes / GIB,
+            "measured_host_gib": self.measured_host_bytes / GIB,
+            "predicted_host_gib": self.predicted_host_bytes / GIB,
+            "host_ratio": self.host_ratio if self.host_ratio is None or math.isfinite(self.host_ratio) else None,
+            "host_components": {k: {"measured": r.host.get(k, 0.0) / GIB, "predicted": self.predicted.get(p, 0.0) / GIB}
+                                for k, p in HOST_PAIRS},
             "predicted_total_gib": self.predicted_total_bytes / GIB,
             "ratio": self.ratio if math.isfinite(self.ratio) else None,  # measured / predicted
             "error": self.error,  # (predicted - measured) / measured
@@ -131,4 +160,4 @@ def compare_dry_run(plan, layers: int | None = None, imbalance: float | None = N
     return DryRunComparison(report, predicted, total, source, time.perf_counter() - start)
 
 
-__all__ = ["DryRunComparison", "compare_dry_run", "predicted_components"]
+__all__ = ["HOST_KEYS", "DryRunComparison", "compare_dry_run", "predicted_components"]

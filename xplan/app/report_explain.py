@@ -10,15 +10,17 @@ from typing import Any
 
 # The layout fields shown for a plan, in table order (kernel slots by their own name).
 LAYOUT_FIELDS = ("dp_mode", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch", "recompute", "offload",
-                 "precision", "tp_comm", "ep_overlap", "grad_dtype", "fsdp_buffers", "attention", "moe_gemm", "loss",
-                 "elementwise", "norm")
+                 "tile_tokens", "keep_gathered", "allocator", "precision", "tp_comm", "ep_overlap", "grad_dtype",
+                 "fsdp_buffers", "attention", "moe_gemm", "loss", "elementwise", "norm")
 # Column headers where the name is long; the legend says what each stands for.
-SHORT = {"dp_mode": "dp", "micro_batch": "mb", "recompute": "rc", "offload": "off", "precision": "prec",
-         "tp_comm": "tp comm", "attention": "attn", "moe_gemm": "moe gemm", "elementwise": "eltw",
-         "ep_overlap": "ep a2a", "grad_dtype": "grads", "fsdp_buffers": "fsdp bufs"}
+SHORT = {"dp_mode": "dp", "micro_batch": "mb", "recompute": "rc", "offload": "off", "tile_tokens": "tile",
+         "keep_gathered": "kept", "allocator": "alloc", "precision": "prec", "tp_comm": "tp comm", "attention": "attn",
+         "moe_gemm": "moe gemm", "elementwise": "eltw", "ep_overlap": "ep a2a", "grad_dtype": "grads",
+         "fsdp_buffers": "fsdp bufs"}
 OFFLOAD_SHORT = {"optimizer": "opt", "params": "params", "activations": "act"}
 LEGEND = ("dp = data-parallel mode, mb = micro-batch, rc = recompute, off = offload (opt = optimizer "
-          "states, act = activations), prec = precision, eltw = elementwise kernels")
+          "states, act = activations), tile = tokens per feed-forward tile, kept = blocks kept gathered, "
+          "prec = precision, eltw = elementwise kernels")
 
 # Step-time components (estimate `time_s` keys): what each is, and which kind of time it is.
 TIME_WORDS = {
@@ -75,6 +77,10 @@ def show(name: str, value: Any, short: bool = False) -> str:
     if name == "offload":
         kinds = list(value or ())
         return "+".join(OFFLOAD_SHORT[k] if short else k for k in kinds) or "none"
+    if name == "tile_tokens" and value is None:
+        return "none"
+    if name == "keep_gathered":
+        return "+".join(value or ()) or "none"
     return str(value)
 
 

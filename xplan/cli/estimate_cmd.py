@@ -11,7 +11,8 @@ from .app import JSON_OPTION, app, console, print_json
 from .search_cmd import layout_summary
 
 
-def render_estimate(title: str, est) -> None:
+def render_estimate(title: str, est, levers=None) -> None:
+    """Tables of one estimate; `levers` (planner.levers.explain_levers) add a line each."""
     d = est.to_dict()
     mem = d["memory_gib"]
     verdict = "[green]fits[/]" if d["fits"] else "[bold red]does not fit[/]"
@@ -37,7 +38,8 @@ def render_estimate(title: str, est) -> None:
     tables.add_column("component")
     tables.add_column("GiB", justify="right")
     for key, value in mem.items():  # device components only; capacities and host memory below the table
-        if key not in ("total", "capacity", "host_capacity", "offloaded_to_host", "allocated"):
+        if key not in ("total", "capacity", "host_capacity", "offloaded_to_host", "host_activations", "host_states",
+                       "allocated"):
             tables.add_row(key, f"{value:.2f}")
     tables.add_row("allocated (must fit)", f"{mem['allocated']:.2f}")
     tables.add_row("[bold]total (device, reserved)[/]", f"[bold]{mem['total']:.2f}[/]")
@@ -47,8 +49,11 @@ def render_estimate(title: str, est) -> None:
     console.print(f"device memory (busiest rank): {mem['allocated']:.2f} allocated of {mem['capacity']:.0f} GiB "
                   f"({margin}; {mem['total']:.2f} reserved with the allocator's overhead)", highlight=False)
     if mem["offloaded_to_host"]:
-        console.print(f"host memory: {mem['offloaded_to_host']:.2f} GiB offloaded per device, of "
-                      f"{mem['host_capacity']:.0f} GiB", highlight=False)
+        node = d["host_per_node_gib"]
+        console.print(f"host memory: {mem['offloaded_to_host']:.2f} GiB offloaded per rank (activations "
+                      f"{mem['host_activations']:.2f}, model states {mem['host_states']:.2f}), of "
+                      f"{mem['host_capacity']:.0f} GiB; per node {node['needed']:.1f} of {node['capacity']:.0f} GiB "
+                      f"({node['ranks']} ranks)", highlight=False)
     times = Table(title="time per step (s)")
     times.add_column("component")
     times.add_column("s", justify="right")
@@ -59,6 +64,9 @@ def render_estimate(title: str, est) -> None:
     console.print(times)
     for note in d["notes"]:
         console.print(f"note: {note}", markup=False)
+    for lever in levers or ():
+        console.print(f"lever (against the same layout without it): {lever.describe()}", markup=False,
+                      highlight=False)
 
 
 @app.command("estimate")
@@ -80,14 +88,18 @@ def estimate_cmd(
       [bold]xplan estimate qwen3-235b-a22b h800 --devices 256 --ep 8 --micro-batch 8 --recompute full[/]
       [bold]xplan estimate llama3-70b h100 --devices 64 --tp 4 --pp 4 --json[/]
     """
+    from xplan.planner.levers import explain_levers
     from xplan.planner.pricing import Workload, layout_from_flags, load_hw, price
 
     # Sizes count ranks: the hardware's ranks per device (a3: one per die) times --devices.
     layout = layout_from_flags(layout_flags, load_hw(hardware).device.ranks_per_device)
     if global_batch is None:
         global_batch = layout.data_parallel * layout.micro_batch
-    est = price(Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens), layout)
+    workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens)
+    est = price(workload, layout)
+    levers = explain_levers(est, workload)
     if json_out:
-        print_json({"model": model, "hardware": hardware, **est.to_dict()})
+        print_json({"model": model, "hardware": hardware, **est.to_dict(), "levers": [v.to_dict() for v in levers]})
         return
-    render_estimate(f"{model} on {layout.devices} × {hardware}, seq {seq_len}, global batch {global_batch}", est)
+    render_estimate(f"{model} on {layout.devices} × {hardware}, seq {seq_len}, global batch {global_batch}", est,
+                    levers)

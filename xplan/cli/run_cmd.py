@@ -159,7 +159,9 @@ def _dry_run(loaded, layers: int | None, imbalance: float | None, reprice: bool,
     if result["ranks_per_device"] > 1:
         ranks += f" ({result['devices']} devices × {result['ranks_per_device']})"
     title = (f"dry run: {result['model']} on {ranks} (fsdp {lay['fsdp']}, ep {lay['ep']}, "
-             f"sp {lay['sp']}, recompute {lay['recompute']}), seq {result['seq_len']}, "
+             f"sp {lay['sp']}, recompute {lay['recompute']}"
+             + (f", tile_tokens {lay['tile_tokens']}" if lay.get("tile_tokens") else "")
+             + f"), seq {result['seq_len']}, "
              f"micro-batch {lay['micro_batch']} — rank {result['rank']}")
     table = Table(title=title)
     table.add_column("component")
@@ -172,8 +174,15 @@ def _dry_run(loaded, layers: int | None, imbalance: float | None, reprice: bool,
             continue
         ratio = c["measured"] / c["predicted"] if c["predicted"] else None
         table.add_row(name, f"{c['measured']:.3f}", f"{c['predicted']:.3f}", _fmt(ratio, ".3f"))
-    table.add_row("[bold]peak[/]", f"[bold]{result['measured_peak_gib']:.3f}[/]",
+    table.add_row("[bold]device peak[/]", f"[bold]{result['measured_peak_gib']:.3f}[/]",
                   f"[bold]{result['predicted_peak_gib']:.3f}[/]", f"[bold]{_fmt(result['ratio'], '.3f')}[/]")
+    if result["measured_host_gib"] or result["predicted_host_gib"]:
+        for name, c in result["host_components"].items():
+            if c["measured"] or c["predicted"]:
+                ratio = c["measured"] / c["predicted"] if c["predicted"] else None
+                table.add_row(f"host: {name}", f"{c['measured']:.3f}", f"{c['predicted']:.3f}", _fmt(ratio, ".3f"))
+        table.add_row("[bold]host peak[/]", f"[bold]{result['measured_host_gib']:.3f}[/]",
+                      f"[bold]{result['predicted_host_gib']:.3f}[/]", f"[bold]{_fmt(result['host_ratio'], '.3f')}[/]")
     console.print(table)
     if result["rank_memory_budget_gib"]:
         per = " (per die)" if result["ranks_per_device"] > 1 else ""

@@ -186,6 +186,7 @@ def search_cmd(
     from xplan.errors import InputError
     from xplan.layout import parse_knob, runtime_refusals
     from xplan.plan import make_plan, provenance, save_plan
+    from xplan.planner.levers import explain_levers
     from xplan.planner.pricing import Workload, load_hw
     from xplan.planner.search import explain_nothing_fits, search
 
@@ -220,6 +221,8 @@ def search_cmd(
     refusals = {id(e): runtime_refusals(e.layout, result.device_type) for e in result.plans}
     best = result.best_runnable
     chosen = best if (output is not None or report is not None) and best is not None else result.plans[0]
+    # Why the plan uses recompute / offload / keep_gathered / tile_tokens: each lever priced away.
+    levers = explain_levers(best or result.plans[0], workload)
     plan = None
     if best is not None:
         training = {"seq_len": seq_len, "global_batch": global_batch, "steps": steps}
@@ -249,6 +252,12 @@ def search_cmd(
 
         for line in explain_choice([e.to_dict() for e in result.plans], headroom_gib):
             console.print(line, highlight=False, markup=False)
+        number = result.plans.index(best) + 1 if best in result.plans else 1
+        console.print(f"Levers of #{number}" + (": none (no recompute, offload or kept blocks)." if not levers
+                                                else ", each against the same layout without it:"),
+                      highlight=False, markup=False)
+        for lever in levers:
+            console.print(f"  {lever.describe()}", highlight=False, markup=False)
         console.print(f"searched in {elapsed:.1f} s: {result.trace_time_s:.1f} s loading the model, profile and traces "
                       f"(tracing when not cached), {result.search_time_s:.2f} s pricing "
                       f"{result.candidates_evaluated:,} candidates", highlight=False)
@@ -276,7 +285,9 @@ def search_cmd(
                     "trace_time_s": result.trace_time_s, "elapsed_s": elapsed,
                     "candidates_evaluated": result.candidates_evaluated, "plan_file": written,
                     "written_plan": best.to_dict() if written else None,
-                    "report_file": report_file})
+                    "report_file": report_file,
+                    # the best runnable plan's recompute / offload / keep_gathered / tile_tokens, each priced away
+                    "levers": [lever.to_dict() for lever in levers]})
         return
     if written:
         note = "" if best is result.plans[0] else (

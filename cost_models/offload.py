@@ -1,0 +1,196 @@
+"""What offload and resharding change, priced as the runtime executes them.
+
+Activation offload (`runtime/distributed/offload.py`), per decoder layer of the busiest stage:
+- what moves to host: under full recompute the layer input (its only saved tensor); under
+  selective recompute the layer input as well (the module outputs the policy keeps are held by
+  the policy and stay); without recompute every saved tensor; the last layer moves nothing;
+- device memory: the forward releases a layer's device copy when the next layer's forward is done;
+  the backward brings layer i-1 back when layer i's backward starts and frees each copy when
+  autograd does. So layer i's backward holds what stays of layers 0..i, all of layer i, and layer
+  i-1's moved part; the head's phase holds what stays and the whole last layer;
+- time: copies run on a side stream at the host link's bandwidth, one direction at a time; the
+  compute stream waits for layer i's copy out at the end of layer i+1's forward and for layer
+  i-1's copy back at the start of its backward (`exposed_copy_time` walks that timeline).
+
+Optimizer offload (moments only): 8 B per parameter in host memory between steps; each step copies
+them in and out over the host link (16 B per parameter), not overlapped.
+
+`keep_gathered`: the kept blocks' compute-dtype weights stay gathered through the step (all
+layers of those kinds); each is all-gathered once per step instead of twice per micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .memory import (
+    ADAM_BYTES,
+    GRAD_BYTES,
+    MASTER_BYTES,
+    _routed_load,
+    _saved_walk,
+    block_unsharded_numel,
+    fsdp_backward_buffers,
+    grads_not_yet_made,
+    parallel_saved_bytes,
+    redone_mm_bytes,
+    stage_layers,
+)
+
+# foreach AdamW's step makes one fp32 tensor per parameter (sqrt of the second moment) beside the
+# states it updates in place (measured by the dry run's optimizer phase: 4 B per parameter).
+OPTIMIZER_STEP_TEMP_BYTES = 4
+
+
+def block_mlp_kind(block) -> str:
+    """'moe' or 'dense': the `keep_gathered` name of a traced block kind."""
+    return "moe" if block.num_experts else "dense"
+
+
+def kept_gathered_bytes(trace, layout, compute_bytes: int) -> tuple[float, float]:
+    """(bytes of the kept blocks' gathered weights on the busiest stage, largest block not kept in
+    numel; 0 when every kind is kept)."""
+    if not layout.keep_gathered:
+        return 0.0, max(block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values())
+    kept = 0.0
+    for kind, _ in stage_layers(trace, layout.recompute, layout.pp):
+        block = trace.blocks[kind]
+        if block_mlp_kind(block) in layout.keep_gathered:
+            kept += block_unsharded_numel(block, layout.ep, layout.tp) * compute_bytes
+    others = [block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values()
+              if block_mlp_kind(b) not in layout.keep_gathered]
+    return kept, max(others, default=0.0)
+
+
+@dataclass(frozen=True)
+class OffloadedLayer:
+    kind: str
+    policy: str
+    saved: float  # bytes the layer saves for backward on this rank (what EP / Ulysses add included)
+    moved: float  # of which host copies (0 for the last layer)
+
+
+def offloaded_layers(trace, layout, token_factor: float, imbalance: float, config, act_bytes: int,
+                     every_mm: int = 0) -> tuple[float, list[OffloadedLayer]]:
+    """(embedding saved bytes, every layer of the busiest stage) under activation offload."""
+    key = (layout.recompute, token_factor, layout.tp, layout.pp, layout.ep, layout.sp, imbalance, every_mm,
+           act_bytes, id(config))
+    memo = trace.__dict__.setdefault("_offloaded_layers", {})
+    if key not in memo:
+        embedding, walk = _saved_walk(trace, layout.recompute, token_factor, layout.tp, layout.pp, layout.ep,
+                                      imbalance, every_mm)
+        scale = token_factor / layout.tp
+        rank_tokens = token_factor * trace.seq_len / layout.tp
+        layers = []
+        for i, (kind, policy, saved) in enumerate(walk):
+            block = trace.blocks[kind]
+            if config is not None:
+                saved += parallel_saved_bytes(config, layout, {policy: 1.0}, 1.0 if block.num_experts else 0.0,
+                                              rank_tokens, act_bytes, imbalance, tiled=getattr(trace, "tiles", 1) > 1)
+            if i == len(walk) - 1:
+                moved = 0.0
+            elif policy == "selective":
+                moved = min(saved, block.saved_bytes["full"] * scale)  # the input; kept outputs stay
+            else:
+                moved = saved
+            layers.append(OffloadedLayer(kind, policy, saved, moved))
+        memo[key] = (embedding, layers)
+    return memo[key]
+
+
+def offloaded_activation_bytes(embedding: float, layers: list[OffloadedLayer]) -> tuple[float, float]:
+    """(device bytes at the end of the forward, host bytes) of one micro-batch's activations."""
+    stays = sum(layer.saved - layer.moved for layer in layers[:-1])
+    last = layers[-1].saved if layers else 0.0
+    return embedding + stays + last, sum(layer.moved for layer in layers)
+
+
+def offloaded_backward_moment(trace, layout, embedding: float, layers: list[OffloadedLayer], token_factor: float,
+                              imbalance: float, compute_bytes: int, grads: float, accumulated: bool,
+                              ep_copy: float, every_mm: int, kept_bytes: float) -> tuple[float, ...]:
+    """(activations, workspace, gathered parameters, FSDP buffers, gradients) at the worst moment of
+    the backward through the blocks with activation offload (see the module docstring); the
+    counterpart of `memory.backward_moment`, whose accounting it follows otherwise."""
+    scale = token_factor / layout.tp
+    buffers = {kind: fsdp_backward_buffers(block, layout.ep, layout.tp, compute_bytes, layout.zero1)
+               for kind, block in trace.blocks.items()}
+    total_params = max(1, trace.params_total)
+    after = total_params - sum(o.params_total for o in trace.others.values() if o.kind == "embedding")
+    stays_before, best = embedding, (0.0, 0.0, 0.0, 0.0, 0.0)
+    for i, layer in enumerate(layers):
+        block = trace.blocks[layer.kind]
+        after -= block.params_total
+        grads_now = grads if accumulated else grads * max(0, after) / total_params
+        prefetched = layers[i - 1].moved if i > 0 else 0.0
+        activations = stays_before + layer.saved + prefetched
+        stays_before += layer.saved - layer.moved
+        kept = block_mlp_kind(block) in layout.keep_gathered
+        load = _routed_load(trace, layer.kind, layout.ep, imbalance)
+        for part, peak in block.backward_peak.get(layer.policy, {}).items():
+            gathered, held = buffers[layer.kind][part]
+            held -= grads_not_yet_made(block, layer.policy, part, layout.ep, layout.tp, compute_bytes, layout.zero1)
+            gathered = kept_bytes + (0.0 if kept else gathered)
+            if part == "mlp" and block.num_experts and layout.ep > 1:
+                held += ep_copy
+            if part == "mlp" and layer.policy == "selective":
+                peak += redone_mm_bytes(trace, layer.kind, every_mm)
+            moment = (activations, peak * scale * load, gathered, held, grads_now)
+            if sum(moment) > sum(best):
+                best = moment
+    return best
+
+
+def optimizer_step_bytes(state_numel: float, layout) -> tuple[float, float, float, float]:
+    """(parameters, gradients, moments, temporaries) on the device during the optimizer step: the
+    moments are back on the device for it under `offload: optimizer`; FSDP2's CPU offload
+    (`params`) steps on the host."""
+    if "params" in layout.offload or layout.zero1:
+        return 0.0, 0.0, 0.0, 0.0
+    return (state_numel * MASTER_BYTES, state_numel * GRAD_BYTES, state_numel * ADAM_BYTES,
+            state_numel * OPTIMIZER_STEP_TEMP_BYTES)
+
+
+def optimizer_offload_time(state_numel: float, layout, profile) -> float:
+    """Seconds per step the moments spend crossing the host link (in before the step, out after)."""
+    if "optimizer" not in layout.offload or "params" in layout.offload:
+        return 0.0
+    return 2 * state_numel * ADAM_BYTES / profile.host_bandwidth()
+
+
+def exposed_copy_time(layers: list[OffloadedLayer], forward: list[float], backward: list[float],
+                      bandwidth: float, overlap: bool = True) -> tuple[float, float]:
+    """(forward, backward) seconds per micro-batch the compute stream waits for activation copies.
+
+    `forward[i]` / `backward[i]`: layer i's forward and backward (recompute included) compute time.
+    Copies run one at a time on the side stream. Forward: layer i's copy out starts with its
+    forward; layer i+1's forward end waits for it. Backward: layer i's start issues layer i-1's
+    copy back; layer i-1 starts once it is done. Without `overlap` (CPU: no side stream) every
+    copy is on the critical path."""
+    if not overlap:
+        moved = sum(layer.moved for layer in layers) / bandwidth
+        return moved, moved
+    n = len(layers)
+    now = side = 0.0
+    done = [0.0] * n
+    for i in range(n):
+        start = now
+        side = max(side, start) + layers[i].moved / bandwidth
+        done[i] = side
+        now = start + forward[i]
+        if i >= 1:
+            now = max(now, done[i - 1])
+    forward_exposed = now - sum(forward)
+    now = side = 0.0
+    ready = 0.0
+    for i in range(n - 1, -1, -1):
+        start = max(now, ready)
+        if i >= 1:
+            side = max(side, start) + layers[i - 1].moved / bandwidth
+            ready = side
+        now = start + backward[i]
+    return forward_exposed, now - sum(backward)
+
+
+__all__ = ["OPTIMIZER_STEP_TEMP_BYTES", "OffloadedLayer", "block_mlp_kind", "exposed_copy_time",
+           "kept_gathered_bytes", "offloaded_activation_bytes", "offloaded_backward_moment", "offloaded_layers",
+           "optimizer_offload_time", "optimizer_step_bytes"]
