@@ -228,15 +228,24 @@ def test_cli_dry_run_json_table_and_predictions(tmp_path):
     assert code == 0, err
     assert "measured GiB" in out and "peak" in out
 
-    # A plan's recorded prediction is what is checked (unless --reprice).
+    # A plan's recorded prediction is what is checked (unless --reprice) where the dry run executes
+    # its layout as written; with fused elementwise kernels (compiled blocks, which the CPU dry run
+    # runs eager) the layout is priced as executed instead.
     data = plan.to_dict()
     data["predictions"] = {"memory_gib": {"total": 1.0, "parameters": 0.25, "activations": 0.75}}
-    path = tmp_path / "predicted.yaml"
-    path.write_text(json.dumps(data))  # JSON is YAML
-    code, out, err = xplan("run", path, "--dry-run", "--json")
-    assert code == 0, err
-    result = json.loads(out)
-    assert result["predicted_source"] == "plan" and result["predicted_peak_gib"] == pytest.approx(1.0)
+    for elementwise, source in (("eager", "plan"), ("fused", "price")):
+        data["layout"]["kernels"] = {**data["layout"].get("kernels", {}), "elementwise": elementwise}
+        path = tmp_path / f"predicted-{elementwise}.yaml"
+        path.write_text(json.dumps(data))  # JSON is YAML
+        code, out, err = xplan("run", path, "--dry-run", "--json")
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["predicted_source"] == source, elementwise
+    assert result["predicted_peak_gib"] != pytest.approx(1.0)  # fused: priced, not the recorded 1.0
+    data["layout"]["kernels"]["elementwise"] = "eager"
+    path.write_text(json.dumps(data))
+    result = json.loads(xplan("run", path, "--dry-run", "--json")[1])
+    assert result["predicted_peak_gib"] == pytest.approx(1.0)
     assert result["components"]["parameters"]["predicted"] == pytest.approx(0.25)
 
 

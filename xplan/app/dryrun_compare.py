@@ -24,15 +24,18 @@ HOST_PAIRS = (("activations", "host_activations"), ("model_states", "host_states
 def predicted_components(plan, imbalance: float, reprice: bool = False) -> tuple[dict[str, float], float, str]:
     """(component -> bytes, total bytes, source): the plan's recorded `predictions.memory_gib`, else
     `planner.pricing.price` now (source 'plan' or 'price') of the layout as the dry run executes it
-    (`executed_layout`: blocks eager, not compiled). Host components (offload) are in the same
+    (`executed_layout`: blocks eager, not compiled). A plan whose layout the dry run executes
+    differently (fused elementwise kernels) is always priced as executed: its recorded numbers
+    describe compiled blocks the dry run does not run. Host components (offload) are in the same
     mapping under `HOST_KEYS`."""
-    memory = None if reprice else (plan.data.predictions or {}).get("memory_gib")
+    executed = executed_layout(plan.layout)
+    memory = None if reprice or executed != plan.layout else (plan.data.predictions or {}).get("memory_gib")
     source = "plan"
     if not memory:
         from xplan.planner.pricing import Workload, price
 
         est = price(Workload(plan.model, plan.hardware, plan.training.seq_len, plan.training.global_batch,
-                             imbalance, plan.training.image_tokens), executed_layout(plan.layout))
+                             imbalance, plan.training.image_tokens), executed)
         memory, source = est.memory.gib(), "price"
     if not isinstance(memory, dict):
         raise InputError("the plan's predictions.memory_gib must be a mapping of components to GiB (as `xplan search` "
