@@ -20,4 +20,4 @@ def test_kernels_gpu_script_smoke(tmp_path):
     assert {r["section"] for r in rows} == {"rmsnorm", "permute", "attention", "flex vs blockwise", "model"}
     assert all(r["ok"] for r in rows)
     refused = {r["impl"] for r in rows if r["note"].startswith("refused on cpu")}
-    assert refused == {"flash", "flash1"}
+    assert refused == {"flash", "flash1", "flex"}  # flex: no flex_attention backward on CPU in torch 2.13
