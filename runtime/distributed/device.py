@@ -111,6 +111,23 @@ def _env_int(name: str, default: int) -> int:
         raise InputError(f"environment variable {name} must be an integer, got {value!r}.") from None
 
 
+def _restarted_attempt_store(world: int, timeout_s: float):
+    """Under torchrun's shared rendezvous store, the store of a restarted attempt, keyed apart.
+
+    torchrun (c10d rendezvous) hands every attempt the same agent-hosted TCPStore and, trusting a
+    fresh store per retry, adds no per-attempt prefix; the process groups' keys of the attempt that
+    died (Gloo's listening addresses among them) are still there, and a restarted rank that reads
+    its peer's stale address waits out the connect timeout (seen: "Gloo connectFullMesh failed ...
+    Connect timeout" 300 s after a restart). Each restarted attempt therefore gets its own prefix.
+    None (torch's default store) for a first attempt or outside torchrun."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt in ("", "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500), world, is_master=False,
+                          timeout=timedelta(seconds=float(timeout_s)))
+    return dist.PrefixStore(f"xplan/attempt_{attempt}", store)
+
+
 def init_distributed(device_type: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     """Bring up the default process group from the torchrun environment (idempotent).
 
@@ -149,6 +166,9 @@ def init_distributed(device_type: str = "cpu", timeout_s: float = DEFAULT_TIMEOU
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
+        attempt_store = _restarted_attempt_store(world, timeout_s)
+        if attempt_store is not None:
+            kwargs["store"] = attempt_store
     if device_type == "cuda":
         kwargs["device_id"] = device  # eager NCCL communicator bound to this GPU (enables group splitting)
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
