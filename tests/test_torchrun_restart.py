@@ -1,8 +1,7 @@
-"""Under `torchrun --max-restarts`, a rank killed mid-run brings the job back from its last
-checkpoint, and the finished run's losses equal an uninterrupted run's (CPU, gloo). Two restarts
-are allowed: on a loaded machine a restarted gloo mesh can fail to connect once (seen at load 6),
-and torchrun's answer to that is another restart, which must also resume exactly; the collective
-timeout is cut to 60 s so that a stuck restart fails in time for it."""
+"""Under `torchrun --max-restarts 1`, a rank killed mid-run brings the job back from its last
+checkpoint, and the finished run's losses equal an uninterrupted run's (CPU, gloo). One restart
+must do: a restarted attempt keys its process groups apart from the dead attempt's
+(runtime/distributed/device.py), which a shared rendezvous store otherwise mixes up."""
 
 from __future__ import annotations
 
@@ -79,7 +78,7 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint(tmp_path, model_dir):  
     ckpt = tmp_path / "ckpt"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     xplan = str(Path(sys.executable).with_name("xplan"))
-    cmd = [torchrun, "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "2", "--rdzv-backend", "c10d",
+    cmd = [torchrun, "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", xplan, "run", str(plan), "--steps", str(STEPS),
            "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(EVERY), "--device", "cpu", "--json",
            "--timeout", "60"]  # a stuck collective of a restarted mesh fails well within the wait below
@@ -98,9 +97,7 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint(tmp_path, model_dir):  
                     break
             time.sleep(0.05)
         assert killed, "the run finished (or never started) before a rank could be killed"
-        # A restarted gloo mesh that fails to connect gives up after the store's 300 s; the next
-        # restart then needs its ~30 s: wait for both.
-        out, err = job.communicate(timeout=540)
+        out, err = job.communicate(timeout=300)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
