@@ -127,11 +127,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=-100, reduction="sum")
 
 
-def reference_run(kind: str) -> dict:
-    """The single-process truth: plain model, global batch, torch's clip_grad_norm_."""
+def reference_run(kind: str, model=None) -> dict:
+    """The single-process truth: plain model (or `model`, e.g. with other kernels), global batch,
+    torch's clip_grad_norm_."""
     from xplan.runtime.distributed import shift_labels
 
-    model = make_model(make_config(kind))
+    model = model if model is not None else make_model(make_config(kind))
     opt = make_optimizer(model)
     losses, norms = [], []
     for ids in global_batches():
@@ -171,7 +172,6 @@ def run_steps(model, layout: Layout, meshes) -> tuple[list[float], list[float]]:
 
 def distributed_worker(rank: int, world: int, configs: dict, out_path: str) -> None:
     """Every model × run on one group of `world` processes; rank 0 saves the results."""
-    from torch.distributed.tensor import DTensor
 
     from xplan.runtime.distributed import build_meshes, parallelize
 
@@ -184,12 +184,19 @@ def distributed_worker(rank: int, world: int, configs: dict, out_path: str) -> N
             meshes = build_meshes(layout, "cpu")
             model = parallelize(make_model(config), layout, meshes)
             losses, norms = run_steps(model, layout, meshes)
-            params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-                      for n, p in model.named_parameters()}
+            params = full_params(model)
             if rank == 0:
                 results[(kind, *key)] = {"losses": losses, "norms": norms, "params": params}
     if rank == 0:
         torch.save(results, out_path)
+
+
+def full_params(model) -> dict:
+    """Every parameter whole (DTensor shards gathered), detached copies, by name."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in model.named_parameters()}
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

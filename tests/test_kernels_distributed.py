@@ -18,16 +18,14 @@ import torch
 
 from tests.test_distributed import (
     CONFIGS,
-    MAX_NORM,
     STEPS,
     TOL,
-    global_batches,
+    full_params,
     make_config,
     make_model,
-    make_optimizer,
     max_rel_err,
+    reference_run,
     run_steps,
-    token_loss_sum,
 )
 from xplan.layout import Layout
 
@@ -49,25 +47,11 @@ def with_kernels(model, layout: Layout):
 
 def single_process(kind: str, kernels: dict) -> dict:
     """The truth: one process, the whole global batch, torch's clip_grad_norm_."""
-    from xplan.runtime.distributed import shift_labels
-
     layout = Layout(devices=1, fsdp=1, precision="fp32", kernels=kernels)
-    model = with_kernels(make_model(make_config(kind)), layout)
-    opt = make_optimizer(model)
-    losses, norms = [], []
-    for ids in global_batches():
-        labels = shift_labels(ids)
-        opt.zero_grad()
-        loss = token_loss_sum(model(ids), labels) / int((labels != -100).sum())
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
-        opt.step()
-        losses.append(loss.item())
-    return {"losses": losses, "norms": norms, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return reference_run(kind, with_kernels(make_model(make_config(kind)), layout))
 
 
 def worker(rank: int, world: int, configs: dict, out_path: str) -> None:
-    from torch.distributed.tensor import DTensor
 
     from xplan.runtime.distributed import build_meshes, parallelize
 
@@ -79,8 +63,7 @@ def worker(rank: int, world: int, configs: dict, out_path: str) -> None:
             meshes = build_meshes(layout, "cpu")
             model = parallelize(with_kernels(make_model(config), layout), layout, meshes)
             losses, norms = run_steps(model, layout, meshes)
-            params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-                      for n, p in model.named_parameters()}
+            params = full_params(model)
             if rank == 0:
                 results[(kind, name)] = {"losses": losses, "norms": norms, "params": params}
     if rank == 0:

@@ -19,6 +19,7 @@ from tests.test_distributed import (
     CONFIGS,
     LAYOUTS,
     STEPS,
+    full_params,
     make_config,
     make_model,
     max_rel_err,
@@ -39,7 +40,6 @@ RUNS = {
 
 
 def tiled_worker(rank: int, world: int, configs: dict, out_path: str) -> None:
-    from torch.distributed.tensor import DTensor
 
     from xplan.runtime.distributed import build_meshes, parallelize
 
@@ -52,8 +52,7 @@ def tiled_worker(rank: int, world: int, configs: dict, out_path: str) -> None:
             model = parallelize(make_model(config), layout, meshes)
             assert feed_forward_tiles(layout, 16) == 4  # 2 or 4 sequences of 16 or 8 tokens per rank
             losses, norms = run_steps(model, layout, meshes)
-            params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-                      for n, p in model.named_parameters()}
+            params = full_params(model)
             if rank == 0:
                 results[(kind, *key)] = {"losses": losses, "norms": norms, "params": params}
     if rank == 0:
