@@ -262,6 +262,7 @@ class PricingContext:
     def __init__(self, profile) -> None:
         self.profile = profile
         self._memos: list[tuple[object, dict[RankWork, dict[tuple[str, str], float]]]] = []
+        self.memos: dict[str, dict] = {}  # other priced results by kind (peak_memory: 'memory')
 
     def group_times(self, trace, work: RankWork) -> dict[tuple[str, str], float]:
         """`group_times(trace, work, self.profile)`, priced once per (trace, work)."""

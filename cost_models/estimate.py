@@ -225,17 +225,119 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
     given = imbalance is not None
     imbalance = imbalance if given else default_imbalance(layout, config)
     seq = trace.seq_len
+    timing = step_time(trace, config, layout, profile, global_batch, imbalance, recompute_every_mm, pricing)
+    device_profile, profile, grad_accum, time, step = (profile, timing.profile, timing.grad_accum, timing.time,
+                                                       timing.step_s)
+    tokens_per_s = timing.tokens_per_s_per_device
+    flops_per_token = trace.flops_per_token
+    mfu = flops_per_token * tokens_per_s / device_profile.peak_flops("bf16")  # tokens/s per device
+
+    memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, timing.recompute_every_mm,
+                             pricing=pricing_for(profile, pricing))
+    hbm, host = float(profile.hbm_bytes()), host_capacity(profile, layout.ranks)  # the rank profile: levels count ranks
+    notes = []
+    if memory.allocated > hbm:
+        binding = f"memory ({memory.dominant()})"
+    elif memory.offloaded_to_host > host:
+        binding = "host memory (offloaded bytes)"
+    else:
+        binding = max(time, key=time.get)
+    note = imbalance_note(layout, config, imbalance, given)
+    if note:
+        notes.append(note)
+    return Estimate(layout=layout, seq_len=seq, global_batch=global_batch, grad_accum=grad_accum, memory=memory,
+                    time=time, step_time_s=step, tokens_per_s_per_device=tokens_per_s, mfu=mfu,
+                    flops_per_token=flops_per_token, hbm_bytes=hbm, host_bytes=host, binding=binding, notes=notes,
+                    imbalance=imbalance, node_ranks=min(layout.ranks, profile.levels[0].devices or 1))
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """The time half of an estimate: step seconds with their breakdown, on the rank `profile`."""
+    step_s: float
+    time: dict[str, float]
+    tokens_per_s_per_device: float
+    grad_accum: int
+    profile: Any  # the rank's view of the hardware profile (a3: one die)
+    recompute_every_mm: int = 0
+
+
+def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalance: float | None = None,
+              recompute_every_mm: int = 0, pricing: PricingContext | None = None) -> StepTime:
+    """`estimate` without its memory: what a search needs to bound a layout's throughput."""
+    imbalance = imbalance if imbalance is not None else default_imbalance(layout, config)
+    seq = trace.seq_len
     if trace.micro_batch != 1:
         raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
     check_layout(layout, config, seq, global_batch)
-    device_profile, profile = profile, rank_profile(profile, layout)  # a3: a rank is one die
+    profile = rank_profile(profile, layout)  # a3: a rank is one die
+    context = pricing_for(profile, pricing)
+    # Offload changes neither the micro-batch nor the pipeline: its variants share those terms.
+    key = (id(trace), layout_key(layout, without=("offload",)), global_batch, imbalance, recompute_every_mm, id(config))
+    known = context.memos.setdefault("step", {}).get(key)
+    if known is None or known[0] is not trace or known[1] is not config:
+        known = (trace, config, _step_terms(trace, config, layout, profile, global_batch, imbalance,
+                                            recompute_every_mm, context))
+        context.memos["step"][key] = known  # holding both: their ids name no other object
+    terms = known[2]
+    grad_accum, tf, work, times, overlap = terms.grad_accum, terms.tf, terms.work, terms.times, terms.overlap
+    busiest, micro, bubble, zero1_exposed = terms.busiest, terms.micro, terms.bubble, terms.zero1_exposed
+    params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
+    optimizer = memory_time(profile, params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
+    if "params" in layout.offload or (layout.zero1 and "optimizer" in layout.offload):
+        # The step runs on host (FSDP2's CPU offload; ZeRO-1's host shards): gradients to host and
+        # updated parameters back over the host link, on top of the update itself (priced as if it
+        # ran at device speed: offload never looks cheaper than none).
+        optimizer += 2 * params_on_rank * 4 / profile.host_bandwidth()
+    optimizer += optimizer_offload_time(params_on_rank, layout, profile)  # moments in and out
+    offload_time = 0.0
+    if "activations" in layout.offload:
+        act_bytes = COMPUTE_BYTES[layout.precision]
+        _, layers = offloaded_layers(trace, layout, tf, imbalance, config, act_bytes, work.recompute_every_mm)
+        forward, backward = [], []
+        for layer in layers:
+            fwd = times.get((layer.kind, "forward"), 0.0)
+            redo = {"full": fwd, "selective": times.get((layer.kind, "selective_recompute"), 0.0)}
+            forward.append(fwd)
+            backward.append(times.get((layer.kind, "backward"), 0.0) + redo.get(layer.policy, 0.0))
+        offload_time = grad_accum * sum(exposed_copy_time(layers, forward, backward, profile.host_bandwidth(),
+                                                          overlap=overlap))
+
+    step = grad_accum * micro + bubble + optimizer + offload_time + zero1_exposed
+    time = {key: grad_accum * busiest[key] for key in MICRO_PARTS}
+    time["fsdp_exposed"] += zero1_exposed
+    time.update(pipeline_bubble=bubble, optimizer=optimizer, offload=offload_time,
+                host_bound=grad_accum * busiest["host_bound"])
+    return StepTime(step_s=step, time=time, tokens_per_s_per_device=global_batch * seq / step / layout.devices,
+                    grad_accum=grad_accum, profile=profile, recompute_every_mm=work.recompute_every_mm)
+
+
+@dataclass(frozen=True)
+class _StepTerms:
+    """What `estimate` prices before offload: shared by a layout's offload variants."""
+    grad_accum: int
+    tf: float
+    work: RankWork
+    times: dict
+    overlap: bool
+    busiest: dict
+    micro: float
+    bubble: float
+    zero1_exposed: float
+
+
+def _step_terms(trace, config, layout: Layout, profile, global_batch: int, imbalance: float,
+                recompute_every_mm: int, pricing: PricingContext) -> _StepTerms:
+    """The busiest pipeline rank's micro-batch, the bubble and ZeRO-1's exposed step collectives
+    of `layout` on the rank `profile` (see `estimate`)."""
+    seq = trace.seq_len
     tiles = check_trace_tiles(trace, layout)
     grad_accum = layout.grad_accum(global_batch)
     tf = layout.micro_batch / layout.sp  # this rank's tokens per micro-batch, in traced sequences
     param_bytes = COMPUTE_BYTES[layout.precision]
     reduce_bytes = grad_bytes(layout)
     work = rank_work(trace, layout, imbalance, recompute_every_mm, grad_accum)
-    times = pricing_for(profile, pricing).group_times(trace, work)
+    times = pricing.group_times(trace, work)
 
     # One layer of the model's mix of block kinds, priced per micro-batch (a pipeline rank runs
     # `PipelineRank.layers` of them; see pipeline_ranks).
@@ -358,52 +460,7 @@ def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalanc
         # the first forward.
         zero1_exposed = max(0.0, rs - busiest["backward"]) + max(0.0, ag - busiest["forward"])
 
-    params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
-    optimizer = memory_time(profile, params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
-    if "params" in layout.offload or (layout.zero1 and "optimizer" in layout.offload):
-        # The step runs on host (FSDP2's CPU offload; ZeRO-1's host shards): gradients to host and
-        # updated parameters back over the host link, on top of the update itself (priced as if it
-        # ran at device speed: offload never looks cheaper than none).
-        optimizer += 2 * params_on_rank * 4 / profile.host_bandwidth()
-    optimizer += optimizer_offload_time(params_on_rank, layout, profile)  # moments in and out
-    offload_time = 0.0
-    if "activations" in layout.offload:
-        act_bytes = COMPUTE_BYTES[layout.precision]
-        _, layers = offloaded_layers(trace, layout, tf, imbalance, config, act_bytes, work.recompute_every_mm)
-        forward, backward = [], []
-        for layer in layers:
-            fwd = times.get((layer.kind, "forward"), 0.0)
-            redo = {"full": fwd, "selective": times.get((layer.kind, "selective_recompute"), 0.0)}
-            forward.append(fwd)
-            backward.append(times.get((layer.kind, "backward"), 0.0) + redo.get(layer.policy, 0.0))
-        offload_time = grad_accum * sum(exposed_copy_time(layers, forward, backward, profile.host_bandwidth(),
-                                                          overlap=overlap))
-
-    step = grad_accum * micro + bubble + optimizer + offload_time + zero1_exposed
-    time = {key: grad_accum * busiest[key] for key in MICRO_PARTS}
-    time["fsdp_exposed"] += zero1_exposed
-    time.update(pipeline_bubble=bubble, optimizer=optimizer, offload=offload_time,
-                host_bound=grad_accum * busiest["host_bound"])
-    tokens_per_s = global_batch * seq / step / layout.devices
-    flops_per_token = trace.flops_per_token
-    mfu = flops_per_token * tokens_per_s / device_profile.peak_flops("bf16")  # tokens/s per device
-
-    memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, work.recompute_every_mm)
-    hbm, host = float(profile.hbm_bytes()), host_capacity(profile, layout.ranks)  # the rank profile: levels count ranks
-    notes = []
-    if memory.allocated > hbm:
-        binding = f"memory ({memory.dominant()})"
-    elif memory.offloaded_to_host > host:
-        binding = "host memory (offloaded bytes)"
-    else:
-        binding = max(time, key=time.get)
-    note = imbalance_note(layout, config, imbalance, given)
-    if note:
-        notes.append(note)
-    return Estimate(layout=layout, seq_len=seq, global_batch=global_batch, grad_accum=grad_accum, memory=memory,
-                    time=time, step_time_s=step, tokens_per_s_per_device=tokens_per_s, mfu=mfu,
-                    flops_per_token=flops_per_token, hbm_bytes=hbm, host_bytes=host, binding=binding, notes=notes,
-                    imbalance=imbalance, node_ranks=min(layout.ranks, profile.levels[0].devices or 1))
+    return _StepTerms(grad_accum, tf, work, times, overlap, busiest, micro, bubble, zero1_exposed)
 
 
 def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, reduce_bytes: int,

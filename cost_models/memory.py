@@ -29,6 +29,7 @@ Accounting (bytes per rank), FSDP2 with mixed precision:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 from .compute import redone_by_selective
 from .kernels import EAGER_SAVED_BYTES
@@ -60,7 +61,7 @@ class MemoryBreakdown:
         """The reserved peak: live tensors plus what the caching allocator keeps beyond them."""
         return self.allocated + self.overhead
 
-    @property
+    @cached_property  # a search ranks thousands of breakdowns by it
     def allocated(self) -> float:
         """The allocated peak: tensors alive at the worst moment (what must fit; see `fits_memory`)."""
         return (self.parameters + self.gradients + self.optimizer + self.gathered_parameters + self.activations

@@ -82,11 +82,16 @@ def offloaded_layers(trace, layout, token_factor: float, imbalance: float, confi
         scale = token_factor / layout.tp
         rank_tokens = token_factor * trace.seq_len / layout.tp
         layers = []
+        added: dict[tuple[str, bool], float] = {}  # what EP / Ulysses add, by (policy, MoE block)
         for i, (kind, policy, saved) in enumerate(walk):
             block = trace.blocks[kind]
             if config is not None:
-                saved += parallel_saved_bytes(config, layout, {policy: 1.0}, 1.0 if block.num_experts else 0.0,
-                                              rank_tokens, act_bytes, imbalance, tiled=getattr(trace, "tiles", 1) > 1)
+                moe = bool(block.num_experts)
+                if (policy, moe) not in added:
+                    added[(policy, moe)] = parallel_saved_bytes(config, layout, {policy: 1.0}, 1.0 if moe else 0.0,
+                                                                rank_tokens, act_bytes, imbalance,
+                                                                tiled=getattr(trace, "tiles", 1) > 1)
+                saved += added[(policy, moe)]
             if i == len(walk) - 1:
                 moved = 0.0
             elif policy == "selective":
@@ -110,33 +115,61 @@ def offloaded_backward_moment(trace, layout, embedding: float, layers: list[Offl
                               ep_copy: float, every_mm: int, kept_bytes: float) -> tuple[float, ...]:
     """(activations, workspace, gathered parameters, FSDP buffers, gradients) at the worst moment of
     the backward through the blocks with activation offload (see the module docstring); the
-    counterpart of `memory.backward_moment`, whose accounting it follows otherwise."""
+    counterpart of `memory.backward_moment`, whose accounting it follows otherwise. Memoised on
+    the trace: the offload settings that move activations share it (optimizer offload leaves the
+    backward alone)."""
+    memo = trace.__dict__.setdefault("_offloaded_backward", {})
+    key = (id(layers), embedding, token_factor, layout.tp, layout.ep, layout.zero1, layout.keep_gathered, imbalance,
+           compute_bytes, grads, accumulated, ep_copy, every_mm, kept_bytes)
+    known = memo.get(key)
+    if known is None or known[0] is not layers:
+        known = memo[key] = (layers, _offloaded_backward_moment(  # holding `layers`: its id names no other list
+            trace, layout, embedding, layers, token_factor, imbalance, compute_bytes, grads, accumulated, ep_copy,
+            every_mm, kept_bytes))
+    return known[1]
+
+
+def _offloaded_backward_moment(trace, layout, embedding: float, layers: list[OffloadedLayer], token_factor: float,
+                               imbalance: float, compute_bytes: int, grads: float, accumulated: bool,
+                               ep_copy: float, every_mm: int, kept_bytes: float) -> tuple[float, ...]:
     scale = token_factor / layout.tp
     buffers = {kind: fsdp_backward_buffers(block, layout.ep, layout.tp, compute_bytes, layout.zero1)
                for kind, block in trace.blocks.items()}
     total_params = max(1, trace.params_total)
     after = total_params - sum(o.params_total for o in trace.others.values() if o.kind == "embedding")
-    stays_before, best = embedding, (0.0, 0.0, 0.0, 0.0, 0.0)
+    block_params = {kind: block.params_total for kind, block in trace.blocks.items()}
+    parts_of: dict[tuple[str, str], list[tuple[float, float, float]]] = {}  # (workspace, gathered, held) by part
+
+    def parts(kind: str, policy: str) -> list[tuple[float, float, float]]:
+        """A layer's per-part terms: the same for every layer of one kind and policy."""
+        if (kind, policy) not in parts_of:
+            block = trace.blocks[kind]
+            kept = block_mlp_kind(block) in layout.keep_gathered
+            load = _routed_load(trace, kind, layout.ep, imbalance)
+            out = []
+            for part, peak in block.backward_peak.get(policy, {}).items():
+                gathered, held = buffers[kind][part]
+                held -= grads_not_yet_made(block, policy, part, layout.ep, layout.tp, compute_bytes, layout.zero1)
+                gathered = kept_bytes + (0.0 if kept else gathered)
+                if part == "mlp" and block.num_experts and layout.ep > 1:
+                    held += ep_copy
+                if part == "mlp" and policy == "selective":
+                    peak += redone_mm_bytes(trace, kind, every_mm)
+                out.append((peak * scale * load, gathered, held))
+            parts_of[(kind, policy)] = out
+        return parts_of[(kind, policy)]
+
+    stays_before, best, best_sum = embedding, (0.0, 0.0, 0.0, 0.0, 0.0), 0.0
     for i, layer in enumerate(layers):
-        block = trace.blocks[layer.kind]
-        after -= block.params_total
+        after -= block_params[layer.kind]
         grads_now = grads if accumulated else grads * max(0, after) / total_params
         prefetched = layers[i - 1].moved if i > 0 else 0.0
         activations = stays_before + layer.saved + prefetched
         stays_before += layer.saved - layer.moved
-        kept = block_mlp_kind(block) in layout.keep_gathered
-        load = _routed_load(trace, layer.kind, layout.ep, imbalance)
-        for part, peak in block.backward_peak.get(layer.policy, {}).items():
-            gathered, held = buffers[layer.kind][part]
-            held -= grads_not_yet_made(block, layer.policy, part, layout.ep, layout.tp, compute_bytes, layout.zero1)
-            gathered = kept_bytes + (0.0 if kept else gathered)
-            if part == "mlp" and block.num_experts and layout.ep > 1:
-                held += ep_copy
-            if part == "mlp" and layer.policy == "selective":
-                peak += redone_mm_bytes(trace, layer.kind, every_mm)
-            moment = (activations, peak * scale * load, gathered, held, grads_now)
-            if sum(moment) > sum(best):
-                best = moment
+        for workspace, gathered, held in parts(layer.kind, layer.policy):
+            total = activations + workspace + gathered + held + grads_now  # summed as sum(moment) would
+            if total > best_sum:
+                best, best_sum = (activations, workspace, gathered, held, grads_now), total
     return best
 
 

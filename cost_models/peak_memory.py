@@ -50,14 +50,15 @@ from .tiling import check_trace_tiles
 
 
 def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: float | None = None,
-                    config=None, recompute_every_mm: int = 0) -> MemoryBreakdown:
+                    config=None, recompute_every_mm: int = 0, pricing=None) -> MemoryBreakdown:
     """Peak memory of the busiest rank (see cost_models.memory for the accounting).
 
     The peak is the largest of three moments: the head's backward (loss and LM head live), a
     block's backward (two blocks gathered, its gradients and recomputed activations live) and the
     optimizer step (its moments on the device, back from host under optimizer offload).
     `config` (the ModelConfig) adds what EP / Ulysses keep beyond the single-device trace;
-    `recompute_every_mm` is the selective policy's every-n-th-mm rule (see `estimate`).
+    `recompute_every_mm` is the selective policy's every-n-th-mm rule (see `estimate`). `pricing`:
+    a search's PricingContext, which keeps each breakdown it is asked for.
 
     What does not depend on offload (`_offload_free_terms`) is memoised on the trace per (layout
     without offload, grad_accum, imbalance, rule, profile, config): a search checks every
@@ -68,6 +69,14 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
         profile = profile.per_rank()  # a3: a rank is one die (estimate.rank_profile)
     if imbalance is None:  # the sourced default (cost_models.routing)
         imbalance = default_imbalance(layout, config)
+    if pricing is not None:  # a search's context: each layout's breakdown once (bisection, then estimate)
+        key = (id(trace), layout, grad_accum, imbalance, recompute_every_mm, id(config))
+        known = pricing.memos.setdefault("memory", {}).get(key)
+        if known is not None and known[0] is trace and known[1] is config:
+            return known[2]
+        memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, recompute_every_mm)
+        pricing.memos["memory"][key] = (trace, config, memory)  # holding both: their ids name no other object
+        return memory
     memo = trace.__dict__.setdefault("_memory_terms", {})
     best = None
     for stage in pipeline_stages(trace, layout, grad_accum):

@@ -13,13 +13,20 @@ EP, SP, micro-batch, loss kernel) and offload setting, the recompute settings no
 fitting one and the rest of the chain is dominated ('selective' is priced on its own). With
 activation offload the copy time falls as recompute rises, so every fitting setting of such a
 chain is priced. Memory is checked before time, so layouts that cannot fit are never fully priced.
-Token tiling adds time at a given recompute setting (each tile's forward is redone, GEMMs shrink,
-all-to-alls multiply) and smaller tiles add more, so without activation offload tiles are tried
-only on the settings before the untiled (then the larger tile's) first fit: a layout that fits
-untiled without recompute is never tiled, and short sequences price as before. Under activation
+Token tiling adds compute at a given recompute setting (each tile's forward is redone, GEMMs
+shrink, all-to-alls multiply), which can also hide more of the FSDP collectives, so without
+activation offload tiles are tried on the settings up to the untiled (then the larger tile's)
+first fit. Under activation
 offload tiling also shrinks the host traffic, so tiles are tried on the whole chain there. Each
 offload and keep_gathered setting gets its own tiling and recompute chain: the three are weighed
-together by the time of what fits.
+together by the time of what fits. Offload only adds time at a given recompute and tiling, so
+once the untiled layout without offload fits, offloaded variants are priced only up to its
+recompute setting; blocks kept gathered only add memory, so a kept variant's bisection starts
+where the same layout keeping none first fit.
+
+Across cores, branch and bound (`search_bounds`): cores are priced fastest bound first, and a core
+none of whose variants can be listed (within `LISTED_SHARE` of the fastest plan, among the `top`
+or on the Pareto front) nor beat the best runnable plan is skipped.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from xplan.errors import InputError
@@ -41,8 +47,10 @@ from xplan.layout import (
     runtime_refusals,
 )
 from xplan.layout_tiles import tile_count
+from xplan.layout_values import parse_recompute
 
 from .pricing import Workload, get_trace, load_hw, load_model_config
+from .search_bounds import LISTED_SHARE, SearchBounds, _Core
 
 # Increasing time cost: what to try first when memory allows.
 RECOMPUTE_ORDER: tuple[str | float, ...] = ("none", "selective", 0.25, 0.5, 0.75, "full")
@@ -82,8 +90,7 @@ def _powers_of_two_upto(n: int) -> list[int]:
 
 def gathered_choices(config) -> list[tuple[str, ...]]:
     """`keep_gathered` settings to try: none, each block kind (by MLP) the model has, all of them."""
-    present = tuple(k for k in GATHERED_KINDS
-                    if any(("moe" if config.is_moe_layer(i) else "dense") == k for i in range(config.num_layers)))
+    present = tuple(k for k in GATHERED_KINDS if k in config.block_kinds)
     return list(dict.fromkeys([(), *((k,) for k in present), present]))
 
 
@@ -175,11 +182,12 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
 
 
 def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = None, *, allow_3d: bool = False,
-           exhaustive: bool = False, top: int = 10,
+           exhaustive: bool = False, top: int = 10, bound: bool = True,
            progress: Callable[[int, int], None] | None = None, headroom_bytes: float = 0.0) -> SearchResult:
     """Find the fastest layouts that fit; see the module docstring for the space and pruning.
     `headroom_bytes`: device memory to keep free (a layout fits when its peak is within HBM less
-    this)."""
+    this). `bound`: skip core layouts none of whose variants can be listed (`search_bounds`;
+    `exhaustive` prices everything)."""
     from xplan.cost_models import PricingContext, estimate, fits_memory, host_capacity, memory_estimate
 
     loading = time.perf_counter()
@@ -199,7 +207,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     pinned_kernels = {slot: pinned.pop(slot) for slot in ("attention", "moe_gemm") if slot in pinned}
     # Knobs the search does not vary: a pinned value reaches every layout it prices.
     extra = {name: pinned.pop(name) for name in ("tp_comm", "allocator") if name in pinned}
-    recomputes = [pinned.pop("recompute")] if "recompute" in pinned else list(RECOMPUTE_ORDER)
+    recomputes = [parse_recompute(pinned.pop("recompute"))] if "recompute" in pinned else list(RECOMPUTE_ORDER)
     offloads = [pinned.pop("offload")] if "offload" in pinned else list(OFFLOAD_ORDER)
     tile_options = [pinned.pop("tile_tokens")] if "tile_tokens" in pinned else [None, *TILE_TOKENS]
     keeps = [pinned.pop("keep_gathered")] if "keep_gathered" in pinned else gathered_choices(config)
@@ -234,10 +242,10 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     if headroom_bytes < 0 or hbm <= 0:
         raise InputError(f"--headroom must be at least 0 and below the device memory "
                          f"({device_profile.hbm_bytes() / 2**30:.0f} GiB), got {headroom_bytes / 2**30:.1f} GiB.")
+    device_type = DEVICE_TYPE_OF_KIND.get(device_profile.device.kind, "cuda")
     chains = recompute_chains(recomputes)
+    prepared: list[_Core] = []
     for i, core in enumerate(cores):
-        if progress and i % 16 == 0:
-            progress(i, len(cores))
         loss = core.pop("loss")
         kernels = {**DEFAULT_KERNELS, **pinned_kernels, "loss": loss, "elementwise": elementwise}
         try:
@@ -247,11 +255,28 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
             reason = str(exc).split(" (")[0][:60]
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
-        grad_accum = base.grad_accum(workload.global_batch)  # recompute and offload leave it alone
-        sharded = core["dp_mode"] in ("fsdp", "hsdp")  # kept-gathered blocks need FSDP's resharding
-        for offload, keep, chain in itertools.product(offloads, keeps if sharded else [()], chains):
+        # Recompute and offload leave the gradient accumulation alone; kept-gathered blocks need
+        # FSDP's resharding.
+        prepared.append(_Core(i, core, base, loss, kernels, base.grad_accum(workload.global_batch),
+                              core["dp_mode"] in ("fsdp", "hsdp")))
+
+    def price_core(c: _Core, memory_cap: float | None = None) -> None:
+        """Price one core layout's recompute × offload × keep_gathered × tiling variants (the
+        pruning of the module docstring); fitting estimates go to `fitting`. With `memory_cap`,
+        variants whose allocated peak reaches it are not priced (`SearchBounds.memory_cap`)."""
+        nonlocal evaluated
+        core, base, loss, kernels, grad_accum = c.core, c.base, c.loss, c.kernels, c.grad_accum
+        # Offload only adds time (copies, a host-side step) at a given recompute and tiling: once
+        # the untiled layout without offload fits at chain[i], offloaded variants are priced on
+        # chain[:i + 1] only (the tie at i kept: an offload that costs no time but memory wins).
+        plain_limit: dict[tuple, int] = {}
+        # Blocks kept gathered only add memory: a kept variant fits no earlier along its chain than
+        # the same layout keeping none (checked first), so its bisection starts where that one's ended.
+        keep_floor: dict[tuple, int] = {}
+        for offload, keep, (n, chain) in itertools.product(offloads, keeps if c.sharded else [()], enumerate(chains)):
             offload = tuple(offload)
-            limit = len(chain)  # recompute settings a tiled layout may still win with: chain[:limit]
+            # Recompute settings a tiled or offloaded layout may still win with: chain[:limit].
+            limit = len(chain) if not offload else plain_limit.get((keep, n), len(chain))
             for tile in tile_options:
                 tiles = tile_count(base.micro_batch * workload.seq_len // base.sp, tile)
                 if tile is not None and ("selective" in chain or (tiles == 1 and len(tile_options) > 1)):
@@ -259,53 +284,114 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                 if limit == 0:
                     break
                 trace = trace_for(loss, tiles)
-                make = partial(Layout, **core, **extra, offload=offload, keep_gathered=keep, precision=precision,
-                               kernels=kernels, tile_tokens=tile)
+                template = Layout(**core, **extra, offload=offload, keep_gathered=keep, precision=precision,
+                                  kernels=kernels, tile_tokens=tile, recompute=chain[0])
+
+                def make(recompute, template=template):
+                    """The group's layout at one recompute setting (values parsed once, below)."""
+                    return template.model_copy(update={"recompute": recompute})
                 if exhaustive:
-                    candidates = [make(recompute=r) for r in chain[:limit]]
+                    candidates = [make(r) for r in chain[:limit]]
                 else:
                     # Memory falls along the chain: bisect for the first layout that fits (only the
                     # layouts the bisection reaches are built).
-                    lo, hi, first_fitting = 0, limit, None
+                    lo = min(limit, keep_floor.get((offload, n, tile), 0)) if keep else 0
+                    hi, first_fitting = limit, None
                     while lo < hi:
                         mid = (lo + hi) // 2
-                        layout = make(recompute=chain[mid])
+                        layout = make(chain[mid])
                         evaluated += 1
                         memory = memory_estimate(trace, layout, device_profile, grad_accum, workload.imbalance,
-                                                 config)
+                                                 config, pricing=pricing)
                         if fits_memory(memory, hbm, host):
                             hi, first_fitting = mid, layout
                         else:
                             lo = mid + 1
                             track(memory, layout, trace)
+                    if not keep:
+                        keep_floor[(offload, n, tile)] = lo
                     candidates = [first_fitting] if first_fitting is not None else []
+                    if first_fitting is not None and not offload and tile is None:
+                        plain_limit[(keep, n)] = lo + 1
                     if first_fitting is not None and "activations" in offload:
                         # Offloaded activations cost copy time that falls as recompute rises (less
                         # to copy): time is not monotone along such a chain, so every fitting
                         # setting is priced.
-                        candidates += [make(recompute=r) for r in chain[lo + 1:limit]]
+                        candidates += [make(r) for r in chain[lo + 1:limit]]
                     if "activations" not in offload:
-                        limit = lo
+                        # The next (smaller) tile is tried up to this one's first fit: tiling adds
+                        # compute, which can also hide FSDP collectives, so at the same recompute
+                        # setting a tiled layout may be the faster one.
+                        limit = min(limit, lo + 1)
                 for layout in candidates:
+                    if memory_cap is not None and memory_estimate(
+                            trace, layout, device_profile, grad_accum, workload.imbalance, config,
+                            pricing=pricing).allocated >= memory_cap:
+                        continue
                     evaluated += exhaustive
                     est = estimate(trace, config, layout, device_profile, workload.global_batch,
                                    workload.imbalance, pricing=pricing)
                     if fits_memory(est.memory, hbm, host):
-                        fitting.append(est)
+                        fitting.append((c.index, est))
                     else:
                         track(est.memory, layout, trace)
+
+    order = prepared
+    bounds = None
+    if bound and not exhaustive:
+        # Branch and bound: cores in order of the fastest any of their variants could be; a core
+        # none of whose variants could reach the listed plans, the Pareto front or the best
+        # runnable plan is not priced (see `SearchBounds`).
+        bounds = SearchBounds(workload, config, device_profile, pricing, trace_for, top, offloads, keeps,
+                              tile_options, chains, recomputes, device_type)
+        for c in prepared:
+            c.fastest = bounds.fastest(c)
+        order = sorted(prepared, key=lambda c: -c.fastest)
+    skipped: list[_Core] = []
+    capped: list[_Core] = []  # priced under a memory cap: only their light variants can be listed
+    for n, c in enumerate(order):
+        if progress and n % 16 == 0:
+            progress(n, len(order))
+        if bounds is not None and bounds.cannot_matter(c, fitting):
+            skipped.append(c)
+            continue
+        cap = bounds.memory_cap(c, fitting) if bounds is not None else None
+        if cap is not None:
+            capped.append(c)
+        price_core(c, cap)
+    # The threshold a core was skipped or capped against can fall as later plans dominate earlier
+    # ones: checked again against the final set until it holds for every such core; a capped core
+    # that no longer qualifies is priced again in full.
+    while bounds is not None:
+        late = [c for c in skipped if not bounds.cannot_matter(c, fitting, exact=True)]
+        redo = [c for c in capped if bounds.memory_cap(c, fitting, exact=True) is None]
+        if not late and not redo:
+            break
+        for c in late:
+            skipped.remove(c)
+            price_core(c)
+        for c in redo:
+            capped.remove(c)
+            fitting[:] = [pair for pair in fitting if pair[0] != c.index]
+            price_core(c)
+    if bounds is not None:
+        evaluated += bounds.evaluated
+    fitting = [est for _, est in sorted(fitting, key=lambda pair: pair[0])]  # the order of `cores`
     smallest = {}
     for kind, (_, layout, trace) in smallest_memory.items():
         smallest[kind] = estimate(trace, config, layout, device_profile, workload.global_batch, workload.imbalance,
                                   pricing=pricing)
     if progress:
         progress(len(cores), len(cores))
-    ranked = rank_plans(fitting)
-    device_type = DEVICE_TYPE_OF_KIND.get(device_profile.device.kind, "cuda")
+    # Listed: plans within LISTED_SHARE of the fastest one's throughput (slower ones are not worth
+    # choosing: --headroom asks for memory to spare instead), ranked, and the Pareto front of those.
+    floor = LISTED_SHARE * max((e.tokens_per_s_per_device for e in fitting), default=0.0)
+    listed = [e for e in fitting if e.tokens_per_s_per_device >= floor]
+    ranked = rank_plans(listed)
     # From every fitting layout, not the ranked list: rank_plans drops a layout another one beats on
     # speed and memory, and with allow_3d that is often a price-only 3D layout beating every runnable one.
     runnable = next((e for e in sorted(fitting, key=rank_key) if not runtime_refusals(e.layout, device_type)), None)
-    return SearchResult(plans=ranked[:top], pareto=pareto_front(fitting), candidates_evaluated=evaluated,
+    return SearchResult(plans=ranked[:top], pareto=pareto_front(listed), candidates_evaluated=evaluated,
                         search_time_s=time.perf_counter() - start - tracing[0], smallest=smallest,
                         rejected=rejected, best_runnable=runnable, device_type=device_type,
                         trace_time_s=start - loading + tracing[0], headroom_bytes=headroom_bytes)

@@ -53,13 +53,13 @@ def test_search_differing_fields_get_columns_or_share_one_that_wraps(monkeypatch
     assert code == 0, err
     header = next(line for line in out.splitlines() if "tok/s" in line)
     # (every top plan recomputes fully: activation offload makes that the fastest way to fit)
-    assert all(f" {name} " in f" {header} " for name in ("ep", "mb", "off", "binding"))
+    assert all(f" {name} " in f" {header} " for name in ("ep", "mb", "off", "tile"))
     assert "off = offload" in " ".join(out.split())
-    monkeypatch.setattr(console, "width", 72)  # too narrow for a column each: key=value in one column
+    monkeypatch.setattr(console, "width", 60)  # too narrow for a column each: key=value in one column
     code, out, err = run(args, capsys)
     assert code == 0, err
-    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 72
-    assert "layout (fields" in out and "ep=2" in out and "off=opt+act" in out and "fsdp exposed" in out
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 60
+    assert "layout (fields" in out and "ep=2" in out and "off=opt+act" in out and "tile=8192" in out
 
 
 @pytest.mark.parametrize("top", [1, 2])

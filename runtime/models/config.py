@@ -115,6 +115,11 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.moe_layers
 
+    @functools.cached_property
+    def block_kinds(self) -> frozenset[str]:
+        """The MLP kinds of the decoder blocks present: 'dense', 'moe' or both."""
+        return frozenset("moe" if self.is_moe_layer(i) else "dense" for i in range(self.num_layers))
+
     def layer_attention_type(self, layer: int) -> str:
         """'full_attention' or 'sliding_attention'."""
         return self.layer_types[layer] if self.layer_types else "full_attention"
