@@ -11,6 +11,9 @@ Activation offload (`runtime/distributed/offload.py`), per decoder layer of the 
 - time: copies run on a side stream at the host link's bandwidth, one direction at a time; the
   compute stream waits for layer i's copy out at the end of layer i+1's forward and for layer
   i-1's copy back at the start of its backward (`exposed_copy_time` walks that timeline).
+Under full recompute this is the engine we follow's "Async Checkpointing Swap" (XTuner V1's
+release, 2025-09: recompute checkpoints swapped to host memory asynchronously), which is how its
+FSDP-256 / EP-1 / full-recompute / 16 x 4096-token micro-batch Qwen3-235B run fits an H800.
 
 Optimizer offload (moments only): 8 B per parameter in host memory between steps; each step copies
 them in and out over the host link (16 B per parameter), not overlapped.

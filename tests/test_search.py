@@ -178,3 +178,17 @@ def test_search_writes_only_plans_the_runtime_executes(model, hardware, devices,
     assert result["written_plan"]["layout"] == plan.layout.to_dict()
     if "--allow-3d" in extra:
         assert any(p["runtime_refusals"] for p in result["plans"])  # 3D layouts are listed, priced only
+
+
+@pytest.mark.parametrize("tile, expected", [("4096", 4096), ("none", None)])
+def test_pinned_tile_tokens_reach_the_plan_and_its_command_line(tile, expected, tmp_path, capsys):
+    """`--tile-tokens` takes a count or `none` (as the tables print it); the plan's recorded
+    command line repeats pinned tuples and None as flags a shell accepts again."""
+    path = tmp_path / "plan.yaml"
+    code, _, err = run(["search", "qwen3-8b", "h800", "--devices", "8", "--micro-batch", "4", "--global-batch", "32",
+                        "--tile-tokens", tile, "--keep-gathered", "dense", "-o", str(path)], capsys)
+    assert code == 0, err
+    plan = yaml.safe_load(path.read_text())
+    assert plan["layout"]["tile_tokens"] == expected
+    command = " ".join(plan["command"].split())
+    assert f"--tile-tokens {tile}" in command and "--keep-gathered dense" in command

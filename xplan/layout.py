@@ -343,9 +343,11 @@ class KnobInfo:
     price_only: bool
 
 
-def _kind(annotation: Any) -> type:
-    text = str(annotation)
-    return int if "int" in text and "float" not in text else str
+def _kind(info: Any) -> type:
+    text = str(info.annotation)
+    # A knob whose field parses strings itself (tile_tokens: "none" or a count) is read as text.
+    parses = any(type(m).__name__ == "BeforeValidator" for m in info.metadata)
+    return int if "int" in text and "float" not in text and not parses else str
 
 
 def knobs(model: type[BaseModel] | None = None) -> Iterator[KnobInfo]:
@@ -362,7 +364,7 @@ def knobs(model: type[BaseModel] | None = None) -> Iterator[KnobInfo]:
         extra = info.json_schema_extra or {}
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         yield KnobInfo(name, (name,), extra.get("flag") or "--" + name.replace("_", "-"), extra.get("short"),
-                       info.description or "", _kind(annotation), default, info.is_required(), extra.get("runs"),
+                       info.description or "", _kind(info), default, info.is_required(), extra.get("runs"),
                        extra.get("runtime_max"), bool(extra.get("price_only")))
 
 
@@ -430,13 +432,14 @@ def parse_knob(name: str, value: Any) -> Any:
         model = model.model_fields[part].annotation
     field = model.model_fields[info.path[-1]]
     try:
-        TypeAdapter(Annotated[field.annotation, field]).validate_python(value)
+        parsed = TypeAdapter(Annotated[field.annotation, field]).validate_python(value)
         if info.kind is int and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError("must be a positive integer")
     except (ValidationError, ValueError) as exc:
         reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
-        raise InputError(f"{info.flag}: {reason}, got {value!r}.") from None
-    return value
+        reason = reason.removeprefix("Value error, ").rstrip(".")
+        raise InputError(f"{info.flag}: {reason}" + ("." if "got" in reason else f", got {value!r}.")) from None
+    return parsed  # as the layout holds it (tile_tokens "none" -> None, "8192" -> 8192)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -120,7 +120,8 @@ def command_line(model: str, hardware: str, devices: int, seq_len: int, global_b
     for info in knobs():
         if info.name in pinned:
             value = pinned[info.name]
-            args += [info.flag, ",".join(value) or "none" if info.name == "offload" else str(value)]
+            text = (",".join(value) or "none") if isinstance(value, tuple) else "none" if value is None else str(value)
+            args += [info.flag, text]
     if imbalance is not None:
         args += ["--imbalance", str(imbalance)]
     if image_tokens:
