@@ -200,6 +200,49 @@ def fused_loss_time(trace, work: RankWork, profile) -> tuple[float, float]:
     return memory_time(profile, nbytes) + overhead, memory_time(profile, 2 * nbytes) + overhead
 
 
+def costing_ops(trace, work: RankWork) -> list[PricedOp]:
+    """The traced ops that cost time or a launch under `work`'s kernel choices, in trace order: an
+    elementwise op a fused kernel folds into its neighbour (no bytes of its own) and the score
+    math inside a fused attention kernel price 0 s and issue nothing, so `group_times` skips them
+    (a fused loss drops the traced loss ops: `fused_loss_time` prices it). Kept per trace and
+    choice of kernels: the ops of a trace never change."""
+    fused_attention = work.attention_kernel in FUSED_ATTENTION
+    key = (work.fused_elementwise, work.fused_norm, fused_attention, work.fused_loss)
+    memo = trace.__dict__.setdefault("_costing_ops", {})
+    if key not in memo:
+        kept = []
+        for op in priced_ops(trace):
+            if work.fused_loss and op.group == "loss":
+                continue
+            if op.category == "memory":
+                fused = work.fused_elementwise or (work.fused_norm and is_norm_module(op.module))
+                if (fused and not op.fused_nbytes) or inside_fused_attention(op, work):
+                    continue
+            kept.append(op)
+        memo[key] = kept
+    return memo[key]
+
+
+def _costing_op_keys(trace, work: RankWork) -> list[tuple]:
+    """`costing_ops` with the keys `group_times` adds each op's time and launches under, and
+    whether it is a norm (what `fused_norm` fuses), worked out once per trace and kernel choice."""
+    key = (work.fused_elementwise, work.fused_norm, work.attention_kernel in FUSED_ATTENTION, work.fused_loss)
+    memo = trace.__dict__.setdefault("_costing_op_keys", {})
+    if key not in memo:
+        rows = []
+        for op in costing_ops(trace, work):
+            group, phase = op.group, op.phase
+            gemm = op.category in ("gemm", "grouped")
+            keys = ((group, phase), (group, "gemm") if gemm else None, (group, "gemm_" + phase) if gemm else None,
+                    (group, "gemm_tp_margin") if op.category == "gemm" and under_tp_sm_margin(op.module, phase)
+                    else None,
+                    (group, f"attention_{phase}") if op.category == "attention" else None,
+                    (group, "selective_recompute"), (group, "ops_selective"), (group, "ops"), (group, "ops_forward"))
+            rows.append((op, keys, is_norm_module(op.module)))
+        memo[key] = rows
+    return memo[key]
+
+
 def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     """{(group, phase): seconds} for one instance of each traced group (block kind, embed, head...).
 
@@ -216,40 +259,41 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     times: dict[tuple[str, str], float] = defaultdict(float)
     mm_seen: dict[str, int] = {}
     fused_calls: set[tuple[str, str]] = set()  # (group, phase) of blockwise attention priced as one kernel
-    ops = priced_ops(trace)
     if work.fused_loss:
-        ops = [op for op in ops if op.group != "loss"]
         forward, backward = fused_loss_time(trace, work, profile)
         times[("loss", "forward")] += forward
         times[("loss", "backward")] += backward
         times[("loss", "ops")] += 2
         times[("loss", "ops_forward")] += 1
-    for op in ops:
+    overhead = profile.compute.gemm.overhead_us * 1e-6
+    for op, keys, norm in _costing_op_keys(trace, work):
+        phase_key, gemm_key, gemm_phase_key, tp_key, attention_key, selective_key, ops_selective_key, ops_key, \
+            ops_forward_key = keys
         t = op_time(op, work, profile)
         inside = inside_fused_attention(op, work)
-        fused = work.fused_elementwise or (work.fused_norm and is_norm_module(op.module))
+        fused = work.fused_elementwise or (work.fused_norm and norm)
         issued = op.category != "memory" or not fused or bool(op.fused_nbytes)
         if inside:  # the first block of a pass issues the fused call: its tail and launch, once
-            issued = op.category == "attention" and (op.group, op.phase) not in fused_calls
+            issued = op.category == "attention" and phase_key not in fused_calls
             if issued:
-                fused_calls.add((op.group, op.phase))
-                t += attention_tail(profile, work, op.phase == "backward") + profile.compute.gemm.overhead_us * 1e-6
-        times[(op.group, op.phase)] += t
-        if op.category in ("gemm", "grouped"):
-            times[(op.group, "gemm")] += t
-            times[(op.group, "gemm_" + op.phase)] += t
-            if op.category == "gemm" and under_tp_sm_margin(op.module, op.phase):
-                times[(op.group, "gemm_tp_margin")] += t
-        elif op.category == "attention":  # what an eager kernel replaces (estimate.eager_attention)
-            times[(op.group, f"attention_{op.phase}")] += t
+                fused_calls.add(phase_key)
+                t += attention_tail(profile, work, op.phase == "backward") + overhead
+        times[phase_key] += t
+        if gemm_key is not None:
+            times[gemm_key] += t
+            times[gemm_phase_key] += t
+            if tp_key is not None:
+                times[tp_key] += t
+        elif attention_key is not None:  # what an eager kernel replaces (estimate.eager_attention)
+            times[attention_key] += t
         # kernels the host launches for the op: one per local expert for an expert loop
         issued *= rank_gemm(op, work)[3] if expert_loop(op, work) else 1
         if redone_by_selective(op, mm_seen, work.recompute_every_mm):
-            times[(op.group, "selective_recompute")] += t
-            times[(op.group, "ops_selective")] += issued * op.repeat
+            times[selective_key] += t
+            times[ops_selective_key] += issued * op.repeat
         if issued:
-            times[(op.group, "ops")] += issued * op.repeat
-            times[(op.group, "ops_forward")] += issued * (op.phase == "forward") * op.repeat
+            times[ops_key] += issued * op.repeat
+            times[ops_forward_key] += issued * (op.phase == "forward") * op.repeat
     return dict(times)
 
 
