@@ -200,7 +200,9 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     # Sizes, memory and times are per rank: a3 runs two ranks (dies) per device, each with half of it.
     ranks_per_device = device_profile.device.ranks_per_device
     profile = device_profile.per_rank()
-    pricing = PricingContext(profile)  # op times priced once per (trace, rank work) for this search
+    # Op times priced once per (trace, rank work) for this search, memory-bound ops summed per key:
+    # candidates are ranked with these; what the search reports is priced again exactly (`exact`).
+    pricing, exact = PricingContext(profile, summed=True), PricingContext(profile)
     precision = pinned.pop("precision", "bf16")
     # The runtime compiles blocks (fused elementwise kernels) on accelerators and stays eager on CPU.
     elementwise = pinned.pop("elementwise", "eager" if profile.device.kind == "cpu" else "fused")
@@ -229,6 +231,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     start = time.perf_counter()
     cores = core_layouts(config, workload, devices, profile, pinned, allow_3d, ranks_per_device)
     fitting, evaluated, smallest, rejected = [], 0, None, {}
+    trace_of: dict[int, Any] = {}  # id(estimate) -> the trace it was priced on
     smallest_memory: dict[str, tuple] = {}  # 'device' / 'offload' -> (peak bytes, layout, trace)
 
     def track(memory, layout, trace) -> None:
@@ -333,6 +336,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                                    workload.imbalance, pricing=pricing)
                     if fits_memory(est.memory, hbm, host):
                         fitting.append((c.index, est))
+                        trace_of[id(est)] = trace
                     else:
                         track(est.memory, layout, trace)
 
@@ -380,7 +384,15 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     smallest = {}
     for kind, (_, layout, trace) in smallest_memory.items():
         smallest[kind] = estimate(trace, config, layout, device_profile, workload.global_batch, workload.imbalance,
-                                  pricing=pricing)
+                                  pricing=exact)
+    repriced: dict[int, Any] = {}
+
+    def reported(est):
+        """`est` priced exactly, op by op (the search ranked it with memory-bound ops summed)."""
+        if id(est) not in repriced:
+            repriced[id(est)] = estimate(trace_of[id(est)], config, est.layout, device_profile,
+                                         workload.global_batch, workload.imbalance, pricing=exact)
+        return repriced[id(est)]
     if progress:
         progress(len(cores), len(cores))
     # Listed: plans within LISTED_SHARE of the fastest one's throughput (slower ones are not worth
@@ -391,9 +403,10 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     # From every fitting layout, not the ranked list: rank_plans drops a layout another one beats on
     # speed and memory, and with allow_3d that is often a price-only 3D layout beating every runnable one.
     runnable = next((e for e in sorted(fitting, key=rank_key) if not runtime_refusals(e.layout, device_type)), None)
-    return SearchResult(plans=ranked[:top], pareto=pareto_front(listed), candidates_evaluated=evaluated,
+    plans = sorted((reported(e) for e in ranked[:top]), key=rank_key)
+    return SearchResult(plans=plans, pareto=[reported(e) for e in pareto_front(listed)], candidates_evaluated=evaluated,
                         search_time_s=time.perf_counter() - start - tracing[0], smallest=smallest,
-                        rejected=rejected, best_runnable=runnable, device_type=device_type,
+                        rejected=rejected, best_runnable=runnable and reported(runnable), device_type=device_type,
                         trace_time_s=start - loading + tracing[0], headroom_bytes=headroom_bytes)
 
 

@@ -436,12 +436,19 @@ def fake_grouped_mm(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
 
     The meta kernel accepts bf16 only (the CUDA kernel's rule) while the CPU kernel the runtime
     runs also takes fp32, so the tracer and the dry run of an fp32 MoE plan build the output from
-    the shape rule. Done at dispatch, the op still reaches selective-checkpoint policies and the
-    trackers as `_grouped_mm`. Tested: 2.13."""
+    the shape rule; likewise for expert widths whose rows are not 16-byte aligned, which the
+    runtime runs as a loop of matmuls (`grouped_linear`) and fake tensors cannot split by counts.
+    Done at dispatch, the op still reaches selective-checkpoint policies and the trackers as
+    `_grouped_mm`. Tested: 2.13."""
     if func.overloadpacket is not getattr(torch.ops.aten, "_grouped_mm", None):
         return None
     a, b = args[0], args[1]
-    if not is_fake(a) or a.dtype == torch.bfloat16:
+
+    def aligned(t: torch.Tensor) -> bool:  # every stride but the innermost a multiple of 16 bytes
+        strides = sorted(t.stride())[1:]
+        return all((stride * t.element_size()) % 16 == 0 for stride in strides)
+
+    if not is_fake(a) or (a.dtype == torch.bfloat16 and aligned(a) and aligned(b)):
         return None
     offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
     out_dtype = kwargs.get("out_dtype", args[4] if len(args) > 4 else None) or a.dtype

@@ -721,3 +721,23 @@ def test_eager_attention_priced_as_it_materialises_scores():
     slow = price(long, layout_from_dict({**full, "kernels": {"attention": "eager"}}))
     fast = price(long, layout_from_dict(full))
     assert slow.time["compute"] > 1.2 * fast.time["compute"] and slow.time["recompute"] > fast.time["recompute"]
+
+
+@pytest.mark.parametrize("kernels", [{}, {"elementwise": "eager"}, {"elementwise": "eager", "norm": "fused"},
+                                     {"attention": "eager"}, {"attention": "flash"}, {"loss": "fused"}])
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "fp8"])
+def test_summed_group_times_equal_the_op_by_op_ones(kernels, precision):
+    """The search ranks with memory-bound ops summed per key: the same keys' values up to
+    floating-point reassociation."""
+    from xplan.cost_models.compute import group_times, group_times_summed
+    from xplan.cost_models.estimate import rank_work
+    from xplan.layout import Layout
+    from xplan.planner.pricing import get_trace
+
+    trace = get_trace("qwen3-30b-a3b", 4096, "chunked")
+    layout = Layout(devices=8, ep=2, micro_batch=2, recompute="selective", precision=precision, kernels=kernels)
+    work = rank_work(trace, layout, recompute_every_mm=2)
+    exact, summed = group_times(trace, work, load_profile("h800")), group_times_summed(trace, work, load_profile("h800"))
+    assert exact.keys() >= {k for k, v in summed.items() if v}
+    for key, value in exact.items():
+        assert summed.get(key, 0.0) == pytest.approx(value, rel=1e-12, abs=1e-15), key

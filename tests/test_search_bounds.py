@@ -87,3 +87,16 @@ def test_listed_plans_stay_within_the_listed_share_and_bounds_save_pricing():
     best = result.plans[0].tokens_per_s_per_device
     for est in [*result.plans, *result.pareto]:
         assert est.tokens_per_s_per_device >= search_bounds.LISTED_SHARE * best
+
+
+def test_reported_plans_are_priced_exactly():
+    """The search ranks with memory-bound ops summed per key; what it reports is the estimate
+    `price` gives the same layout."""
+    from xplan.planner.pricing import price
+
+    workload = Workload("qwen3-30b-a3b", "h800", 4096, 64)
+    result = search(workload, 16)
+    for est in [*result.plans[:3], *result.pareto[:3], result.best_runnable]:
+        again = price(workload, est.layout)
+        assert est.tokens_per_s_per_device == again.tokens_per_s_per_device
+        assert est.time == again.time and est.memory == again.memory

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compat import grouped_mm
+from ..compat import grouped_mm, is_fake
 
 GROUPED_GEMM_IMPLS = ("auto", "grouped_mm", "loop")
 
@@ -72,9 +72,11 @@ def grouped_linear_mm(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: 
 def grouped_linear(
     x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor, impl: str = "auto"
 ) -> torch.Tensor:
-    if impl == "loop":
+    if impl == "loop" and not is_fake(x):
         return grouped_linear_loop(x, weight, tokens_per_expert)
-    if impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, weight)):
+    # Fake tensors (the tracer, the dry run) have no counts to split by: the loop's shapes are
+    # the grouped call's (runtime.compat.fake_grouped_mm gives them where the meta kernel refuses).
+    if impl in ("grouped_mm", "loop") or is_fake(x) or (impl == "auto" and grouped_mm_supported(x, weight)):
         return grouped_linear_mm(x, weight, tokens_per_expert)
     if impl == "auto":
         return grouped_linear_loop(x, weight, tokens_per_expert)
