@@ -13,7 +13,7 @@ from xplan.planner.search import search
 WORKLOADS = [
     ("qwen3-8b", "h800", 4096, 64, 8),  # dense: one block kind
     ("qwen3-30b-a3b", "h800", 4096, 64, 16),  # MoE: EP, experts kept gathered
-    ("qwen3-30b-a3b", "h800", 65536, 16, 16),  # long sequences: token tiles, activation offload
+    ("qwen3-30b-a3b", "h800", 32768, 8, 8),  # long sequences: token tiles, activation offload
     ("qwen3-30b-a3b", "a3", 4096, 64, 8),  # two ranks per device
 ]
 
