@@ -56,10 +56,11 @@ def kept_gathered_bytes(trace, layout, compute_bytes: int) -> tuple[float, float
     if not layout.keep_gathered:
         return 0.0, max(block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values())
     kept = 0.0
+    gathered = {kind: block_unsharded_numel(block, layout.ep, layout.tp) * compute_bytes
+                for kind, block in trace.blocks.items() if block_mlp_kind(block) in layout.keep_gathered}
     for kind, _ in stage_layers(trace, layout.recompute, layout.pp):
-        block = trace.blocks[kind]
-        if block_mlp_kind(block) in layout.keep_gathered:
-            kept += block_unsharded_numel(block, layout.ep, layout.tp) * compute_bytes
+        if kind in gathered:
+            kept += gathered[kind]
     others = [block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values()
               if block_mlp_kind(b) not in layout.keep_gathered]
     return kept, max(others, default=0.0)
