@@ -22,6 +22,7 @@ class Lever:
     time_s: float  # step time with it minus without it (> 0: the lever costs time)
     share: float  # time_s over the step time without it
     fits_without: bool
+    short_without: str = ""  # what it would not fit without it: "device memory" or "host memory"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -33,7 +34,7 @@ class Lever:
             memory += f", holds {self.host_gib:.1f} GiB in host memory"
         time = (f"costs {self.time_s:.3f} s/step ({self.share:+.1%})" if self.time_s >= 0
                 else f"saves {-self.time_s:.3f} s/step ({self.share:+.1%})")
-        need = "not needed to fit" if self.fits_without else "needed to fit"
+        need = "not needed to fit" if self.fits_without else f"needed to fit {self.short_without or 'in memory'}"
         return f"{self.name}: {memory}; {time}; {need}"
 
 
@@ -83,7 +84,9 @@ def explain_levers(est, workload, pricing=None) -> list[Lever]:
                          host_gib=lever_host_bytes(name, est.memory) / GIB,
                          time_s=est.step_time_s - alt.step_time_s,
                          share=(est.step_time_s - alt.step_time_s) / alt.step_time_s if alt.step_time_s else 0.0,
-                         fits_without=alt.fits))
+                         fits_without=alt.fits,
+                         short_without="" if alt.fits else "device memory" if alt.memory.allocated > alt.hbm_bytes
+                         else "host memory"))
     return out
 
 
