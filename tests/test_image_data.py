@@ -85,6 +85,16 @@ def test_world_2_ep2_fsdp2_matches_world_1(baseline, vlm_dir, dataset, tmp_path)
     assert max(abs(a - b) / abs(b) for a, b in zip(summary["losses"], ref, strict=True)) <= 1e-5
 
 
+def test_resume_is_exact(baseline, vlm_dir, dataset, tmp_path):
+    """Resuming needs only the step: the samples after it are the uninterrupted run's."""
+    plan = write_plan(tmp_path / "plan.yaml", vlm_dir, training=image_training(dataset))
+    ckpt = tmp_path / "ckpt"
+    first = run_json(plan, "--steps", 6, "--checkpoint-dir", ckpt, "--checkpoint-every", 6)
+    second = run_json(plan, "--steps", 10, "--checkpoint-dir", ckpt, "--resume")
+    assert second["start_step"] == 6
+    assert first["losses"] + second["losses"] == baseline["losses"][:10]  # bit-exact
+
+
 def test_samples_images_first_padding_ignored(dataset, spec):
     """Placeholders first, then the text (truncated / padded); labels of placeholders and padding
     ignored; the normaliser counts text tokens only; the same rows on any data-parallel split."""
@@ -95,6 +105,8 @@ def test_samples_images_first_padding_ignored(dataset, spec):
     assert torch.equal(torch.cat([b.labels for b in two]), one.labels)
     assert torch.equal(torch.cat([b.pixel_values for b in two]), one.pixel_values)
     assert one.pixel_values.shape == (8, 3, 56, 56)
+    images = [load_image(p, spec) for i in range(12, 16) for p in source._sample(i).images]
+    assert torch.equal(one.pixel_values, torch.stack(images))  # each sample's own images, in order
     assert (one.input_ids[:, :8] == spec.image_token_id).all() and (one.input_ids[:, 8:] != spec.image_token_id).all()
     assert (one.labels[:, :7] == -100).all()
     texts = [source._text(source._sample(i)) for i in range(12, 16)]
