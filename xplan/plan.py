@@ -49,8 +49,8 @@ class ScheduleSettings(_Strict):
 
 
 class DataSettings(_Strict):
-    kind: Literal["synthetic", "jsonl", "text"] = "synthetic"
-    path: str | None = None  # jsonl of token-id lists, or a text file
+    kind: Literal["synthetic", "jsonl", "text", "image_jsonl"] = "synthetic"
+    path: str | None = None  # jsonl of token-id lists, a text file, or a jsonl of image + text samples
     tokenizer: str | None = None  # local tokenizer directory for kind=text
     seed: int = 0
 

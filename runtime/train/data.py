@@ -8,6 +8,7 @@ Sources (plan `training.data.kind`):
   ``tokens`` / ``ids`` holding one.
 - ``text``: a UTF-8 text file tokenised with a local tokenizer directory (transformers'
   ``AutoTokenizer``, ``local_files_only``); one document per non-empty line, EOS appended.
+- ``image_jsonl``: image + text samples of a vision-language model (``image_data``).
 
 Local documents are concatenated into one token stream and packed into windows of
 ``seq_len + 1`` tokens (stride ``seq_len``, so every token is a label once per epoch); inputs are
@@ -186,12 +187,21 @@ def resolve_path(value: str, base_dir: Path | None) -> Path:
     return path
 
 
-def build_data(data, vocab_size: int, seq_len: int, base_dir: Path | None = None) -> DataSource:
-    """The plan's data source (`data` is the plan's DataSettings)."""
+def build_data(data, vocab_size: int, seq_len: int, base_dir: Path | None = None, image_tokens: int = 0,
+               vision=None) -> DataSource:
+    """The plan's data source (`data` is the plan's DataSettings; `image_tokens` per sample and the
+    model's VisionSpec `vision` for `image_jsonl`)."""
     check_data_settings(data, base_dir)
     if data.kind == "synthetic":
         return SyntheticData(vocab_size, seq_len, data.seed)
     path = resolve_path(data.path, base_dir)
+    if data.kind == "image_jsonl":
+        from .image_data import build_image_data
+
+        if not image_tokens or vision is None:
+            raise InputError("training.data.kind 'image_jsonl' needs a vision-language model and "
+                             "training.image_tokens > 0.")
+        return build_image_data(path, seq_len, image_tokens, vision, vocab_size, data.seed)
     if data.kind == "jsonl":
         tokens = _jsonl_tokens(path)
     else:

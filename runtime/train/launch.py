@@ -29,7 +29,7 @@ from xplan.errors import InputError
 
 from . import manifest, resume
 from .checkpoint import latest_checkpoint
-from .data import check_data_settings
+from .data import build_data, check_data_settings
 from .loop import RunOptions, check_plan_for_runtime, load_run_plan, train
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -132,6 +132,9 @@ def preflight(plan, options: RunOptions, plan_dir: Path | None) -> RunOptions:
     the options with the resume point chosen."""
     config = check_plan_for_runtime(plan, options.device_type)
     check_data_settings(plan.training.data, plan_dir)
+    if plan.training.data.kind == "image_jsonl":  # reads every sample and image header (bad input: exit 2 here)
+        build_data(plan.training.data, config.vocab_size, plan.training.seq_len, plan_dir, plan.training.image_tokens,
+                   config.vision_spec)
     if options.checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be >= 0, got {options.checkpoint_every}.")
     if options.checkpoint_every and not options.checkpoint_dir:

@@ -93,9 +93,17 @@ def check_vision_runtime(plan, config) -> None:
     if image_tokens and (layout.sp > 1 or layout.tp > 1 or layout.pp > 1):
         raise InputError(f"image tokens run with fsdp and ep only; the plan has sp {layout.sp}, tp {layout.tp}, "
                          f"pp {layout.pp}.")
-    if image_tokens and plan.training.data.kind != "synthetic":
-        raise InputError("image tokens run on synthetic data (random images) only; set training.data.kind: "
-                         "synthetic.")
+    kind = plan.training.data.kind
+    if kind == "image_jsonl" and not config.is_vlm:
+        raise InputError(f"training.data.kind 'image_jsonl' holds images, but {config.name} ({config.model_type}) "
+                         "is not a vision-language model; use `jsonl` or `text` data.")
+    if kind == "image_jsonl" and not image_tokens:
+        per_image = config.vision_spec.tokens_per_image
+        raise InputError(f"training.data.kind 'image_jsonl' needs training.image_tokens: the image tokens per "
+                         f"sample, {per_image} per image for {config.name} (e.g. {per_image} for one image).")
+    if image_tokens and kind not in ("synthetic", "image_jsonl"):
+        raise InputError(f"image tokens run on synthetic data (random images) or image_jsonl samples, not "
+                         f"{kind!r} (text only); set training.data.kind: synthetic or image_jsonl.")
 
 
 def check_ranks_per_device(plan) -> None:
@@ -156,8 +164,9 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
                 error = str(exc)
         resume_from = resume.agree(point, error, ctx.is_main, ctx.world_size)
 
-    source = build_data(training.data, config.vocab_size, training.seq_len, plan_dir)
-    if training.image_tokens:  # image + text samples (parallel.micro_batches)
+    source = build_data(training.data, config.vocab_size, training.seq_len, plan_dir, training.image_tokens,
+                        config.vision_spec if training.image_tokens else None)
+    if training.image_tokens and training.data.kind == "synthetic":  # random images (parallel.micro_batches)
         source.image_tokens, source.vision = training.image_tokens, config.vision_spec
     torch.manual_seed(training.seed)
     model = load_model(plan.model, dtype=torch.float32, device=ctx.device, seed=training.seed)
@@ -202,7 +211,10 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
             synchronize(ctx.device_type)
             t0, c0 = time.perf_counter(), time.process_time()
             batches = micro_batches(source, step, global_batch, layout.micro_batch, ctx)
-            result = train_step(model, optimizer, batches, loss_fn, tokens_per_step, ctx.meshes,
+            # padded samples (image_jsonl) label fewer tokens: the loss is the mean over those labelled
+            labelled = source.step_label_tokens(step, global_batch) if hasattr(source, "step_label_tokens") \
+                else tokens_per_step
+            result = train_step(model, optimizer, batches, loss_fn, labelled, ctx.meshes,
                                 training.grad_clip, scheduler, skip_nonfinite=True)
             loss = result.global_loss(ctx.meshes)
             if result.skipped or not math.isfinite(loss):

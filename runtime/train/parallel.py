@@ -124,6 +124,8 @@ def micro_batches(source: DataSource, step: int, global_batch: int, micro_batch:
     """This rank's micro-batches of step `step` (0-based): its rows of the global batch, its chunk
     of each sequence (the same slice as `distributed.local_batch`, without building the rows of
     other ranks)."""
+    if hasattr(source, "rank_micro_batches"):  # local image + text samples (image_data)
+        return source.rank_micro_batches(step, global_batch, micro_batch, ctx.dp_rank, ctx.dp_size)
     windows = rank_windows(source, step, global_batch, ctx.dp_rank, ctx.dp_size)
     if getattr(source, "image_tokens", 0):
         from .data import image_micro_batches

@@ -1,0 +1,245 @@
+"""Local image + text samples for vision-language models (plan `training.data.kind: image_jsonl`).
+
+A UTF-8 JSON-lines file, one sample per line:
+
+    {"images": ["img/cat.npy", "img/dog.npy"], "input_ids": [17, 5, 42, 9]}
+    {"image": "img/boat.pt", "input_ids": [8, 8, 30]}
+
+- ``images`` (a list of paths) or ``image`` (one path): relative paths are read from the folder of
+  the JSON-lines file. Every sample holds exactly ``training.image_tokens / tokens_per_image``
+  images (the plan fixes the image tokens per sample, which the planner prices).
+- ``input_ids`` (or ``tokens`` / ``ids``): the sample's text as token ids in ``[0, vocab_size)``,
+  without image placeholders (the runtime inserts them).
+
+Image files are ``.npy`` (numpy) or ``.pt`` (one tensor, `torch.load(weights_only=True)`) arrays:
+
+- ``uint8`` ``H x W x C``: raw RGB pixels. Scaled to [0, 1], resized to the vision tower's
+  ``image_size`` (bicubic, antialiased, clamped to [0, 1]) and normalised with the ImageNet mean and
+  std, as InternVL preprocesses images (its processors' ``image_mean`` / ``image_std``).
+- floating ``C x H x W``: pixel values already normalised for the model; only resized (bicubic)
+  when ``H x W`` differs from ``image_size``.
+
+``C`` must be the tower's ``num_channels``. Sample ``i`` of the global sample order is line
+``perm_e[i mod N]`` of epoch ``e = i // N`` (``N`` samples, ``perm_e`` a permutation seeded by
+``data.seed`` and ``e``), so data is a pure function of (step, sample index): the world size never
+changes a step's global batch and resuming needs only the step.
+
+Each sequence of ``seq_len + 1`` tokens is ``image_tokens`` image placeholders, then the text
+(truncated when longer than the room left), then padding. Labels of the placeholders (but the
+last, which predicts the first text token) and of the padding are ignored; a step's loss is the
+mean over the labelled tokens of its global batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from xplan.errors import InputError
+
+from .data import Batch, DataSource
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # InternVL's image_mean (OpenGVLab preprocessing, ImageNet statistics)
+IMAGENET_STD = (0.229, 0.224, 0.225)  # InternVL's image_std
+IMAGE_SUFFIXES = (".npy", ".pt")
+TEXT_KEYS = ("input_ids", "tokens", "ids")
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    images: tuple[Path, ...]
+    text: tuple[int, ...]
+
+
+def _raw_array(path: Path):
+    """The image file's array (a numpy memory map for .npy: the header only is read)."""
+    if not path.is_file():
+        raise FileNotFoundError
+    if path.suffix == ".npy":
+        import numpy as np
+
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    value = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"holds a {type(value).__name__}, not one tensor")
+    return value
+
+
+def _layout(array, path: Path, channels: int) -> str:
+    """'hwc' (raw uint8 pixels) or 'chw' (normalised floats); InputError otherwise."""
+    shape, dtype = tuple(array.shape), str(array.dtype).replace("torch.", "")
+    if dtype == "uint8" and len(shape) == 3 and shape[2] == channels and min(shape) > 0:
+        if channels != len(IMAGENET_MEAN):
+            raise InputError(f"image {path} holds raw uint8 pixels, which are normalised with the ImageNet mean/std "
+                             f"of 3 channels; the vision tower takes {channels}. Give normalised float "
+                             f"{channels}xHxW arrays.")
+        return "hwc"
+    if dtype.startswith(("float", "bfloat")) and len(shape) == 3 and shape[0] == channels and min(shape) > 0:
+        return "chw"
+    raise InputError(f"image {path} has shape {shape} and dtype {dtype}; an image must be uint8 HxWx{channels} "
+                     f"(raw pixels) or float {channels}xHxW (normalised pixel values).")
+
+
+def check_image(path: Path, channels: int) -> None:
+    try:
+        array = _raw_array(path)
+    except FileNotFoundError:
+        raise InputError(f"image {path} does not exist.") from None
+    except Exception as exc:  # noqa: BLE001 - numpy and torch raise several kinds on a bad file
+        raise InputError(f"cannot read image {path}: {exc}") from None
+    _layout(array, path, channels)
+
+
+def load_image(path: Path, spec) -> torch.Tensor:
+    """The image as the model's pixel values: float32 [C, *spec.image_size]."""
+    array = _raw_array(path)
+    layout = _layout(array, path, spec.num_channels)
+    x = array if isinstance(array, torch.Tensor) else torch.from_numpy(array.copy())
+    size = tuple(spec.image_size)
+    if layout == "hwc":
+        x = x.permute(2, 0, 1).float() / 255.0
+        if tuple(x.shape[1:]) != size:
+            x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+            x = x.clamp(0.0, 1.0)
+        mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+        return (x - mean) / std
+    x = x.float()
+    if tuple(x.shape[1:]) != size:
+        x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+    return x.contiguous()
+
+
+def _paths(doc: dict, where: str, folder: Path) -> tuple[Path, ...]:
+    if "images" in doc and "image" in doc:
+        raise InputError(f"{where} has both `images` and `image`; give one.")
+    value = doc["images"] if "images" in doc else [doc["image"]] if "image" in doc else None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise InputError(f"{where} must name its images: `images` (a list of file paths) or `image` (one path).")
+    out = []
+    for name in value:
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else folder / path
+        if path.suffix not in IMAGE_SUFFIXES:
+            raise InputError(f"{where}: image {name!r} must be a .npy or .pt array (PNG/JPEG are not read: decode "
+                             "them to uint8 HxWxC .npy arrays first).")
+        out.append(path)
+    return tuple(out)
+
+
+def read_samples(path: Path, spec, image_tokens: int, vocab_size: int) -> list[ImageSample]:
+    """Every sample of the file, checked (line format, image count, token ids, image files)."""
+    per_sample = image_tokens // spec.tokens_per_image
+    samples: list[ImageSample] = []
+    checked: set[Path] = set()
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            where = f"{path}:{number}"
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where} is not valid JSON ({exc.msg}); each line must be an object with "
+                                 "`images` (or `image`) and `input_ids`.") from None
+            if not isinstance(doc, dict):
+                raise InputError(f"{where} must be a JSON object with `images` (or `image`) and `input_ids`.")
+            images = _paths(doc, where, path.parent)
+            if len(images) != per_sample:
+                raise InputError(f"{where} has {len(images)} image(s), but training.image_tokens {image_tokens} is "
+                                 f"{per_sample} image(s) of {spec.tokens_per_image} tokens per sample; give every "
+                                 "sample that many images or change training.image_tokens.")
+            text = next((doc[k] for k in TEXT_KEYS if k in doc), None)
+            if not isinstance(text, list) or not text or \
+                    not all(isinstance(t, int) and not isinstance(t, bool) for t in text):
+                raise InputError(f"{where} must hold its text as a non-empty list of integer token ids under "
+                                 "`input_ids`.")
+            bad = [t for t in text if t < 0 or t >= vocab_size]
+            if bad:
+                raise InputError(f"{where} holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_size}).")
+            if spec.image_token_id in text:
+                raise InputError(f"{where} holds the image token id {spec.image_token_id} in its text; leave the "
+                                 "image placeholders out (the runtime puts them before the text).")
+            for image in images:
+                if image not in checked:
+                    check_image(image, spec.num_channels)
+                    checked.add(image)
+            samples.append(ImageSample(images, tuple(text)))
+    if not samples:
+        raise InputError(f"{path} holds no samples.")
+    return samples
+
+
+class ImageJsonl(DataSource):
+    """Image + text samples addressed by global sample index (see the module docstring)."""
+
+    def __init__(self, samples: list[ImageSample], seq_len: int, image_tokens: int, spec, seed: int, source: str):
+        self.samples, self.seq_len, self.image_tokens = samples, seq_len, image_tokens
+        self.spec, self.seed, self.source = spec, seed, source
+        self.pad_id = 1 if spec.image_token_id == 0 else 0  # never a label, never attended by real tokens
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _sample(self, index: int) -> ImageSample:
+        epoch, k = divmod(index, len(self.samples))
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.samples), generator=gen)}
+        return self.samples[int(self._perms[epoch][k])]
+
+    def _text(self, sample: ImageSample) -> tuple[int, ...]:
+        return sample.text[: self.seq_len + 1 - self.image_tokens]
+
+    def windows(self, samples: range) -> torch.Tensor:
+        rows = torch.full((len(samples), self.seq_len + 1), self.pad_id, dtype=torch.int64)
+        rows[:, : self.image_tokens] = self.spec.image_token_id
+        for row, index in enumerate(samples):
+            text = self._text(self._sample(index))
+            rows[row, self.image_tokens: self.image_tokens + len(text)] = torch.tensor(text, dtype=torch.int64)
+        return rows
+
+    def label_tokens(self, samples: range) -> int:
+        """Labelled tokens of these samples: their text tokens (each predicted once)."""
+        return sum(len(self._text(self._sample(i))) for i in samples)
+
+    def step_label_tokens(self, step: int, global_batch: int) -> int:
+        return self.label_tokens(range(step * global_batch, (step + 1) * global_batch))
+
+    def pixels(self, samples: range) -> torch.Tensor:
+        images = [load_image(p, self.spec) for i in samples for p in self._sample(i).images]
+        return torch.stack(images) if images else torch.empty(0, self.spec.num_channels, *self.spec.image_size)
+
+    def rank_micro_batches(self, step: int, global_batch: int, micro_batch: int, dp_rank: int,
+                           dp_size: int) -> list[Batch]:
+        """Data-parallel rank `dp_rank`'s micro-batches of step `step` (no sequence parallelism)."""
+        from .loss import IGNORE_INDEX
+
+        per_rank = global_batch // dp_size
+        first = step * global_batch + dp_rank * per_rank
+        positions = torch.arange(self.seq_len, dtype=torch.int64).unsqueeze(0)
+        out = []
+        for start in range(first, first + per_rank, micro_batch):
+            samples = range(start, min(start + micro_batch, first + per_rank))
+            rows = self.windows(samples)
+            labels = rows[:, 1:].clone()
+            labels[:, : self.image_tokens - 1] = IGNORE_INDEX  # placeholders predicting placeholders
+            for row, index in enumerate(samples):  # padding predicts nothing
+                labels[row, self.image_tokens - 1 + len(self._text(self._sample(index))):] = IGNORE_INDEX
+            out.append(Batch(rows[:, :-1].contiguous(), labels, positions, self.pixels(samples)))
+        return out
+
+    def describe(self) -> str:
+        room = self.seq_len + 1 - self.image_tokens
+        cut = sum(len(s.text) > room for s in self.samples)
+        images = sum(len(s.images) for s in self.samples)
+        return (f"{self.source} ({len(self.samples)} image+text samples, {images} images"
+                + (f", {cut} texts truncated to {room} tokens" if cut else "") + ")")
+
+
+def build_image_data(path: Path, seq_len: int, image_tokens: int, spec, vocab_size: int, seed: int) -> ImageJsonl:
+    return ImageJsonl(read_samples(path, spec, image_tokens, vocab_size), seq_len, image_tokens, spec, seed,
+                      str(path))
