@@ -184,8 +184,11 @@ def _offload_free_terms(trace, layout: Layout, profile, grad_accum: int, imbalan
         head_block = trace.others.get("head")
         head_params = head_block.params_total / layout.tp if head_block is not None else 0
         logits, head = 0.0, 0.0
+        # The runtime's FSDP unit of the final norm and LM head (runtime.distributed.parallelize).
+        unwrapped = layout.ranks == 1 and layout.precision == "fp32" and not layout.offload
+        head_unit = not (layout.zero1 or config.tie_word_embeddings or unwrapped)
         head_moments = chunked_head_moments(head_params, config.vocab_size, config.hidden_size,
-                                            tf * trace.seq_len / layout.tp, compute_bytes)
+                                            tf * trace.seq_len / layout.tp, compute_bytes, head_unit)
     kept, largest_other = (0.0, 0.0) if layout.zero1 else kept_gathered_bytes(trace, layout, compute_bytes)
     return _OffloadFreeTerms(compute_bytes=compute_bytes, state_numel=state_numel, resident=resident, tf=tf,
                              in_flight=in_flight, saved=saved, largest_block=largest_block,
