@@ -381,12 +381,25 @@ def fused_loss_head_bytes(trace, token_factor: float, tp: int, compute_bytes: in
 LOSS_CHUNK_TOKENS = 1024  # the runtime's chunked loss (runtime/train/loss.py DEFAULT_CHUNK_TOKENS)
 
 
-def chunked_head_bytes(head_params: float, vocab: int, hidden: int, tokens: float, compute_bytes: int) -> float:
-    """LM head under the chunked loss, at the end of the forward: the gathered weight, FSDP's
-    retained all-gather output and the loss's weight gradient (3 weights), one chunk's fp32 logits
-    and their gradient, and the hidden-state gradient the loss already produced."""
+def chunked_head_moments(head_params: float, vocab: int, hidden: int, tokens: float, compute_bytes: int,
+                         head_unit: bool = True) -> tuple[dict[str, float], ...]:
+    """The LM head's moments under the chunked loss, by component (bytes):
+
+    - the loss, at the end of the forward: the gathered weight and FSDP's retained all-gather
+      output (gathered parameters), the loss's weight gradient, one chunk's fp32 logits and their
+      gradient, and the hidden-state gradient (the loss's);
+    - the final norm's backward: the runtime's head unit holds the norm too, and FSDP2 reshards it
+      after the head's backward and gathers it again for the norm's (weight and all-gather output),
+      while the head's fp32 reduce-scatter input is still alive beside the hidden-state gradient.
+      Only where the head is an FSDP unit of its own (`head_unit`): not under ZeRO-1, not with
+      tied embeddings (the root unit holds it, never resharded), not on one fp32 rank unwrapped.
+    """
+    weight = head_params * compute_bytes
+    hidden_grad = tokens * hidden * compute_bytes
     chunk = min(LOSS_CHUNK_TOKENS, tokens)
-    return 3 * head_params * compute_bytes + chunk * vocab * (4 + compute_bytes) + tokens * hidden * compute_bytes
+    loss = dict(gathered_parameters=2 * weight, logits_loss=weight + chunk * vocab * (4 + compute_bytes) + hidden_grad)
+    norm = dict(gathered_parameters=2 * weight, logits_loss=hidden_grad, temporaries=head_params * GRAD_BYTES)
+    return (loss, norm) if head_unit else (loss,)
 
 
 def routed_copy_bytes(config, tokens: float, act_bytes: int) -> float:

@@ -24,7 +24,7 @@ from .memory import (
     activation_bytes,
     backward_moment,
     block_unsharded_numel,
-    chunked_head_bytes,
+    chunked_head_moments,
     eager_saved_bytes,
     fused_loss_head_bytes,
     grad_bytes,
@@ -131,6 +131,8 @@ class _OffloadFreeTerms:
     ep_copy: float
     logits: float
     head: float
+    # The LM head's moments by component, when priced apart (chunked loss): the loss's, the norm's.
+    head_moments: tuple[dict[str, float], ...]
     fragmentation: float  # for the layout's allocator
     kept: float  # gathered weights of the kept-gathered blocks (keep_gathered)
     largest_other: float  # largest block not kept, in numel (0 when every kind is kept)
@@ -177,15 +179,21 @@ def _offload_free_terms(trace, layout: Layout, profile, grad_accum: int, imbalan
                              lambda: head_phase_bytes(trace, tf, layout.tp, compute_bytes))
     if layout.kernels.get("loss") == "fused":
         logits, head = fused_loss_head_bytes(trace, tf, layout.tp, compute_bytes)
+    head_moments: tuple[dict[str, float], ...] = ()
     if config is not None and layout.kernels.get("loss") == "chunked":
         head_block = trace.others.get("head")
         head_params = head_block.params_total / layout.tp if head_block is not None else 0
-        logits, head = 0.0, chunked_head_bytes(head_params, config.vocab_size, config.hidden_size,
-                                               tf * trace.seq_len / layout.tp, compute_bytes)
+        logits, head = 0.0, 0.0
+        # The runtime's FSDP unit of the final norm and LM head (runtime.distributed.parallelize).
+        unwrapped = layout.ranks == 1 and layout.precision == "fp32" and not layout.offload
+        head_unit = not (layout.zero1 or config.tie_word_embeddings or unwrapped)
+        head_moments = chunked_head_moments(head_params, config.vocab_size, config.hidden_size,
+                                            tf * trace.seq_len / layout.tp, compute_bytes, head_unit)
     kept, largest_other = (0.0, 0.0) if layout.zero1 else kept_gathered_bytes(trace, layout, compute_bytes)
     return _OffloadFreeTerms(compute_bytes=compute_bytes, state_numel=state_numel, resident=resident, tf=tf,
                              in_flight=in_flight, saved=saved, largest_block=largest_block,
                              gathered_block=gathered_block, extra=extra, ep_copy=ep_copy, logits=logits, head=head,
+                             head_moments=head_moments,
                              fragmentation=fragmentation(profile, layout), kept=kept, largest_other=largest_other,
                              stage=stage, rule=rule)
 
@@ -237,7 +245,12 @@ def _with_offload(trace, layout: Layout, t: _OffloadFreeTerms, grad_accum: int, 
         "block": dict(gradients=grads_backward, gathered_parameters=gathered, activations=backward_saved,
                       temporaries=workspace + held),
     }
-    if t.stage.head:  # the LM head's backward (on the last pipeline stage)
+    if t.stage.head and t.head_moments:  # the LM head's moments (last pipeline stage), priced apart
+        for i, part in enumerate(t.head_moments):
+            moments["head" if i == 0 else f"head {i}"] = dict(
+                gradients=grads if grad_accum > 1 else 0.0, gathered_parameters=t.kept + part["gathered_parameters"],
+                activations=saved, logits_loss=part["logits_loss"], temporaries=part.get("temporaries", 0.0))
+    elif t.stage.head:  # the LM head's backward (on the last pipeline stage)
         moments["head"] = dict(gradients=grads if grad_accum > 1 else 0.0, gathered_parameters=t.kept,
                                activations=saved, logits_loss=logits, temporaries=head)
     _, step_grads, step_moments, step_temp = optimizer_step_bytes(t.state_numel, layout)
@@ -245,7 +258,7 @@ def _with_offload(trace, layout: Layout, t: _OffloadFreeTerms, grad_accum: int, 
         moments["optimizer"] = dict(gradients=step_grads, temporaries=step_temp)
     resident = {name: optim for name in moments} | ({"optimizer": step_moments} if step_moments else {})
     # The first largest wins, the head before the block on a tie (as before the optimizer moment).
-    name = max(moments, key=lambda k: (params + resident[k] + sum(moments[k].values()), k == "head"))
+    name = max(moments, key=lambda k: (params + resident[k] + sum(moments[k].values()), k.startswith("head")))
     moment = {"gradients": 0.0, "gathered_parameters": 0.0, "activations": 0.0, "logits_loss": 0.0,
               "temporaries": 0.0, **moments[name]}
     optim = resident[name]

@@ -161,10 +161,13 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imba
         fully_shard(block, mesh=meshes.fsdp, reshard_after_forward=reshard, shard_placement_fn=placement, **common)
         units.append(block)
         kept += [] if reshard else [block]
-    if hasattr(model, "vision_tower"):  # one unit per vision layer; embeddings and projector in the root
-        for layer in model.vision_tower.encoder.layer:
-            fully_shard(layer, mesh=meshes.fsdp, reshard_after_forward=True, **common)
-            units.append(layer)
+    if hasattr(model, "vision_tower"):
+        # Units of their own for the patch embeddings, each vision layer and the projector, each
+        # resharded after its forward: in the root unit (never resharded) they would stay gathered
+        # through the whole step, which the planner does not price (it runs first and last anyway).
+        for unit in (model.vision_tower.embeddings, *model.vision_tower.encoder.layer, model.multi_modal_projector):
+            fully_shard(unit, mesh=meshes.fsdp, reshard_after_forward=True, **common)
+            units.append(unit)
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if not tied:
         fully_shard(model.model.embed_tokens, mesh=meshes.fsdp, reshard_after_forward=True, **common)

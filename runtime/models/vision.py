@@ -177,6 +177,8 @@ class Projector(nn.Module):
         self.act = activation(spec.projector_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows [tokens, width] -> [tokens, text hidden]: 2-D in and out, so the output of this FSDP
+        unit is no view (a linear over 3-D input returns one, which FSDP2 warns may lose its hook)."""
         return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
 
 
@@ -209,7 +211,8 @@ class VisionLanguageLM(CausalLM):
         features = self.vision_tower(pixel_values)[:, 1:]  # drop the class token
         g = self.spec.grid[0]
         features = pixel_shuffle(features.reshape(features.shape[0], g, g, -1), self.spec.downsample)
-        return self.multi_modal_projector(features)
+        rows = self.multi_modal_projector(features.reshape(-1, features.shape[-1]))
+        return rows.view(features.shape[0], features.shape[1], -1)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         embeds = self.model.embed_tokens(input_ids)
