@@ -434,7 +434,8 @@ def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_la
       all-to-all outputs (2 × tokens × top_k × hidden) of every MoE layer; with Ulysses the q, k, v
       and output all-to-all outputs.
     - without recompute, Ulysses keeps the attention output twice (the kernel's saved output and
-      the output projection's input after the reverse all-to-all), which share storage at sp = 1.
+      the output projection's input after the reverse all-to-all), which share storage at sp = 1
+      where the traced kernel is SDPA (`traced_output_shared`).
     `policy_counts` are layers per policy on this rank; `tokens` this rank's tokens per micro-batch.
     Token tiles (`tiled`) checkpoint the MoE per tile: a layer without recompute keeps no received copy.
     """
@@ -453,8 +454,18 @@ def parallel_saved_bytes(config, layout, policy_counts: dict[str, float], moe_la
         widths = (config.num_heads * config.qk_head_dim + kv_heads * (config.qk_head_dim + config.v_dim)
                   + config.num_heads * config.v_dim)
         extra += selective * tokens * widths * act_bytes
-        extra += none * tokens * config.num_heads * config.v_dim * act_bytes
+        if traced_output_shared(config):
+            extra += none * tokens * config.num_heads * config.v_dim * act_bytes
     return extra
+
+
+def traced_output_shared(config) -> bool:
+    """Whether the traced attention's saved output is the storage the output projection reads
+    (so Ulysses' reverse all-to-all adds a copy the trace does not have). The tracer runs on CPU,
+    where `runtime.models.layers.attention_core` takes SDPA only for plain causal attention with
+    equal query and value widths; otherwise blockwise attention runs, and the projection's input
+    is already a copy of its output (MLA's narrower values, GPT-OSS's sinks and windows)."""
+    return config.qk_head_dim == config.v_dim and config.family != "gpt_oss" and not config.sliding_window
 
 
 def rank_param_split(trace, layout) -> tuple[float, float]:

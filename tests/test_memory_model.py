@@ -118,3 +118,19 @@ def test_torchtitan_selective_policy_keeps_fewer_mm_outputs():
     kept_all, _ = activation_bytes(trace, "selective", 1.0, 1, 1, 1, 1.0, 1.0)
     kept_half, _ = activation_bytes(trace, "selective", 1.0, 1, 1, 1, 1.0, 1.0, every_mm=2)
     assert kept_all - kept_half == pytest.approx(trace.blocks[kind].count * redone_mm_bytes(trace, kind, 2))
+
+
+def test_ulysses_adds_an_attention_output_copy_only_where_the_traced_kernel_shares_it():
+    """Without recompute, Ulysses' reverse all-to-all makes the output projection's input a tensor
+    of its own; at sp = 1 it shares the SDPA kernel's saved output, but the CPU-traced blockwise
+    attention of MLA (values narrower than keys) already has the copy (memory matrix row 16,
+    deepseek-v3 sp 4: +3.0% -> -0.3% against the dry run)."""
+    from xplan.cost_models.memory import parallel_saved_bytes, traced_output_shared
+    from xplan.planner.pricing import load_model_config
+
+    layout = Layout(devices=8, sp=4)
+    for model, shared in (("qwen3-8b", True), ("deepseek-v3", False), ("gpt-oss-20b", False)):
+        config = load_model_config(model)
+        assert traced_output_shared(config) is shared
+        extra = parallel_saved_bytes(config, layout, {"none": 1.0}, 0.0, 1024.0, 2)
+        assert extra == (1024 * config.num_heads * config.v_dim * 2 if shared else 0.0), model
