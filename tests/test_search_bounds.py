@@ -74,8 +74,9 @@ def test_bounded_search_lists_what_the_unbounded_one_does(model, hardware, seq, 
 def test_bounded_3d_search_lists_what_the_unbounded_one_does():
     """With TP/PP priced (plans the runtime refuses among them), the bound skips no core that
     could beat the best runnable plan found."""
-    workload = Workload("qwen3-8b", "h800", 4096, 32)
-    bounded, unbounded = search(workload, 8, allow_3d=True), search(workload, 8, allow_3d=True, bound=False)
+    workload = Workload("qwen3-8b", "h800", 4096, 16)  # TP 2 layouts among the listed plans
+    bounded, unbounded = search(workload, 4, allow_3d=True), search(workload, 4, allow_3d=True, bound=False)
+    assert any(e.layout.tp > 1 for e in bounded.plans)
     assert [e.layout for e in bounded.plans] == [e.layout for e in unbounded.plans]
     assert bounded.best_runnable.layout == unbounded.best_runnable.layout
 
