@@ -30,3 +30,13 @@ def tiny_moe_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("tiny_moe")
     (d / "config.json").write_text(json.dumps(TINY_MOE))
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    """A local config directory of the tiny InternVL-style model (tests/test_run_vlm.py: TINY_VLM)."""
+    from tests.test_run_vlm import TINY_VLM
+
+    path = tmp_path_factory.mktemp("tiny-internvl")
+    (path / "config.json").write_text(json.dumps(TINY_VLM))
+    return path

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.test_run_cli import TINY_MOE, run_json, write_plan, xplan
-from tests.test_run_vlm import IMAGES, TINY_VLM
+from tests.test_run_vlm import IMAGES
 from xplan.runtime.train.image_data import IMAGENET_MEAN, IMAGENET_STD, build_image_data, load_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,13 +38,6 @@ def make_dataset(folder, samples=8, seed=0):
         lines.append({"images": [f"img/{k}a.npy", second], "input_ids": text})
     path = folder / "samples.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-internvl")
-    (path / "config.json").write_text(json.dumps(TINY_VLM))
     return path
 
 

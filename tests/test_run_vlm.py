@@ -25,13 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-internvl")
-    (path / "config.json").write_text(json.dumps(TINY_VLM))
-    return path
-
-
-@pytest.fixture(scope="module")
 def vlm_baseline(tmp_path_factory, vlm_dir):
     root = tmp_path_factory.mktemp("vlm-baseline")
     return run_json(write_plan(root / "plan.yaml", vlm_dir, training=IMAGES), "--steps", 20)

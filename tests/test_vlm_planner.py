@@ -9,15 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.test_run_vlm import TINY_VLM
 from xplan.cli import main
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-internvl-plan")
-    (path / "config.json").write_text(json.dumps(TINY_VLM))
-    return path
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
