@@ -40,3 +40,16 @@ def vlm_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-internvl")
     (path / "config.json").write_text(json.dumps(TINY_VLM))
     return path
+
+
+def value_paths(node, prefix=()):
+    """Every key / index path into a parsed YAML or JSON document, the root left out (what the
+    readers' fuzz tests mutate)."""
+    if prefix:
+        yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from value_paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from value_paths(v, (*prefix, i))

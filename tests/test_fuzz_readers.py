@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from tests.conftest import TINY_MOE
+from tests.conftest import TINY_MOE, value_paths
 from xplan.cli import main
 from xplan.hw_profiles.loader import PROFILE_DIR
 from xplan.planner import pricing
@@ -32,17 +32,6 @@ VALUES = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dict
     st.text(max_size=8) | MARKUP, kids, max_size=3), max_leaves=12)
 DEEP = st.sampled_from(["[" * 20000, "{a: " * 20000, "- " * 20000 + "1", "a:\n" + "".join(
     "  " * i + "b:\n" for i in range(2000))])
-
-
-def _paths(node, prefix=()):
-    if prefix:
-        yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, (*prefix, i))
 
 
 def _typo(key) -> str:
@@ -71,7 +60,7 @@ NUMBERS = st.floats(min_value=0, max_value=1e15) | st.integers(0, 10**7)
 
 
 def mutations(base):
-    return st.tuples(st.sampled_from(list(_paths(base))), st.sampled_from(["set", "delete", "typo"]),
+    return st.tuples(st.sampled_from(list(value_paths(base))), st.sampled_from(["set", "delete", "typo"]),
                      VALUES | NUMBERS)
 
 
@@ -240,7 +229,7 @@ def test_fuzz_trace_cache_entries_are_misses_or_price(env, capsys, data):
 
 def mutations_of_trace(payload):
     # Graph paths are many and alike: sample the scalar fields, blocks and a few graph nodes.
-    top = [p for p in _paths({k: v for k, v in payload.items() if k != "graph"})]
+    top = [p for p in value_paths({k: v for k, v in payload.items() if k != "graph"})]
     graph = [("graph", "nodes", i, 1, k) for i in range(min(20, len(payload["graph"]["nodes"])))
              for k in payload["graph"]["nodes"][i][1]]
     return st.tuples(st.sampled_from(top + graph), st.sampled_from(["set", "delete", "typo"]), VALUES)

@@ -11,6 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import value_paths
 from xplan.errors import InputError
 from xplan.hw_profiles import (
     COLLECTIVES,
@@ -292,18 +293,8 @@ def test_fuzz_yaml_text_raises_only_input_error(text):
     _only_input_error(profile_from_yaml, text)
 
 
-def _paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, (*prefix, i))
-
-
 _BASE = yaml.safe_load((PROFILE_DIR / "a3.yaml").read_text())
-_BASE_PATHS = [p for p in _paths(_BASE) if p]
+_BASE_PATHS = list(value_paths(_BASE))
 
 
 @_FUZZ
