@@ -274,12 +274,9 @@ def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalan
     context = pricing_for(profile, pricing)
     # Offload changes neither the micro-batch nor the pipeline: its variants share those terms.
     key = (id(trace), layout_key(layout, without=("offload",)), global_batch, imbalance, recompute_every_mm, id(config))
-    known = context.memos.setdefault("step", {}).get(key)
-    if known is None or known[0] is not trace or known[1] is not config:
-        known = (trace, config, _step_terms(trace, config, layout, profile, global_batch, imbalance,
-                                            recompute_every_mm, context))
-        context.memos["step"][key] = known  # holding both: their ids name no other object
-    terms = known[2]
+    # The memo holds the trace and config it was computed for, so their ids name no other object.
+    terms = memoised(context.memos.setdefault("step", {}), key, lambda: (trace, config, _step_terms(
+        trace, config, layout, profile, global_batch, imbalance, recompute_every_mm, context)))[2]
     grad_accum, tf, work, times, overlap = terms.grad_accum, terms.tf, terms.work, terms.times, terms.overlap
     busiest, micro, bubble, zero1_exposed = terms.busiest, terms.micro, terms.bubble, terms.zero1_exposed
     params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))

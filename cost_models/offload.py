@@ -39,6 +39,7 @@ from .memory import (
     redone_mm_bytes,
     stage_layers,
 )
+from .memos import memoised
 
 # foreach AdamW's step makes one fp32 tensor per parameter (sqrt of the second moment) beside the
 # states it updates in place (measured by the dry run's optimizer phase: 4 B per parameter).
@@ -125,12 +126,10 @@ def offloaded_backward_moment(trace, layout, embedding: float, layers: list[Offl
     memo = trace.__dict__.setdefault("_offloaded_backward", {})
     key = (id(layers), embedding, token_factor, layout.tp, layout.ep, layout.zero1, layout.keep_gathered, imbalance,
            compute_bytes, grads, accumulated, ep_copy, every_mm, kept_bytes)
-    known = memo.get(key)
-    if known is None or known[0] is not layers:
-        known = memo[key] = (layers, _offloaded_backward_moment(  # holding `layers`: its id names no other list
-            trace, layout, embedding, layers, token_factor, imbalance, compute_bytes, grads, accumulated, ep_copy,
-            every_mm, kept_bytes))
-    return known[1]
+    # The memo holds `layers`, so its id names no other list.
+    return memoised(memo, key, lambda: (layers, _offloaded_backward_moment(
+        trace, layout, embedding, layers, token_factor, imbalance, compute_bytes, grads, accumulated, ep_copy,
+        every_mm, kept_bytes)))[1]
 
 
 def _offloaded_backward_moment(trace, layout, embedding: float, layers: list[OffloadedLayer], token_factor: float,

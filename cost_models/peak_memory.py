@@ -71,12 +71,8 @@ def memory_estimate(trace, layout: Layout, profile, grad_accum: int, imbalance: 
         imbalance = default_imbalance(layout, config)
     if pricing is not None:  # a search's context: each layout's breakdown once (bisection, then estimate)
         key = (id(trace), layout, grad_accum, imbalance, recompute_every_mm, id(config))
-        known = pricing.memos.setdefault("memory", {}).get(key)
-        if known is not None and known[0] is trace and known[1] is config:
-            return known[2]
-        memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, recompute_every_mm)
-        pricing.memos["memory"][key] = (trace, config, memory)  # holding both: their ids name no other object
-        return memory
+        return memoised(pricing.memos.setdefault("memory", {}), key, lambda: (trace, config, memory_estimate(
+            trace, layout, profile, grad_accum, imbalance, config, recompute_every_mm)))[2]
     memo = trace.__dict__.setdefault("_memory_terms", {})
     best = None
     for stage in pipeline_stages(trace, layout, grad_accum):

@@ -46,11 +46,11 @@ from xplan.layout import (
     check_layout,
     runtime_refusals,
 )
-from xplan.layout_tiles import tile_count
+from xplan.layout_tiles import feed_forward_tiles, tile_count
 from xplan.layout_values import parse_recompute
 
 from .pricing import Workload, get_trace, load_hw, load_model_config
-from .search_bounds import LISTED_SHARE, SearchBounds, _Core
+from .search_bounds import LISTED_SHARE, SearchBounds, _Core, tile_tried
 
 # Increasing time cost: what to try first when memory allows.
 RECOMPUTE_ORDER: tuple[str | float, ...] = ("none", "selective", 0.25, 0.5, 0.75, "full")
@@ -231,7 +231,6 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     start = time.perf_counter()
     cores = core_layouts(config, workload, devices, profile, pinned, allow_3d, ranks_per_device)
     fitting, evaluated, smallest, rejected = [], 0, None, {}
-    trace_of: dict[int, Any] = {}  # id(estimate) -> the trace it was priced on
     smallest_memory: dict[str, tuple] = {}  # 'device' / 'offload' -> (peak bytes, layout, trace)
 
     def track(memory, layout, trace) -> None:
@@ -282,8 +281,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
             limit = len(chain) if not offload else plain_limit.get((keep, n), len(chain))
             for tile in tile_options:
                 tiles = tile_count(base.micro_batch * workload.seq_len // base.sp, tile)
-                if tile is not None and ("selective" in chain or (tiles == 1 and len(tile_options) > 1)):
-                    continue  # tiling does not combine with selective recompute; or no token to tile
+                if not tile_tried(tile, tiles, "selective" in chain, len(tile_options)):
+                    continue
                 if limit == 0:
                     break
                 trace = trace_for(loss, tiles)
@@ -336,7 +335,6 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                                    workload.imbalance, pricing=pricing)
                     if fits_memory(est.memory, hbm, host):
                         fitting.append((c.index, est))
-                        trace_of[id(est)] = trace
                     else:
                         track(est.memory, layout, trace)
 
@@ -390,7 +388,9 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     def reported(est):
         """`est` priced exactly, op by op (the search ranked it with memory-bound ops summed)."""
         if id(est) not in repriced:
-            repriced[id(est)] = estimate(trace_of[id(est)], config, est.layout, device_profile,
+            layout = est.layout  # priced on the trace of its loss kernel and token tiles
+            trace = trace_for(layout.kernels.loss, feed_forward_tiles(layout, workload.seq_len))
+            repriced[id(est)] = estimate(trace, config, layout, device_profile,
                                          workload.global_batch, workload.imbalance, pricing=exact)
         return repriced[id(est)]
     if progress:

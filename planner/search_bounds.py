@@ -37,6 +37,13 @@ TIE_MARGIN = 0.9999
 LISTED_SHARE = 0.5
 
 
+def tile_tried(tile, tiles: int, selective: bool, choices: int) -> bool:
+    """Whether the search tries token tile size `tile` (`tiles` tiles of a rank's micro-batch) on a
+    recompute chain: tiling does not combine with selective recompute, and a layout with a single
+    tile is tiled only when the tile size was pinned (`choices` sizes, untiled included)."""
+    return tile is None or not (selective or (tiles == 1 and choices > 1))
+
+
 @dataclass
 class _Core:
     """One core layout of the search, validated, with what its variants share."""
@@ -73,10 +80,9 @@ class SearchBounds:
         return tile_count(c.base.micro_batch * self.workload.seq_len // c.base.sp, tile)
 
     def _tile_options(self, c: _Core, recompute) -> list:
-        """The token tiles the search tries for `c` at `recompute` (as `search.price_core`)."""
+        """The token tiles the search tries for `c` at `recompute` (`tile_tried`)."""
         return [tile for tile in self.tile_options
-                if tile is None or not (recompute == "selective"
-                                        or (self._tiles(c, tile) == 1 and len(self.tile_options) > 1))]
+                if tile_tried(tile, self._tiles(c, tile), recompute == "selective", len(self.tile_options))]
 
     def _time_bound(self, c: _Core, recompute) -> float:
         """Tokens/s/device of `c` at `recompute` with the levers that only cost time off (offload)
@@ -146,14 +152,19 @@ class SearchBounds:
                        "best": max((e.tokens_per_s_per_device for e in estimates), default=0.0)}
         self._seen = len(fitting)
 
+    def _listed_by_speed(self, c: _Core) -> bool:
+        """Whether a variant of `c` may still be among the `top` plans or beat the best runnable one
+        (by the plans `_refresh` last ranked)."""
+        threshold, runnable = self._cache["threshold"], self._cache["runnable"]
+        return threshold is None or runnable is None or c.fastest >= TIE_MARGIN * threshold or c.fastest >= runnable
+
     def memory_cap(self, c: _Core, fitting: list, exact: bool = False) -> float | None:
         """For a core none of whose variants can be among the `top` listed plans nor beat the best
         runnable one: the least allocated peak of the plans found at least as fast as its bound.
         A variant of it that allocates as much is dominated (not on the Pareto front), so the
         search need not price it. None when the core may still be listed by speed."""
         self._refresh(fitting, exact)
-        threshold, runnable = self._cache["threshold"], self._cache["runnable"]
-        if threshold is None or runnable is None or c.fastest >= TIE_MARGIN * threshold or c.fastest >= runnable:
+        if self._listed_by_speed(c):
             return None
         return min((e.memory.allocated for e in self._cache["front"] if e.tokens_per_s_per_device >= c.fastest),
                    default=float("inf"))
@@ -162,12 +173,12 @@ class SearchBounds:
         """True when no variant of `c` could be listed, on the Pareto front or the best runnable
         plan, given the (core index, estimate) pairs found so far (`exact`: ranked as they stand)."""
         self._refresh(fitting, exact)
-        threshold, runnable = self._cache["threshold"], self._cache["runnable"]
+        runnable = self._cache["runnable"]
         if runnable is None or c.fastest >= runnable:
             return False
         if c.fastest < LISTED_SHARE * self._cache["best"]:
             return True
-        if threshold is None or c.fastest >= TIE_MARGIN * threshold:
+        if self._listed_by_speed(c):
             return False
         light = self.lightest(c)
         return any(e.tokens_per_s_per_device >= c.fastest and e.memory.allocated <= light
