@@ -200,14 +200,19 @@ def fused_loss_time(trace, work: RankWork, profile) -> tuple[float, float]:
     return memory_time(profile, nbytes) + overhead, memory_time(profile, 2 * nbytes) + overhead
 
 
+def kernel_choice(work: RankWork) -> tuple[bool, bool, bool, bool]:
+    """What of `work` decides which traced ops cost anything (the key of the per-trace op lists):
+    fused elementwise, fused norm, fused attention, fused loss."""
+    return work.fused_elementwise, work.fused_norm, work.attention_kernel in FUSED_ATTENTION, work.fused_loss
+
+
 def costing_ops(trace, work: RankWork) -> list[PricedOp]:
     """The traced ops that cost time or a launch under `work`'s kernel choices, in trace order: an
     elementwise op a fused kernel folds into its neighbour (no bytes of its own) and the score
     math inside a fused attention kernel price 0 s and issue nothing, so `group_times` skips them
     (a fused loss drops the traced loss ops: `fused_loss_time` prices it). Kept per trace and
     choice of kernels: the ops of a trace never change."""
-    fused_attention = work.attention_kernel in FUSED_ATTENTION
-    key = (work.fused_elementwise, work.fused_norm, fused_attention, work.fused_loss)
+    key = kernel_choice(work)
     memo = trace.__dict__.setdefault("_costing_ops", {})
     if key not in memo:
         kept = []
@@ -226,7 +231,7 @@ def costing_ops(trace, work: RankWork) -> list[PricedOp]:
 def _costing_op_keys(trace, work: RankWork) -> list[tuple]:
     """`costing_ops` with the keys `group_times` adds each op's time and launches under, and
     whether it is a norm (what `fused_norm` fuses), worked out once per trace and kernel choice."""
-    key = (work.fused_elementwise, work.fused_norm, work.attention_kernel in FUSED_ATTENTION, work.fused_loss)
+    key = kernel_choice(work)
     memo = trace.__dict__.setdefault("_costing_op_keys", {})
     if key not in memo:
         rows = []
@@ -312,7 +317,7 @@ def _memory_op_sums(trace, work: RankWork) -> tuple[list[tuple], dict, dict]:
     """(the rows of the ops other than memory-bound ones, {key: [bytes, launches]} and {key:
     launch count} of the memory-bound ones) for `group_times_summed`; once per trace and kernel
     choice."""
-    key = (work.fused_elementwise, work.fused_norm, work.attention_kernel in FUSED_ATTENTION, work.fused_loss)
+    key = kernel_choice(work)
     memo = trace.__dict__.setdefault("_memory_op_sums", {})
     if key not in memo:
         rows, seconds, counts = [], defaultdict(lambda: [0.0, 0]), defaultdict(int)
