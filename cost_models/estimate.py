@@ -132,11 +132,11 @@ def communication_terms(trace, config, layout: Layout, profile, imbalance: float
     for, so their ids cannot name other objects.
     """
     memo = trace.__dict__.setdefault("_communication_terms", {})
-    key = (layout_key(layout, without=("recompute", "offload", "keep_gathered", "allocator")), imbalance, id(profile),
-           id(config))
+    key = (layout_key(layout, without=("recompute", "vision_recompute", "offload", "keep_gathered", "allocator")),
+           imbalance, id(profile), id(config))
     return memoised(memo, key, lambda: (profile, config, _communication_terms(
-        trace, config, layout.with_changes(recompute="none", offload=(), keep_gathered=()), profile,
-        imbalance)))[2]
+        trace, config, layout.with_changes(recompute="none", vision_recompute="none", offload=(), keep_gathered=()),
+        profile, imbalance)))[2]
 
 
 def _communication_terms(trace, config, layout: Layout, profile, imbalance: float):
@@ -415,6 +415,10 @@ def _step_terms(trace, config, layout: Layout, profile, global_batch: int, imbal
         for name in rank.parts():
             parts["compute"] += times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)
             ops += times.get((name, "ops"), 0.0)
+            if name == "vision" and layout.vision_recompute != "none":  # the vision layers' own policy
+                full = layout.vision_recompute == "full"
+                parts["recompute"] += times.get((name, "forward" if full else "selective_recompute"), 0.0)
+                ops += times.get((name, "ops_forward" if full else "ops_selective"), 0.0)
         all_to_all = parts["expert_all_to_all"]
         parts["expert_all_to_all"], parts["pipeline_p2p"] = overlap_micro(
             layout.ep_overlap, parts["compute"] + parts["recompute"], all_to_all, parts["pipeline_p2p"], paired)

@@ -40,6 +40,8 @@ GIB = 2**30
 MASTER_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 2}  # fp8 training keeps bf16 weights for all-gather
 HOST_FIELDS = ("offloaded_to_host", "host_activations", "host_states")
+# Trace groups that run before the first layer, so the backward makes their gradients last.
+LAST_IN_BACKWARD = ("embedding", "vision")
 
 
 @dataclass(frozen=True)
@@ -150,14 +152,15 @@ def _routed_load(trace, kind: str, ep: int, imbalance: float) -> float:
 
 def activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                      in_flight: float, every_mm: int = 0, stage: str = "first", count: int | None = None,
-                     rule: str = "eager") -> tuple[float, float]:
+                     rule: str = "eager", vision: str = "none") -> tuple[float, float]:
     """(saved activations on the rank, largest single-block saved bytes) in bytes, for the pipeline
-    stage `stage` ('first' or 'last', `count` layers; see `stage_layers`) under saving `rule`."""
+    stage `stage` ('first' or 'last', `count` layers; see `stage_layers`) under saving `rule`
+    (`vision`: the vision tower's recompute policy)."""
     memo = trace.__dict__.setdefault("_activation_bytes", {})
-    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm, stage, count, rule)
+    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm, stage, count, rule, vision)
     if key not in memo:
         memo[key] = _activation_bytes(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight, every_mm,
-                                      stage, count, rule)
+                                      stage, count, rule, vision)
     return memo[key]
 
 
@@ -177,25 +180,31 @@ def redone_mm_bytes(trace, kind: str, every_mm: int) -> int:
 
 
 def _saved_walk(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                every_mm: int = 0, stage: str = "first", count: int | None = None, rule: str = "eager"):
+                every_mm: int = 0, stage: str = "first", count: int | None = None, rule: str = "eager",
+                vision: str = "none"):
     """(embedding saved bytes, [(kind, policy, saved bytes)] per layer of a pipeline stage), scaled
     to this rank's tokens and the busiest EP rank's routed load; selective layers drop the
     outputs of the mms redone under `every_mm` (see `redone_mm_bytes`); layers without recompute
-    save as `rule` says (see `fused_saved_bytes`). Only the first stage holds the embedding. Memoised
-    on the trace (callers only read the result)."""
+    save as `rule` says (see `fused_saved_bytes`). Only the first stage holds the embedding, and a
+    vision-language model's vision tower with it (what its layers keep under policy `vision`).
+    Memoised on the trace (callers only read the result)."""
     memo = trace.__dict__.setdefault("_saved_walk", {})
-    key = (recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage, count, rule)
+    key = (recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage, count, rule, vision)
     if key not in memo:
         memo[key] = _saved_walk_uncached(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage,
-                                         count, rule)
+                                         count, rule, vision)
     return memo[key]
 
 
 def _saved_walk_uncached(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
-                         every_mm: int, stage: str, count: int | None, rule: str):
+                         every_mm: int, stage: str, count: int | None, rule: str, vision: str):
     scale = token_factor / tp
-    emb = trace.others.get("embedding")
-    embedding = emb.saved_bytes["none"] * scale if emb is not None and (stage == "first" or pp == 1) else 0.0
+    embedding = 0.0
+    if stage == "first" or pp == 1:
+        emb, tower = trace.others.get("embedding"), trace.others.get("vision")
+        first = (emb.saved_bytes["none"] if emb is not None else 0) + (
+            tower.saved_bytes[vision] if tower is not None else 0)
+        embedding = first * scale if emb is not None or tower is not None else 0.0
     layers = []
     for kind, policy in stage_layers(trace, recompute, pp, stage, count):
         kept = trace.blocks[kind].saved_bytes[policy]
@@ -209,9 +218,9 @@ def _saved_walk_uncached(trace, recompute, token_factor: float, tp: int, pp: int
 
 def _activation_bytes(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                       in_flight: float, every_mm: int, stage: str, count: int | None,
-                      rule: str) -> tuple[float, float]:
+                      rule: str, vision: str) -> tuple[float, float]:
     embedding, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage, count,
-                                    rule)
+                                    rule, vision)
     largest = 0.0
     for kind, _, _ in layers:
         largest = max(largest, trace.blocks[kind].saved_bytes["none"] * token_factor / tp
@@ -257,20 +266,21 @@ def grads_not_yet_made(block, policy: str, part: str, ep: int, tp: int, compute_
 def backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                     in_flight: float, compute_bytes: int = 2, zero1: bool = False, grads: float = 0.0,
                     accumulated: bool = True, ep_copy: float = 0.0, every_mm: int = 0, stage: str = "first",
-                    count: int | None = None, rule: str = "eager") -> tuple[float, ...]:
+                    count: int | None = None, rule: str = "eager", vision: str = "none") -> tuple[float, ...]:
     memo = trace.__dict__.setdefault("_backward_moment", {})
     key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, grads, accumulated,
-           ep_copy, every_mm, stage, count, rule)
+           ep_copy, every_mm, stage, count, rule, vision)
     if key not in memo:
         memo[key] = _backward_moment(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
-                                     compute_bytes, zero1, grads, accumulated, ep_copy, every_mm, stage, count, rule)
+                                     compute_bytes, zero1, grads, accumulated, ep_copy, every_mm, stage, count, rule,
+                                     vision)
     return memo[key]
 
 
 def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                      in_flight: float, compute_bytes: int, zero1: bool, grads: float, accumulated: bool,
                      ep_copy: float, every_mm: int, stage: str = "first", count: int | None = None,
-                     rule: str = "eager") -> tuple[float, ...]:
+                     rule: str = "eager", vision: str = "none") -> tuple[float, ...]:
     """(activations, workspace, gathered parameters, FSDP buffers, gradients) bytes at the worst
     moment of the backward through the blocks.
 
@@ -286,7 +296,7 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
     layer's MLP part also holds the mm outputs its recomputation redid.
     """
     parts, rows, total_params = _backward_rows(trace, recompute, token_factor, tp, pp, ep, imbalance, in_flight,
-                                               compute_bytes, zero1, every_mm, stage, count, rule)
+                                               compute_bytes, zero1, every_mm, stage, count, rule, vision)
     # The moment compared is sum((saved, workspace, gathered, held, gradients)), added left to
     # right: the first three come summed per row, so each comparison is the same floating-point
     # sum as the tuple's. The first largest moment wins.
@@ -308,19 +318,21 @@ def _backward_moment(trace, recompute, token_factor: float, tp: int, pp: int, ep
 
 def _backward_rows(trace, recompute, token_factor: float, tp: int, pp: int, ep: int, imbalance: float,
                    in_flight: float, compute_bytes: int, zero1: bool, every_mm: int, stage: str = "first",
-                   count: int | None = None, rule: str = "eager") -> tuple[list[tuple], list[tuple], int]:
+                   count: int | None = None, rule: str = "eager",
+                   vision: str = "none") -> tuple[list[tuple], list[tuple], int]:
     """The parts of `_backward_moment` that do not depend on the gradients or the EP copy, per
     part of each layer's backward in walk order: (saved activations, scaled workspace, gathered
     parameters); (their sum, FSDP buffers without the EP copy, whether the EP copy adds,
     parameters whose gradients exist then); and the model's parameter count. Memoised on the
     trace."""
     memo = trace.__dict__.setdefault("_backward_rows", {})
-    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, every_mm, stage, count, rule)
+    key = (recompute, token_factor, tp, pp, ep, imbalance, in_flight, compute_bytes, zero1, every_mm, stage, count, rule,
+           vision)
     if key in memo:
         return memo[key]
     scale = token_factor / tp
     running, layers = _saved_walk(trace, recompute, token_factor, tp, pp, ep, imbalance, every_mm, stage, count,
-                                  rule)
+                                  rule, vision)
     cumulative = []
     for _, _, saved in layers:
         running += saved
@@ -328,7 +340,7 @@ def _backward_rows(trace, recompute, token_factor: float, tp: int, pp: int, ep: 
     earlier = (in_flight - 1.0) * cumulative[-1] if cumulative else 0.0
     buffers = {kind: fsdp_backward_buffers(block, ep, tp, compute_bytes, zero1) for kind, block in trace.blocks.items()}
     total_params = max(1, trace.params_total)
-    after = total_params - sum(o.params_total for o in trace.others.values() if o.kind == "embedding")
+    after = total_params - sum(o.params_total for o in trace.others.values() if o.kind in LAST_IN_BACKWARD)
     parts, rows = [], []
     for (kind, policy, _), saved in zip(layers, cumulative, strict=True):
         block = trace.blocks[kind]

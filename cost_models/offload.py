@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from .memory import (
     ADAM_BYTES,
     GRAD_BYTES,
+    LAST_IN_BACKWARD,
     MASTER_BYTES,
     _routed_load,
     _saved_walk,
@@ -78,12 +79,12 @@ class OffloadedLayer:
 def offloaded_layers(trace, layout, token_factor: float, imbalance: float, config, act_bytes: int,
                      every_mm: int = 0) -> tuple[float, list[OffloadedLayer]]:
     """(embedding saved bytes, every layer of the busiest stage) under activation offload."""
-    key = (layout.recompute, token_factor, layout.tp, layout.pp, layout.ep, layout.sp, imbalance, every_mm,
-           act_bytes, id(config))
+    key = (layout.recompute, layout.vision_recompute, token_factor, layout.tp, layout.pp, layout.ep, layout.sp,
+           imbalance, every_mm, act_bytes, id(config))
     memo = trace.__dict__.setdefault("_offloaded_layers", {})
     if key not in memo:
         embedding, walk = _saved_walk(trace, layout.recompute, token_factor, layout.tp, layout.pp, layout.ep,
-                                      imbalance, every_mm)
+                                      imbalance, every_mm, vision=layout.vision_recompute)
         scale = token_factor / layout.tp
         rank_tokens = token_factor * trace.seq_len / layout.tp
         layers = []
@@ -139,7 +140,7 @@ def _offloaded_backward_moment(trace, layout, embedding: float, layers: list[Off
     buffers = {kind: fsdp_backward_buffers(block, layout.ep, layout.tp, compute_bytes, layout.zero1)
                for kind, block in trace.blocks.items()}
     total_params = max(1, trace.params_total)
-    after = total_params - sum(o.params_total for o in trace.others.values() if o.kind == "embedding")
+    after = total_params - sum(o.params_total for o in trace.others.values() if o.kind in LAST_IN_BACKWARD)
     block_params = {kind: block.params_total for kind, block in trace.blocks.items()}
     parts_of: dict[tuple[str, str], list[tuple[float, float, float]]] = {}  # (workspace, gathered, held) by part
 

@@ -143,7 +143,7 @@ def _offload_free_terms(trace, layout: Layout, profile, grad_accum: int, imbalan
     compute_bytes = COMPUTE_BYTES[layout.precision]
     copies = pipeline.parameter_copies(pipeline.schedule(layout))  # DualPipe: two stages' parameters
     rule = saving_rule(layout)
-    walk = {"stage": stage.name, "count": stage.count, "rule": rule}
+    walk = {"stage": stage.name, "count": stage.count, "rule": rule, "vision": layout.vision_recompute}
     resident = 0.0
     if layout.zero1:
         dense_rank, routed_rank = rank_param_split(trace, layout)
@@ -233,7 +233,7 @@ def _with_offload(trace, layout: Layout, t: _OffloadFreeTerms, grad_accum: int, 
         backward_saved, workspace, gathered, held, grads_backward = backward_moment(
             trace, layout.recompute, t.tf, layout.tp, layout.pp, layout.ep, imbalance, t.in_flight, compute_bytes,
             layout.zero1, grads, accumulated, t.ep_copy, recompute_every_mm, stage=t.stage.name,
-            count=t.stage.count, rule=t.rule)
+            count=t.stage.count, rule=t.rule, vision=layout.vision_recompute)
         backward_saved += t.extra
         if t.kept:  # every kind kept: the kept weights replace the running pair; else on top of it
             gathered = t.kept if not t.largest_other else gathered + t.kept

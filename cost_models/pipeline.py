@@ -24,7 +24,8 @@ from dataclasses import dataclass
 SCHEDULES = ("1f1b", "interleaved", "dualpipe")
 # Parts of the model outside the blocks: what every rank runs, what the first and last hold.
 EVERY_RANK_PARTS = ("rotary", "model")
-FIRST_RANK_PARTS = ("embed", "vision")  # vision: a vision-language model's tower and projector
+# vision, vision_embed: a vision-language model's encoder layers; its patch embedding and projector
+FIRST_RANK_PARTS = ("embed", "vision", "vision_embed")
 LAST_RANK_PARTS = ("norm", "head", "loss")
 
 

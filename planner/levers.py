@@ -43,6 +43,8 @@ def alternatives(layout) -> list[tuple[str, dict[str, Any]]]:
     out: list[tuple[str, dict[str, Any]]] = []
     if layout.recompute != "none":
         out.append((f"recompute {layout.recompute}", {"recompute": "none"}))
+    if layout.vision_recompute != "none":
+        out.append((f"vision_recompute {layout.vision_recompute}", {"vision_recompute": "none"}))
     for kind in layout.offload:
         out.append((f"offload {kind}", {"offload": [k for k in layout.offload if k != kind]}))
     if layout.keep_gathered:

@@ -54,6 +54,7 @@ from .search_bounds import LISTED_SHARE, SearchBounds, _Core, tile_tried
 
 # Increasing time cost: what to try first when memory allows.
 RECOMPUTE_ORDER: tuple[str | float, ...] = ("none", "selective", 0.25, 0.5, 0.75, "full")
+VISION_RECOMPUTES = ("none", "selective", "full")
 OFFLOAD_ORDER: tuple[tuple[str, ...], ...] = ((), ("optimizer",), ("activations",), ("optimizer", "activations"),
                                               ("params",))
 MAX_MICRO_BATCH = 16
@@ -154,6 +155,10 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
     ranks = devices * ranks_per_device
     tps = [pinned["tp"]] if "tp" in pinned else ([1, 2, 4, 8] if allow_3d else [1])
     pps = [pinned["pp"]] if "pp" in pinned else ([1, 2, 4, 8, 16] if allow_3d else [1])
+    # The vision tower's recompute, with image tokens: none, selective and full are each priced
+    # (they trade its saved activations for redone forwards like the decoder's settings).
+    visions = [pinned["vision_recompute"]] if "vision_recompute" in pinned else (
+        list(VISION_RECOMPUTES) if workload.image_tokens and config.is_vlm else [])
     out = []
     for tp, pp in itertools.product(tps, pps):
         if ranks % (tp * pp):
@@ -175,9 +180,10 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
                     m for m in range(1, MAX_MICRO_BATCH + 1)
                     if per_rank and workload.global_batch % (data_parallel * m) == 0]
                 losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
-                for mb, loss in itertools.product(mbs, losses):
-                    out.append({"devices": devices, "ranks_per_device": ranks_per_device, "dp_mode": dp_mode, "fsdp": fsdp, "ep": ep, "sp": sp, "tp": tp, "pp": pp,
-                                "vpp": vpp, "micro_batch": mb, "loss": loss})
+                for mb, loss, vision in itertools.product(mbs, losses, visions or [None]):
+                    out.append({"devices": devices, "ranks_per_device": ranks_per_device, "dp_mode": dp_mode,
+                                "fsdp": fsdp, "ep": ep, "sp": sp, "tp": tp, "pp": pp, "vpp": vpp, "micro_batch": mb,
+                                "loss": loss, **({"vision_recompute": vision} if vision else {})})
     return out
 
 

@@ -62,7 +62,7 @@ def test_layout_key_sees_every_field():
                dict(offload=("optimizer",)), dict(tile_tokens=4096), dict(keep_gathered=("moe",)),
                dict(allocator="caching"), dict(precision="fp8"), dict(tp_comm="overlapped"),
                dict(ranks_per_device=2, fsdp=16), dict(ep_overlap="microbatch"), dict(grad_dtype="bf16"),
-               dict(fsdp_buffers="zero_copy"),
+               dict(fsdp_buffers="zero_copy"), dict(vision_recompute="full"),
                dict(kernels={**DEFAULT_KERNELS, "loss": "full"})]
     assert {f for c in changed for f in c} == set(vars(base))
     keys = {layout_key(base.with_changes(**c)) for c in changed}
@@ -75,6 +75,7 @@ def test_communication_terms_ignore_recompute_and_offload(traced):
     layout = Layout(devices=16, fsdp=8, ep=2, sp=2, micro_batch=2)
     first = communication_terms(trace, config, layout, profile)
     for change in (dict(recompute="full"), dict(offload=("optimizer", "activations")), dict(recompute=0.5),
+                   dict(vision_recompute="full"),
                    dict(keep_gathered=("moe",)), dict(allocator="caching")):
         fresh = trace_from_json(json.loads(json.dumps(trace_to_json(trace))))
         assert communication_terms(fresh, config, layout.with_changes(**change), profile) == first

@@ -44,6 +44,14 @@ def test_world_4_ep2_fsdp_matches_world_1(vlm_baseline, vlm_dir, tmp_path):
     assert max(abs(a - b) / abs(b) for a, b in zip(summary["losses"], ref, strict=True)) <= 1e-5
 
 
+def test_vision_recompute_trains_like_none(vlm_baseline, vlm_dir, tmp_path):
+    # Checkpointed vision layers redo their forward in the backward: the same numbers (fp32).
+    plan = write_plan(tmp_path / "plan.yaml", vlm_dir, vision_recompute="full", training=IMAGES)
+    summary = run_json(plan, "--steps", 20)
+    ref = vlm_baseline["losses"]
+    assert max(abs(a - b) / abs(b) for a, b in zip(summary["losses"], ref, strict=True)) <= 1e-6
+
+
 @pytest.mark.parametrize("training, layout, message", [
     ({"image_tokens": 6}, {}, "multiple of the 4 image tokens"),
     ({"image_tokens": 32}, {}, "must leave text"),

@@ -26,7 +26,7 @@ def test_trace_prices_the_vision_tower(vlm_dir):
 
     text = trace_model(str(vlm_dir), 32, loss="full", use_cache=False)
     images = trace_model(str(vlm_dir), 32, loss="full", image_tokens=8, use_cache=False)
-    stage = images.graph.nodes["vision"]
+    stages = [images.graph.nodes[name] for name in ("vision", "vision_embed")]  # encoder layers; patches, projector
     config = load_config(str(vlm_dir))
     model = build_model(config)
     pixels = torch.randn(2, 3, 56, 56)
@@ -35,9 +35,10 @@ def test_trace_prices_the_vision_tower(vlm_dir):
     spec = config.vision_spec
     tokens = spec.patches_per_image
     attention = spec.num_layers * 4 * 2 * spec.num_heads * tokens * tokens * spec.head_dim  # QK^T and PV, 2 images
-    assert stage["flops_forward"] == counter.get_total_flops() + attention
-    assert images.flops_forward == text.flops_forward + stage["flops_forward"]
-    assert images.others["embedding"].saved_bytes["none"] > text.others["embedding"].saved_bytes["none"]
+    tower = sum(stage["flops_forward"] for stage in stages)
+    assert tower == counter.get_total_flops() + attention
+    assert images.flops_forward == text.flops_forward + tower
+    assert images.others["vision"].saved_bytes["none"] > text.others["vision"].saved_bytes["none"] == 0
     assert spec.tokens_per_image == 4
 
 
@@ -69,3 +70,39 @@ def test_bad_image_tokens_exit_2(vlm_dir, capsys, model, tokens, message):
     code, _, err = cli(capsys, "estimate", model or vlm_dir, "cpu", "--devices", 1, "--seq-len", 32,
                        "--image-tokens", tokens)
     assert code == 2 and message in " ".join(err.split()), err
+
+
+def test_vision_recompute_is_traced_and_priced(vlm_dir, capsys, tmp_path):
+    """The vision tower's layers under each recompute policy: the trace measures what each keeps and
+    redoes, estimate prices it (less memory, more recompute time), search chooses it, and a model
+    without a vision tower refuses it (exit 2)."""
+    from xplan.planner.trace import trace_model
+
+    tower = trace_model(str(vlm_dir), 32, loss="full", image_tokens=8, use_cache=False).others["vision"]
+    saved, redone = tower.saved_bytes, tower.recompute_flops
+    assert saved["none"] > saved["selective"] > saved["full"] > 0
+    assert redone["none"] == redone["selective"] == 0 < redone["full"]  # selective redoes no GEMM or attention
+
+    base = ["estimate", vlm_dir, "cpu", "--devices", 1, "--seq-len", 256, "--precision", "fp32",
+            "--image-tokens", 64, "--json"]
+    priced = {}
+    for policy in ("none", "selective", "full"):
+        code, out, err = cli(capsys, *base, "--vision-recompute", policy)
+        assert code == 0, err
+        priced[policy] = json.loads(out)
+    memory = {p: e["memory_gib"]["activations"] for p, e in priced.items()}
+    recompute = {p: e["time_s"]["recompute"] for p, e in priced.items()}
+    assert memory["none"] > memory["selective"] > memory["full"]
+    assert recompute["none"] == 0 < recompute["selective"] < recompute["full"]
+    assert priced["full"]["layout"]["vision_recompute"] == "full"
+
+    code, out, err = cli(capsys, "search", vlm_dir, "cpu", "--devices", 1, "--seq-len", 256, "--global-batch", 1,
+                         "--precision", "fp32", "--image-tokens", 64, "--json")
+    assert code == 0, err
+    chosen = {p["layout"]["vision_recompute"] for p in json.loads(out)["plans"]}
+    assert chosen == {"none", "selective", "full"}  # all three priced; the fastest first
+    assert json.loads(out)["plans"][0]["layout"]["vision_recompute"] == "none"
+
+    code, _, err = cli(capsys, "estimate", "qwen3-0.6b", "cpu", "--devices", 1, "--seq-len", 32,
+                       "--vision-recompute", "full")
+    assert code == 2 and "needs a vision-language model" in " ".join(err.split()), err

@@ -143,6 +143,10 @@ class Layout(_Frozen):
     micro_batch: int = knob(1, "Sequences per micro-batch per data-parallel rank.", ge=1)
     recompute: str | float = knob("none", "none | selective | full | fraction of layers fully recomputed "
                                   "(e.g. 0.5).")
+    vision_recompute: Literal["none", "selective", "full"] = knob(
+        "none", "Recompute of the vision tower's encoder layers (vision-language models with image tokens): "
+        "none, selective (as --recompute selective, per vision layer) or full (each vision layer "
+        "checkpointed: only its input is kept).", runs={"none": _ALL, "selective": _ALL, "full": _ALL})
     offload: tuple[str, ...] = knob(
         (), "none | optimizer,params,activations (comma-separated): optimizer = AdamW moments in host memory "
         "between steps; params = FSDP2 CPU offload (parameters, gradients, moments; the step runs on host); "

@@ -37,6 +37,8 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
         need(config.num_experts > 0, f"ep = {d.ep} needs a mixture-of-experts model; {config.name} is dense.")
         need(config.num_experts % d.ep == 0,
              f"ep ({d.ep}) must divide the number of routed experts ({config.num_experts}).")
+    need(d.vision_recompute == "none" or config.is_vlm,
+         f"vision_recompute = {d.vision_recompute} needs a vision-language model; {config.name} has no vision tower.")
     if d.sp > 1:
         heads, kv = config.num_heads, config.num_kv_heads
         if config.attention_kind == "mla":

@@ -71,7 +71,8 @@ class ModelTrace:
     loss: str
     layer_kinds: tuple[str, ...]
     blocks: dict[str, BlockSummary]  # decoder block kinds, in order of first appearance
-    others: dict[str, BlockSummary]  # 'embedding' (+ rotary), 'head' (final norm, LM head, loss)
+    others: dict[str, BlockSummary]  # 'embedding' (+ rotary), 'head' (final norm, LM head, loss), 'vision'
+    # (a vision-language model's tower: encoder layers under each recompute policy, patch embedding, projector)
     graph: nx.DiGraph
     params_total: int
     params_active: int
@@ -123,7 +124,8 @@ class ModelTrace:
     def activation_bytes_per_token(self) -> dict[str, dict[str, float]]:
         """Per group (embedding, each block kind per layer, head) and recompute policy."""
         out = {}
-        groups = [self.others["embedding"], *self.blocks.values(), self.others["head"]]
+        vision = [self.others["vision"]] if "vision" in self.others else []
+        groups = [*vision, self.others["embedding"], *self.blocks.values(), self.others["head"]]
         for b in groups:
             out[b.kind] = {p: b.saved_bytes[p] / self.tokens for p in RECOMPUTE_POLICIES}
         return out

@@ -61,12 +61,14 @@ from .recorder import OpRecorder, Scope, ScopeTracker, StageInfo
 EXPANDED_LOSS_CHUNKS = 256
 
 NON_BLOCK_GROUPS = {"embed": "embedding", "rotary": "embedding", "model": "embedding", "norm": "head",
-                    "head": "head", "vision": "embedding"}
-# The vision tower and projector of a vision-language model are one stage, "vision", in the
-# embedding group: they run before the first decoder layer, on the first pipeline rank, and keep
-# every activation (no recompute), as the runtime runs them.
+                    "head": "head", "vision": "vision", "vision_embed": "vision"}
+# A vision-language model's vision tower is a group of its own, "vision", in two stages: "vision",
+# the encoder layers (one recompute setting for all of them, `Layout.vision_recompute`, measured
+# under each policy like the decoder blocks), and "vision_embed", the patch embedding, pixel
+# shuffle and projector (never recomputed). Both run before the first decoder layer, on the first
+# pipeline rank.
 _STAGE_OF_CHILD = {"embed_tokens": "embed", "rotary_emb": "rotary", "norm": "norm", "lm_head": "head",
-                   "vision_tower": "vision", "multi_modal_projector": "vision"}
+                   "vision_tower": "vision_embed", "multi_modal_projector": "vision_embed"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,6 +118,8 @@ def _module_scopes(model: nn.Module, rep_kinds: list[str]) -> dict[nn.Module, Sc
             scopes[module] = Scope(rep_kinds[int(parts[2])], ".".join(parts[3:]))
         elif len(parts) >= 2 and parts[0] == "model" and parts[1] != "layers":
             scopes[module] = Scope(_STAGE_OF_CHILD.get(parts[1], parts[1]), ".".join(parts[2:]))
+        elif parts[:3] == ["vision_tower", "encoder", "layer"] and len(parts) >= 4:
+            scopes[module] = Scope("vision", ".".join(parts[1:]))
         elif len(parts) >= 1 and parts[0] != "model":
             scopes[module] = Scope(_STAGE_OF_CHILD.get(parts[0], parts[0]), ".".join(parts[1:]))
     return scopes
@@ -186,7 +190,7 @@ def _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch, seq_len
             if image_tokens:  # the runtime's synthetic layout: a sample's images first
                 from xplan.runtime.train.data import image_batch
 
-                tracker.push(Scope("vision"))
+                tracker.push(Scope("vision_embed"))
                 ids, pixels = image_batch(ids, model.spec, image_tokens)
                 tracker.pop()
             tracker.push(Scope("head"))
@@ -280,6 +284,7 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
     fake = FakeTensorMode()
     model, rep_kinds, rep_indices = build_skeleton(config, dtype, fake)
     layers = list(model.model.layers)
+    vision_layers = list(model.vision_tower.encoder.layer) if hasattr(model, "vision_tower") else []
     for layer in layers:
         layer.token_tiling = TokenTiling(tiles=tiles) if tiles > 1 else None
     scopes = _module_scopes(model, rep_kinds)
@@ -301,14 +306,14 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
         for policy in rc.RECOMPUTE_POLICIES:
             if policy == "none":
                 continue
-            for layer in layers:
+            for layer in layers + vision_layers:
                 rc.apply_recompute(layer, policy)
             try:
                 rec_p, alive_p, peaks_p = _run(model, scopes, stage_inputs, param_scopes, stages, micro_batch,
                                                seq_len, loss, detailed=False, backward=True, fake=fake,
                                                image_tokens=image_tokens)
             finally:
-                for layer in layers:
+                for layer in layers + vision_layers:
                     rc.apply_recompute(layer, "none")
             saved[policy] = _saved_by_stage(alive_p)
             backward_peaks[policy] = peaks_p
@@ -338,14 +343,10 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
                 b.flops_backward += op.flops
                 b.bytes_backward += op.bytes_read + op.bytes_written
         b.recompute_flops = {"none": tile_redo}
-        if name in counts:
-            b.recompute_flops["full"] = b.flops_forward + tile_redo
-            b.recompute_flops["selective"] = tile_redo + sum(
-                op.flops for op in rec.ops
-                if op.scope.stage in stage_names and op.phase == "forward" and not op.selective_saved
-            )
-        else:
-            b.recompute_flops.update(selective=0, full=0)
+        redone = {name} if name in counts else ({"vision"} if name == "vision" else set())  # what recompute reruns
+        forward = [op for op in rec.ops if op.scope.stage in redone and op.phase == "forward"]
+        b.recompute_flops["full"] = tile_redo + sum(op.flops for op in forward)
+        b.recompute_flops["selective"] = tile_redo + sum(op.flops for op in forward if not op.selective_saved)
         b.params = {r: 0 for r in ROLES}
         b.param_bytes = {r: 0 for r in ROLES}
         active = 0.0
@@ -373,9 +374,10 @@ def trace_uncached(config, seq_len: int, micro_batch: int, recompute: str, dtype
     blocks = {k: summary(k, {k}, counts[k]) for k in rep_kinds}
     others = {}
     stages_seen = {op.scope.stage for op in rec.ops} | {scope.stage for scope in scopes.values()}
-    for group in ("embedding", "head"):
+    for group in ("embedding", "head", "vision"):
         members = {s for s in stages_seen | set(NON_BLOCK_GROUPS) if s not in blocks and group_of(s) == group}
-        others[group] = summary(group, members, 1)
+        if group != "vision" or vision_layers:
+            others[group] = summary(group, members, 1)
     params_total = sum(b.count * b.params_total for b in (*blocks.values(), *others.values()))
     params_active = sum(b.count * b.params_active for b in (*blocks.values(), *others.values()))
     trace = ModelTrace(

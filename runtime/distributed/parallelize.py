@@ -120,6 +120,9 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imba
         block.token_tiling = tiling
         apply_recompute(block, policy)
     apply_activation_offload(blocks, layout, meshes.device_type, labels=offload_labels)
+    if hasattr(model, "vision_tower"):  # the vision tower's layers: a recompute setting of their own
+        for layer in model.vision_tower.encoder.layer:
+            apply_recompute(layer, layout.vision_recompute)
 
     # 4a. ZeRO-1: replicated compute-dtype parameters, fp32 optimizer shards; no FSDP2 units.
     if layout.zero1:

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 from typing import Any
 
-# The layout fields shown for a plan, in table order (kernel slots by their own name).
-LAYOUT_FIELDS = ("dp_mode", "fsdp", "ep", "sp", "tp", "pp", "vpp", "micro_batch", "recompute", "offload",
-                 "tile_tokens", "keep_gathered", "allocator", "precision", "tp_comm", "ep_overlap", "grad_dtype",
-                 "fsdp_buffers", "attention", "moe_gemm", "loss", "elementwise", "norm")
+from xplan.layout import knobs
+
+# The layout fields shown for a plan, in table order (kernel slots by their own name): every knob.
+LAYOUT_FIELDS = tuple(info.name for info in knobs() if info.name != "devices")
+# Knobs left out of the "all rows" caption at their default (they apply to some models only).
+QUIET_DEFAULTS = {"vision_recompute": "none"}
 # Column headers where the name is long; the legend says what each stands for.
 SHORT = {"dp_mode": "dp", "micro_batch": "mb", "recompute": "rc", "offload": "off", "tile_tokens": "tile",
          "keep_gathered": "kept", "allocator": "alloc", "precision": "prec", "tp_comm": "tp comm", "attention": "attn",
          "moe_gemm": "moe gemm", "elementwise": "eltw", "ep_overlap": "ep a2a", "grad_dtype": "grads",
-         "fsdp_buffers": "fsdp bufs"}
+         "fsdp_buffers": "fsdp bufs", "vision_recompute": "vrc"}
 OFFLOAD_SHORT = {"optimizer": "opt", "params": "params", "activations": "act"}
-LEGEND = ("dp = data-parallel mode, mb = micro-batch, rc = recompute, off = offload (opt = optimizer "
-          "states, act = activations), tile = tokens per feed-forward tile, kept = blocks kept gathered, "
-          "prec = precision, eltw = elementwise kernels")
+LEGEND = ("dp = data-parallel mode, mb = micro-batch, rc = recompute (vrc: the vision tower's), off = "
+          "offload (opt = optimizer states, act = activations), tile = tokens per feed-forward tile, kept = blocks "
+          "kept gathered, prec = precision, eltw = elementwise kernels")
 
 # Step-time components (estimate `time_s` keys): what each is, and which kind of time it is.
 TIME_WORDS = {
@@ -94,7 +96,8 @@ def common_fields(layouts: list[dict[str, Any]]) -> dict[str, Any]:
     """Layout fields with one value across all layouts."""
     flats = [flat_layout(lay) for lay in layouts]
     differ = set(differing_fields(layouts))
-    return {name: flats[0][name] for name in LAYOUT_FIELDS if name not in differ} if flats else {}
+    return {name: flats[0][name] for name in LAYOUT_FIELDS
+            if name not in differ and QUIET_DEFAULTS.get(name, ...) != flats[0][name]} if flats else {}
 
 
 def layout_changes(base: dict[str, Any], other: dict[str, Any]) -> list[str]:
