@@ -104,3 +104,13 @@ def test_merge_image_chunk_is_merge_image_features_per_chunk():
     merged = [merge_image_chunk(embeds[:, c * width:(c + 1) * width], mask[:, c * width:(c + 1) * width], features,
                                 torch.arange(c * width, (c + 1) * width)[None]) for c in range(chunks)]
     assert torch.equal(torch.cat(merged, 1), merge_image_features(embeds, mask, features))
+
+
+def test_search_lists_sp_with_images_only_where_they_split(vlm_dir):
+    from xplan.planner.pricing import Workload, load_hw, load_model_config
+    from xplan.planner.search import core_layouts
+
+    workload = Workload(str(vlm_dir), "cpu", 32, 4, 1.0, 4)  # one image per sample
+    layouts = core_layouts(load_model_config(str(vlm_dir)), workload, 2, load_hw("cpu"), {}, False)
+    assert {lay["micro_batch"] for lay in layouts if lay["sp"] == 2} == {2, 4}  # not 1: one image for two ranks
+    assert {lay["micro_batch"] for lay in layouts if lay["sp"] == 1} >= {1, 2}
