@@ -171,14 +171,14 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
             dp_mode = pinned.get("dp_mode") or search_dp_mode(fsdp, dp_world)
             eps = [pinned["ep"]] if "ep" in pinned else ep_choices(config, fsdp, dp_world)
             sps = [pinned["sp"]] if "sp" in pinned else sp_choices(config, dp_world, workload.seq_len)
-            if workload.image_tokens and "sp" not in pinned:
-                sps = [1]  # the runtime joins image features to whole sequences (no Ulysses with images)
+            images = workload.image_tokens // config.vision_spec.tokens_per_image if workload.image_tokens else 0
             for ep, sp, vpp in itertools.product(eps, sps, vpps):
                 data_parallel = dp_world // sp if dp_world % sp == 0 else 0
                 per_rank = workload.global_batch // data_parallel if data_parallel else 0
                 mbs = [pinned["micro_batch"]] if "micro_batch" in pinned else [
                     m for m in range(1, MAX_MICRO_BATCH + 1)
                     if per_rank and workload.global_batch % (data_parallel * m) == 0]
+                mbs = [m for m in mbs if (m * images) % sp == 0]  # each sp rank runs 1/sp of a micro-batch's images
                 losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
                 for mb, loss, vision in itertools.product(mbs, losses, visions or [None]):
                     out.append({"devices": devices, "ranks_per_device": ranks_per_device, "dp_mode": dp_mode,

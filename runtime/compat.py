@@ -27,14 +27,16 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 # --------------------------------------------------------------------------------------------------
-# Functional collectives (expert-parallel and Ulysses all-to-alls)
+# Functional collectives (expert-parallel and Ulysses all-to-alls, Ulysses image all-gather)
 #
 # `torch.distributed._functional_collectives` is the traceable, autograd-aware collective API that
 # torchtitan uses too; `all_to_all_single_autograd` is the only differentiable all-to-all with
-# uneven splits. Tested: 2.13.
+# uneven splits; `all_gather_single_autograd` gathers on dim 0 and reduce-scatters (sum) the
+# gradient in backward (`all_gather_tensor_autograd` is its deprecated name). Tested: 2.13.
 
 all_to_all_single = funcol.all_to_all_single
 all_to_all_single_autograd = funcol.all_to_all_single_autograd
+all_gather_single_autograd = funcol.all_gather_single_autograd
 
 
 def wait_collective(tensor: torch.Tensor) -> torch.Tensor:
@@ -469,7 +471,7 @@ def has_grouped_mm() -> bool:
 
 __all__ = [
     "COLLECTIVE_NAMESPACES", "LazyChunks", "active_fake_mode", "all_to_all_overloads", "allocator_settings",
-    "all_to_all_single", "all_to_all_single_autograd", "chunk_with_empty", "fake_grouped_mm", "fake_store",
+    "all_gather_single_autograd", "all_to_all_single", "all_to_all_single_autograd", "chunk_with_empty", "fake_grouped_mm", "fake_store",
     "fake_tensor_mode", "fsdp_chunk_with_empty",
     "fsdp_unsharded_grads", "grouped_mm", "has_grouped_mm", "in_sharding_propagation", "is_fake",
     "is_selective_checkpoint_mode", "lazy_fsdp_chunks", "mem_tracker_base", "move_forward_hooks", "op_packets",

@@ -55,7 +55,6 @@ def test_vision_recompute_trains_like_none(vlm_baseline, vlm_dir, tmp_path):
 @pytest.mark.parametrize("training, layout, message", [
     ({"image_tokens": 6}, {}, "multiple of the 4 image tokens"),
     ({"image_tokens": 32}, {}, "must leave text"),
-    (IMAGES, {"devices": 2, "fsdp": 1, "sp": 2}, "fsdp and ep only"),
 ])
 def test_bad_image_settings_exit_2(vlm_dir, tmp_path, training, layout, message):
     plan = write_plan(tmp_path / "plan.yaml", vlm_dir, training=training, **layout)

@@ -44,7 +44,7 @@ from .expert_parallel import apply_expert_parallel, run_fsdp_hooks_outside_recom
 from .mesh import Meshes
 from .offload import OffloadLabels, apply_activation_offload, fsdp_offload_policy
 from .reshard import keeps_gathered, mark_kept
-from .ulysses import apply_ulysses
+from .ulysses import apply_ulysses, apply_ulysses_images
 from .zero1 import apply_zero1, zero1_of
 
 log = logging.getLogger("xplan.runtime.distributed")
@@ -112,6 +112,8 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imba
     if layout.sp > 1:
         for block in blocks:
             apply_ulysses(block.self_attn, layout.sp, meshes.sp_rank, meshes.sp_group)
+        if hasattr(model, "vision_tower"):  # each rank's share of the images, features all-gathered
+            apply_ulysses_images(model, meshes.sp_group)
 
     # 3. Token tiling of each block's feed-forward half, recompute, then activation offload hooks
     # (around the checkpointed block).

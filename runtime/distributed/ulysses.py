@@ -17,6 +17,14 @@ Loss: every rank holds the labels of its own chunk (shift on the full sequence, 
 `mesh.local_batch`), so per-rank token-loss sums add up to the global sum without any extra
 communication, and gradients of the attention weights are summed over the Ulysses ranks by the
 same FSDP reduction as over data-parallel ranks.
+
+Images (vision-language models, `apply_ulysses_images`): image tokens join the sequence before the
+language model, so Ulysses splits them like any token. Each rank gets 1/sp of the micro-batch's
+images (`train.data.image_share`), runs the vision tower and projector on them, and one all-gather
+over the Ulysses group gives every rank the features of all of them; each rank merges those whose
+placeholders lie in its own chunk (`models.vision.merge_image_chunk`). The all-gather's backward
+reduce-scatters (sums) the features' gradients, so each rank's vision weights get the gradient of
+its images from every chunk, and FSDP sums them over all ranks as it does the attention weights.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from torch.distributed import ProcessGroup
 
 from xplan.errors import InputError
 
-from ..compat import all_to_all_single_autograd, wait_collective
+from ..compat import all_gather_single_autograd, all_to_all_single_autograd, wait_collective
 
 
 def seq_to_heads(x: torch.Tensor, sp: int, group: ProcessGroup) -> torch.Tensor:
@@ -83,4 +91,14 @@ def apply_ulysses(attn: nn.Module, sp: int, sp_rank: int, group: ProcessGroup) -
     return attn
 
 
-__all__ = ["apply_ulysses", "check_ulysses_heads", "heads_to_seq", "seq_to_heads"]
+def apply_ulysses_images(model: nn.Module, group: ProcessGroup) -> nn.Module:
+    """Let a vision-language model gather its image features over the Ulysses group, in place."""
+
+    def gather_images(features: torch.Tensor) -> torch.Tensor:  # [images / sp, ...] -> [images, ...]
+        return wait_collective(all_gather_single_autograd(features.contiguous(), 0, group))
+
+    model.gather_images = gather_images
+    return model
+
+
+__all__ = ["apply_ulysses", "apply_ulysses_images", "check_ulysses_heads", "heads_to_seq", "seq_to_heads"]

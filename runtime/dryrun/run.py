@@ -176,9 +176,12 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
                 positions = (torch.arange(cols) + meshes.sp_rank * cols).expand(rows, cols)
                 pixels = None
                 if training.image_tokens:  # the runtime's image + text samples (images first)
-                    from xplan.runtime.train.data import image_batch
+                    from xplan.runtime.train.data import image_batch, image_share
 
+                    # rank 0 holds chunk 0 of each sequence (its placeholders first) and, with sp > 1,
+                    # its 1/sp share of the micro-batch's images
                     input_ids, pixels = image_batch(input_ids, config.vision_spec, training.image_tokens)
+                    pixels = pixels[image_share(pixels.shape[0], meshes.sp_rank, layout.sp)]
             loss_fn = token_loss_fn(layout.kernels.get("loss", "chunked"), chunk_tokens)
             # Where the runtime keeps model states in host memory: FSDP2's CPU offload (params) keeps
             # the shards, gradients and moments there; ZeRO-1 with offload its fp32 masters and moments.

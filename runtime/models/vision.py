@@ -7,6 +7,11 @@ vision tower and projector sit beside it (`vision_tower.*`, `multi_modal_project
 `hf_key_to_local` / `local_key_to_hf` map the Hugging Face checkpoint names: transformers 5 writes
 `language_model.model.*`, `vision_tower.*`, `multi_modal_projector.*`; Intern-S1's checkpoints and
 transformers' in-memory layout use `model.language_model.*`, `model.vision_tower.*`, ... (both load).
+
+Ulysses sequence parallelism (`distributed.ulysses.apply_ulysses_images`): each rank of a Ulysses
+group holds a chunk of every sequence and 1/sp of the micro-batch's images; it runs the vision tower
+on its images, `gather_images` all-gathers the features over the group (backward reduce-scatters
+their gradients) and `merge_image_chunk` places those whose placeholders fall in the rank's chunk.
 """
 
 from __future__ import annotations
@@ -191,6 +196,20 @@ def merge_image_features(embeds: torch.Tensor, image_mask: torch.Tensor, feature
     return torch.where(image_mask[..., None], picked, embeds)
 
 
+def merge_image_chunk(embeds: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+    """`merge_image_features` for a chunk of each sequence (Ulysses): `features` [b * n, hidden] are
+    the image tokens of all `b` samples of the micro-batch, `n` per sample, which come first in each
+    sample, so the placeholder at global position p of row r takes row r * n + p (`positions`: the
+    chunk's global positions, [b or 1, s_local])."""
+    b = embeds.shape[0]
+    per_sample = features.shape[0] // b
+    rows = torch.arange(b, device=positions.device)[:, None] * per_sample
+    index = (rows + positions).clamp(max=max(features.shape[0] - 1, 0)).reshape(-1)
+    picked = features.to(embeds.dtype)[index].view_as(embeds)
+    return torch.where(image_mask[..., None], picked, embeds)
+
+
 def _concrete(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -205,6 +224,9 @@ class VisionLanguageLM(CausalLM):
         self.spec = config.vision_spec
         self.vision_tower = VisionTower(self.spec)
         self.multi_modal_projector = Projector(self.spec, config.hidden_size)
+        # Ulysses (set by `distributed.ulysses.apply_ulysses_images`): this rank's image features
+        # [images / sp, tokens, hidden] -> the micro-batch's [images, tokens, hidden]; None without sp.
+        self.gather_images = None
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels [images, C, H, W] -> language-model inputs [images, tokens_per_image, hidden]."""
@@ -214,19 +236,38 @@ class VisionLanguageLM(CausalLM):
         rows = self.multi_modal_projector(features.reshape(-1, features.shape[-1]))
         return rows.view(features.shape[0], features.shape[1], -1)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
         embeds = self.model.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
+        if self.gather_images is not None:
+            return self._embed_chunk(embeds, input_ids, pixel_values, positions)
         features = self.image_features(pixel_values).reshape(-1, embeds.shape[-1])
         mask = input_ids == self.spec.image_token_id
         if _concrete(mask) and int(mask.sum()) != features.shape[0]:
             raise ValueError(f"the batch holds {int(mask.sum())} image tokens but its images give {features.shape[0]}")
         return merge_image_features(embeds, mask, features)
 
+    def _embed_chunk(self, embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                     positions: torch.Tensor | None) -> torch.Tensor:
+        """Ulysses: this rank's images through the tower, all ranks' features gathered, the ones
+        whose placeholders are in this rank's chunk of each sequence merged."""
+        if positions is None:
+            raise ValueError("sequence-parallel image batches need the chunk's global positions")
+        features = self.gather_images(self.image_features(pixel_values)).reshape(-1, embeds.shape[-1])
+        mask = input_ids == self.spec.image_token_id
+        if _concrete(mask):
+            per_sample = features.shape[0] // max(input_ids.shape[0], 1)
+            if features.shape[0] != per_sample * input_ids.shape[0] or \
+                    bool((mask != (positions < per_sample)).any()):
+                raise ValueError(f"each sample's {per_sample} image tokens must be its first tokens (the images of "
+                                 f"{input_ids.shape[0]} samples give {features.shape[0]})")
+        return merge_image_chunk(embeds, mask, features, positions)
+
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids, positions, inputs_embeds=self.embed(input_ids, pixel_values))
+        return self.model(input_ids, positions, inputs_embeds=self.embed(input_ids, pixel_values, positions))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None) -> torch.Tensor:

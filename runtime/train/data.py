@@ -268,6 +268,15 @@ def sample_pixels(spec, image_tokens: int, samples: range, seed: int) -> torch.T
     return torch.cat(out) if out else torch.empty(0, spec.num_channels, *spec.image_size)
 
 
+def image_share(images: int, sp_rank: int = 0, sp_size: int = 1) -> slice:
+    """Which of a micro-batch's `images` Ulysses rank `sp_rank` of `sp_size` runs through the vision
+    tower: a contiguous 1/sp of them, in order (`distributed.ulysses.apply_ulysses_images`)."""
+    if images % sp_size:
+        raise ValueError(f"{images} images of a micro-batch do not split over sp {sp_size} ranks")
+    share = images // sp_size
+    return slice(sp_rank * share, (sp_rank + 1) * share)
+
+
 def label_tokens(seq_len: int, image_tokens: int) -> int:
     """Labelled tokens per sample: the image placeholders are never predicted (their labels,
     except the last one's, which is the first text token, are ignored)."""
@@ -275,8 +284,9 @@ def label_tokens(seq_len: int, image_tokens: int) -> int:
 
 
 def image_micro_batches(windows: torch.Tensor, first_sample: int, micro_batch: int, spec, image_tokens: int,
-                        seed: int) -> list[Batch]:
-    """`split_micro_batches` for image + text samples (no sequence parallelism)."""
+                        seed: int, sp_rank: int = 0, sp_size: int = 1) -> list[Batch]:
+    """`split_micro_batches` for image + text samples: with sp > 1 each rank holds its chunk of every
+    sequence and its share of each micro-batch's images (`image_share`)."""
     from .loss import IGNORE_INDEX
 
     windows = windows.clone()
@@ -286,10 +296,12 @@ def image_micro_batches(windows: torch.Tensor, first_sample: int, micro_batch: i
     pixels = sample_pixels(spec, image_tokens, range(first_sample, first_sample + windows.shape[0]), seed)
     per = images_per_sample(spec, image_tokens)
     out = []
-    for b in split_micro_batches(ids, micro_batch):
+    for b in split_micro_batches(ids, micro_batch, sp_rank, sp_size):
         # a fresh tensor: labels may view the same storage as the input ids
         b.labels = torch.where(b.labels == spec.image_token_id, IGNORE_INDEX, b.labels)
         start = len(out) * micro_batch
         b.pixel_values = pixels[start * per: (start + b.input_ids.shape[0]) * per]
+        if sp_size > 1:
+            b.pixel_values = b.pixel_values[image_share(b.pixel_values.shape[0], sp_rank, sp_size)]
         out.append(b)
     return out

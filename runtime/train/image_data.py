@@ -209,18 +209,25 @@ class ImageJsonl(DataSource):
     def step_label_tokens(self, step: int, global_batch: int) -> int:
         return self.label_tokens(range(step * global_batch, (step + 1) * global_batch))
 
-    def pixels(self, samples: range) -> torch.Tensor:
-        images = [load_image(p, self.spec) for i in samples for p in self._sample(i).images]
+    def pixels(self, samples: range, share: slice = slice(None)) -> torch.Tensor:
+        """The samples' images in order (only those of `share`: a Ulysses rank's, `data.image_share`)."""
+        paths = [p for i in samples for p in self._sample(i).images][share]
+        images = [load_image(p, self.spec) for p in paths]
         return torch.stack(images) if images else torch.empty(0, self.spec.num_channels, *self.spec.image_size)
 
     def rank_micro_batches(self, step: int, global_batch: int, micro_batch: int, dp_rank: int,
-                           dp_size: int) -> list[Batch]:
-        """Data-parallel rank `dp_rank`'s micro-batches of step `step` (no sequence parallelism)."""
+                           dp_size: int, sp_rank: int = 0, sp_size: int = 1) -> list[Batch]:
+        """Data-parallel rank `dp_rank`'s micro-batches of step `step`; with sp > 1 Ulysses rank
+        `sp_rank`'s chunk of each sequence and share of the micro-batch's images."""
+        from .data import image_share
         from .loss import IGNORE_INDEX
 
         per_rank = global_batch // dp_size
         first = step * global_batch + dp_rank * per_rank
-        positions = torch.arange(self.seq_len, dtype=torch.int64).unsqueeze(0)
+        chunk = self.seq_len // sp_size
+        lo, hi = sp_rank * chunk, (sp_rank + 1) * chunk
+        positions = torch.arange(lo, hi, dtype=torch.int64).unsqueeze(0)
+        per_sample = self.image_tokens // self.spec.tokens_per_image
         out = []
         for start in range(first, first + per_rank, micro_batch):
             samples = range(start, min(start + micro_batch, first + per_rank))
@@ -229,7 +236,9 @@ class ImageJsonl(DataSource):
             labels[:, : self.image_tokens - 1] = IGNORE_INDEX  # placeholders predicting placeholders
             for row, index in enumerate(samples):  # padding predicts nothing
                 labels[row, self.image_tokens - 1 + len(self._text(self._sample(index))):] = IGNORE_INDEX
-            out.append(Batch(rows[:, :-1].contiguous(), labels, positions, self.pixels(samples)))
+            share = image_share(len(samples) * per_sample, sp_rank, sp_size)
+            out.append(Batch(rows[:, lo:hi].contiguous(), labels[:, lo:hi].contiguous(), positions,
+                             self.pixels(samples, share)))
         return out
 
     def describe(self) -> str:

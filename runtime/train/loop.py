@@ -83,16 +83,25 @@ def check_plan_for_runtime(plan, device_type: str | None = None, check_positions
 
 
 def check_vision_runtime(plan, config) -> None:
-    """Image + text batches run with FSDP and expert parallelism; sequence, tensor and pipeline
-    parallelism would split the sequence or the model before the image features join it."""
+    """Image + text batches run with FSDP, expert and Ulysses sequence parallelism (each Ulysses rank
+    runs the vision tower on 1/sp of a micro-batch's images, `distributed.ulysses`); tensor and
+    pipeline parallelism would split the model before the image features join the sequence."""
     from xplan.runtime.models.vlm_config import check_image_tokens
 
     image_tokens = plan.training.image_tokens
     check_image_tokens(config, image_tokens, plan.training.seq_len)
     layout = plan.layout
-    if image_tokens and (layout.sp > 1 or layout.tp > 1 or layout.pp > 1):
-        raise InputError(f"image tokens run with fsdp and ep only; the plan has sp {layout.sp}, tp {layout.tp}, "
-                         f"pp {layout.pp}.")
+    if image_tokens and (layout.tp > 1 or layout.pp > 1):
+        raise InputError(f"image tokens run with fsdp, ep and sp only; the plan has tp {layout.tp}, pp {layout.pp}.")
+    if image_tokens and layout.sp > 1:
+        per_sample = image_tokens // config.vision_spec.tokens_per_image
+        images = layout.micro_batch * per_sample
+        if images % layout.sp:
+            raise InputError(
+                f"with sp {layout.sp} each Ulysses rank runs the vision tower on 1/{layout.sp} of a micro-batch's "
+                f"images, but a micro-batch holds {images} (micro_batch {layout.micro_batch} x {per_sample} per "
+                f"sample); make micro_batch x images per sample a multiple of sp (e.g. micro_batch "
+                f"{layout.sp // math.gcd(layout.sp, per_sample)}), or lower sp.")
     kind = plan.training.data.kind
     if kind == "image_jsonl" and not config.is_vlm:
         raise InputError(f"training.data.kind 'image_jsonl' holds images, but {config.name} ({config.model_type}) "

@@ -125,11 +125,13 @@ def micro_batches(source: DataSource, step: int, global_batch: int, micro_batch:
     of each sequence (the same slice as `distributed.local_batch`, without building the rows of
     other ranks)."""
     if hasattr(source, "rank_micro_batches"):  # local image + text samples (image_data)
-        return source.rank_micro_batches(step, global_batch, micro_batch, ctx.dp_rank, ctx.dp_size)
+        return source.rank_micro_batches(step, global_batch, micro_batch, ctx.dp_rank, ctx.dp_size, ctx.sp_rank,
+                                         ctx.sp_size)
     windows = rank_windows(source, step, global_batch, ctx.dp_rank, ctx.dp_size)
     if getattr(source, "image_tokens", 0):
         from .data import image_micro_batches
 
         first = step * global_batch + ctx.dp_rank * (global_batch // ctx.dp_size)
-        return image_micro_batches(windows, first, micro_batch, source.vision, source.image_tokens, source.seed)
+        return image_micro_batches(windows, first, micro_batch, source.vision, source.image_tokens, source.seed,
+                                   ctx.sp_rank, ctx.sp_size)
     return split_micro_batches(windows, micro_batch, ctx.sp_rank, ctx.sp_size)
