@@ -59,6 +59,9 @@ class TrainingSettings(_Strict):
     seq_len: int = Field(..., ge=1)
     global_batch: int = Field(..., ge=1)  # sequences per optimizer step
     image_tokens: int = Field(0, ge=0)  # image tokens per sample (vision-language models; images first)
+    # Share of samples that carry images (the rest are text only); the vision tower's compute is
+    # priced at this share, its memory at a micro-batch of image samples.
+    image_fraction: float = Field(1.0, gt=0, le=1)
     steps: int = Field(10, ge=1)
     seed: int = 0
     grad_clip: float = Field(1.0, ge=0)
