@@ -24,6 +24,7 @@ from xplan.layout_tiles import feed_forward_tiles
 from . import comm, pipeline
 from .compute import PricingContext, RankWork, pricing_for
 from .ep_overlap import overlap_micro, paired_share
+from .images import VISION_PARTS, image_share, vision_flops_per_token
 from .kernels import eager_attention_time, memory_time
 from .memory import (
     COMPUTE_BYTES,
@@ -36,7 +37,7 @@ from .memory import (
 )
 from .memos import layout_key, memoised
 from .offload import block_mlp_kind, exposed_copy_time, offloaded_layers, optimizer_offload_time
-from .peak_memory import memory_estimate
+from .peak_memory import fits_memory, host_capacity, memory_estimate  # noqa: F401  (fits_memory: API)
 from .pipeline import PipelineRank, pipeline_ranks  # noqa: F401  (PipelineRank: part of this module's API)
 from .routing import default_imbalance, imbalance_note
 from .tiling import check_trace_tiles, expert_regather_times, tile_redo_share, tiled_expert_all_to_all_time
@@ -213,23 +214,26 @@ def rank_profile(profile, layout: Layout):
 
 
 def estimate(trace, config, layout: Layout, profile, global_batch: int, imbalance: float | None = None,
-             recompute_every_mm: int = 0, pricing: PricingContext | None = None) -> Estimate:
+             recompute_every_mm: int = 0, pricing: PricingContext | None = None,
+             image_fraction: float = 1.0) -> Estimate:
     """Price `layout` for `config` traced at `trace` (micro-batch 1, the run's seq_len) on `profile`.
 
     `recompute_every_mm`: under selective recompute, also redo every n-th forward mm of a block
     (torchtitan's op-level SAC recomputes every second one: 2); 0 keeps every GEMM output.
     `pricing`: the search's PricingContext on `profile` (its op times priced once per rank work).
     `imbalance`: the busiest EP rank's routed load over the mean; None: the sourced default
-    (`cost_models.routing`). Every MoE estimate notes which it priced.
+    (`cost_models.routing`). Every MoE estimate notes which it priced. `image_fraction`: the share
+    of samples that carry images (vision-language models; see `image_share`).
     """
     given = imbalance is not None
     imbalance = imbalance if given else default_imbalance(layout, config)
     seq = trace.seq_len
-    timing = step_time(trace, config, layout, profile, global_batch, imbalance, recompute_every_mm, pricing)
+    timing = step_time(trace, config, layout, profile, global_batch, imbalance, recompute_every_mm, pricing,
+                       image_fraction)
     device_profile, profile, grad_accum, time, step = (profile, timing.profile, timing.grad_accum, timing.time,
                                                        timing.step_s)
     tokens_per_s = timing.tokens_per_s_per_device
-    flops_per_token = trace.flops_per_token
+    flops_per_token = trace.flops_per_token - (1.0 - image_fraction) * vision_flops_per_token(trace)
     mfu = flops_per_token * tokens_per_s / device_profile.peak_flops("bf16")  # tokens/s per device
 
     memory = memory_estimate(trace, layout, profile, grad_accum, imbalance, config, timing.recompute_every_mm,
@@ -263,7 +267,8 @@ class StepTime:
 
 
 def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalance: float | None = None,
-              recompute_every_mm: int = 0, pricing: PricingContext | None = None) -> StepTime:
+              recompute_every_mm: int = 0, pricing: PricingContext | None = None,
+              image_fraction: float = 1.0) -> StepTime:
     """`estimate` without its memory: what a search needs to bound a layout's throughput."""
     imbalance = imbalance if imbalance is not None else default_imbalance(layout, config)
     seq = trace.seq_len
@@ -273,10 +278,12 @@ def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalan
     profile = rank_profile(profile, layout)  # a3: a rank is one die
     context = pricing_for(profile, pricing)
     # Offload changes neither the micro-batch nor the pipeline: its variants share those terms.
-    key = (id(trace), layout_key(layout, without=("offload",)), global_batch, imbalance, recompute_every_mm, id(config))
+    share = image_share(image_fraction, layout.micro_batch)
+    key = (id(trace), layout_key(layout, without=("offload",)), global_batch, imbalance, recompute_every_mm, id(config),
+           share)
     # The memo holds the trace and config it was computed for, so their ids name no other object.
     terms = memoised(context.memos.setdefault("step", {}), key, lambda: (trace, config, _step_terms(
-        trace, config, layout, profile, global_batch, imbalance, recompute_every_mm, context)))[2]
+        trace, config, layout, profile, global_batch, imbalance, recompute_every_mm, context, share)))[2]
     grad_accum, tf, work, times, overlap = terms.grad_accum, terms.tf, terms.work, terms.times, terms.overlap
     busiest, micro, bubble, zero1_exposed = terms.busiest, terms.micro, terms.bubble, terms.zero1_exposed
     params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
@@ -324,7 +331,7 @@ class _StepTerms:
 
 
 def _step_terms(trace, config, layout: Layout, profile, global_batch: int, imbalance: float,
-                recompute_every_mm: int, pricing: PricingContext) -> _StepTerms:
+                recompute_every_mm: int, pricing: PricingContext, vision_share: float = 1.0) -> _StepTerms:
     """The busiest pipeline rank's micro-batch, the bubble and ZeRO-1's exposed step collectives
     of `layout` on the rank `profile` (see `estimate`)."""
     seq = trace.seq_len
@@ -413,12 +420,13 @@ def _step_terms(trace, config, layout: Layout, profile, global_batch: int, imbal
                  "backward_gemm": rank.layers * backward_gemm}
         ops = rank.layers * host_ops
         for name in rank.parts():
-            parts["compute"] += times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0)
-            ops += times.get((name, "ops"), 0.0)
+            share = vision_share if name in VISION_PARTS else 1.0  # the busiest rank's images
+            parts["compute"] += share * (times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0))
+            ops += share * times.get((name, "ops"), 0.0)
             if name == "vision" and layout.vision_recompute != "none":  # the vision layers' own policy
                 full = layout.vision_recompute == "full"
-                parts["recompute"] += times.get((name, "forward" if full else "selective_recompute"), 0.0)
-                ops += times.get((name, "ops_forward" if full else "ops_selective"), 0.0)
+                parts["recompute"] += share * times.get((name, "forward" if full else "selective_recompute"), 0.0)
+                ops += share * times.get((name, "ops_forward" if full else "ops_selective"), 0.0)
         all_to_all = parts["expert_all_to_all"]
         parts["expert_all_to_all"], parts["pipeline_p2p"] = overlap_micro(
             layout.ep_overlap, parts["compute"] + parts["recompute"], all_to_all, parts["pipeline_p2p"], paired)
@@ -477,18 +485,3 @@ def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, red
     per_gather = 2 * shard * param_bytes + 2 * numel * param_bytes
     reduce = 2 * numel * reduce_bytes + 2 * shard * reduce_bytes
     return memory_time(profile, gathers * per_gather + reduce)
-
-
-def host_capacity(profile, devices: int, ranks_per_device: int = 1) -> float:
-    """Host bytes one rank may fill: a node's host memory (the profile's host.memory_gib is per
-    device; a node is one unit of the innermost interconnect level) shared by the ranks the layout
-    puts on that node (all of them when fewer than a node)."""
-    per_node = profile.levels[0].devices or 1
-    return float(profile.host_memory_bytes()) * per_node / max(1, min(devices, per_node) * ranks_per_device)
-
-
-def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) -> bool:
-    """Allocated device peak within HBM (the allocator's cached-but-free overhead is released
-    before an allocation fails: see cost_models.memory) and offloaded bytes within the host memory
-    each rank may use (`host_capacity`: its node's host memory over the ranks sharing it)."""
-    return memory.allocated <= hbm_bytes and memory.offloaded_to_host <= host_bytes

@@ -264,3 +264,18 @@ def _with_offload(trace, layout: Layout, t: _OffloadFreeTerms, grad_accum: int, 
     return MemoryBreakdown(parameters=params, optimizer=optim, overhead=overhead, **moment,
                            offloaded_to_host=host_states + host_activations, host_activations=host_activations,
                            host_states=host_states)
+
+
+def host_capacity(profile, devices: int, ranks_per_device: int = 1) -> float:
+    """Host bytes one rank may fill: a node's host memory (the profile's host.memory_gib is per
+    device; a node is one unit of the innermost interconnect level) shared by the ranks the layout
+    puts on that node (all of them when fewer than a node)."""
+    per_node = profile.levels[0].devices or 1
+    return float(profile.host_memory_bytes()) * per_node / max(1, min(devices, per_node) * ranks_per_device)
+
+
+def fits_memory(memory: MemoryBreakdown, hbm_bytes: float, host_bytes: float) -> bool:
+    """Allocated device peak within HBM (the allocator's cached-but-free overhead is released
+    before an allocation fails: see cost_models.memory) and offloaded bytes within the host memory
+    each rank may use (`host_capacity`: its node's host memory over the ranks sharing it)."""
+    return memory.allocated <= hbm_bytes and memory.offloaded_to_host <= host_bytes

@@ -81,7 +81,8 @@ def explain_levers(est, workload, pricing=None) -> list[Lever]:
         layout = est.layout.with_changes(**changes)
         trace = get_trace(workload.model, workload.seq_len, loss, feed_forward_tiles(layout, workload.seq_len),
                           workload.image_tokens)
-        alt = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance, pricing=pricing)
+        alt = estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance, pricing=pricing,
+                       image_fraction=workload.image_fraction)
         out.append(Lever(name=name, device_gib=(alt.memory.total - est.memory.total) / GIB,
                          host_gib=lever_host_bytes(name, est.memory) / GIB,
                          time_s=est.step_time_s - alt.step_time_s,

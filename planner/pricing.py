@@ -32,11 +32,24 @@ class Workload:
     global_batch: int
     imbalance: float | None = None  # busiest EP rank's routed load over the mean; None: the sourced default
     image_tokens: int = 0  # image tokens per sample (vision-language models; the images come first)
+    image_fraction: float = 1.0  # share of samples that carry images (the rest text only)
+
+    @classmethod
+    def of_plan(cls, plan, imbalance: float | None = None) -> Workload:
+        """The workload a loaded plan (xplan.plan.Plan) trains."""
+        t = plan.training
+        return cls(plan.model, plan.hardware, t.seq_len, t.global_batch, imbalance, t.image_tokens, t.image_fraction)
 
     def check(self) -> None:
         check_seq_len(self.seq_len)
         if self.global_batch < 1:
             raise InputError(f"--global-batch must be a positive integer, got {self.global_batch}.")
+        if not 0 < self.image_fraction <= 1:
+            raise InputError(f"--image-fraction is the share of samples that carry images, in (0, 1]; got "
+                             f"{self.image_fraction}.")
+        if self.image_fraction < 1 and not self.image_tokens:
+            raise InputError("--image-fraction needs --image-tokens: the image tokens of a sample that carries "
+                             "images.")
         if self.imbalance is not None and self.imbalance < 1.0:
             raise InputError(f"--imbalance is the busiest rank's load over the mean and must be >= 1, "
                              f"got {self.imbalance}.")
@@ -73,7 +86,8 @@ def price(workload: Workload, layout: Layout) -> Estimate:
         raise InputError(f"--devices must be a positive integer, got {layout.devices}.")
     trace = get_trace(workload.model, workload.seq_len, traced_loss(layout.kernels.get("loss", "chunked")),
                       feed_forward_tiles(layout, workload.seq_len), workload.image_tokens)
-    return estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance)
+    return estimate(trace, config, layout, profile, workload.global_batch, workload.imbalance,
+                    image_fraction=workload.image_fraction)
 
 
 def layout_from_flags(flags: dict[str, Any], ranks_per_device: int = 1) -> Layout:

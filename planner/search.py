@@ -338,7 +338,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                         continue
                     evaluated += exhaustive
                     est = estimate(trace, config, layout, device_profile, workload.global_batch,
-                                   workload.imbalance, pricing=pricing)
+                                   workload.imbalance, pricing=pricing, image_fraction=workload.image_fraction)
                     if fits_memory(est.memory, hbm, host):
                         fitting.append((c.index, est))
                     else:
@@ -388,7 +388,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     smallest = {}
     for kind, (_, layout, trace) in smallest_memory.items():
         smallest[kind] = estimate(trace, config, layout, device_profile, workload.global_batch, workload.imbalance,
-                                  pricing=exact)
+                                  pricing=exact, image_fraction=workload.image_fraction)
     repriced: dict[int, Any] = {}
 
     def reported(est):
@@ -396,8 +396,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         if id(est) not in repriced:
             layout = est.layout  # priced on the trace of its loss kernel and token tiles
             trace = trace_for(layout.kernels.loss, feed_forward_tiles(layout, workload.seq_len))
-            repriced[id(est)] = estimate(trace, config, layout, device_profile,
-                                         workload.global_batch, workload.imbalance, pricing=exact)
+            repriced[id(est)] = estimate(trace, config, layout, device_profile, workload.global_batch,
+                                         workload.imbalance, pricing=exact, image_fraction=workload.image_fraction)
         return repriced[id(est)]
     if progress:
         progress(len(cores), len(cores))

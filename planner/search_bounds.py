@@ -98,8 +98,8 @@ class SearchBounds:
             layout = c.base.with_changes(recompute=recompute, keep_gathered=keep, tile_tokens=tile, offload=offload)
             self.evaluated += 1
             best = max(best, step_time(self.trace_for(c.loss, self._tiles(c, tile)), self.config, layout,
-                                       self.device_profile, w.global_batch, w.imbalance,
-                                       pricing=self.pricing).tokens_per_s_per_device)
+                                       self.device_profile, w.global_batch, w.imbalance, pricing=self.pricing,
+                                       image_fraction=w.image_fraction).tokens_per_s_per_device)
         return best
 
     def fastest(self, c: _Core) -> float:

@@ -106,3 +106,41 @@ def test_vision_recompute_is_traced_and_priced(vlm_dir, capsys, tmp_path):
     code, _, err = cli(capsys, "estimate", "qwen3-0.6b", "cpu", "--devices", 1, "--seq-len", 32,
                        "--vision-recompute", "full")
     assert code == 2 and "needs a vision-language model" in " ".join(err.split()), err
+
+
+def test_image_fraction_prices_the_busiest_ranks_images(vlm_dir, capsys, tmp_path):
+    """Mixed image/text batches: the tower's time at ceil(m f) / m of a micro-batch of m samples (the
+    busiest rank sets the pace), its memory at a micro-batch of image samples, MFU at f of its FLOPs."""
+    base = ["estimate", vlm_dir, "cpu", "--devices", 1, "--seq-len", 256, "--precision", "fp32", "--json",
+            "--micro-batch", 4, "--global-batch", 4]
+
+    def priced(*extra):
+        code, out, err = cli(capsys, *base, *extra)
+        assert code == 0, err
+        return json.loads(out)
+
+    shares = {f: priced("--image-tokens", 64, "--image-fraction", f) for f in (0.25, 0.5, 0.6, 1.0)}
+    compute = {f: e["time_s"]["compute"] for f, e in shares.items()}
+    quarter = compute[0.5] - compute[0.25]  # one image sample of four
+    assert quarter > 0
+    assert compute[1.0] - compute[0.5] == pytest.approx(2 * quarter, rel=1e-9)
+    assert compute[0.6] == pytest.approx(compute[1.0] - quarter, rel=1e-12)  # ceil(4 x 0.6) = 3 of 4
+    assert all(e["memory_gib"] == shares[1.0]["memory_gib"] for e in shares.values())
+    flops = {f: e["flops_per_token"] for f, e in shares.items()}  # model FLOPs: f of the tower's, on average
+    assert flops[0.6] - flops[0.5] == pytest.approx((flops[1.0] - flops[0.5]) / 5, rel=1e-9)
+    # One sample per micro-batch: some rank's sample carries images in every micro-batch.
+    one = ["--micro-batch", 1, "--image-tokens", 64]
+    assert priced(*one, "--image-fraction", 0.5)["step_time_s"] == priced(*one)["step_time_s"]
+
+    code, _, err = cli(capsys, "search", vlm_dir, "cpu", "--devices", 1, "--seq-len", 256, "--global-batch", 2,
+                       "--precision", "fp32", "--image-tokens", 64, "--image-fraction", 0.5, "-o",
+                       tmp_path / "plan.yaml", "--json")
+    assert code == 0, err
+    assert "image_fraction: 0.5" in (tmp_path / "plan.yaml").read_text()
+    code, out, err = cli(capsys, "whatif", tmp_path / "plan.yaml", "--set", "image_fraction=1", "--json")
+    assert code == 0, err
+    for bad, message in (("0", "in (0, 1]"), ("1.5", "in (0, 1]")):
+        code, _, err = cli(capsys, *base, "--image-tokens", 64, "--image-fraction", bad)
+        assert code == 2 and message in err, err
+    code, _, err = cli(capsys, *base, "--image-fraction", 0.5)
+    assert code == 2 and "needs --image-tokens" in err, err

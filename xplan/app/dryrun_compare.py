@@ -34,8 +34,7 @@ def predicted_components(plan, imbalance: float, reprice: bool = False) -> tuple
     if not memory:
         from xplan.planner.pricing import Workload, price
 
-        est = price(Workload(plan.model, plan.hardware, plan.training.seq_len, plan.training.global_batch,
-                             imbalance, plan.training.image_tokens), executed)
+        est = price(Workload.of_plan(plan, imbalance), executed)
         memory, source = est.memory.gib(), "price"
     if not isinstance(memory, dict):
         raise InputError("the plan's predictions.memory_gib must be a mapping of components to GiB (as `xplan search` "

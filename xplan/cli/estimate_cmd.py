@@ -79,6 +79,7 @@ def estimate_cmd(
                                      "micro-batch per data-parallel rank, no accumulation)."),
     imbalance: float | None = opt.IMBALANCE,
     image_tokens: int = opt.IMAGE_TOKENS,
+    image_fraction: float = opt.IMAGE_FRACTION,
     json_out: bool = JSON_OPTION,
     layout_flags: dict = None,
 ) -> None:
@@ -95,7 +96,7 @@ def estimate_cmd(
     layout = layout_from_flags(layout_flags, load_hw(hardware).device.ranks_per_device)
     if global_batch is None:
         global_batch = layout.data_parallel * layout.micro_batch
-    workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens)
+    workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens, image_fraction)
     est = price(workload, layout)
     levers = explain_levers(est, workload)
     if json_out:

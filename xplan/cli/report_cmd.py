@@ -97,8 +97,7 @@ def report(
     from xplan.planner.pricing import Workload
 
     loaded = load_plan(plan)
-    workload = Workload(loaded.model, loaded.hardware, loaded.training.seq_len, loaded.training.global_batch,
-                        image_tokens=loaded.training.image_tokens)
+    workload = Workload.of_plan(loaded)
     full = html is not None or json_out  # sweeps and the 3D comparison: for the file and the JSON
     kwargs = dict(headroom_gib=loaded.data.headroom_gib, plan=loaded, plan_file=str(plan), alternatives=max(top, 0),
                   sweeps=full)

@@ -111,7 +111,7 @@ def parse_headroom(text: str | None, hbm_gib: float) -> float:
 
 def command_line(model: str, hardware: str, devices: int, seq_len: int, global_batch: int, imbalance: float,
                  pinned: dict, allow_3d: bool, exhaustive: bool, headroom: str | None, steps: int,
-                 output: Path | None, image_tokens: int = 0) -> list[str]:
+                 output: Path | None, image_tokens: int = 0, image_fraction: float = 1.0) -> list[str]:
     """The search as a command line that repeats it (what the plan records as `command`)."""
     from xplan.layout import knobs
 
@@ -126,6 +126,8 @@ def command_line(model: str, hardware: str, devices: int, seq_len: int, global_b
         args += ["--imbalance", str(imbalance)]
     if image_tokens:
         args += ["--image-tokens", str(image_tokens)]
+    if image_fraction != 1:
+        args += ["--image-fraction", str(image_fraction)]
     args += ["--allow-3d"] * allow_3d + ["--exhaustive"] * exhaustive
     if headroom:
         args += ["--headroom", str(headroom)]
@@ -161,6 +163,7 @@ def search_cmd(
                                      help="Sequences per optimizer step (default: one per device)."),
     imbalance: float | None = opt.IMBALANCE,
     image_tokens: int = opt.IMAGE_TOKENS,
+    image_fraction: float = opt.IMAGE_FRACTION,
     allow_3d: bool = typer.Option(False, "--allow-3d", help="Also price tensor and pipeline parallelism "
                                   "(listed for comparison; the runtime does not execute them)."),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="Price the whole space without pruning."),
@@ -198,7 +201,7 @@ def search_cmd(
     if global_batch is None:  # one sequence per rank (a3: two ranks per device)
         global_batch = devices * profile.device.ranks_per_device
     headroom_gib = parse_headroom(headroom, profile.hbm_bytes() / 2**30)
-    workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens)
+    workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens, image_fraction)
     kwargs = dict(allow_3d=allow_3d, exhaustive=exhaustive, top=max(top, 1), headroom_bytes=headroom_gib * 2**30)
     if json_out or not console_err.is_terminal:
         result = search(workload, devices, pinned, **kwargs)
@@ -229,6 +232,8 @@ def search_cmd(
         training = {"seq_len": seq_len, "global_batch": global_batch, "steps": steps}
         if image_tokens:
             training["image_tokens"] = image_tokens
+        if image_fraction != 1:
+            training["image_fraction"] = image_fraction
         predictions = {k: v for k, v in best.to_dict().items() if k in (
             "memory_gib", "step_time_s", "tokens_per_s_per_device", "mfu", "time_s", "binding", "imbalance")}
         plan = make_plan(model, hardware, best.layout, training, predictions,
@@ -236,7 +241,7 @@ def search_cmd(
                          notes=f"written by xplan search ({result.candidates_evaluated} candidates)",
                          **provenance(hardware, command_line(model, hardware, devices, seq_len, global_batch,
                                                              imbalance, pinned, allow_3d, exhaustive, headroom,
-                                                             steps, output, image_tokens)))
+                                                             steps, output, image_tokens, image_fraction)))
     if not json_out:
         rows, labels, front, first_extra = _rows(result, top)
         dicts = [e.to_dict() for e in rows]

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from .app import JSON_OPTION, app, console, print_json
 
-WORKLOAD_KEYS = ("seq_len", "global_batch", "hardware", "hw", "model", "imbalance", "image_tokens")
+WORKLOAD_KEYS = ("seq_len", "global_batch", "hardware", "hw", "model", "imbalance", "image_tokens",
+                 "image_fraction")
 
 
 def whatif_keys() -> list[str]:
@@ -93,7 +94,7 @@ def apply_changes(workload, layout, changes: dict[str, str]):
 
     w = {"model": workload.model, "hardware": workload.hardware, "seq_len": workload.seq_len,
          "global_batch": workload.global_batch, "imbalance": workload.imbalance,
-         "image_tokens": workload.image_tokens}
+         "image_tokens": workload.image_tokens, "image_fraction": workload.image_fraction}
     flat = {info.name: knob_value(layout, info) for info in knobs()}
     for key, value in changes.items():
         if key in ("hardware", "hw"):
@@ -102,6 +103,11 @@ def apply_changes(workload, layout, changes: dict[str, str]):
             w["model"] = value
         elif key == "imbalance":
             w["imbalance"] = parse_imbalance(value)
+        elif key == "image_fraction":
+            try:
+                w[key] = float(value)
+            except ValueError:
+                raise InputError(f"--set image_fraction needs a number in (0, 1], got {value!r}.") from None
         elif key in ("seq_len", "global_batch", "image_tokens"):
             try:
                 w[key] = int(value)
@@ -170,9 +176,10 @@ def _pp(value: float) -> str:
 def whatif(
     plan: Path = typer.Argument(..., help="Plan file written by `xplan search`."),
     sets: list[str] = typer.Option([], "--set", help="key=value to change (repeatable): seq_len, global_batch, "
-                                   "image_tokens, hardware, model, imbalance (a number, or a run's metrics.jsonl or "
-                                   "folder: its measured ep_imbalance), or any layout knob (the --flags of `xplan "
-                                   "estimate`, with _ for -: devices, dp_mode, fsdp, ep, micro_batch, loss, ...)."),
+                                   "image_tokens, image_fraction, hardware, model, imbalance (a number, or a run's "
+                                   "metrics.jsonl or folder: its measured ep_imbalance), or any layout knob (the "
+                                   "--flags of `xplan estimate`, with _ for -: devices, dp_mode, fsdp, ep, "
+                                   "micro_batch, loss, ...)."),
     report: Path = typer.Option(None, "--report", help="Also write the HTML report of the what-if layout here "
                                 "(the plan as written shown beside it)."),
     json_out: bool = JSON_OPTION,
@@ -191,9 +198,7 @@ def whatif(
 
     loaded = load_plan(plan)
     planned = loaded.data.predictions.get("imbalance") if isinstance(loaded.data.predictions, dict) else None
-    workload = Workload(loaded.model, loaded.hardware, loaded.training.seq_len, loaded.training.global_batch,
-                        float(planned) if isinstance(planned, (int, float)) and planned >= 1 else None,
-                        image_tokens=loaded.training.image_tokens)
+    workload = Workload.of_plan(loaded, float(planned) if isinstance(planned, (int, float)) and planned >= 1 else None)
     before = price(workload, loaded.layout)
     changes = parse_sets(sets)
     try:
