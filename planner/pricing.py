@@ -40,6 +40,14 @@ class Workload:
         t = plan.training
         return cls(plan.model, plan.hardware, t.seq_len, t.global_batch, imbalance, t.image_tokens, t.image_fraction)
 
+    def images(self) -> dict[str, float]:
+        """The image settings of a vision-language workload for JSON output ({} without images)."""
+        if not self.image_tokens:
+            return {}
+        per_image = load_model_config(self.model).vision_spec.tokens_per_image
+        return {"image_tokens": self.image_tokens, "images_per_sample": self.image_tokens // per_image,
+                "image_fraction": self.image_fraction}
+
     def check(self) -> None:
         check_seq_len(self.seq_len)
         if self.global_batch < 1:
@@ -60,6 +68,22 @@ def load_model_config(model: str):
     from xplan.planner.trace.configs import load_model_config as cached_config
 
     return cached_config(model)
+
+
+def image_tokens_of(model: str, image_tokens: int, images: int | None) -> int:
+    """The image tokens per sample: --image-tokens, or --images x the model's tokens per image."""
+    if images is None:
+        return image_tokens
+    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        raise InputError(f"--images must be a non-negative integer, got {images!r}.")
+    config = load_model_config(model)
+    if not config.is_vlm:
+        raise InputError(f"--images needs a vision-language model; {config.name} has no vision tower.")
+    per_image = config.vision_spec.tokens_per_image
+    if image_tokens and image_tokens != images * per_image:
+        raise InputError(f"--images {images} means {images * per_image} image tokens ({per_image} per image), but "
+                         f"--image-tokens is {image_tokens}; give one of the two.")
+    return images * per_image
 
 
 @lru_cache(maxsize=16)

@@ -144,3 +144,17 @@ def test_image_fraction_prices_the_busiest_ranks_images(vlm_dir, capsys, tmp_pat
         assert code == 2 and message in err, err
     code, _, err = cli(capsys, *base, "--image-fraction", 0.5)
     assert code == 2 and "needs --image-tokens" in err, err
+
+
+def test_images_give_the_image_tokens(vlm_dir, capsys):
+    base = ["estimate", vlm_dir, "cpu", "--devices", 1, "--seq-len", 256, "--precision", "fp32", "--json"]
+    code, out, err = cli(capsys, *base, "--images", 3)  # 4 image tokens per 56x56 image
+    assert code == 0, err
+    by_images = json.loads(out)
+    assert (by_images["image_tokens"], by_images["images_per_sample"], by_images["image_fraction"]) == (12, 3, 1.0)
+    code, out, _ = cli(capsys, *base, "--image-tokens", 12)
+    assert json.loads(out)["step_time_s"] == by_images["step_time_s"]
+    code, _, err = cli(capsys, *base, "--images", 3, "--image-tokens", 8)
+    assert code == 2 and "give one of the two" in " ".join(err.split()), err
+    code, _, err = cli(capsys, "estimate", "qwen3-0.6b", "cpu", "--devices", 1, "--seq-len", 32, "--images", 1)
+    assert code == 2 and "needs a vision-language model" in " ".join(err.split()), err

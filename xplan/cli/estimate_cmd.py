@@ -79,6 +79,7 @@ def estimate_cmd(
                                      "micro-batch per data-parallel rank, no accumulation)."),
     imbalance: float | None = opt.IMBALANCE,
     image_tokens: int = opt.IMAGE_TOKENS,
+    images: int | None = opt.IMAGES,
     image_fraction: float = opt.IMAGE_FRACTION,
     json_out: bool = JSON_OPTION,
     layout_flags: dict = None,
@@ -90,17 +91,19 @@ def estimate_cmd(
       [bold]xplan estimate llama3-70b h100 --devices 64 --tp 4 --pp 4 --json[/]
     """
     from xplan.planner.levers import explain_levers
-    from xplan.planner.pricing import Workload, layout_from_flags, load_hw, price
+    from xplan.planner.pricing import Workload, image_tokens_of, layout_from_flags, load_hw, price
 
     # Sizes count ranks: the hardware's ranks per device (a3: one per die) times --devices.
     layout = layout_from_flags(layout_flags, load_hw(hardware).device.ranks_per_device)
     if global_batch is None:
         global_batch = layout.data_parallel * layout.micro_batch
+    image_tokens = image_tokens_of(model, image_tokens, images)
     workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens, image_fraction)
     est = price(workload, layout)
     levers = explain_levers(est, workload)
     if json_out:
-        print_json({"model": model, "hardware": hardware, **est.to_dict(), "levers": [v.to_dict() for v in levers]})
+        print_json({"model": model, "hardware": hardware, **workload.images(), **est.to_dict(),
+                    "levers": [v.to_dict() for v in levers]})
         return
     render_estimate(f"{model} on {layout.devices} × {hardware}, seq {seq_len}, global batch {global_batch}", est,
                     levers)

@@ -16,6 +16,8 @@ import typer
 SEQ_LEN = typer.Option(4096, "--seq-len", help="Tokens per sequence.")
 IMAGE_TOKENS = typer.Option(0, "--image-tokens", help="Image tokens per sample (vision-language models): the "
                             "images they stand for run the vision tower and join the sequence first.")
+IMAGES = typer.Option(None, "--images", help="Images per sample (vision-language models): --image-tokens as "
+                      "this many times the model's image tokens per image (`xplan inspect`).")
 IMAGE_FRACTION = typer.Option(1.0, "--image-fraction", help="Share of samples that carry images (the rest are "
                               "text only): the vision tower's time is priced at the busiest rank's share of a "
                               "micro-batch, its memory at a micro-batch of image samples.")

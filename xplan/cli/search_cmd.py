@@ -163,6 +163,7 @@ def search_cmd(
                                      help="Sequences per optimizer step (default: one per device)."),
     imbalance: float | None = opt.IMBALANCE,
     image_tokens: int = opt.IMAGE_TOKENS,
+    images: int | None = opt.IMAGES,
     image_fraction: float = opt.IMAGE_FRACTION,
     allow_3d: bool = typer.Option(False, "--allow-3d", help="Also price tensor and pipeline parallelism "
                                   "(listed for comparison; the runtime does not execute them)."),
@@ -191,7 +192,7 @@ def search_cmd(
     from xplan.layout import parse_knob, runtime_refusals
     from xplan.plan import make_plan, provenance, save_plan
     from xplan.planner.levers import explain_levers
-    from xplan.planner.pricing import Workload, load_hw
+    from xplan.planner.pricing import Workload, image_tokens_of, load_hw
     from xplan.planner.search import explain_nothing_fits, search
 
     started = time.perf_counter()
@@ -201,6 +202,7 @@ def search_cmd(
     if global_batch is None:  # one sequence per rank (a3: two ranks per device)
         global_batch = devices * profile.device.ranks_per_device
     headroom_gib = parse_headroom(headroom, profile.hbm_bytes() / 2**30)
+    image_tokens = image_tokens_of(model, image_tokens, images)
     workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens, image_fraction)
     kwargs = dict(allow_3d=allow_3d, exhaustive=exhaustive, top=max(top, 1), headroom_bytes=headroom_gib * 2**30)
     if json_out or not console_err.is_terminal:
@@ -284,7 +286,7 @@ def search_cmd(
         report_file = write_html(data, report)
     if json_out:
         print_json({"model": model, "hardware": hardware, "devices": devices, "seq_len": seq_len,
-                    "global_batch": global_batch, "headroom_gib": headroom_gib,
+                    "global_batch": global_batch, "headroom_gib": headroom_gib, **workload.images(),
                     # runtime_refusals: why `xplan run` would not execute a layout (empty: it does)
                     "plans": [{**e.to_dict(), "runtime_refusals": refusals[id(e)]} for e in result.plans[:top]],
                     "pareto": [e.to_dict() for e in result.pareto], "search_time_s": result.search_time_s,

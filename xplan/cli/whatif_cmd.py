@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .app import JSON_OPTION, app, console, print_json
 
-WORKLOAD_KEYS = ("seq_len", "global_batch", "hardware", "hw", "model", "imbalance", "image_tokens",
+WORKLOAD_KEYS = ("seq_len", "global_batch", "hardware", "hw", "model", "imbalance", "image_tokens", "images",
                  "image_fraction")
 
 
@@ -103,6 +103,14 @@ def apply_changes(workload, layout, changes: dict[str, str]):
             w["model"] = value
         elif key == "imbalance":
             w["imbalance"] = parse_imbalance(value)
+        elif key == "images":  # image tokens as whole images of the (possibly new) model
+            from xplan.planner.pricing import image_tokens_of
+
+            try:
+                count = int(value)
+            except ValueError:
+                raise InputError(f"--set images needs an integer, got {value!r}.") from None
+            w["image_tokens"] = image_tokens_of(changes.get("model", w["model"]), 0, count)
         elif key == "image_fraction":
             try:
                 w[key] = float(value)
@@ -176,7 +184,7 @@ def _pp(value: float) -> str:
 def whatif(
     plan: Path = typer.Argument(..., help="Plan file written by `xplan search`."),
     sets: list[str] = typer.Option([], "--set", help="key=value to change (repeatable): seq_len, global_batch, "
-                                   "image_tokens, image_fraction, hardware, model, imbalance (a number, or a run's "
+                                   "image_tokens, images, image_fraction, hardware, model, imbalance (a number, or a run's "
                                    "metrics.jsonl or folder: its measured ep_imbalance), or any layout knob (the "
                                    "--flags of `xplan estimate`, with _ for -: devices, dp_mode, fsdp, ep, "
                                    "micro_batch, loss, ...)."),
