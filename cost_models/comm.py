@@ -7,7 +7,7 @@ Every function returns seconds for one occurrence on one rank.
 
 from __future__ import annotations
 
-from .kernels import alpha_beta_time, collective_bandwidth, collective_time
+from .kernels import alpha_beta_time, collective_bandwidth, collective_time, memory_time
 
 
 def ring_bandwidth(profile, kind: str, group: int, stride: int, devices: int) -> float:
@@ -194,3 +194,18 @@ def pipeline_p2p_time(profile, tokens: float, hidden: int, layout, act_bytes: in
         return 0.0
     stride = layout.ranks // layout.pp
     return 2 * layout.vpp * p2p_time(profile, tokens * hidden * act_bytes, stride, layout.ranks)
+
+
+def fsdp2_copy_time(profile, numel: float, layout, param_bytes: int, reduce_bytes: int,
+                    gathers: int) -> float:
+    """FSDP2's copies around its collectives for one unit and micro-batch (memory-bound, read +
+    write): per all-gather the copy-in of the shard and the copy-out into the unsharded
+    parameters; per reduce-scatter the packing of the unsharded gradients and the accumulation of
+    the reduced shard. Not paid with `fsdp_buffers: zero_copy`: Megatron-FSDP keeps parameters
+    and gradients in the buffers its collectives read and write ("Zero copy communication is
+    achieved by reorganizing the storage of parameters and main grad with ParamAndGradBuffer",
+    Megatron-LM megatron/core/distributed/fsdp/src/README.md)."""
+    shard = numel / layout.fsdp
+    per_gather = 2 * shard * param_bytes + 2 * numel * param_bytes
+    reduce = 2 * numel * reduce_bytes + 2 * shard * reduce_bytes
+    return memory_time(profile, gathers * per_gather + reduce)

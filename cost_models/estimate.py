@@ -22,9 +22,10 @@ from xplan.layout import Layout, check_layout
 from xplan.layout_tiles import feed_forward_tiles
 
 from . import comm, pipeline
+from .comm import fsdp2_copy_time
 from .compute import PricingContext, RankWork, pricing_for
 from .ep_overlap import overlap_micro, paired_share
-from .images import VISION_PARTS, image_share, vision_flops_per_token
+from .images import VISION_PARTS, image_share, tower_params, vision_flops_per_token, vision_fsdp_exposed
 from .kernels import eager_attention_time, memory_time
 from .memory import (
     COMPUTE_BYTES,
@@ -185,7 +186,9 @@ def _communication_terms(trace, config, layout: Layout, profile, imbalance: floa
     if fsdp2:
         # The root FSDP unit (embedding, final norm, head) is gathered once per micro-batch and its
         # gradients reduce-scattered after the last block: nothing is left to hide either under.
-        outside = (trace.params_total - sum(b.count * b.params_total for b in trace.blocks.values())) / layout.tp
+        # (A vision tower's units are priced on their own: `vision_fsdp_exposed`.)
+        outside = (trace.params_total - sum(b.count * b.params_total for b in trace.blocks.values())
+                   - tower_params(trace)) / layout.tp
         root_ag, root_rs = comm.fsdp_block_times(profile, outside / layout.pp, 0.0, layout, param_bytes,
                                                  reduce_bytes)
         root_fsdp = root_ag + root_rs
@@ -409,6 +412,9 @@ def _step_terms(trace, config, layout: Layout, profile, global_batch: int, imbal
     warmup = pipeline.in_flight(kind, layout.pp, layout.vpp, 0, 10**9) - 1.0 if layout.pp > 1 else 0.0
     paired = paired_share(layout.ep_overlap, grad_accum, warmup)
 
+    vision_fsdp, vision_copies = vision_fsdp_exposed(profile, trace, layout, times, vision_share, grad_accum, overlap,
+                                                     param_bytes, reduce_bytes)
+
     def price_rank(rank: PipelineRank) -> dict[str, float]:
         """One micro-batch on one pipeline rank: its layers plus the model's parts it holds."""
         parts = {"compute": rank.layers * compute, "recompute": rank.layers * recompute,
@@ -423,6 +429,9 @@ def _step_terms(trace, config, layout: Layout, profile, global_batch: int, imbal
             share = vision_share if name in VISION_PARTS else 1.0  # the busiest rank's images
             parts["compute"] += share * (times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0))
             ops += share * times.get((name, "ops"), 0.0)
+            if name == "vision":  # the tower's own FSDP units (first rank)
+                parts["fsdp_exposed"] += vision_fsdp
+                parts["fsdp_copies"] += vision_copies
             if name == "vision" and layout.vision_recompute != "none":  # the vision layers' own policy
                 full = layout.vision_recompute == "full"
                 parts["recompute"] += share * times.get((name, "forward" if full else "selective_recompute"), 0.0)
@@ -470,18 +479,3 @@ def _step_terms(trace, config, layout: Layout, profile, global_batch: int, imbal
         zero1_exposed = max(0.0, rs - busiest["backward"]) + max(0.0, ag - busiest["forward"])
 
     return _StepTerms(grad_accum, tf, work, times, overlap, busiest, micro, bubble, zero1_exposed)
-
-
-def fsdp2_copy_time(profile, numel: float, layout: Layout, param_bytes: int, reduce_bytes: int,
-                    gathers: int) -> float:
-    """FSDP2's copies around its collectives for one unit and micro-batch (memory-bound, read +
-    write): per all-gather the copy-in of the shard and the copy-out into the unsharded
-    parameters; per reduce-scatter the packing of the unsharded gradients and the accumulation of
-    the reduced shard. Not paid with `fsdp_buffers: zero_copy`: Megatron-FSDP keeps parameters
-    and gradients in the buffers its collectives read and write ("Zero copy communication is
-    achieved by reorganizing the storage of parameters and main grad with ParamAndGradBuffer",
-    Megatron-LM megatron/core/distributed/fsdp/src/README.md)."""
-    shard = numel / layout.fsdp
-    per_gather = 2 * shard * param_bytes + 2 * numel * param_bytes
-    reduce = 2 * numel * reduce_bytes + 2 * shard * reduce_bytes
-    return memory_time(profile, gathers * per_gather + reduce)

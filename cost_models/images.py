@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from .comm import all_reduce_time, fsdp2_copy_time, fsdp_block_times
+
 VISION_PARTS = ("vision", "vision_embed")  # the trace stages of the vision tower and its projector
 
 
@@ -29,3 +31,51 @@ def vision_flops_per_token(trace) -> float:
     """The vision tower's training FLOPs per token of a micro-batch whose samples all carry images."""
     group = trace.others.get("vision")
     return (group.flops_forward + group.flops_backward) / trace.tokens if group is not None else 0.0
+
+
+def tower_params(trace) -> int:
+    """The vision tower's and projector's parameters (0 for a text model)."""
+    group = trace.others.get("vision")
+    return group.params_total if group is not None else 0
+
+
+def tower_kept_params(trace) -> int:
+    """The tower's parameters keep_gathered 'vision' keeps gathered: all but the patch embeddings'
+    (a unit the runtime reshards anyway, `runtime.distributed.parallelize`). Memoised on the trace."""
+    memo = trace.__dict__.setdefault("_tower_kept_params", {})
+    if not memo:
+        embeddings = sum(sum(d.get("params", {}).values()) for _, d in trace.graph.nodes(data=True)
+                         if d.get("type") == "module" and d.get("stage") == "vision_embed"
+                         and (d.get("path") == "embeddings" or d.get("path", "").startswith("embeddings.")))
+        memo[()] = tower_params(trace) - embeddings
+    return memo[()]
+
+
+def vision_fsdp_exposed(profile, trace, layout, times: dict, share: float, grad_accum: int, overlap: bool,
+                        param_bytes: int, reduce_bytes: int) -> tuple[float, float]:
+    """(exposed collective seconds, FSDP2 copy seconds) of the vision tower's FSDP units per
+    micro-batch: the runtime shards the patch embedding, each vision layer and the projector as
+    units of their own, prefetching the next one, so like the decoder blocks' their all-gathers
+    hide under the tower's forward (`times`: the group times; `share`: of its images the busiest
+    rank runs) and the backward's re-gathers and reduce-scatters under its backward. With
+    keep_gathered 'vision' they are gathered once per step (ZeRO-2-like)."""
+    numel = tower_params(trace) / layout.tp
+    if not numel or layout.zero1 or layout.fsdp <= 1:
+        return 0.0, 0.0
+    ag, rs = fsdp_block_times(profile, numel, 0.0, layout, param_bytes, reduce_bytes)
+    if layout.hsdp_replicas > 1:  # each shard's gradients also summed across the replicas
+        rs += all_reduce_time(profile, numel / layout.fsdp * reduce_bytes, layout.hsdp_replicas,
+                              layout.fsdp * layout.tp, layout.ranks)
+    forward = share * sum(times.get((name, "forward"), 0.0) for name in VISION_PARTS)
+    backward = share * sum(times.get((name, "backward"), 0.0) for name in VISION_PARTS)
+    kept = "vision" in layout.keep_gathered
+    if not overlap:  # gloo on CPU: the cores that compute move the data
+        exposed = (1 / grad_accum if kept else 2) * ag + rs
+    elif kept:
+        exposed = max(0.0, ag - forward) / grad_accum + max(0.0, rs - backward)
+    else:
+        exposed = max(0.0, ag - forward) + max(0.0, ag + rs - backward)
+    copies = 0.0
+    if layout.fsdp_buffers == "copy":
+        copies = fsdp2_copy_time(profile, numel, layout, param_bytes, reduce_bytes, 1 / grad_accum if kept else 2)
+    return exposed, copies

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .images import tower_kept_params
 from .memory import (
     ADAM_BYTES,
     GRAD_BYTES,
@@ -63,6 +64,8 @@ def kept_gathered_bytes(trace, layout, compute_bytes: int) -> tuple[float, float
     for kind, _ in stage_layers(trace, layout.recompute, layout.pp):
         if kind in gathered:
             kept += gathered[kind]
+    if "vision" in layout.keep_gathered:  # the tower, on the first stage (the one priced)
+        kept += tower_kept_params(trace) / layout.tp * compute_bytes
     others = [block_unsharded_numel(b, layout.ep, layout.tp) for b in trace.blocks.values()
               if block_mlp_kind(b) not in layout.keep_gathered]
     return kept, max(others, default=0.0)

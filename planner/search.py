@@ -89,9 +89,11 @@ def _powers_of_two_upto(n: int) -> list[int]:
     return out
 
 
-def gathered_choices(config) -> list[tuple[str, ...]]:
-    """`keep_gathered` settings to try: none, each block kind (by MLP) the model has, all of them."""
-    present = tuple(k for k in GATHERED_KINDS if k in config.block_kinds)
+def gathered_choices(config, images: bool = False) -> list[tuple[str, ...]]:
+    """`keep_gathered` settings to try: none, each block kind (by MLP) the model has, all of them;
+    with images, a vision-language model's tower too."""
+    kinds = config.block_kinds | ({"vision"} if images and config.is_vlm else set())
+    present = tuple(k for k in GATHERED_KINDS if k in kinds)
     return list(dict.fromkeys([(), *((k,) for k in present), present]))
 
 
@@ -218,7 +220,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     recomputes = [parse_recompute(pinned.pop("recompute"))] if "recompute" in pinned else list(RECOMPUTE_ORDER)
     offloads = [pinned.pop("offload")] if "offload" in pinned else list(OFFLOAD_ORDER)
     tile_options = [pinned.pop("tile_tokens")] if "tile_tokens" in pinned else [None, *TILE_TOKENS]
-    keeps = [pinned.pop("keep_gathered")] if "keep_gathered" in pinned else gathered_choices(config)
+    keeps = [pinned.pop("keep_gathered")] if "keep_gathered" in pinned else gathered_choices(
+        config, bool(workload.image_tokens))
     losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
     traces = {(loss, 1): get_trace(workload.model, workload.seq_len, loss, 1, workload.image_tokens)
               for loss in losses}

@@ -44,12 +44,15 @@ def test_world_4_ep2_fsdp_matches_world_1(vlm_baseline, vlm_dir, tmp_path):
     assert max(abs(a - b) / abs(b) for a, b in zip(summary["losses"], ref, strict=True)) <= 1e-5
 
 
-def test_vision_recompute_trains_like_none(vlm_baseline, vlm_dir, tmp_path):
-    # Checkpointed vision layers redo their forward in the backward: the same numbers (fp32).
-    plan = write_plan(tmp_path / "plan.yaml", vlm_dir, vision_recompute="full", training=IMAGES)
+def test_vision_tower_recompute_and_kept_gathered_train_like_world_1(vlm_baseline, vlm_dir, tmp_path):
+    # Checkpointed vision layers redo their forward in the backward, and the tower's FSDP units stay
+    # gathered across the two micro-batches of each step (world 2): the same numbers (fp32).
+    plan = write_plan(tmp_path / "plan.yaml", vlm_dir, devices=2, vision_recompute="full",
+                      keep_gathered=("vision",), training=IMAGES)
     summary = run_json(plan, "--steps", 20)
+    assert summary["world_size"] == 2
     ref = vlm_baseline["losses"]
-    assert max(abs(a - b) / abs(b) for a, b in zip(summary["losses"], ref, strict=True)) <= 1e-6
+    assert max(abs(a - b) / abs(b) for a, b in zip(summary["losses"], ref, strict=True)) <= 1e-5
 
 
 @pytest.mark.parametrize("training, layout, message", [

@@ -37,7 +37,9 @@ def _dry_run(hardware: str, layout: Layout, image_tokens: int):
     # (`xplan estimate`: 49.0 GiB allocated of 80 on h800, of 64 per die on a3, without vision
     # recompute). One trace serves both; each checks one vision recompute policy (activations at
     # the peak on h800, measured: 33.9 GiB without vision recompute, 15.2 selective, 4.2 full).
-    ("h800", Layout(devices=256, fsdp=256, ep=16, micro_batch=1, recompute="full", vision_recompute="full"), 1024),
+    # h800 also keeps the tower gathered (keep_gathered vision: its layers and projector, 10.4 GiB).
+    ("h800", Layout(devices=256, fsdp=256, ep=16, micro_batch=1, recompute="full", vision_recompute="full",
+                    keep_gathered=("vision",)), 1024),
     # a3: 256 ranks, two per 910C package.
     ("a3", Layout(devices=128, ranks_per_device=2, fsdp=256, ep=16, micro_batch=1, recompute="full",
                   vision_recompute="selective"), 1024),
@@ -46,10 +48,13 @@ def test_intern_s1_dry_run_agrees_with_the_prediction(hardware, layout, image_to
     result = _dry_run(hardware, layout, image_tokens)
     components = result.to_dict()["components"]
     assert abs(result.error) <= 0.03, components
-    # Component by component at the head's backward: two head weights gathered (nothing of the vision
-    # tower), the head's fp32 reduce-scatter input, the hidden-state gradient.
+    # Component by component at the head's backward: two head weights gathered (and the kept tower),
+    # the head's fp32 reduce-scatter input, the hidden-state gradient.
     assert result.report.peak_phase == "backward"
-    assert components["gathered_parameters"]["measured"] * GIB <= 2 * HEAD_WEIGHT * 1.001, components
+    # Kept: all but the patch embeddings; FSDP2 pads the rows 256 ranks do not divide (InternViT-6B's
+    # 9600-row qkv, 3200-row o_proj: about 1% of the kept tower).
+    tower = 5_600_567_808 * 2 if "vision" in layout.keep_gathered else 0
+    assert components["gathered_parameters"]["measured"] * GIB <= (2 * HEAD_WEIGHT + tower * 1.015) * 1.001, components
     for name in ("gathered_parameters", "temporaries", "activations"):
         part = components[name]
         assert part["predicted"] == pytest.approx(part["measured"], rel=0.03), (name, components)

@@ -158,3 +158,26 @@ def test_images_give_the_image_tokens(vlm_dir, capsys):
     assert code == 2 and "give one of the two" in " ".join(err.split()), err
     code, _, err = cli(capsys, "estimate", "qwen3-0.6b", "cpu", "--devices", 1, "--seq-len", 32, "--images", 1)
     assert code == 2 and "needs a vision-language model" in " ".join(err.split()), err
+
+
+def test_keep_gathered_vision_prices_the_tower_gathered_across_micro_batches(vlm_dir, capsys):
+    """The tower's FSDP units kept gathered: its weights (but the patch embeddings', resharded anyway)
+    stay on the device all step, and its all-gathers fall from two per micro-batch to one per step."""
+    from xplan.runtime import build_model, load_config
+
+    base = ["estimate", vlm_dir, "cpu", "--devices", 2, "--seq-len", 256, "--precision", "fp32", "--json",
+            "--global-batch", 8, "--image-tokens", 64]
+    priced = {}
+    for keep in ("none", "vision"):
+        code, out, err = cli(capsys, *base, "--keep-gathered", keep)
+        assert code == 0, err
+        priced[keep] = json.loads(out)
+    model = build_model(load_config(str(vlm_dir)))
+    tower = sum(p.numel() for unit in (model.vision_tower, model.multi_modal_projector) for p in unit.parameters())
+    tower -= sum(p.numel() for p in model.vision_tower.embeddings.parameters())
+    gathered = {k: e["memory_gib"]["gathered_parameters"] for k, e in priced.items()}
+    assert gathered["vision"] - gathered["none"] == pytest.approx(tower * 4 / 2**30, rel=1e-9)
+    assert priced["vision"]["time_s"]["fsdp_exposed"] < priced["none"]["time_s"]["fsdp_exposed"]
+    code, _, err = cli(capsys, "estimate", "qwen3-0.6b", "cpu", "--devices", 2, "--seq-len", 32,
+                       "--keep-gathered", "vision")
+    assert code == 2 and "keep_gathered names vision" in " ".join(err.split()), err

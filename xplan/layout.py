@@ -154,9 +154,9 @@ class Layout(_Frozen):
         "host on a side stream and prefetched one layer ahead.")
     tile_tokens: TileTokens = knob(None, TILE_TOKENS_HELP)  # rules: xplan/layout_tiles.py
     keep_gathered: tuple[str, ...] = knob(
-        (), "none | dense,moe: blocks (by MLP type) whose parameters stay gathered across the step's "
-        "micro-batches (ZeRO-2-like: one all-gather per step instead of two per micro-batch); none: every "
-        "block reshards after forward (ZeRO-3).", flag="--keep-gathered")
+        (), "none | dense,moe,vision: blocks (by MLP type; vision: a vision-language model's tower) whose "
+        "parameters stay gathered across the step's micro-batches (ZeRO-2-like: one all-gather per step instead "
+        "of two per micro-batch); none: every block reshards after forward (ZeRO-3).", flag="--keep-gathered")
     allocator: Literal["expandable_segments", "caching"] = knob(
         "expandable_segments", "Device allocator: expandable_segments (the caching allocator with expandable "
         "segments, which avoids most fragmentation; set before the first allocation on CUDA) or caching (its "

@@ -60,7 +60,7 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
              f"ep_overlap dualpipe is DeepSeek's DualPipe schedule: it needs an even pp > 1 and vpp 1 "
              f"(got pp {d.pp}, vpp {d.vpp}).")
     if d.keep_gathered:
-        present = config.block_kinds
+        present = config.block_kinds | ({"vision"} if config.is_vlm else set())
         missing = [k for k in d.keep_gathered if k not in present]
         need(not missing, f"keep_gathered names {', '.join(missing)} blocks, but {config.name} has only "
                           f"{', '.join(sorted(present))} blocks.")

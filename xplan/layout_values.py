@@ -10,7 +10,7 @@ from xplan.errors import InputError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 OFFLOAD_KINDS = ("optimizer", "params", "activations")
-GATHERED_KINDS = ("dense", "moe")  # blocks by MLP type (keep_gathered)
+GATHERED_KINDS = ("dense", "moe", "vision")  # blocks by MLP type, and a vision-language model's tower (keep_gathered)
 
 
 def recompute_policies(recompute: str | float, num_blocks: int) -> list[str]:
@@ -60,5 +60,6 @@ def parse_offload(value: Any) -> tuple[str, ...]:
 
 
 def parse_keep_gathered(value: Any) -> tuple[str, ...]:
-    """'none', a comma-separated string, or a list of block kinds (by MLP type) kept gathered."""
+    """'none', a comma-separated string, or a list of block kinds (by MLP type; 'vision': the vision
+    tower's units) kept gathered."""
     return _parse_subset(value, GATHERED_KINDS, "keep_gathered")

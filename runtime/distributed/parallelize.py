@@ -87,6 +87,20 @@ def _expert_placement(num_experts: int, group_size: int):
     return placement if num_experts else None
 
 
+def _even_placement(group_size: int):
+    """Shard a parameter whose dim 0 the group does not divide on the first dim it divides (FSDP2
+    shards dims other than 0 only evenly): dim 0 is padded to the group, so InternViT's position
+    embedding [1, 1025, hidden] on dim 0 would gather `group` rows for one (Shard(2) when the
+    group divides hidden)."""
+    def placement(param: nn.Parameter) -> Shard:
+        shape = (param.to_local() if isinstance(param, DTensor) else param).shape
+        if not shape or shape[0] % group_size == 0:
+            return Shard(0)
+        return Shard(next((d for d, size in enumerate(shape) if size % group_size == 0), 0))
+
+    return placement
+
+
 def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imbalance: float = 1.0,
                 fp8_recipe: str = "tensorwise", offload_labels: OffloadLabels | None = None) -> nn.Module:
     """Apply `layout` to `model` in place and return it (see the module docstring for the contracts).
@@ -170,9 +184,16 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imba
         # Units of their own for the patch embeddings, each vision layer and the projector, each
         # resharded after its forward: in the root unit (never resharded) they would stay gathered
         # through the whole step, which the planner does not price (it runs first and last anyway).
+        # keep_gathered 'vision': the layers and projector stay gathered across the step's
+        # micro-batches (one all-gather per step); the patch embeddings are resharded anyway (their
+        # position embedding's dim 0 of 1 row is padded to the group when no other dim splits evenly).
+        keep = "vision" in layout.keep_gathered
+        even = _even_placement(meshes.fsdp.size(meshes.fsdp.ndim - 1))
         for unit in (model.vision_tower.embeddings, *model.vision_tower.encoder.layer, model.multi_modal_projector):
-            fully_shard(unit, mesh=meshes.fsdp, reshard_after_forward=True, **common)
+            reshard = not keep or unit is model.vision_tower.embeddings
+            fully_shard(unit, mesh=meshes.fsdp, reshard_after_forward=reshard, shard_placement_fn=even, **common)
             units.append(unit)
+            kept += [] if reshard else [unit]
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     if not tied:
         fully_shard(model.model.embed_tokens, mesh=meshes.fsdp, reshard_after_forward=True, **common)
@@ -188,6 +209,11 @@ def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imba
 
     # Explicit prefetch: a block's own expert unit from the block's pre-forward / pre-backward (its
     # all-gather overlaps attention), the next block in forward, the previous one in backward.
+    if hasattr(model, "vision_tower"):  # the vision tower's units likewise, in their order
+        chain = [model.vision_tower.embeddings, *model.vision_tower.encoder.layer, model.multi_modal_projector]
+        for i, unit in enumerate(chain):
+            unit.set_modules_to_forward_prefetch(chain[i + 1:i + 2])
+            unit.set_modules_to_backward_prefetch(chain[i - 1:i] if i > 0 else [])
     for i, block in enumerate(blocks):
         own = [expert_units[i]] if i in expert_units else []
         block.set_modules_to_forward_prefetch(own + ([blocks[i + 1]] if i + 1 < len(blocks) else []))

@@ -3,7 +3,8 @@
 ZeRO-3 (the default) reshards every block after its forward and gathers it again in backward:
 two all-gathers per block and micro-batch. A block kind named in `keep_gathered` (by its MLP:
 ``dense`` or ``moe``; the routed-expert units of a MoE block follow it) keeps its parameters
-gathered across the step's micro-batches instead (ZeRO-2-like): `fully_shard(...,
+gathered across the step's micro-batches instead (ZeRO-2-like; ``vision``: a vision-language
+model's tower units, `parallelize`): `fully_shard(...,
 reshard_after_forward=False)`, and `reshard_after_backward` off for every micro-batch but the
 last, so one all-gather per step remains. After the last backward the blocks reshard: the
 optimizer updates the shards, and the next step gathers the new values. Gradients are still
