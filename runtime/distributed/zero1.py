@@ -83,6 +83,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """`t` at full size on the host (collective for a DTensor)."""
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+
+
 def _wrap(local: torch.Tensor, mesh: DeviceMesh, placements, shape: torch.Size, stride) -> DTensor:
     """A DTensor of global `shape` around this rank's shard, left where it is (host or device)."""
     return compat.dtensor_keeping_device(local, mesh, placements, shape, stride)
@@ -294,11 +299,24 @@ class ZeroOne:
         self.gather_parameters()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter at full size in fp32 (collective; for the Hugging Face export)."""
+        """Every trained parameter at full size in fp32, by its first name (collective)."""
+        return {item.name: _full(item.master) for item in self.parameters}
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole state dict at full size (collective; for the Hugging Face export): the
+        fp32 masters under every name a parameter has (tied embeddings: both), the rest (persistent
+        buffers, frozen parameters, which ZeRO-1 leaves replicated) as the model holds them."""
+        items = {id(item.param): item for item in self.parameters}
+        gathered: dict[int, torch.Tensor] = {}
         out = {}
-        for item in self.parameters:
-            master = item.master
-            out[item.name] = (master.full_tensor() if isinstance(master, DTensor) else master).detach().cpu()
+        for name, value in self._model().state_dict(keep_vars=True).items():  # the same order on every rank
+            item = items.get(id(value))
+            if item is None:
+                out[name] = _full(value)
+                continue
+            if id(item) not in gathered:
+                gathered[id(item)] = _full(item.master)
+            out[name] = gathered[id(item)]
         return out
 
 

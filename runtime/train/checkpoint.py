@@ -201,30 +201,46 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def export_hf(model: nn.Module, directory: Path, rank: int, world_size: int) -> Path:
-    """Gather the full model and write it in Hugging Face layout (rank 0 writes; collective)."""
-    from xplan.runtime.models import CausalLM
+    """Gather the full model and write it in Hugging Face layout (rank 0 writes; collective).
+
+    The gathered state goes into a fresh model of the trained model's own class (`model_class`: a
+    vision-language model keeps its vision tower and projector) strictly: a tensor the fresh model
+    lacks, or one the gathered state lacks, stops the export with nothing written."""
     from xplan.runtime.models.hf_io import save_hf
 
     directory = Path(directory)
     zero = zero1_of(model)
     if zero is not None:  # the fp32 masters, not the compute-dtype replicas
-        full = zero.full_state_dict()
+        full = zero.full_model_state_dict()
     else:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        with torch.device("meta"):
-            host = CausalLM(model.config)
-        host.materialize("cpu")
-        host.load_state_dict({k: v for k, v in full.items()}, strict=False)
-        missing = [k for k in host.state_dict() if k not in full]
-        if missing:
-            raise RuntimeError(f"full state dict lacks {missing[:5]}: the parallelized model renamed parameters")
+        host = host_model(model.config, full)
         tmp = directory.parent / f".tmp-{directory.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_hf(host, tmp)
         _replace_dir(tmp, directory)
     _barrier(world_size)
     return directory
+
+
+def host_model(config, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A model of `config`'s class on the host holding `state`, which must name exactly its
+    tensors (RuntimeError otherwise: a renamed or dropped tensor is a bug, never skipped)."""
+    from xplan.runtime.models.transformer import model_class
+
+    with torch.device("meta"):
+        host = model_class(config)(config)
+    host.materialize("cpu")
+    expected = host.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise RuntimeError(f"the trained state does not match a fresh {type(host).__name__} of {config.name}: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]} (the parallelized model renamed or "
+                           "dropped tensors); nothing was exported.")
+    host.load_state_dict(state, strict=True)  # shapes are checked here
+    return host
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
