@@ -79,8 +79,9 @@ def trace_model(config, seq_len: int, micro_batch: int = 1, recompute: str = "no
 
 def inspect_fields(config, seq_len: int, graph_path: str | Path | None = None, *, micro_batch: int = 1,
                    recompute: str = "none", dtype: Any = "bfloat16", loss: str = "full",
-                   cache_dir: str | Path | None = None) -> dict:
-    """The fields `xplan inspect MODEL --seq-len S --json` adds to its output.
+                   cache_dir: str | Path | None = None, image_tokens: int = 0) -> dict:
+    """The fields `xplan inspect MODEL --seq-len S --json` adds to its output (`image_tokens` per
+    sample run a vision-language model's tower: its group `vision`, the whole tower).
 
     - `flops_per_token`: training FLOPs per token (forward + backward, causal attention at half,
       recompute excluded) at `seq_len`;
@@ -93,7 +94,7 @@ def inspect_fields(config, seq_len: int, graph_path: str | Path | None = None, *
     With `graph_path`, the graph is also written there as GraphML.
     """
     trace = trace_model(config, seq_len, micro_batch=micro_batch, recompute=recompute, dtype=dtype,
-                        cache_dir=cache_dir, loss=loss)
+                        cache_dir=cache_dir, loss=loss, image_tokens=image_tokens)
     if graph_path is not None:
         from .graph import export_graphml
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from . import options as opt
 from .app import JSON_OPTION, app, console, human_count, print_json
 
 
-def inspect_summary(model_ref: str, seq_len: int, graph: Path | None = None) -> dict:
+def inspect_summary(model_ref: str, seq_len: int, graph: Path | None = None, image_tokens: int = 0) -> dict:
     from xplan.planner.pricing import check_seq_len
     from xplan.planner.trace import inspect_fields
     from xplan.planner.trace.configs import load_model_config, parameter_counts
@@ -19,11 +20,12 @@ def inspect_summary(model_ref: str, seq_len: int, graph: Path | None = None) -> 
     config = load_model_config(model_ref)
     counts = parameter_counts(config)
 
-    traced = inspect_fields(config, seq_len, graph_path=graph)
+    traced = inspect_fields(config, seq_len, graph_path=graph, image_tokens=image_tokens)
     return {
         "model": config.name,
         "model_type": config.model_type,
         "seq_len": seq_len,
+        **({"image_tokens": image_tokens} if image_tokens else {}),
         "params_total": counts.total,
         "params_active": counts.active,
         "params_routed_experts": counts.routed_experts,
@@ -53,7 +55,7 @@ def _vision_summary(config) -> dict | None:
             "image_tokens_per_image": spec.tokens_per_image}
 
 
-def _selective_note(model: str, seq_len: int, activation_bytes: dict) -> str | None:
+def _selective_note(model: str, seq_len: int, activation_bytes: dict, image_tokens: int = 0) -> str | None:
     """Why selective recompute keeps more than none, when it does (names the largest outputs)."""
     from xplan.app.report_explain import selective_note
 
@@ -61,7 +63,7 @@ def _selective_note(model: str, seq_len: int, activation_bytes: dict) -> str | N
         return None
     from xplan.planner.trace import trace_model
 
-    trace = trace_model(model, seq_len, micro_batch=1, loss="full")  # the trace inspect just read (cached)
+    trace = trace_model(model, seq_len, micro_batch=1, loss="full", image_tokens=image_tokens)  # cached: just read
     return selective_note(activation_bytes, trace)
 
 
@@ -70,6 +72,8 @@ def inspect(
     model: str = typer.Argument(..., help="Preset name (see `xplan models`) or a directory with config.json."),
     seq_len: int = typer.Option(4096, "--seq-len", help="Sequence length for per-token figures."),
     graph: Path = typer.Option(None, "--graph", help="Write the traced graph to this .graphml file."),
+    image_tokens: int = opt.IMAGE_TOKENS,
+    images: int | None = opt.IMAGES,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Summarise a model from a trace of the runtime's own code: parameters (total and active per
@@ -78,8 +82,12 @@ def inspect(
     Examples:
       [bold]xplan inspect qwen3-30b-a3b[/]
       [bold]xplan inspect ./my-model-dir --seq-len 8192 --json[/]
+      [bold]xplan inspect intern-s1 --images 4[/]
     """
-    summary = inspect_summary(model, seq_len, graph)
+    from xplan.planner.pricing import image_tokens_of
+
+    image_tokens = image_tokens_of(model, image_tokens, images)
+    summary = inspect_summary(model, seq_len, graph, image_tokens)
     if json_out:
         print_json(summary)
         return
@@ -106,9 +114,12 @@ def inspect(
     for policy in ("none", "selective", "full"):
         acts.add_column(f"recompute={policy}", justify="right")
     for group, by_policy in summary["activation_bytes_per_token"].items():
-        acts.add_row(group, *(f"{by_policy[p] / 1024:.1f} KiB" for p in ("none", "selective", "full")))
+        if group == "vision" and not image_tokens:
+            continue  # the tower runs only on images (--image-tokens / --images)
+        label = f"vision (whole tower, {image_tokens} image tokens)" if group == "vision" else group
+        acts.add_row(label, *(f"{by_policy[p] / 1024:.1f} KiB" for p in ("none", "selective", "full")))
     console.print(acts)
-    note = _selective_note(model, seq_len, summary["activation_bytes_per_token"])
+    note = _selective_note(model, seq_len, summary["activation_bytes_per_token"], image_tokens)
     if note:
         console.print(f"note: {note}", highlight=False)
     if graph is not None:
