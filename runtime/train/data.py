@@ -10,6 +10,10 @@ Sources (plan `training.data.kind`):
   ``AutoTokenizer``, ``local_files_only``); one document per non-empty line, EOS appended.
 - ``image_jsonl``: image + text samples of a vision-language model (``image_data``).
 
+With ``training.image_tokens`` (vision-language models) synthetic samples carry random images first,
+or, with ``training.image_fraction`` < 1, only those that ``carries_images`` picks by global index
+(the others are text only); see the image section at the end of this module.
+
 Local documents are concatenated into one token stream and packed into windows of
 ``seq_len + 1`` tokens (stride ``seq_len``, so every token is a label once per epoch); inputs are
 ``window[:-1]`` and labels ``window[1:]``, i.e. labels are shifted on the full sequence before any
