@@ -220,7 +220,9 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
 
     global_batch, seq_len = training.global_batch, training.seq_len
     # every packed label is a real token; image placeholders are not predicted (text-only samples have none)
-    step_tokens_of = lambda s: step_tokens(source, s, global_batch, seq_len, training.image_tokens)  # noqa: E731
+    def step_tokens_of(step: int) -> int:
+        return step_tokens(source, step, global_batch, seq_len, training.image_tokens)
+
     tokens_per_step = step_tokens_of(start)
     trained_tokens: list[int] = []
     memory = memory_kind(ctx.device_type)
