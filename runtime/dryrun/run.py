@@ -178,6 +178,10 @@ def measure(plan, config, indices: list[int] | None, classes: list[tuple[str, st
                 if training.image_tokens:  # the runtime's image + text samples (images first)
                     from xplan.runtime.train.data import image_batch, image_share
 
+                    # Every sample carries images whatever training.image_fraction is: the heaviest
+                    # micro-batch, which the planner's memory prediction prices (text-only samples,
+                    # priced in compute at the fraction, only ever make a micro-batch lighter).
+
                     # rank 0 holds chunk 0 of each sequence (its placeholders first) and, with sp > 1,
                     # its 1/sp share of the micro-batch's images
                     input_ids, pixels = image_batch(input_ids, config.vision_spec, training.image_tokens)

@@ -12,6 +12,12 @@ Ulysses sequence parallelism (`distributed.ulysses.apply_ulysses_images`): each 
 group holds a chunk of every sequence and 1/sp of the micro-batch's images; it runs the vision tower
 on its images, `gather_images` all-gathers the features over the group (backward reduce-scatters
 their gradients) and `merge_image_chunk` places those whose placeholders fall in the rank's chunk.
+
+Mixed image / text batches (`training.image_fraction` < 1): a micro-batch may hold fewer images, or
+none (`pixel_values` with zero rows). The vision tower still runs on every rank for every
+micro-batch, because its embeddings, layers and projector are FSDP2 units: a rank that skipped them
+would skip their all-gathers and gradient reduce-scatters while the other ranks wait in them.
+`zero_rows` is what each unit computes for zero rows.
 """
 
 from __future__ import annotations
@@ -35,6 +41,26 @@ HF_PREFIXES = (
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
 )
+
+
+def zero_rows(module: nn.Module, x: torch.Tensor, shape: tuple[int, ...], skip: tuple[str, ...] = ()) -> torch.Tensor:
+    """`module`'s output for an input `x` with zero rows (a micro-batch without images): zeros of
+    `shape` (zero rows) plus, times zero, the sum of `x` and of each parameter the module's forward
+    uses (all but `skip`). The output stays in the autograd graph of `x` and of those parameters, so
+    the backward reaches every unit of the tower (FSDP2's pre-backward all-gather and post-backward
+    reduce-scatter fire as on ranks with images) and gives each parameter a zero gradient (FSDP2
+    reduce-scatters the parameters that have a gradient: the set must match on every rank).
+
+    Why not run the layers on the empty batch: not every kernel takes zero rows (torchao's fp8
+    linears take the amax of their input, which fails on an empty tensor; flash attention
+    refused a batch of 0 in several torch releases). Why not a dummy image whose features are
+    multiplied by zero: it costs a full image of vision compute per image-less micro-batch (twice
+    the priced vision compute at image_fraction 0.5 with one image per sample). This costs one sum
+    per parameter and runs the same on every device and precision."""
+    params = [p for name, p in module.named_parameters() if name not in skip]
+    dtype = params[0].dtype if params else x.dtype
+    touched = x.sum().to(dtype) + sum(p.sum().to(dtype) for p in params)
+    return torch.zeros(shape, dtype=dtype, device=x.device) + touched * 0
 
 
 def activation(name: str):
@@ -64,6 +90,7 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, spec: VisionSpec):
         super().__init__()
         self.image_size = spec.image_size
+        self.tokens, self.hidden_size = spec.patches_per_image + 1, spec.hidden_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.hidden_size))
         if spec.use_mask_token:  # masked-image pretraining only; kept so checkpoints load
             self.mask_token = nn.Parameter(torch.zeros(1, 1, spec.hidden_size))
@@ -75,6 +102,8 @@ class VisionEmbeddings(nn.Module):
         if tuple(pixel_values.shape[-2:]) != tuple(self.image_size):
             raise ValueError(f"images must be {self.image_size[0]}x{self.image_size[1]} pixels (the vision tower's "
                              f"image_size), got {tuple(pixel_values.shape[-2:])}")
+        if pixel_values.shape[0] == 0:  # a micro-batch without images (`zero_rows`); mask_token is never used
+            return zero_rows(self, pixel_values, (0, self.tokens, self.hidden_size), skip=("mask_token",))
         x = self.patch_embeddings(pixel_values)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         if hasattr(self, "position_embeddings"):
@@ -134,6 +163,8 @@ class VisionLayer(nn.Module):
         self.lambda_2 = nn.Parameter(torch.full((spec.hidden_size,), spec.layer_scale_init_value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:  # a micro-batch without images (`zero_rows`)
+            return zero_rows(self, x, tuple(x.shape))
         x = x + self.lambda_1 * self.attention(self.layernorm_before(x))
         return x + self.lambda_2 * self.mlp(self.layernorm_after(x))
 
@@ -158,7 +189,9 @@ class VisionTower(nn.Module):
         x = self.embeddings(pixel_values)
         for layer in self.encoder.layer:
             x = layer(x)
-        return self.layernorm(x) if hasattr(self, "layernorm") else x
+        if not hasattr(self, "layernorm"):
+            return x
+        return zero_rows(self.layernorm, x, tuple(x.shape)) if x.shape[0] == 0 else self.layernorm(x)
 
 
 def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
@@ -184,6 +217,8 @@ class Projector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rows [tokens, width] -> [tokens, text hidden]: 2-D in and out, so the output of this FSDP
         unit is no view (a linear over 3-D input returns one, which FSDP2 warns may lose its hook)."""
+        if x.shape[0] == 0:  # a micro-batch without images (`zero_rows`)
+            return zero_rows(self, x, (0, self.linear_2.out_features))
         return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
 
 
@@ -231,10 +266,10 @@ class VisionLanguageLM(CausalLM):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels [images, C, H, W] -> language-model inputs [images, tokens_per_image, hidden]."""
         features = self.vision_tower(pixel_values)[:, 1:]  # drop the class token
-        g = self.spec.grid[0]
-        features = pixel_shuffle(features.reshape(features.shape[0], g, g, -1), self.spec.downsample)
+        g = self.spec.grid[0]  # sizes spelled out: a micro-batch may have zero images
+        features = pixel_shuffle(features.reshape(features.shape[0], g, g, features.shape[-1]), self.spec.downsample)
         rows = self.multi_modal_projector(features.reshape(-1, features.shape[-1]))
-        return rows.view(features.shape[0], features.shape[1], -1)
+        return rows.view(features.shape[0], features.shape[1], rows.shape[-1])
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -247,6 +282,8 @@ class VisionLanguageLM(CausalLM):
         mask = input_ids == self.spec.image_token_id
         if _concrete(mask) and int(mask.sum()) != features.shape[0]:
             raise ValueError(f"the batch holds {int(mask.sum())} image tokens but its images give {features.shape[0]}")
+        if features.shape[0] == 0:  # text-only samples: the tower ran on zero rows; their empty sum
+            return embeds + features.sum().to(embeds.dtype)  # (exactly 0) keeps it in the graph
         return merge_image_features(embeds, mask, features)
 
     def _embed_chunk(self, embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor,

@@ -10,6 +10,10 @@ Sources (plan `training.data.kind`):
   ``AutoTokenizer``, ``local_files_only``); one document per non-empty line, EOS appended.
 - ``image_jsonl``: image + text samples of a vision-language model (``image_data``).
 
+With ``training.image_tokens`` (vision-language models) synthetic samples carry random images first,
+or, with ``training.image_fraction`` < 1, only those that ``carries_images`` picks by global index
+(the others are text only); see the image section at the end of this module.
+
 Local documents are concatenated into one token stream and packed into windows of
 ``seq_len + 1`` tokens (stride ``seq_len``, so every token is a label once per epoch); inputs are
 ``window[:-1]`` and labels ``window[1:]``, i.e. labels are shifted on the full sequence before any
@@ -23,6 +27,8 @@ micro-batches of ``micro_batch`` sequences.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,15 +66,23 @@ class DataSource:
     def global_batch(self, step: int, global_batch: int) -> torch.Tensor:
         return self.windows(range(step * global_batch, (step + 1) * global_batch))
 
+    def image_samples(self, samples: range) -> int:
+        """How many of `samples` carry images (vision-language data; text-only sources: none)."""
+        return 0
+
     def describe(self) -> str:
         raise NotImplementedError
 
 
 class SyntheticData(DataSource):
-    """Each sample is seeded by (seed, sample index): random words of a fixed seeded lexicon."""
+    """Each sample is seeded by (seed, sample index): random words of a fixed seeded lexicon. With
+    `image_tokens` (and the model's VisionSpec `vision`), the samples that `carries_images` picks at
+    `image_fraction` hold random images first (`image_micro_batches`); the others are text only."""
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0):
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, image_tokens: int = 0, vision=None,
+                 image_fraction: float = 1.0):
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.image_tokens, self.vision, self.image_fraction = image_tokens, vision, image_fraction
         gen = torch.Generator().manual_seed(seed)
         self.lexicon = torch.randint(0, vocab_size, (NUM_WORDS, WORD_LEN), generator=gen)
 
@@ -84,7 +98,14 @@ class SyntheticData(DataSource):
             return torch.empty(0, self.seq_len + 1, dtype=torch.int64)
         return torch.stack(rows)
 
+    def image_samples(self, samples: range) -> int:
+        if not self.image_tokens:
+            return 0
+        return image_sample_count(samples.start, samples.stop, self.image_fraction)
+
     def describe(self) -> str:
+        if self.image_tokens and self.image_fraction < 1:
+            return f"synthetic (seed {self.seed}, images on {self.image_fraction:g} of the samples)"
         return f"synthetic (seed {self.seed})"
 
 
@@ -188,11 +209,14 @@ def resolve_path(value: str, base_dir: Path | None) -> Path:
 
 
 def build_data(data, vocab_size: int, seq_len: int, base_dir: Path | None = None, image_tokens: int = 0,
-               vision=None) -> DataSource:
-    """The plan's data source (`data` is the plan's DataSettings; `image_tokens` per sample and the
-    model's VisionSpec `vision` for `image_jsonl`)."""
+               vision=None, image_fraction: float = 1.0) -> DataSource:
+    """The plan's data source (`data` is the plan's DataSettings; `image_tokens` per image sample,
+    the model's VisionSpec `vision` and the share of image samples `image_fraction` for synthetic
+    image + text data and `image_jsonl`)."""
     check_data_settings(data, base_dir)
     if data.kind == "synthetic":
+        if image_tokens and vision is not None:
+            return SyntheticData(vocab_size, seq_len, data.seed, image_tokens, vision, image_fraction)
         return SyntheticData(vocab_size, seq_len, data.seed)
     path = resolve_path(data.path, base_dir)
     if data.kind == "image_jsonl":
@@ -201,7 +225,7 @@ def build_data(data, vocab_size: int, seq_len: int, base_dir: Path | None = None
         if not image_tokens or vision is None:
             raise InputError("training.data.kind 'image_jsonl' needs a vision-language model and "
                              "training.image_tokens > 0.")
-        return build_image_data(path, seq_len, image_tokens, vision, vocab_size, data.seed)
+        return build_image_data(path, seq_len, image_tokens, vision, vocab_size, data.seed, image_fraction)
     if data.kind == "jsonl":
         tokens = _jsonl_tokens(path)
     else:
@@ -239,8 +263,25 @@ def split_micro_batches(windows: torch.Tensor, micro_batch: int, sp_rank: int = 
 
 
 # ---------------------------------------------------------------------------------------------
-# Image + text samples (vision-language models): a fixed number of image tokens per sample, the
-# images first (their placeholder tokens at positions [0, image_tokens)), then text.
+# Image + text samples (vision-language models): a sample carries images or is text only; one
+# that carries images holds a fixed number of image tokens, the images first (their placeholder
+# tokens at positions [0, image_tokens)), then text. A text-only sample is text from position 0.
+
+
+def carries_images(index: int, fraction: float) -> bool:
+    """Whether global sample `index` carries images when a share `fraction` (training.image_fraction,
+    in (0, 1]) of the samples does (synthetic data): floor((i + 1) f) > floor(i f). Image samples are
+    spread evenly (every sample at f = 1, every other one at f = 0.5) and depend on the index only,
+    so the world size never changes a step's batch and resuming needs only the step."""
+    return fraction >= 1 or math.floor((index + 1) * fraction) > math.floor(index * fraction)
+
+
+def image_sample_count(start: int, stop: int, fraction: float) -> int:
+    """How many of global samples [start, stop) `carries_images` picks: floor(stop f) - floor(start f)
+    (the rule's steps telescope)."""
+    if fraction >= 1:
+        return stop - start
+    return math.floor(stop * fraction) - math.floor(start * fraction)
 
 
 def images_per_sample(spec, image_tokens: int) -> int:
@@ -250,7 +291,8 @@ def images_per_sample(spec, image_tokens: int) -> int:
 def image_batch(ids: torch.Tensor, spec, image_tokens: int,
                 pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`ids` [b, s] with each sample's first `image_tokens` positions set to the image token, and
-    the images ([b * images, C, H, W]; zeros unless given) whose features replace them."""
+    the images ([b * images, C, H, W]; zeros unless given) whose features replace them: every
+    sample carries images (the dry run's and the tracer's micro-batch, the heaviest one)."""
     ids = ids.clone()
     ids[:, :image_tokens] = spec.image_token_id
     if pixels is None:
@@ -259,7 +301,7 @@ def image_batch(ids: torch.Tensor, spec, image_tokens: int,
     return ids, pixels
 
 
-def sample_pixels(spec, image_tokens: int, samples: range, seed: int) -> torch.Tensor:
+def sample_pixels(spec, image_tokens: int, samples: Iterable[int], seed: int) -> torch.Tensor:
     """Random images of global samples `samples` (the same on every rank and world size)."""
     n = images_per_sample(spec, image_tokens)
     out = [torch.randn(n, spec.num_channels, *spec.image_size,
@@ -279,28 +321,42 @@ def image_share(images: int, sp_rank: int = 0, sp_size: int = 1) -> slice:
 
 def label_tokens(seq_len: int, image_tokens: int) -> int:
     """Labelled tokens per sample: the image placeholders are never predicted (their labels,
-    except the last one's, which is the first text token, are ignored)."""
+    except the last one's, which is the first text token, are ignored). A text-only sample: 0."""
     return seq_len - max(image_tokens - 1, 0)
 
 
+def step_tokens(source: DataSource, step: int, global_batch: int, seq_len: int, image_tokens: int) -> int:
+    """The tokens step `step` trains on: `label_tokens` of each of its samples, those that carry
+    images (`DataSource.image_samples`) with their placeholders, the others text only."""
+    samples = range(step * global_batch, (step + 1) * global_batch)
+    images = source.image_samples(samples) if image_tokens else 0
+    return images * label_tokens(seq_len, image_tokens) + (global_batch - images) * seq_len
+
+
 def image_micro_batches(windows: torch.Tensor, first_sample: int, micro_batch: int, spec, image_tokens: int,
-                        seed: int, sp_rank: int = 0, sp_size: int = 1) -> list[Batch]:
-    """`split_micro_batches` for image + text samples: with sp > 1 each rank holds its chunk of every
-    sequence and its share of each micro-batch's images (`image_share`)."""
+                        seed: int, sp_rank: int = 0, sp_size: int = 1, fraction: float = 1.0) -> list[Batch]:
+    """`split_micro_batches` for image + text samples (sample `first_sample + k` is row k; those that
+    `carries_images` at `fraction` hold images, the others are text only): with sp > 1 each rank
+    holds its chunk of every sequence and its share of each micro-batch's images (`image_share`).
+    A micro-batch without image samples has an empty [0, C, H, W] `pixel_values` (never None: the
+    vision tower runs on every rank, `models.vision.zero_rows`)."""
     from .loss import IGNORE_INDEX
 
-    windows = windows.clone()
-    text = windows[:, image_tokens:]
-    text[text == spec.image_token_id] = spec.image_token_id + (1 if spec.image_token_id == 0 else -1)  # text only
-    ids, _ = image_batch(windows, spec, image_tokens)
-    pixels = sample_pixels(spec, image_tokens, range(first_sample, first_sample + windows.shape[0]), seed)
+    samples = range(first_sample, first_sample + windows.shape[0])
+    carries = torch.tensor([carries_images(i, fraction) for i in samples], dtype=torch.bool)
+    ids = windows.clone()
+    ids[ids == spec.image_token_id] = spec.image_token_id + (1 if spec.image_token_id == 0 else -1)  # text only
+    ids[carries[:, None] & (torch.arange(ids.shape[1]) < image_tokens)] = spec.image_token_id
+    pixels = sample_pixels(spec, image_tokens, [i for i, c in zip(samples, carries.tolist(), strict=True) if c], seed)
     per = images_per_sample(spec, image_tokens)
-    out = []
+    out, taken = [], 0
     for b in split_micro_batches(ids, micro_batch, sp_rank, sp_size):
         # a fresh tensor: labels may view the same storage as the input ids
         b.labels = torch.where(b.labels == spec.image_token_id, IGNORE_INDEX, b.labels)
         start = len(out) * micro_batch
-        b.pixel_values = pixels[start * per: (start + b.input_ids.shape[0]) * per]
+        images = int(carries[start: start + b.input_ids.shape[0]].sum()) * per
+        b.pixel_values = pixels[taken: taken + images]
+        taken += images
         if sp_size > 1:
             b.pixel_values = b.pixel_values[image_share(b.pixel_values.shape[0], sp_rank, sp_size)]
         out.append(b)

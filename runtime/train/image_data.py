@@ -6,8 +6,14 @@ A UTF-8 JSON-lines file, one sample per line:
     {"image": "img/boat.pt", "input_ids": [8, 8, 30]}
 
 - ``images`` (a list of paths) or ``image`` (one path): relative paths are read from the folder of
-  the JSON-lines file. Every sample holds exactly ``training.image_tokens / tokens_per_image``
-  images (the plan fixes the image tokens per sample, which the planner prices).
+  the JSON-lines file. A sample that carries images holds exactly ``training.image_tokens /
+  tokens_per_image`` of them (the plan fixes the image tokens per image sample, which the planner
+  prices). With ``training.image_fraction`` < 1 a sample may also carry none (no ``images`` /
+  ``image`` key, or an empty list): a text-only sample, whose text starts at position 0. With
+  ``image_fraction`` 1 every sample must carry images. The planner prices the vision tower's
+  compute at the plan's ``image_fraction`` (its memory at a micro-batch of image samples); the run
+  logs the file's own share of image samples and warns when it differs from the plan's by more
+  than 0.05.
 - ``input_ids`` (or ``tokens`` / ``ids``): the sample's text as token ids in ``[0, vocab_size)``,
   without image placeholders (the runtime inserts them).
 
@@ -25,9 +31,11 @@ Image files are ``.npy`` (numpy) or ``.pt`` (one tensor, `torch.load(weights_onl
 changes a step's global batch and resuming needs only the step.
 
 Each sequence of ``seq_len + 1`` tokens is ``image_tokens`` image placeholders, then the text
-(truncated when longer than the room left), then padding. Labels of the placeholders (but the
-last, which predicts the first text token) and of the padding are ignored; a step's loss is the
-mean over the labelled tokens of its global batch.
+(truncated when longer than the room left), then padding; a text-only sample's is its text
+(truncated to ``seq_len + 1`` tokens, at least 2), then padding. Labels of the placeholders (but the
+last, which predicts the first text token) and of the padding are ignored (a text-only sample's
+first token is predicted by nothing); a step's loss is the mean over the labelled tokens of its
+global batch.
 """
 
 from __future__ import annotations
@@ -114,12 +122,18 @@ def load_image(path: Path, spec) -> torch.Tensor:
     return x.contiguous()
 
 
-def _paths(doc: dict, where: str, folder: Path) -> tuple[Path, ...]:
+def _paths(doc: dict, where: str, folder: Path, text_only: bool) -> tuple[Path, ...]:
+    """The sample's image paths; () for a text-only sample (no `images` / `image`, or an empty
+    list) when `text_only` samples are allowed (training.image_fraction < 1)."""
     if "images" in doc and "image" in doc:
         raise InputError(f"{where} has both `images` and `image`; give one.")
     value = doc["images"] if "images" in doc else [doc["image"]] if "image" in doc else None
+    if text_only and (value is None or value == []):
+        return ()
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise InputError(f"{where} must name its images: `images` (a list of file paths) or `image` (one path).")
+        hint = "" if text_only else (" Every sample carries images with training.image_fraction 1; set it below 1 "
+                                     "(the share of samples with images) to allow text-only samples.")
+        raise InputError(f"{where} must name its images: `images` (a list of file paths) or `image` (one path).{hint}")
     out = []
     for name in value:
         path = Path(name).expanduser()
@@ -131,9 +145,12 @@ def _paths(doc: dict, where: str, folder: Path) -> tuple[Path, ...]:
     return tuple(out)
 
 
-def read_samples(path: Path, spec, image_tokens: int, vocab_size: int) -> list[ImageSample]:
-    """Every sample of the file, checked (line format, image count, token ids, image files)."""
+def read_samples(path: Path, spec, image_tokens: int, vocab_size: int,
+                 image_fraction: float = 1.0) -> list[ImageSample]:
+    """Every sample of the file, checked (line format, image count, token ids, image files); text-only
+    samples are allowed with `image_fraction` < 1."""
     per_sample = image_tokens // spec.tokens_per_image
+    text_only = image_fraction < 1
     samples: list[ImageSample] = []
     checked: set[Path] = set()
     with path.open(encoding="utf-8") as handle:
@@ -149,11 +166,12 @@ def read_samples(path: Path, spec, image_tokens: int, vocab_size: int) -> list[I
                                  "`images` (or `image`) and `input_ids`.") from None
             if not isinstance(doc, dict):
                 raise InputError(f"{where} must be a JSON object with `images` (or `image`) and `input_ids`.")
-            images = _paths(doc, where, path.parent)
-            if len(images) != per_sample:
+            images = _paths(doc, where, path.parent, text_only)
+            if len(images) not in ((0, per_sample) if text_only else (per_sample,)):
+                allowed = " (or none: a text-only sample)" if text_only else ""
                 raise InputError(f"{where} has {len(images)} image(s), but training.image_tokens {image_tokens} is "
                                  f"{per_sample} image(s) of {spec.tokens_per_image} tokens per sample; give every "
-                                 "sample that many images or change training.image_tokens.")
+                                 f"sample that many images{allowed} or change training.image_tokens.")
             text = next((doc[k] for k in TEXT_KEYS if k in doc), None)
             if not isinstance(text, list) or not text or \
                     not all(isinstance(t, int) and not isinstance(t, bool) for t in text):
@@ -162,6 +180,9 @@ def read_samples(path: Path, spec, image_tokens: int, vocab_size: int) -> list[I
             bad = [t for t in text if t < 0 or t >= vocab_size]
             if bad:
                 raise InputError(f"{where} holds token id {bad[0]}, outside the model's vocabulary [0, {vocab_size}).")
+            if not images and len(text) < 2:
+                raise InputError(f"{where} is a text-only sample of {len(text)} token; it needs at least 2 (its "
+                                 "first token is predicted by nothing).")
             if spec.image_token_id in text:
                 raise InputError(f"{where} holds the image token id {spec.image_token_id} in its text; leave the "
                                  "image placeholders out (the runtime puts them before the text).")
@@ -178,8 +199,10 @@ def read_samples(path: Path, spec, image_tokens: int, vocab_size: int) -> list[I
 class ImageJsonl(DataSource):
     """Image + text samples addressed by global sample index (see the module docstring)."""
 
-    def __init__(self, samples: list[ImageSample], seq_len: int, image_tokens: int, spec, seed: int, source: str):
+    def __init__(self, samples: list[ImageSample], seq_len: int, image_tokens: int, spec, seed: int, source: str,
+                 image_fraction: float = 1.0):
         self.samples, self.seq_len, self.image_tokens = samples, seq_len, image_tokens
+        self.image_fraction = image_fraction  # the plan's share of image samples (what was priced)
         self.spec, self.seed, self.source = spec, seed, source
         self.pad_id = 1 if spec.image_token_id == 0 else 0  # never a label, never attended by real tokens
         self._perms: dict[int, torch.Tensor] = {}
@@ -191,20 +214,36 @@ class ImageJsonl(DataSource):
             self._perms = {epoch: torch.randperm(len(self.samples), generator=gen)}
         return self.samples[int(self._perms[epoch][k])]
 
+    def _start(self, sample: ImageSample) -> int:
+        """Where the sample's text starts: after its image placeholders, at 0 when text only."""
+        return self.image_tokens if sample.images else 0
+
     def _text(self, sample: ImageSample) -> tuple[int, ...]:
-        return sample.text[: self.seq_len + 1 - self.image_tokens]
+        return sample.text[: self.seq_len + 1 - self._start(sample)]
+
+    def _labelled(self, sample: ImageSample) -> int:
+        """Text tokens that are labels: all of an image sample's, all but the first of a text-only one's."""
+        return len(self._text(sample)) - (0 if sample.images else 1)
 
     def windows(self, samples: range) -> torch.Tensor:
         rows = torch.full((len(samples), self.seq_len + 1), self.pad_id, dtype=torch.int64)
-        rows[:, : self.image_tokens] = self.spec.image_token_id
         for row, index in enumerate(samples):
-            text = self._text(self._sample(index))
-            rows[row, self.image_tokens: self.image_tokens + len(text)] = torch.tensor(text, dtype=torch.int64)
+            sample = self._sample(index)
+            start, text = self._start(sample), self._text(sample)
+            rows[row, :start] = self.spec.image_token_id
+            rows[row, start: start + len(text)] = torch.tensor(text, dtype=torch.int64)
         return rows
 
     def label_tokens(self, samples: range) -> int:
         """Labelled tokens of these samples: their text tokens (each predicted once)."""
-        return sum(len(self._text(self._sample(i))) for i in samples)
+        return sum(self._labelled(self._sample(i)) for i in samples)
+
+    def image_samples(self, samples: range) -> int:
+        return sum(bool(self._sample(i).images) for i in samples)
+
+    def image_share(self) -> float:
+        """The share of the file's samples that carry images."""
+        return sum(bool(s.images) for s in self.samples) / len(self.samples)
 
     def step_label_tokens(self, step: int, global_batch: int) -> int:
         return self.label_tokens(range(step * global_batch, (step + 1) * global_batch))
@@ -227,28 +266,34 @@ class ImageJsonl(DataSource):
         chunk = self.seq_len // sp_size
         lo, hi = sp_rank * chunk, (sp_rank + 1) * chunk
         positions = torch.arange(lo, hi, dtype=torch.int64).unsqueeze(0)
-        per_sample = self.image_tokens // self.spec.tokens_per_image
         out = []
         for start in range(first, first + per_rank, micro_batch):
             samples = range(start, min(start + micro_batch, first + per_rank))
             rows = self.windows(samples)
             labels = rows[:, 1:].clone()
-            labels[:, : self.image_tokens - 1] = IGNORE_INDEX  # placeholders predicting placeholders
-            for row, index in enumerate(samples):  # padding predicts nothing
-                labels[row, self.image_tokens - 1 + len(self._text(self._sample(index))):] = IGNORE_INDEX
-            share = image_share(len(samples) * per_sample, sp_rank, sp_size)
+            images = 0
+            for row, index in enumerate(samples):
+                sample = self._sample(index)
+                images += len(sample.images)
+                first_label = max(self._start(sample) - 1, 0)
+                labels[row, :first_label] = IGNORE_INDEX  # placeholders predicting placeholders
+                labels[row, first_label + self._labelled(sample):] = IGNORE_INDEX  # padding predicts nothing
+            share = image_share(images, sp_rank, sp_size)
             out.append(Batch(rows[:, lo:hi].contiguous(), labels[:, lo:hi].contiguous(), positions,
                              self.pixels(samples, share)))
         return out
 
     def describe(self) -> str:
-        room = self.seq_len + 1 - self.image_tokens
-        cut = sum(len(s.text) > room for s in self.samples)
+        cut = sum(len(s.text) > len(self._text(s)) for s in self.samples)
         images = sum(len(s.images) for s in self.samples)
-        return (f"{self.source} ({len(self.samples)} image+text samples, {images} images"
-                + (f", {cut} texts truncated to {room} tokens" if cut else "") + ")")
+        text_only = sum(not s.images for s in self.samples)
+        return (f"{self.source} ({len(self.samples)} samples, {images} images"
+                + (f", {text_only} text-only samples: {self.image_share():.2f} carry images, the plan's "
+                   f"image_fraction {self.image_fraction:g}" if text_only or self.image_fraction < 1 else "")
+                + (f", {cut} texts truncated" if cut else "") + ")")
 
 
-def build_image_data(path: Path, seq_len: int, image_tokens: int, spec, vocab_size: int, seed: int) -> ImageJsonl:
-    return ImageJsonl(read_samples(path, spec, image_tokens, vocab_size), seq_len, image_tokens, spec, seed,
-                      str(path))
+def build_image_data(path: Path, seq_len: int, image_tokens: int, spec, vocab_size: int, seed: int,
+                     image_fraction: float = 1.0) -> ImageJsonl:
+    return ImageJsonl(read_samples(path, spec, image_tokens, vocab_size, image_fraction), seq_len, image_tokens,
+                      spec, seed, str(path), image_fraction)

@@ -134,7 +134,7 @@ def preflight(plan, options: RunOptions, plan_dir: Path | None) -> RunOptions:
     check_data_settings(plan.training.data, plan_dir)
     if plan.training.data.kind == "image_jsonl":  # reads every sample and image header (bad input: exit 2 here)
         build_data(plan.training.data, config.vocab_size, plan.training.seq_len, plan_dir, plan.training.image_tokens,
-                   config.vision_spec)
+                   config.vision_spec, plan.training.image_fraction)
     if options.checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be >= 0, got {options.checkpoint_every}.")
     if options.checkpoint_every and not options.checkpoint_dir:

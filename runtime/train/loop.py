@@ -8,6 +8,7 @@ schedule). The logged loss is the global mean (one all-reduce). Checkpoints ever
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from ..distributed.expert_parallel import step_imbalance
 from ..precision import precision_executed
 from . import checkpoint as ckpt
 from . import manifest, peers, resume
-from .data import build_data, label_tokens
+from .data import build_data, step_tokens
 from .metrics import (
     MetricsLog,
     memory_kind,
@@ -36,6 +37,8 @@ from .metrics import (
 from .optim import build_optimizer, build_scheduler
 from .parallel import Context, all_reduce_max, micro_batches, parallelize, setup, teardown
 from .step import token_loss_fn, train_step
+
+SHARE_TOLERANCE = 0.05  # image_jsonl: a file's share of image samples this far from the plan's is warned about
 
 
 @dataclass
@@ -88,9 +91,17 @@ def check_vision_runtime(plan, config) -> None:
     pipeline parallelism would split the model before the image features join the sequence."""
     from xplan.runtime.models.vlm_config import check_image_tokens
 
-    image_tokens = plan.training.image_tokens
+    image_tokens, fraction = plan.training.image_tokens, plan.training.image_fraction
     check_image_tokens(config, image_tokens, plan.training.seq_len)
     layout = plan.layout
+    if fraction < 1 and not image_tokens:
+        raise InputError(f"training.image_fraction {fraction:g} is the share of samples that carry images, but "
+                         "training.image_tokens is 0 (no sample carries any); set training.image_tokens (the image "
+                         "tokens of an image sample) or leave image_fraction at 1.")
+    if fraction < 1 and layout.sp > 1:
+        raise InputError(f"training.image_fraction {fraction:g} mixes text-only samples into the batches, so the "
+                         f"images of a micro-batch vary, but Ulysses sp {layout.sp} splits each micro-batch's images "
+                         "evenly over its ranks; use sp 1 (e.g. a larger fsdp) or image_fraction 1.")
     if image_tokens and (layout.tp > 1 or layout.pp > 1):
         raise InputError(f"image tokens run with fsdp, ep and sp only; the plan has tp {layout.tp}, pp {layout.pp}.")
     if image_tokens and layout.sp > 1:
@@ -113,6 +124,17 @@ def check_vision_runtime(plan, config) -> None:
     if image_tokens and kind not in ("synthetic", "image_jsonl"):
         raise InputError(f"image tokens run on synthetic data (random images) or image_jsonl samples, not "
                          f"{kind!r} (text only); set training.data.kind: synthetic or image_jsonl.")
+
+
+def log_image_share(share: float, fraction: float, source: str) -> None:
+    """image_jsonl: the file's share of image samples against the plan's image_fraction (which the
+    planner priced the vision tower's compute at)."""
+    log = logging.getLogger("xplan.runtime")
+    log.info("%s: %.3f of the samples carry images (the plan's training.image_fraction: %g)", source, share, fraction)
+    if abs(share - fraction) > SHARE_TOLERANCE:
+        log.warning("the data's share of image samples (%.3f) differs from training.image_fraction (%g), at which "
+                    "the plan priced the vision tower's compute; set image_fraction to %.2f for a faithful "
+                    "prediction.", share, fraction, share)
 
 
 def check_ranks_per_device(plan) -> None:
@@ -174,9 +196,9 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         resume_from = resume.agree(point, error, ctx.is_main, ctx.world_size)
 
     source = build_data(training.data, config.vocab_size, training.seq_len, plan_dir, training.image_tokens,
-                        config.vision_spec if training.image_tokens else None)
-    if training.image_tokens and training.data.kind == "synthetic":  # random images (parallel.micro_batches)
-        source.image_tokens, source.vision = training.image_tokens, config.vision_spec
+                        config.vision_spec if training.image_tokens else None, training.image_fraction)
+    if ctx.is_main and hasattr(source, "image_share"):
+        log_image_share(source.image_share(), training.image_fraction, source.describe())
     torch.manual_seed(training.seed)
     model = load_model(plan.model, dtype=torch.float32, device=ctx.device, seed=training.seed)
     model = parallelize(model, layout, ctx, training.fp8_recipe)
@@ -197,8 +219,12 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
                              f"{training.seq_len}. Resume with the plan the run started with.")
 
     global_batch, seq_len = training.global_batch, training.seq_len
-    # every packed label is a real token; image placeholders are not predicted
-    tokens_per_step = global_batch * label_tokens(seq_len, training.image_tokens)
+    # every packed label is a real token; image placeholders are not predicted (text-only samples have none)
+    def step_tokens_of(step: int) -> int:
+        return step_tokens(source, step, global_batch, seq_len, training.image_tokens)
+
+    tokens_per_step = step_tokens_of(start)
+    trained_tokens: list[int] = []
     memory = memory_kind(ctx.device_type)
     log = None
     if ctx.is_main:
@@ -220,6 +246,8 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
             synchronize(ctx.device_type)
             t0, c0 = time.perf_counter(), time.process_time()
             batches = micro_batches(source, step, global_batch, layout.micro_batch, ctx)
+            tokens_per_step = step_tokens_of(step)
+            trained_tokens.append(tokens_per_step)
             # padded samples (image_jsonl) label fewer tokens: the loss is the mean over those labelled
             labelled = source.step_label_tokens(step, global_batch) if hasattr(source, "step_label_tokens") \
                 else tokens_per_step
@@ -264,6 +292,8 @@ def _train(plan, options, plan_dir, config, training, layout, ctx: Context, load
         hf_dir = ckpt.export_hf(model, Path(options.checkpoint_dir) / ckpt.HF_DIR, ctx.rank, ctx.world_size)
     if not ctx.is_main:
         return None
+    if trained_tokens:  # mixed image / text batches: steps differ; the summary reports their mean
+        tokens_per_step = round(sum(trained_tokens) / len(trained_tokens))
     summary = summarize(records, plan.data.predictions, ctx.world_size, tokens_per_step, memory, layout.devices)
     latest = ckpt.latest_checkpoint(Path(options.checkpoint_dir)) if options.checkpoint_dir else None
     summary.update(

@@ -133,5 +133,5 @@ def micro_batches(source: DataSource, step: int, global_batch: int, micro_batch:
 
         first = step * global_batch + ctx.dp_rank * (global_batch // ctx.dp_size)
         return image_micro_batches(windows, first, micro_batch, source.vision, source.image_tokens, source.seed,
-                                   ctx.sp_rank, ctx.sp_size)
+                                   ctx.sp_rank, ctx.sp_size, source.image_fraction)
     return split_micro_batches(windows, micro_batch, ctx.sp_rank, ctx.sp_size)
