@@ -174,6 +174,8 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
             eps = [pinned["ep"]] if "ep" in pinned else ep_choices(config, fsdp, dp_world)
             sps = [pinned["sp"]] if "sp" in pinned else sp_choices(config, dp_world, workload.seq_len)
             images = workload.image_tokens // config.vision_spec.tokens_per_image if workload.image_tokens else 0
+            if workload.image_fraction < 1:  # the runtime splits images over Ulysses ranks only when all carry them
+                sps = [1]
             for ep, sp, vpp in itertools.product(eps, sps, vpps):
                 data_parallel = dp_world // sp if dp_world % sp == 0 else 0
                 per_rank = workload.global_batch // data_parallel if data_parallel else 0
@@ -203,6 +205,9 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     if devices < 1:
         raise InputError(f"--devices must be a positive integer, got {devices}.")
     pinned = dict(pinned or {})
+    if workload.image_fraction < 1 and pinned.get("sp", 1) > 1:
+        raise InputError(f"--image-fraction {workload.image_fraction} runs with sp 1: Ulysses splits each "
+                         "micro-batch's images evenly over its ranks, which needs every sample to carry images.")
     config = load_model_config(workload.model)
     device_profile = load_hw(workload.hardware)
     # Sizes, memory and times are per rank: a3 runs two ranks (dies) per device, each with half of it.

@@ -144,6 +144,9 @@ def test_image_fraction_prices_the_busiest_ranks_images(vlm_dir, capsys, tmp_pat
         assert code == 2 and message in err, err
     code, _, err = cli(capsys, *base, "--image-fraction", 0.5)
     assert code == 2 and "needs --image-tokens" in err, err
+    code, _, err = cli(capsys, "search", vlm_dir, "cpu", "--devices", 2, "--seq-len", 256, "--image-tokens", 64,
+                       "--image-fraction", 0.5, "--sp", 2)
+    assert code == 2 and "runs with sp 1" in " ".join(err.split()), err  # as the runtime refuses it
 
 
 def test_images_give_the_image_tokens(vlm_dir, capsys):
