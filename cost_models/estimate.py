@@ -269,15 +269,17 @@ def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalan
     seq = trace.seq_len
     if trace.micro_batch != 1:
         raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
-    check_layout(layout, config, seq, global_batch)
-    profile = rank_profile(profile, layout)  # a3: a rank is one die
-    context = pricing_for(profile, pricing)
     # Offload changes neither the micro-batch nor the pipeline: its variants share those terms.
     key = (id(trace), layout_key(layout, without=("offload",)), global_batch, imbalance, recompute_every_mm, id(config))
+    if pricing is None or not _known(pricing.memos.get("step", {}), key):
+        # check_layout reads no offload: a layout whose terms are memoised passed it already.
+        check_layout(layout, config, seq, global_batch)
+    profile = rank_profile(profile, layout)  # a3: a rank is one die
+    context = pricing_for(profile, pricing)
     # The memo holds the trace and config it was computed for, so their ids name no other object.
     terms = memoised(context.memos.setdefault("step", {}), key, lambda: (trace, config, _step_terms(
         trace, config, layout, profile, global_batch, imbalance, recompute_every_mm, context)))[2]
-    grad_accum, tf, work, times, overlap = terms.grad_accum, terms.tf, terms.work, terms.times, terms.overlap
+    grad_accum, work = terms.grad_accum, terms.work
     busiest, micro, bubble, zero1_exposed = terms.busiest, terms.micro, terms.bubble, terms.zero1_exposed
     params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
     optimizer = memory_time(profile, params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
@@ -289,16 +291,10 @@ def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalan
     optimizer += optimizer_offload_time(params_on_rank, layout, profile)  # moments in and out
     offload_time = 0.0
     if "activations" in layout.offload:
-        act_bytes = COMPUTE_BYTES[layout.precision]
-        _, layers = offloaded_layers(trace, layout, tf, imbalance, config, act_bytes, work.recompute_every_mm)
-        forward, backward = [], []
-        for layer in layers:
-            fwd = times.get((layer.kind, "forward"), 0.0)
-            redo = {"full": fwd, "selective": times.get((layer.kind, "selective_recompute"), 0.0)}
-            forward.append(fwd)
-            backward.append(times.get((layer.kind, "backward"), 0.0) + redo.get(layer.policy, 0.0))
-        offload_time = grad_accum * sum(exposed_copy_time(layers, forward, backward, profile.host_bandwidth(),
-                                                          overlap=overlap))
+        # The same for every offload setting that moves activations: once per step-terms key (whose
+        # memo entry holds the trace and config its ids name).
+        offload_time = grad_accum * memoised(context.memos.setdefault("activation_copies", {}), key, lambda: (
+            _activation_copy_time(trace, config, layout, terms, imbalance, profile)))
 
     step = grad_accum * micro + bubble + optimizer + offload_time + zero1_exposed
     time = {key: grad_accum * busiest[key] for key in MICRO_PARTS}
@@ -307,6 +303,34 @@ def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalan
                 host_bound=grad_accum * busiest["host_bound"])
     return StepTime(step_s=step, time=time, tokens_per_s_per_device=global_batch * seq / step / layout.devices,
                     grad_accum=grad_accum, profile=profile, recompute_every_mm=work.recompute_every_mm)
+
+
+def _known(memo: dict, key: tuple) -> bool:
+    """Whether `memo` holds `key` (False when the key cannot be hashed: never memoised)."""
+    try:
+        return key in memo
+    except TypeError:
+        return False
+
+
+def _activation_copy_time(trace, config, layout: Layout, terms: _StepTerms, imbalance: float, profile) -> float:
+    """Seconds per micro-batch the compute stream waits for activation copies (forward and
+    backward, `exposed_copy_time`) under activation offload."""
+    act_bytes = COMPUTE_BYTES[layout.precision]
+    times = terms.times
+    _, layers = offloaded_layers(trace, layout, terms.tf, imbalance, config, act_bytes, terms.work.recompute_every_mm)
+    passes: dict[tuple[str, str], tuple[float, float]] = {}  # (kind, policy) -> (forward, backward)
+    forward, backward = [], []
+    for layer in layers:
+        if (layer.kind, layer.policy) not in passes:
+            fwd = times.get((layer.kind, "forward"), 0.0)
+            redo = {"full": fwd, "selective": times.get((layer.kind, "selective_recompute"), 0.0)}
+            passes[(layer.kind, layer.policy)] = (fwd, times.get((layer.kind, "backward"), 0.0)
+                                                  + redo.get(layer.policy, 0.0))
+        fwd, bwd = passes[(layer.kind, layer.policy)]
+        forward.append(fwd)
+        backward.append(bwd)
+    return sum(exposed_copy_time(layers, forward, backward, profile.host_bandwidth(), overlap=terms.overlap))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,29 @@ def tile_tried(tile, tiles: int, selective: bool, choices: int) -> bool:
     return tile is None or not (selective or (tiles == 1 and choices > 1))
 
 
+class Variants:
+    """Layouts that differ from a core's validated layout only in knobs Layout validates field by
+    field (recompute, offload, keep_gathered, tile_tokens: no model-level rule reads or sets them),
+    built as copies of it with the changed knobs' values validated once per search: a search
+    builds thousands of such variants, and validating each through `Layout` cost a tenth of it."""
+
+    KNOBS = frozenset(("recompute", "offload", "keep_gathered", "tile_tokens"))
+
+    def __init__(self) -> None:
+        self._values: dict[tuple, dict[str, Any]] = {}
+
+    def of(self, base, **changes: Any):
+        """`base.with_changes(**changes)`, as a copy of `base`."""
+        key = tuple(changes.items())
+        values = self._values.get(key)
+        if values is None:
+            if not self.KNOBS.issuperset(changes):
+                raise ValueError(f"only {sorted(self.KNOBS)} are varied by copy, got {sorted(changes)}")
+            made = base.with_changes(**changes)
+            values = self._values[key] = {name: getattr(made, name) for name in changes}
+        return base.model_copy(update=values)
+
+
 @dataclass
 class _Core:
     """One core layout of the search, validated, with what its variants share."""
@@ -72,6 +95,7 @@ class SearchBounds:
     chains: list
     recomputes: list
     device_type: str
+    variants: Variants = field(default_factory=Variants)
     evaluated: int = 0  # layouts priced for the bounds
     _seen: int = -1  # len(fitting) the caches below were computed for
     _cache: dict = field(default_factory=dict)
@@ -95,7 +119,7 @@ class SearchBounds:
         offload = tuple(self.offloads[0]) if len(self.offloads) == 1 else ()
         w, best = self.workload, 0.0
         for tile in self._tile_options(c, recompute):
-            layout = c.base.with_changes(recompute=recompute, keep_gathered=keep, tile_tokens=tile, offload=offload)
+            layout = self.variants.of(c.base, recompute=recompute, keep_gathered=keep, tile_tokens=tile, offload=offload)
             self.evaluated += 1
             best = max(best, step_time(self.trace_for(c.loss, self._tiles(c, tile)), self.config, layout,
                                        self.device_profile, w.global_batch, w.imbalance,
@@ -120,8 +144,8 @@ class SearchBounds:
         for tile in self._tile_options(c, recompute):
             tiles = self._tiles(c, tile)
             for offload in largest:
-                layout = c.base.with_changes(recompute=recompute, offload=offload, keep_gathered=keep,
-                                             tile_tokens=tile)
+                layout = self.variants.of(c.base, recompute=recompute, offload=offload, keep_gathered=keep,
+                                          tile_tokens=tile)
                 self.evaluated += 1
                 memory = memory_estimate(self.trace_for(c.loss, tiles), layout, self.device_profile,
                                          c.grad_accum, w.imbalance, self.config, pricing=self.pricing)
