@@ -45,10 +45,12 @@ def tile_tried(tile, tiles: int, selective: bool, choices: int) -> bool:
 
 
 class Variants:
-    """Layouts that differ from a core's validated layout only in knobs Layout validates field by
-    field (recompute, offload, keep_gathered, tile_tokens: no model-level rule reads or sets them),
-    built as copies of it with the changed knobs' values validated once per search: a search
-    builds thousands of such variants, and validating each through `Layout` cost a tenth of it."""
+    """Layouts that differ from a core's validated layout only in recompute, offload, keep_gathered
+    and tile_tokens, built as copies of it with the changed knobs' values validated once per set
+    of values: Layout's rules on these knobs read no other knob (tile_tokens' reads recompute,
+    both varied here; the model-level rule reads the sizes), so a set of values valid with one
+    core is valid, and parsed the same, with every other. A search builds thousands of variants:
+    validating each through `Layout` cost about a tenth of it."""
 
     KNOBS = frozenset(("recompute", "offload", "keep_gathered", "tile_tokens"))
 
