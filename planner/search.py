@@ -50,7 +50,7 @@ from xplan.layout_tiles import feed_forward_tiles, tile_count
 from xplan.layout_values import parse_recompute
 
 from .pricing import Workload, get_trace, load_hw, load_model_config
-from .search_bounds import LISTED_SHARE, SearchBounds, Variants, _Core, tile_tried
+from .search_bounds import LISTED_SHARE, SearchBounds, Variants, _Core, collector_paused, tile_tried
 
 # Increasing time cost: what to try first when memory allows.
 RECOMPUTE_ORDER: tuple[str | float, ...] = ("none", "selective", 0.25, 0.5, 0.75, "full")
@@ -181,6 +181,7 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
     return out
 
 
+@collector_paused()
 def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = None, *, allow_3d: bool = False,
            exhaustive: bool = False, top: int = 10, bound: bool = True,
            progress: Callable[[int, int], None] | None = None, headroom_bytes: float = 0.0) -> SearchResult:
