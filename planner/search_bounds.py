@@ -78,11 +78,14 @@ class Variants:
 
     def of(self, base, **changes: Any):
         """`base.with_changes(**changes)`, as a copy of `base`."""
+        if not self.KNOBS.issuperset(changes):
+            raise ValueError(f"only {sorted(self.KNOBS)} are varied by copy, got {sorted(changes)}")
         key = tuple(changes.items())
-        values = self._values.get(key)
+        try:
+            values = self._values.get(key)
+        except TypeError:  # a value without a hash (a list): validated anew
+            return base.with_changes(**changes)
         if values is None:
-            if not self.KNOBS.issuperset(changes):
-                raise ValueError(f"only {sorted(self.KNOBS)} are varied by copy, got {sorted(changes)}")
             made = base.with_changes(**changes)
             values = self._values[key] = {name: getattr(made, name) for name in changes}
         return base.model_copy(update=values)

@@ -159,5 +159,7 @@ def test_variants_equal_validated_layouts():
             made = variants.of(base, **changes)
             assert made == validated and layout_key(made) == layout_key(validated)
             assert made.model_dump() == validated.model_dump()
+    base = Layout(devices=8, fsdp=8)
+    assert variants.of(base, offload=["optimizer"]) == base.with_changes(offload=("optimizer",))
     with pytest.raises(ValueError, match="varied by copy"):
         variants.of(Layout(devices=8, fsdp=8), ep=2)
