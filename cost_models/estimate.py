@@ -34,8 +34,8 @@ from .memory import (
     grad_bytes,
     rank_param_split,
 )
-from .memos import layout_key, memoised
-from .offload import block_mlp_kind, exposed_copy_time, offloaded_layers, optimizer_offload_time
+from .memos import holds, layout_key, memoised
+from .offload import activation_copy_time, block_mlp_kind, optimizer_offload_time
 from .peak_memory import memory_estimate
 from .pipeline import PipelineRank, pipeline_ranks  # noqa: F401  (PipelineRank: part of this module's API)
 from .routing import default_imbalance, imbalance_note
@@ -271,7 +271,7 @@ def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalan
         raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
     # Offload changes neither the micro-batch nor the pipeline: its variants share those terms.
     key = (id(trace), layout_key(layout, without=("offload",)), global_batch, imbalance, recompute_every_mm, id(config))
-    if pricing is None or not _known(pricing.memos.get("step", {}), key):
+    if pricing is None or not holds(pricing.memos.get("step", {}), key):
         # check_layout reads no offload: a layout whose terms are memoised passed it already.
         check_layout(layout, config, seq, global_batch)
     profile = rank_profile(profile, layout)  # a3: a rank is one die
@@ -294,7 +294,8 @@ def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalan
         # The same for every offload setting that moves activations: once per step-terms key (whose
         # memo entry holds the trace and config its ids name).
         offload_time = grad_accum * memoised(context.memos.setdefault("activation_copies", {}), key, lambda: (
-            _activation_copy_time(trace, config, layout, terms, imbalance, profile)))
+            activation_copy_time(trace, config, layout, terms.times, terms.tf, terms.work.recompute_every_mm,
+                                 imbalance, profile.host_bandwidth(), terms.overlap)))
 
     step = grad_accum * micro + bubble + optimizer + offload_time + zero1_exposed
     time = {key: grad_accum * busiest[key] for key in MICRO_PARTS}
@@ -303,34 +304,6 @@ def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalan
                 host_bound=grad_accum * busiest["host_bound"])
     return StepTime(step_s=step, time=time, tokens_per_s_per_device=global_batch * seq / step / layout.devices,
                     grad_accum=grad_accum, profile=profile, recompute_every_mm=work.recompute_every_mm)
-
-
-def _known(memo: dict, key: tuple) -> bool:
-    """Whether `memo` holds `key` (False when the key cannot be hashed: never memoised)."""
-    try:
-        return key in memo
-    except TypeError:
-        return False
-
-
-def _activation_copy_time(trace, config, layout: Layout, terms: _StepTerms, imbalance: float, profile) -> float:
-    """Seconds per micro-batch the compute stream waits for activation copies (forward and
-    backward, `exposed_copy_time`) under activation offload."""
-    act_bytes = COMPUTE_BYTES[layout.precision]
-    times = terms.times
-    _, layers = offloaded_layers(trace, layout, terms.tf, imbalance, config, act_bytes, terms.work.recompute_every_mm)
-    passes: dict[tuple[str, str], tuple[float, float]] = {}  # (kind, policy) -> (forward, backward)
-    forward, backward = [], []
-    for layer in layers:
-        if (layer.kind, layer.policy) not in passes:
-            fwd = times.get((layer.kind, "forward"), 0.0)
-            redo = {"full": fwd, "selective": times.get((layer.kind, "selective_recompute"), 0.0)}
-            passes[(layer.kind, layer.policy)] = (fwd, times.get((layer.kind, "backward"), 0.0)
-                                                  + redo.get(layer.policy, 0.0))
-        fwd, bwd = passes[(layer.kind, layer.policy)]
-        forward.append(fwd)
-        backward.append(bwd)
-    return sum(exposed_copy_time(layers, forward, backward, profile.host_bandwidth(), overlap=terms.overlap))
 
 
 @dataclass(frozen=True)

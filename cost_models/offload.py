@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from .memory import (
     ADAM_BYTES,
+    COMPUTE_BYTES,
     GRAD_BYTES,
     MASTER_BYTES,
     _routed_load,
@@ -239,6 +240,26 @@ def exposed_copy_time(layers: list[OffloadedLayer], forward: list[float], backwa
     return forward_exposed, now - sum(backward)
 
 
-__all__ = ["OPTIMIZER_STEP_TEMP_BYTES", "OffloadedLayer", "block_mlp_kind", "exposed_copy_time",
+def activation_copy_time(trace, config, layout, times: dict, token_factor: float, every_mm: int, imbalance: float,
+                         bandwidth: float, overlap: bool) -> float:
+    """Seconds per micro-batch the compute stream waits for activation copies (forward and
+    backward, `exposed_copy_time`) under activation offload; `times`: the layout's group times."""
+    _, layers = offloaded_layers(trace, layout, token_factor, imbalance, config, COMPUTE_BYTES[layout.precision],
+                                 every_mm)
+    passes: dict[tuple[str, str], tuple[float, float]] = {}  # (kind, policy) -> (forward, backward)
+    forward, backward = [], []
+    for layer in layers:
+        if (layer.kind, layer.policy) not in passes:
+            fwd = times.get((layer.kind, "forward"), 0.0)
+            redo = {"full": fwd, "selective": times.get((layer.kind, "selective_recompute"), 0.0)}
+            passes[(layer.kind, layer.policy)] = (fwd, times.get((layer.kind, "backward"), 0.0)
+                                                  + redo.get(layer.policy, 0.0))
+        fwd, bwd = passes[(layer.kind, layer.policy)]
+        forward.append(fwd)
+        backward.append(bwd)
+    return sum(exposed_copy_time(layers, forward, backward, bandwidth, overlap=overlap))
+
+
+__all__ = ["OPTIMIZER_STEP_TEMP_BYTES", "OffloadedLayer", "activation_copy_time", "block_mlp_kind", "exposed_copy_time",
            "kept_gathered_bytes", "offloaded_activation_bytes", "offloaded_backward_moment", "offloaded_layers",
            "optimizer_offload_time", "optimizer_step_bytes"]
