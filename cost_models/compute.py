@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .comm import under_tp_sm_margin
 from .kernels import DTYPE_BYTES, attention_time, gemm_time, memory_time
@@ -248,7 +248,7 @@ def _costing_op_keys(trace, work: RankWork) -> list[tuple]:
     return memo[key]
 
 
-def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
+def group_times(trace, work: RankWork, profile, op_times: OpTimes | None = None) -> dict[tuple[str, str], float]:
     """{(group, phase): seconds} for one instance of each traced group (block kind, embed, head...).
 
     Phase `selective_recompute` is what the selective recompute policy redoes of the forward (see
@@ -259,10 +259,11 @@ def group_times(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
     op when elementwise kernels run eagerly, else the GEMMs, attention and fused chains (what
     `host.dispatch_us` prices); `ops_forward` and `ops_selective` count those of the forward and
     of what selective recompute redoes. The runtime's blockwise attention priced as a fused
-    kernel (`inside_fused_attention`) is one call per pass.
+    kernel (`inside_fused_attention`) is one call per pass. `op_times`: the op times already
+    priced on `profile` (a PricingContext's), looked up rather than priced again.
     """
     times = _loss_times(trace, work, profile)
-    _add_op_times(times, _costing_op_keys(trace, work), work, profile)
+    _add_op_times(times, _costing_op_keys(trace, work), work, profile, op_times)
     return dict(times)
 
 
@@ -278,15 +279,17 @@ def _loss_times(trace, work: RankWork, profile) -> defaultdict:
     return times
 
 
-def _add_op_times(times: defaultdict, rows: list[tuple], work: RankWork, profile) -> None:
+def _add_op_times(times: defaultdict, rows: list[tuple], work: RankWork, profile,
+                  op_times: OpTimes | None = None) -> None:
     """Add each op's seconds and launches to `times` under its keys (`group_times`)."""
     mm_seen: dict[str, int] = {}
     fused_calls: set[tuple[str, str]] = set()  # (group, phase) of blockwise attention priced as one kernel
     overhead = profile.compute.gemm.overhead_us * 1e-6
-    for op, keys, norm in rows:
+    priced = op_times.rows(rows, work, profile) if op_times is not None else None
+    for i, (op, keys, norm) in enumerate(rows):
         phase_key, gemm_key, gemm_phase_key, tp_key, attention_key, selective_key, ops_selective_key, ops_key, \
             ops_forward_key = keys
-        t = op_time(op, work, profile)
+        t = priced[i] if priced is not None else op_time(op, work, profile)
         inside = inside_fused_attention(op, work)
         fused = work.fused_elementwise or (work.fused_norm and norm)
         issued = op.category != "memory" or not fused or bool(op.fused_nbytes)
@@ -340,7 +343,7 @@ def _memory_op_sums(trace, work: RankWork) -> tuple[list[tuple], dict, dict]:
     return memo[key]
 
 
-def group_times_summed(trace, work: RankWork, profile) -> dict[tuple[str, str], float]:
+def group_times_summed(trace, work: RankWork, profile, op_times: OpTimes | None = None) -> dict[tuple[str, str], float]:
     """`group_times` with the memory-bound ops' seconds summed per key in closed form (their bytes
     over the bandwidth plus a launch each) rather than op by op: the same up to floating-point
     reassociation (about 1e-15 relative), several times faster. A search ranks with it and
@@ -354,8 +357,47 @@ def group_times_summed(trace, work: RankWork, profile) -> dict[tuple[str, str], 
         times[key] += nbytes * per_byte + launches * overhead
     for key, count in counts.items():
         times[key] += count
-    _add_op_times(times, rows, work, profile)
+    _add_op_times(times, rows, work, profile, op_times)
     return dict(times)
+
+
+class OpTimes:
+    """`op_time` of each op a PricingContext has priced, shared across rank works and traces.
+
+    An op's time is a pure function of the op's fields, the work and the profile: ops with equal
+    fields (a block's ops in the traces of each loss kernel) share it, and only a routed-expert
+    (grouped) GEMM reads the work's expert-parallel fields (ep, expert_tp, imbalance, moe_gemm);
+    recompute_every_mm and fused_loss no op's. So every other op's time is kept per work with
+    those fields at their defaults: one price serves every EP size of a micro-batch shape."""
+
+    NOT_READ = {"recompute_every_mm": 0, "fused_loss": False}
+    EXPERT_FIELDS = {"ep": 1, "expert_tp": 0, "imbalance": 1.0, "moe_gemm": "grouped_mm"}
+
+    def __init__(self, profile) -> None:
+        self.profile = profile
+        self._ids: dict[PricedOp, int] = {}  # equal ops, one id
+        self._rows: dict[int, tuple[list, list[int], list[bool]]] = {}  # id(rows) -> (rows, op ids, grouped)
+        self._times: dict[RankWork, dict[int, float]] = {}  # work as the op reads it -> {op id: seconds}
+
+    def rows(self, rows: list[tuple], work: RankWork, profile) -> list[float]:
+        """op_time of each row's op under `work` (the rows of `_add_op_times`)."""
+        if profile is not self.profile:
+            raise ValueError("op times are kept for one profile")
+        known = self._rows.get(id(rows))
+        if known is None:  # holds `rows`, so its id names no other list
+            known = self._rows[id(rows)] = (rows, [self._ids.setdefault(op, len(self._ids)) for op, _, _ in rows],
+                                            [op.category == "grouped" for op, _, _ in rows])
+        _, ids, grouped = known
+        routed = replace(work, **self.NOT_READ)
+        tables = (self._times.setdefault(replace(routed, **self.EXPERT_FIELDS), {}), self._times.setdefault(routed, {}))
+        out = []
+        for (op, _, _), op_id, expert in zip(rows, ids, grouped, strict=True):
+            table = tables[expert]
+            t = table.get(op_id)
+            if t is None:
+                t = table[op_id] = op_time(op, work, profile)
+            out.append(t)
+        return out
 
 
 class PricingContext:
@@ -364,10 +406,13 @@ class PricingContext:
     it to every estimate. The context holds the traces it has seen, so its memo lives exactly as
     long as the search that made it and never outlives a trace."""
 
-    def __init__(self, profile, summed: bool = False) -> None:
+    def __init__(self, profile, summed: bool = False, share_ops: bool = True) -> None:
         self.profile = profile
         self.summed = summed  # group_times_summed: for ranking; what is reported is priced again exactly
         self._memos: list[tuple[object, dict[RankWork, dict[tuple[str, str], float]]]] = []
+        # Op times shared across rank works and traces (`OpTimes`): what a context pricing many
+        # layouts gains; one estimate alone prices each op once anyway.
+        self.op_times = OpTimes(profile) if share_ops else None
         self.memos: dict[str, dict] = {}  # other priced results by kind (peak_memory: 'memory')
 
     def group_times(self, trace, work: RankWork) -> dict[tuple[str, str], float]:
@@ -377,14 +422,15 @@ class PricingContext:
             memo = {}
             self._memos.append((trace, memo))
         if work not in memo:
-            memo[work] = (group_times_summed if self.summed else group_times)(trace, work, self.profile)
+            memo[work] = (group_times_summed if self.summed else group_times)(trace, work, self.profile,
+                                                                             self.op_times)
         return memo[work]
 
 
 def pricing_for(profile, pricing: PricingContext | None) -> PricingContext:
     """`pricing` when it prices on `profile`, a fresh context when None (one estimate alone)."""
     if pricing is None:
-        return PricingContext(profile)
+        return PricingContext(profile, share_ops=False)
     if pricing.profile is not profile:
         raise ValueError(f"a pricing context for profile {pricing.profile.name!r} cannot price on {profile.name!r}")
     return pricing

@@ -36,8 +36,8 @@ from .memory import (
     grad_bytes,
     rank_param_split,
 )
-from .memos import layout_key, memoised
-from .offload import block_mlp_kind, exposed_copy_time, offloaded_layers, optimizer_offload_time
+from .memos import holds, layout_key, memoised
+from .offload import activation_copy_time, block_mlp_kind, optimizer_offload_time
 from .peak_memory import fits_memory, host_capacity, memory_estimate  # noqa: F401  (fits_memory: API)
 from .pipeline import PipelineRank, pipeline_ranks  # noqa: F401  (PipelineRank: part of this module's API)
 from .routing import default_imbalance, imbalance_note
@@ -277,17 +277,19 @@ def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalan
     seq = trace.seq_len
     if trace.micro_batch != 1:
         raise ValueError("estimate expects a trace taken at micro-batch 1 (costs scale linearly)")
-    check_layout(layout, config, seq, global_batch)
-    profile = rank_profile(profile, layout)  # a3: a rank is one die
-    context = pricing_for(profile, pricing)
     # Offload changes neither the micro-batch nor the pipeline: its variants share those terms.
     share = image_share(image_fraction, layout.micro_batch)
     key = (id(trace), layout_key(layout, without=("offload",)), global_batch, imbalance, recompute_every_mm, id(config),
            share)
+    if pricing is None or not holds(pricing.memos.get("step", {}), key):
+        # check_layout reads no offload: a layout whose terms are memoised passed it already.
+        check_layout(layout, config, seq, global_batch)
+    profile = rank_profile(profile, layout)  # a3: a rank is one die
+    context = pricing_for(profile, pricing)
     # The memo holds the trace and config it was computed for, so their ids name no other object.
     terms = memoised(context.memos.setdefault("step", {}), key, lambda: (trace, config, _step_terms(
         trace, config, layout, profile, global_batch, imbalance, recompute_every_mm, context, share)))[2]
-    grad_accum, tf, work, times, overlap = terms.grad_accum, terms.tf, terms.work, terms.times, terms.overlap
+    grad_accum, work = terms.grad_accum, terms.work
     busiest, micro, bubble, zero1_exposed = terms.busiest, terms.micro, terms.bubble, terms.zero1_exposed
     params_on_rank = trace.params_total / (layout.tp * layout.pp * (layout.dp_world if layout.zero1 else layout.fsdp))
     optimizer = memory_time(profile, params_on_rank * OPTIMIZER_BYTES_PER_PARAM)
@@ -299,16 +301,11 @@ def step_time(trace, config, layout: Layout, profile, global_batch: int, imbalan
     optimizer += optimizer_offload_time(params_on_rank, layout, profile)  # moments in and out
     offload_time = 0.0
     if "activations" in layout.offload:
-        act_bytes = COMPUTE_BYTES[layout.precision]
-        _, layers = offloaded_layers(trace, layout, tf, imbalance, config, act_bytes, work.recompute_every_mm)
-        forward, backward = [], []
-        for layer in layers:
-            fwd = times.get((layer.kind, "forward"), 0.0)
-            redo = {"full": fwd, "selective": times.get((layer.kind, "selective_recompute"), 0.0)}
-            forward.append(fwd)
-            backward.append(times.get((layer.kind, "backward"), 0.0) + redo.get(layer.policy, 0.0))
-        offload_time = grad_accum * sum(exposed_copy_time(layers, forward, backward, profile.host_bandwidth(),
-                                                          overlap=overlap))
+        # The same for every offload setting that moves activations: once per step-terms key (whose
+        # memo entry holds the trace and config its ids name).
+        offload_time = grad_accum * memoised(context.memos.setdefault("activation_copies", {}), key, lambda: (
+            activation_copy_time(trace, config, layout, terms.times, terms.tf, terms.work.recompute_every_mm,
+                                 imbalance, profile.host_bandwidth(), terms.overlap)))
 
     step = grad_accum * micro + bubble + optimizer + offload_time + zero1_exposed
     time = {key: grad_accum * busiest[key] for key in MICRO_PARTS}

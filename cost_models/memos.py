@@ -27,3 +27,11 @@ def memoised(memo: dict, key: tuple, compute: Callable[[], Any]) -> Any:
     if hit is None:
         hit = memo[key] = compute()
     return hit
+
+
+def holds(memo: dict, key: tuple) -> bool:
+    """Whether `memo` holds `key` (False when the key cannot be hashed: never memoised)."""
+    try:
+        return key in memo
+    except TypeError:
+        return False

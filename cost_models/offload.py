@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from .images import tower_kept_params
 from .memory import (
     ADAM_BYTES,
+    COMPUTE_BYTES,
     GRAD_BYTES,
     LAST_IN_BACKWARD,
     MASTER_BYTES,
@@ -92,7 +93,12 @@ def offloaded_layers(trace, layout, token_factor: float, imbalance: float, confi
         rank_tokens = token_factor * trace.seq_len / layout.tp
         layers = []
         added: dict[tuple[str, bool], float] = {}  # what EP / Ulysses add, by (policy, MoE block)
+        made: dict[tuple, OffloadedLayer] = {}  # (kind, policy, walked bytes) -> the layer (all but the last)
         for i, (kind, policy, saved) in enumerate(walk):
+            walked = (kind, policy, saved)
+            if walked in made and i < len(walk) - 1:
+                layers.append(made[walked])
+                continue
             block = trace.blocks[kind]
             if config is not None:
                 moe = bool(block.num_experts)
@@ -108,6 +114,7 @@ def offloaded_layers(trace, layout, token_factor: float, imbalance: float, confi
             else:
                 moved = saved
             layers.append(OffloadedLayer(kind, policy, saved, moved))
+            made[walked] = layers[-1]
         memo[key] = (embedding, layers)
     return memo[key]
 
@@ -167,13 +174,19 @@ def _offloaded_backward_moment(trace, layout, embedding: float, layers: list[Off
         return parts_of[(kind, policy)]
 
     stays_before, best, best_sum = embedding, (0.0, 0.0, 0.0, 0.0, 0.0), 0.0
-    for i, layer in enumerate(layers):
-        after -= block_params[layer.kind]
+    prefetched = 0.0  # the previous layer's moved part, back for its backward
+    of_layer = {}  # (kind, policy) -> (parameters, parts): the same for every such layer
+    for layer in layers:
+        kind, policy, saved = layer.kind, layer.policy, layer.saved
+        known = of_layer.get((kind, policy))
+        if known is None:
+            known = of_layer[(kind, policy)] = (block_params[kind], parts(kind, policy))
+        after -= known[0]
         grads_now = grads if accumulated else grads * max(0, after) / total_params
-        prefetched = layers[i - 1].moved if i > 0 else 0.0
-        activations = stays_before + layer.saved + prefetched
-        stays_before += layer.saved - layer.moved
-        for workspace, gathered, held in parts(layer.kind, layer.policy):
+        activations = stays_before + saved + prefetched
+        stays_before += saved - layer.moved
+        prefetched = layer.moved
+        for workspace, gathered, held in known[1]:
             total = activations + workspace + gathered + held + grads_now  # summed as sum(moment) would
             if total > best_sum:
                 best, best_sum = (activations, workspace, gathered, held, grads_now), total
@@ -209,28 +222,48 @@ def exposed_copy_time(layers: list[OffloadedLayer], forward: list[float], backwa
     if not overlap:
         moved = sum(layer.moved for layer in layers) / bandwidth
         return moved, moved
-    n = len(layers)
+    copy = [layer.moved / bandwidth for layer in layers]
     now = side = 0.0
-    done = [0.0] * n
-    for i in range(n):
+    done = None  # when the previous layer's copy out ends
+    for fwd, seconds in zip(forward, copy, strict=True):
         start = now
-        side = max(side, start) + layers[i].moved / bandwidth
-        done[i] = side
-        now = start + forward[i]
-        if i >= 1:
-            now = max(now, done[i - 1])
+        side = (side if side >= start else start) + seconds
+        now = start + fwd
+        if done is not None and done > now:
+            now = done
+        done = side
     forward_exposed = now - sum(forward)
     now = side = 0.0
     ready = 0.0
-    for i in range(n - 1, -1, -1):
-        start = max(now, ready)
+    for i in range(len(layers) - 1, -1, -1):
+        start = now if now >= ready else ready
         if i >= 1:
-            side = max(side, start) + layers[i - 1].moved / bandwidth
+            side = (side if side >= start else start) + copy[i - 1]
             ready = side
         now = start + backward[i]
     return forward_exposed, now - sum(backward)
 
 
-__all__ = ["OPTIMIZER_STEP_TEMP_BYTES", "OffloadedLayer", "block_mlp_kind", "exposed_copy_time",
+def activation_copy_time(trace, config, layout, times: dict, token_factor: float, every_mm: int, imbalance: float,
+                         bandwidth: float, overlap: bool) -> float:
+    """Seconds per micro-batch the compute stream waits for activation copies (forward and
+    backward, `exposed_copy_time`) under activation offload; `times`: the layout's group times."""
+    _, layers = offloaded_layers(trace, layout, token_factor, imbalance, config, COMPUTE_BYTES[layout.precision],
+                                 every_mm)
+    passes: dict[tuple[str, str], tuple[float, float]] = {}  # (kind, policy) -> (forward, backward)
+    forward, backward = [], []
+    for layer in layers:
+        if (layer.kind, layer.policy) not in passes:
+            fwd = times.get((layer.kind, "forward"), 0.0)
+            redo = {"full": fwd, "selective": times.get((layer.kind, "selective_recompute"), 0.0)}
+            passes[(layer.kind, layer.policy)] = (fwd, times.get((layer.kind, "backward"), 0.0)
+                                                  + redo.get(layer.policy, 0.0))
+        fwd, bwd = passes[(layer.kind, layer.policy)]
+        forward.append(fwd)
+        backward.append(bwd)
+    return sum(exposed_copy_time(layers, forward, backward, bandwidth, overlap=overlap))
+
+
+__all__ = ["OPTIMIZER_STEP_TEMP_BYTES", "OffloadedLayer", "activation_copy_time", "block_mlp_kind", "exposed_copy_time",
            "kept_gathered_bytes", "offloaded_activation_bytes", "offloaded_backward_moment", "offloaded_layers",
            "optimizer_offload_time", "optimizer_step_bytes"]

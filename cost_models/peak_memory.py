@@ -97,12 +97,15 @@ class Stage:
     head: bool
 
 
+_ONE_STAGE = (Stage("first", None, 1.0, True),)
+
+
 def pipeline_stages(trace, layout: Layout, grad_accum: int) -> tuple[Stage, ...]:
     """The stages whose peaks bound the rank's: one without pipeline parallelism; else the first
     (embedding, most micro-batches in flight) and the last (LM head and loss). Under DualPipe
     every rank also holds the reverse direction's stage: rank 0 has the head as well."""
     if layout.pp == 1:
-        return (Stage("first", None, 1.0, True),)
+        return _ONE_STAGE
     kind = pipeline.schedule(layout)
     layers = len(trace.layer_kinds)
     return tuple(Stage(name, pipeline.stage_layer_count(layers, layout.pp, layout.vpp, name),
@@ -223,7 +226,9 @@ def _with_offload(trace, layout: Layout, t: _OffloadFreeTerms, grad_accum: int, 
     if "activations" in layout.offload:
         embedding, layers = offloaded_layers(trace, layout, t.tf, imbalance, config, compute_bytes,
                                              recompute_every_mm)
-        saved, host_activations = offloaded_activation_bytes(embedding, layers)
+        # The same for every layout on these layers (the memo holds them: their id names no other list).
+        saved, host_activations = memoised(trace.__dict__.setdefault("_offloaded_bytes", {}), (id(layers), embedding),
+                                           lambda: (layers, offloaded_activation_bytes(embedding, layers)))[1]
         saved, host_activations = saved * t.in_flight, host_activations * t.in_flight
         backward_saved, workspace, gathered, held, grads_backward = offloaded_backward_moment(
             trace, layout, embedding, layers, t.tf, imbalance, compute_bytes, grads, accumulated, t.ep_copy,

@@ -50,7 +50,7 @@ from xplan.layout_tiles import feed_forward_tiles, tile_count
 from xplan.layout_values import parse_recompute
 
 from .pricing import Workload, get_trace, load_hw, load_model_config
-from .search_bounds import LISTED_SHARE, SearchBounds, _Core, tile_tried
+from .search_bounds import LISTED_SHARE, SearchBounds, Variants, _Core, collector_paused, tile_tried
 
 # Increasing time cost: what to try first when memory allows.
 RECOMPUTE_ORDER: tuple[str | float, ...] = ("none", "selective", 0.25, 0.5, 0.75, "full")
@@ -191,6 +191,7 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
     return out
 
 
+@collector_paused()
 def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = None, *, allow_3d: bool = False,
            exhaustive: bool = False, top: int = 10, bound: bool = True,
            progress: Callable[[int, int], None] | None = None, headroom_bytes: float = 0.0) -> SearchResult:
@@ -260,6 +261,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                          f"({device_profile.hbm_bytes() / 2**30:.0f} GiB), got {headroom_bytes / 2**30:.1f} GiB.")
     device_type = DEVICE_TYPE_OF_KIND.get(device_profile.device.kind, "cuda")
     chains = recompute_chains(recomputes)
+    variants = Variants()  # a core's variants: copies of its validated layout
     prepared: list[_Core] = []
     for i, core in enumerate(cores):
         loss = core.pop("loss")
@@ -281,7 +283,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         pruning of the module docstring); fitting estimates go to `fitting`. With `memory_cap`,
         variants whose allocated peak reaches it are not priced (`SearchBounds.memory_cap`)."""
         nonlocal evaluated
-        core, base, loss, kernels, grad_accum = c.core, c.base, c.loss, c.kernels, c.grad_accum
+        base, loss, grad_accum = c.base, c.loss, c.grad_accum
         # Offload only adds time (copies, a host-side step) at a given recompute and tiling: once
         # the untiled layout without offload fits at chain[i], offloaded variants are priced on
         # chain[:i + 1] only (the tie at i kept: an offload that costs no time but memory wins).
@@ -300,8 +302,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
                 if limit == 0:
                     break
                 trace = trace_for(loss, tiles)
-                template = Layout(**core, **extra, offload=offload, keep_gathered=keep, precision=precision,
-                                  kernels=kernels, tile_tokens=tile, recompute=chain[0])
+                template = variants.of(base, offload=offload, keep_gathered=keep, tile_tokens=tile, recompute=chain[0])
 
                 def make(recompute, template=template):
                     """The group's layout at one recompute setting (values parsed once, below)."""
@@ -359,7 +360,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
         # none of whose variants could reach the listed plans, the Pareto front or the best
         # runnable plan is not priced (see `SearchBounds`).
         bounds = SearchBounds(workload, config, device_profile, pricing, trace_for, top, offloads, keeps,
-                              tile_options, chains, recomputes, device_type)
+                              tile_options, chains, recomputes, device_type, variants)
         for c in prepared:
             c.fastest = bounds.fastest(c)
         order = sorted(prepared, key=lambda c: -c.fastest)

@@ -23,6 +23,9 @@ exactly what an unbounded one does.
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,11 +40,55 @@ TIE_MARGIN = 0.9999
 LISTED_SHARE = 0.5
 
 
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the block (as it was before, after it), also as a
+    decorator (the search's). Pricing thousands of layouts allocates hundreds of thousands of
+    short-lived objects, nearly none in cycles (reference counting frees them): with the
+    collector on, the allocations trigger collections that traverse the objects the process
+    holds, traces included (a deepseek-v3 search spent about a tenth of its time in them)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def tile_tried(tile, tiles: int, selective: bool, choices: int) -> bool:
     """Whether the search tries token tile size `tile` (`tiles` tiles of a rank's micro-batch) on a
     recompute chain: tiling does not combine with selective recompute, and a layout with a single
     tile is tiled only when the tile size was pinned (`choices` sizes, untiled included)."""
     return tile is None or not (selective or (tiles == 1 and choices > 1))
+
+
+class Variants:
+    """Layouts that differ from a core's validated layout only in recompute, offload, keep_gathered
+    and tile_tokens, built as copies of it with the changed knobs' values validated once per set
+    of values: Layout's rules on these knobs read no other knob (tile_tokens' reads recompute,
+    both varied here; the model-level rule reads the sizes), so a set of values valid with one
+    core is valid, and parsed the same, with every other. A search builds thousands of variants:
+    validating each through `Layout` cost about a tenth of it."""
+
+    KNOBS = frozenset(("recompute", "offload", "keep_gathered", "tile_tokens"))
+
+    def __init__(self) -> None:
+        self._values: dict[tuple, dict[str, Any]] = {}
+
+    def of(self, base, **changes: Any):
+        """`base.with_changes(**changes)`, as a copy of `base`."""
+        if not self.KNOBS.issuperset(changes):
+            raise ValueError(f"only {sorted(self.KNOBS)} are varied by copy, got {sorted(changes)}")
+        key = tuple(changes.items())
+        try:
+            values = self._values.get(key)
+        except TypeError:  # a value without a hash (a list): validated anew
+            return base.with_changes(**changes)
+        if values is None:
+            made = base.with_changes(**changes)
+            values = self._values[key] = {name: getattr(made, name) for name in changes}
+        return base.model_copy(update=values)
 
 
 @dataclass
@@ -72,6 +119,7 @@ class SearchBounds:
     chains: list
     recomputes: list
     device_type: str
+    variants: Variants = field(default_factory=Variants)
     evaluated: int = 0  # layouts priced for the bounds
     _seen: int = -1  # len(fitting) the caches below were computed for
     _cache: dict = field(default_factory=dict)
@@ -95,7 +143,7 @@ class SearchBounds:
         offload = tuple(self.offloads[0]) if len(self.offloads) == 1 else ()
         w, best = self.workload, 0.0
         for tile in self._tile_options(c, recompute):
-            layout = c.base.with_changes(recompute=recompute, keep_gathered=keep, tile_tokens=tile, offload=offload)
+            layout = self.variants.of(c.base, recompute=recompute, keep_gathered=keep, tile_tokens=tile, offload=offload)
             self.evaluated += 1
             best = max(best, step_time(self.trace_for(c.loss, self._tiles(c, tile)), self.config, layout,
                                        self.device_profile, w.global_batch, w.imbalance, pricing=self.pricing,
@@ -120,8 +168,8 @@ class SearchBounds:
         for tile in self._tile_options(c, recompute):
             tiles = self._tiles(c, tile)
             for offload in largest:
-                layout = c.base.with_changes(recompute=recompute, offload=offload, keep_gathered=keep,
-                                             tile_tokens=tile)
+                layout = self.variants.of(c.base, recompute=recompute, offload=offload, keep_gathered=keep,
+                                          tile_tokens=tile)
                 self.evaluated += 1
                 memory = memory_estimate(self.trace_for(c.loss, tiles), layout, self.device_profile,
                                          c.grad_accum, w.imbalance, self.config, pricing=self.pricing)
