@@ -184,3 +184,15 @@ def test_keep_gathered_vision_prices_the_tower_gathered_across_micro_batches(vlm
     code, _, err = cli(capsys, "estimate", "qwen3-0.6b", "cpu", "--devices", 2, "--seq-len", 32,
                        "--keep-gathered", "vision")
     assert code == 2 and "keep_gathered names vision" in " ".join(err.split()), err
+
+
+def test_inspect_traces_the_tower_on_images(vlm_dir, capsys):
+    code, out, err = cli(capsys, "inspect", vlm_dir, "--seq-len", 32, "--images", 2, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    tower = summary["activation_bytes_per_token"]["vision"]
+    assert summary["image_tokens"] == 8 and tower["none"] > tower["selective"] > tower["full"] > 0
+    code, out, _ = cli(capsys, "inspect", vlm_dir, "--seq-len", 32)
+    assert "vision (whole tower" not in out
+    code, out, _ = cli(capsys, "inspect", vlm_dir, "--seq-len", 32, "--images", 2)
+    assert "(whole tower," in out and "8 image tokens)" in out
