@@ -34,6 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 from xplan.layout_tiles import tile_count  # the rule the planner prices (feed_forward_tiles)
 
+from ..observing import ThreadObserver
+
 
 @dataclass(frozen=True)
 class TokenTiling:
@@ -65,6 +67,7 @@ class Tile:
 
 
 _state = threading.local()
+_observer = ThreadObserver()
 
 
 def current_tile() -> Tile | None:
@@ -74,17 +77,13 @@ def current_tile() -> Tile | None:
 @contextlib.contextmanager
 def observing_tiles(observer: Callable[[Tile | None], None]):
     """Call `observer(tile)` as each tile's function starts and `observer(previous or None)` as it ends."""
-    previous = getattr(_state, "observer", None)
-    _state.observer = observer
-    try:
+    with _observer.installed(observer):
         yield
-    finally:
-        _state.observer = previous
 
 
 def _enter(tile: Tile | None) -> None:
     _state.tile = tile
-    observer = getattr(_state, "observer", None)
+    observer = _observer.current()
     if observer is not None:
         observer(tile)
 

@@ -15,17 +15,18 @@ recomputed. The value and gradients equal the full loss (same math, different su
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..observing import ThreadObserver
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
 
 
-_state = threading.local()
+_observer = ThreadObserver()
 
 
 @contextlib.contextmanager
@@ -35,17 +36,13 @@ def representative_chunks(observer: Callable[[int], None]):
     (`repeats`: how many chunks of that size the loop stands for) and `observer(0)` after them.
     Every full chunk runs the same ops on the same shapes, so the tracer scales the ops of the one
     it sees; the value computed is not the loss."""
-    previous = getattr(_state, "observer", None)
-    _state.observer = observer
-    try:
+    with _observer.installed(observer):
         yield
-    finally:
-        _state.observer = previous
 
 
 def _chunks(tokens: int, chunk_tokens: int):
     """(start, repeats) of the chunks the loop runs: every chunk, or one per distinct size."""
-    observer = getattr(_state, "observer", None)
+    observer = _observer.current()
     if observer is None:
         for start in range(0, tokens, chunk_tokens):
             yield start, 1
