@@ -196,6 +196,20 @@ def pipeline_p2p_time(profile, tokens: float, hidden: int, layout, act_bytes: in
     return 2 * layout.vpp * p2p_time(profile, tokens * hidden * act_bytes, stride, layout.ranks)
 
 
+def fsdp_exposed_time(ag: float, rs: float, forward: float, backward: float, grad_accum: int, kept: bool,
+                      overlap: bool) -> float:
+    """Exposed seconds of one FSDP unit's collectives per micro-batch. With overlap, the forward's
+    all-gather hides under the `forward` compute it is prefetched over and the backward's re-gather
+    and reduce-scatter under `backward`; a unit kept gathered across micro-batches (keep_gathered)
+    is gathered once per step and not again in the backward. Without overlap (gloo on CPU, whose
+    cores also compute) everything is exposed."""
+    if not overlap:
+        return (1 / grad_accum if kept else 2) * ag + rs
+    if kept:
+        return max(0.0, ag - forward) / grad_accum + max(0.0, rs - backward)
+    return max(0.0, ag - forward) + max(0.0, ag + rs - backward)
+
+
 def fsdp2_copy_time(profile, numel: float, layout, param_bytes: int, reduce_bytes: int,
                     gathers: int) -> float:
     """FSDP2's copies around its collectives for one unit and micro-batch (memory-bound, read +

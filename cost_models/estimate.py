@@ -379,13 +379,8 @@ def _step_terms(trace, config, layout: Layout, profile, global_batch: int, imbal
         kept = block_mlp_kind(block) in layout.keep_gathered
         if overlap:
             first_gather = max(first_gather, ag)
-            # forward: gather overlaps the previous block; backward: re-gather + reduce-scatter.
-            if kept:
-                fsdp_exposed += n * (max(0.0, ag - fwd) / grad_accum + max(0.0, rs - bwd))
-            else:
-                fsdp_exposed += n * (max(0.0, ag - fwd) + max(0.0, ag + rs - bwd))
-        else:
-            fsdp_exposed += n * ((1 / grad_accum if kept else 2) * ag + rs)
+        # forward: gather overlaps the previous block; backward: re-gather + reduce-scatter.
+        fsdp_exposed += n * comm.fsdp_exposed_time(ag, rs, fwd, bwd, grad_accum, kept, overlap)
         if not kept:  # a tile's gathers wait on the tile before: not prefetched (kept: gathered already)
             fsdp_exposed += n * regather
         if fsdp2 and layout.fsdp_buffers == "copy":  # zero_copy buffers: no copies
@@ -426,13 +421,13 @@ def _step_terms(trace, config, layout: Layout, profile, global_batch: int, imbal
             share = vision_share if name in VISION_PARTS else 1.0  # the busiest rank's images
             parts["compute"] += share * (times.get((name, "forward"), 0.0) + times.get((name, "backward"), 0.0))
             ops += share * times.get((name, "ops"), 0.0)
-            if name == "vision":  # the tower's own FSDP units (first rank)
+            if name == "vision":  # the tower's own FSDP units (first rank) and recompute policy
                 parts["fsdp_exposed"] += vision_fsdp
                 parts["fsdp_copies"] += vision_copies
-            if name == "vision" and layout.vision_recompute != "none":  # the vision layers' own policy
-                full = layout.vision_recompute == "full"
-                parts["recompute"] += share * times.get((name, "forward" if full else "selective_recompute"), 0.0)
-                ops += share * times.get((name, "ops_forward" if full else "ops_selective"), 0.0)
+                if layout.vision_recompute != "none":
+                    full = layout.vision_recompute == "full"
+                    parts["recompute"] += share * times.get((name, "forward" if full else "selective_recompute"), 0.0)
+                    ops += share * times.get((name, "ops_forward" if full else "ops_selective"), 0.0)
         all_to_all = parts["expert_all_to_all"]
         parts["expert_all_to_all"], parts["pipeline_p2p"] = overlap_micro(
             layout.ep_overlap, parts["compute"] + parts["recompute"], all_to_all, parts["pipeline_p2p"], paired)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 
-from .comm import all_reduce_time, fsdp2_copy_time, fsdp_block_times
+from .comm import all_reduce_time, fsdp2_copy_time, fsdp_block_times, fsdp_exposed_time
+from .memos import memoised
 
 VISION_PARTS = ("vision", "vision_embed")  # the trace stages of the vision tower and its projector
 
@@ -42,13 +43,13 @@ def tower_params(trace) -> int:
 def tower_kept_params(trace) -> int:
     """The tower's parameters keep_gathered 'vision' keeps gathered: all but the patch embeddings'
     (a unit the runtime reshards anyway, `runtime.distributed.parallelize`). Memoised on the trace."""
-    memo = trace.__dict__.setdefault("_tower_kept_params", {})
-    if not memo:
-        embeddings = sum(sum(d.get("params", {}).values()) for _, d in trace.graph.nodes(data=True)
-                         if d.get("type") == "module" and d.get("stage") == "vision_embed"
-                         and (d.get("path") == "embeddings" or d.get("path", "").startswith("embeddings.")))
-        memo[()] = tower_params(trace) - embeddings
-    return memo[()]
+    def kept() -> int:
+        return tower_params(trace) - sum(
+            sum(d.get("params", {}).values()) for _, d in trace.graph.nodes(data=True)
+            if d.get("type") == "module" and d.get("stage") == "vision_embed"
+            and (d.get("path") == "embeddings" or d.get("path", "").startswith("embeddings.")))
+
+    return memoised(trace.__dict__.setdefault("_tower_kept_params", {}), (), kept)
 
 
 def vision_fsdp_exposed(profile, trace, layout, times: dict, share: float, grad_accum: int, overlap: bool,
@@ -69,12 +70,7 @@ def vision_fsdp_exposed(profile, trace, layout, times: dict, share: float, grad_
     forward = share * sum(times.get((name, "forward"), 0.0) for name in VISION_PARTS)
     backward = share * sum(times.get((name, "backward"), 0.0) for name in VISION_PARTS)
     kept = "vision" in layout.keep_gathered
-    if not overlap:  # gloo on CPU: the cores that compute move the data
-        exposed = (1 / grad_accum if kept else 2) * ag + rs
-    elif kept:
-        exposed = max(0.0, ag - forward) / grad_accum + max(0.0, rs - backward)
-    else:
-        exposed = max(0.0, ag - forward) + max(0.0, ag + rs - backward)
+    exposed = fsdp_exposed_time(ag, rs, forward, backward, grad_accum, kept, overlap)
     copies = 0.0
     if layout.fsdp_buffers == "copy":
         copies = fsdp2_copy_time(profile, numel, layout, param_bytes, reduce_bytes, 1 / grad_accum if kept else 2)

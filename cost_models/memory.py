@@ -202,9 +202,8 @@ def _saved_walk_uncached(trace, recompute, token_factor: float, tp: int, pp: int
     embedding = 0.0
     if stage == "first" or pp == 1:
         emb, tower = trace.others.get("embedding"), trace.others.get("vision")
-        first = (emb.saved_bytes["none"] if emb is not None else 0) + (
-            tower.saved_bytes[vision] if tower is not None else 0)
-        embedding = first * scale if emb is not None or tower is not None else 0.0
+        embedding = ((emb.saved_bytes["none"] if emb is not None else 0)
+                     + (tower.saved_bytes[vision] if tower is not None else 0)) * scale
     layers = []
     for kind, policy in stage_layers(trace, recompute, pp, stage, count):
         kept = trace.blocks[kind].saved_bytes[policy]

@@ -35,7 +35,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from xplan.errors import InputError
 from xplan.layout import (
@@ -54,7 +54,7 @@ from .search_bounds import LISTED_SHARE, SearchBounds, Variants, _Core, collecto
 
 # Increasing time cost: what to try first when memory allows.
 RECOMPUTE_ORDER: tuple[str | float, ...] = ("none", "selective", 0.25, 0.5, 0.75, "full")
-VISION_RECOMPUTES = ("none", "selective", "full")
+VISION_RECOMPUTES: tuple[str, ...] = get_args(Layout.model_fields["vision_recompute"].annotation)
 OFFLOAD_ORDER: tuple[tuple[str, ...], ...] = ((), ("optimizer",), ("activations",), ("optimizer", "activations"),
                                               ("params",))
 MAX_MICRO_BATCH = 16
@@ -157,6 +157,7 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
     ranks = devices * ranks_per_device
     tps = [pinned["tp"]] if "tp" in pinned else ([1, 2, 4, 8] if allow_3d else [1])
     pps = [pinned["pp"]] if "pp" in pinned else ([1, 2, 4, 8, 16] if allow_3d else [1])
+    images = workload.image_tokens // config.vision_spec.tokens_per_image if workload.image_tokens else 0  # per sample
     # The vision tower's recompute, with image tokens: none, selective and full are each priced
     # (they trade its saved activations for redone forwards like the decoder's settings).
     visions = [pinned["vision_recompute"]] if "vision_recompute" in pinned else (
@@ -173,7 +174,6 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
             dp_mode = pinned.get("dp_mode") or search_dp_mode(fsdp, dp_world)
             eps = [pinned["ep"]] if "ep" in pinned else ep_choices(config, fsdp, dp_world)
             sps = [pinned["sp"]] if "sp" in pinned else sp_choices(config, dp_world, workload.seq_len)
-            images = workload.image_tokens // config.vision_spec.tokens_per_image if workload.image_tokens else 0
             if workload.image_fraction < 1:  # the runtime splits images over Ulysses ranks only when all carry them
                 sps = [1]
             for ep, sp, vpp in itertools.product(eps, sps, vpps):

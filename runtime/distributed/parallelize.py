@@ -76,29 +76,24 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def _expert_placement(num_experts: int, group_size: int):
-    """Shard stacked experts on dim 1 when dim 0 would need padding (experts < shard group)."""
-    def placement(param: nn.Parameter) -> Shard:
-        local = param.to_local() if isinstance(param, DTensor) else param
-        if param.dim() >= 2 and local.shape[0] % group_size and local.shape[1] % group_size == 0:
-            return Shard(1)
-        return Shard(0)
-
-    return placement if num_experts else None
-
-
-def _even_placement(group_size: int):
-    """Shard a parameter whose dim 0 the group does not divide on the first dim it divides (FSDP2
-    shards dims other than 0 only evenly): dim 0 is padded to the group, so InternViT's position
-    embedding [1, 1025, hidden] on dim 0 would gather `group` rows for one (Shard(2) when the
-    group divides hidden)."""
+def _even_placement(group_size: int, last_dim: int | None = None):
+    """Shard a parameter whose dim 0 the group does not divide on the first dim (up to `last_dim`)
+    it divides (FSDP2 shards dims other than 0 only evenly): dim 0 is padded to the group, so
+    InternViT's position embedding [1, 1025, hidden] on dim 0 would gather `group` rows for one
+    (Shard(2) when the group divides hidden)."""
     def placement(param: nn.Parameter) -> Shard:
         shape = (param.to_local() if isinstance(param, DTensor) else param).shape
         if not shape or shape[0] % group_size == 0:
             return Shard(0)
-        return Shard(next((d for d, size in enumerate(shape) if size % group_size == 0), 0))
+        dims = shape if last_dim is None else shape[:last_dim + 1]
+        return Shard(next((d for d, size in enumerate(dims) if size % group_size == 0), 0))
 
     return placement
+
+
+def _expert_placement(num_experts: int, group_size: int):
+    """Stacked experts [experts, ...] on dim 1 when dim 0 would need padding (experts < shard group)."""
+    return _even_placement(group_size, last_dim=1) if num_experts else None
 
 
 def parallelize(model: nn.Module, layout: Layout, meshes: Meshes, *, expert_imbalance: float = 1.0,
