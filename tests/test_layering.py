@@ -26,6 +26,7 @@ RULES = [
     ("xplan.layout_values", ("xplan.planner", "xplan.cost_models", "xplan.runtime", "xplan.hw_profiles", *UPPER)),
     ("xplan.plan", ("xplan.planner", "xplan.cost_models", "xplan.runtime", *UPPER)),
     ("xplan.errors", ("xplan.planner", "xplan.cost_models", "xplan.runtime", "xplan.hw_profiles", *UPPER)),
+    ("xplan.processes", ("xplan.planner", "xplan.cost_models", "xplan.runtime", "xplan.hw_profiles", *UPPER)),
 ]
 
 

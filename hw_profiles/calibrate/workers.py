@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from xplan.processes import exit_worker
+
 from .benches import (
     measure_attention,
     measure_copy_bandwidth,
@@ -99,8 +101,13 @@ def _worker(rank: int, setup: Setup, world: int, compute: bool, init_file: str, 
             if rank == 0 and progress_queue is not None:
                 progress_queue.put(label)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # no rank tears its process group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
+    if progress_queue is not None:  # its feeder thread must deliver the last labels before os._exit
+        progress_queue.close()
+        progress_queue.join_thread()
+    exit_worker(0)  # skip the interpreter finalization that can abort gloo's threads
 
 
 def _spawn(setup: Setup, world: int, compute: bool, on_label: Callable[[str], None]) -> list[dict[str, Any]]:

@@ -6,20 +6,19 @@ free port), brings up the process group with `init_distributed` and calls
 ``fn(rank, world_size, *args)`` in each; `fn` must be importable (module level). An exception in
 any rank fails the call; collectives time out after `timeout_s` instead of hanging.
 
-A rank that finished cleanly leaves with `os._exit(0)` after destroying its process groups: Gloo's
-worker threads can still hold work objects with Python references, and tearing those down during
-interpreter finalization aborts the process (SIGABRT, "terminate called without an active
-exception"; pytorch/pytorch#179291), which failed a CI run after every rank had finished.
+A rank that finished cleanly destroys its process groups and leaves without interpreter
+finalization (`xplan.processes.exit_worker`: Gloo threads torn down at shutdown abort the process).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sys
 
 import torch
 import torch.multiprocessing as mp
+
+from xplan.processes import exit_worker
 
 from .device import init_distributed, shutdown_distributed
 
@@ -42,9 +41,7 @@ def _worker(rank: int, fn, world_size: int, port: int, device_type: str, timeout
         torch.distributed.barrier()  # no rank tears down while a peer still talks to it
     finally:
         shutdown_distributed()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_worker()
 
 
 def spawn(fn, world_size: int, *args, device_type: str = "cpu", timeout_s: float = 120.0, threads: int = 1,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from xplan.errors import InputError
+from xplan.processes import exit_worker
 
 from . import manifest, resume
 from .checkpoint import latest_checkpoint
@@ -182,6 +184,7 @@ def _worker(local_rank: int, plan_path: str, options: RunOptions, world: int, po
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if local_rank != 0:
         options = RunOptions(**{**options.__dict__, "live": False})
+    faulthandler.enable()  # a rank killed by a signal leaves its Python stack on stderr
     try:
         plan = load_run_plan(plan_path)
         summary = train(plan, options, Path(plan_path).resolve().parent)
@@ -193,6 +196,7 @@ def _worker(local_rank: int, plan_path: str, options: RunOptions, world: int, po
                     {"kind": kind, "type": type(exc).__name__, "message": str(exc), "time": time.time(),
                      "rank": local_rank, "traceback": traceback.format_exc()})
         raise
+    exit_worker(0)  # train destroyed the process groups; skip the finalization that can abort gloo
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -35,7 +35,7 @@ from .metrics import (
     synchronize,
 )
 from .optim import build_optimizer, build_scheduler
-from .parallel import Context, all_reduce_max, micro_batches, parallelize, setup, teardown
+from .parallel import Context, all_reduce_max, barrier, micro_batches, parallelize, setup, teardown
 from .step import token_loss_fn, train_step
 
 SHARE_TOLERANCE = 0.05  # image_jsonl: a file's share of image samples this far from the plan's is warned about
@@ -167,7 +167,9 @@ def train(plan, options: RunOptions, plan_dir: Path | None = None) -> dict[str, 
     ctx = setup(layout, options.device_type, options.timeout_s)
     where = {"step": 0}  # the step this rank is in (1-based), for a failed collective's message
     try:
-        return _train(plan, options, plan_dir, config, training, layout, ctx, load_model, where)
+        summary = _train(plan, options, plan_dir, config, training, layout, ctx, load_model, where)
+        barrier(ctx)  # no rank tears its process groups down while a peer still talks to it
+        return summary
     except Exception as exc:
         failure = peers.explain(exc, ctx.rank, ctx.world_size, where["step"], options.timeout_s)
         if failure is None:
