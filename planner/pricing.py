@@ -9,7 +9,15 @@ from typing import Any
 from xplan.cost_models import Estimate, estimate
 from xplan.cost_models.compute import traced_loss
 from xplan.errors import InputError
-from xplan.layout import Layout, flat_to_nested, layout_from_dict, parse_knob
+from xplan.layout import (
+    DEVICE_TYPE_OF_KIND,
+    Layout,
+    flat_to_nested,
+    layout_from_dict,
+    parse_knob,
+    runtime_refusals,
+)
+from xplan.layout_check import image_refusals
 from xplan.layout_tiles import feed_forward_tiles
 
 # Longest sequence priced: 16M tokens, far past any published context (traced shapes beyond it
@@ -114,8 +122,27 @@ def price(workload: Workload, layout: Layout) -> Estimate:
                     image_fraction=workload.image_fraction)
 
 
-def layout_from_flags(flags: dict[str, Any], ranks_per_device: int = 1) -> Layout:
+def run_refusals(workload: Workload, layout: Layout) -> list[str]:
+    """Why `xplan run` would refuse `layout` for `workload` on its hardware's device type (empty: it
+    runs as priced): the layout's own values (`xplan.layout.runtime_refusals`) and what image
+    batches need of it (`xplan.layout_check.image_refusals`)."""
+    config = load_model_config(workload.model)
+    device_type = DEVICE_TYPE_OF_KIND.get(load_hw(workload.hardware).device.kind, "cuda")
+    per_image = config.vision_spec.tokens_per_image if config.is_vlm else 1
+    return runtime_refusals(layout, device_type) + image_refusals(layout, workload.image_tokens,
+                                                                   workload.image_fraction, per_image)
+
+
+def device_kernel_defaults(profile) -> dict[str, str]:
+    """Kernel defaults that depend on the device: the runtime compiles blocks (fused elementwise
+    kernels) on accelerators and stays eager on CPU. The search and estimate both start from these."""
+    return {"elementwise": "eager" if profile.device.kind == "cpu" else "fused"}
+
+
+def layout_from_flags(flags: dict[str, Any], profile) -> Layout:
     """Layout from CLI flags ({knob: value, None where unset}); unset knobs take the declared
-    defaults (see xplan.layout). `ranks_per_device`: the hardware's (a3: 2), not a flag."""
-    checked = {name: parse_knob(name, value) for name, value in flags.items() if value is not None}
-    return layout_from_dict({**flat_to_nested(checked), "ranks_per_device": ranks_per_device})
+    defaults (see xplan.layout), or the device's (`device_kernel_defaults`). The hardware's ranks
+    per device (a3: 2) come from `profile`, not a flag."""
+    defaults = {k: v for k, v in device_kernel_defaults(profile).items() if flags.get(k) is None}
+    checked = {name: parse_knob(name, value) for name, value in {**flags, **defaults}.items() if value is not None}
+    return layout_from_dict({**flat_to_nested(checked), "ranks_per_device": profile.device.ranks_per_device})

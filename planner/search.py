@@ -49,7 +49,7 @@ from xplan.layout import (
 from xplan.layout_tiles import feed_forward_tiles, tile_count
 from xplan.layout_values import parse_recompute
 
-from .pricing import Workload, get_trace, load_hw, load_model_config
+from .pricing import Workload, device_kernel_defaults, get_trace, load_hw, load_model_config
 from .search_bounds import LISTED_SHARE, SearchBounds, Variants, _Core, collector_paused, tile_tried
 
 # Increasing time cost: what to try first when memory allows.
@@ -218,8 +218,7 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     # candidates are ranked with these; what the search reports is priced again exactly (`exact`).
     pricing, exact = PricingContext(profile, summed=True), PricingContext(profile)
     precision = pinned.pop("precision", "bf16")
-    # The runtime compiles blocks (fused elementwise kernels) on accelerators and stays eager on CPU.
-    elementwise = pinned.pop("elementwise", "eager" if profile.device.kind == "cpu" else "fused")
+    elementwise = pinned.pop("elementwise", device_kernel_defaults(profile)["elementwise"])
     pinned_kernels = {slot: pinned.pop(slot) for slot in ("attention", "moe_gemm") if slot in pinned}
     # Knobs the search does not vary: a pinned value reaches every layout it prices.
     extra = {name: pinned.pop(name) for name in ("tp_comm", "allocator") if name in pinned}

@@ -71,7 +71,9 @@ def test_report_numbers_equal_estimate_json(built, report_json, capsys):
     assert code == 0, err
     expected = json.loads(out)
     expected.pop("model"), expected.pop("hardware"), expected.pop("levers")  # levers: estimate's own lines
+    assert data["runtime_refusals"] == expected.pop("runtime_refusals") == []  # a plan search wrote runs
     assert data["estimate"] == expected
+    assert "<code>xplan run</code> executes this layout" in html
     embedded = json.loads(re.search(r'<script type="application/json" id="xplan-report-data">(.*?)</script>',
                                     html, re.S).group(1))
     assert embedded["estimate"] == expected

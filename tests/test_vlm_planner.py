@@ -196,3 +196,30 @@ def test_inspect_traces_the_tower_on_images(vlm_dir, capsys):
     assert "vision (whole tower" not in out
     code, out, _ = cli(capsys, "inspect", vlm_dir, "--seq-len", 32, "--images", 2)
     assert "(whole tower," in out and "8 image tokens)" in out
+
+
+def test_estimate_and_whatif_say_what_xplan_run_refuses(vlm_dir, capsys, tmp_path):
+    """One declaration (xplan.layout_check.image_refusals, xplan.layout.runtime_refusals) behind
+    estimate's and whatif's verdict and the runtime's check: the reasons they print are the run's."""
+    from tests.test_run_cli import write_plan, xplan
+
+    base = ["estimate", vlm_dir, "cpu", "--devices", 2, "--seq-len", 256, "--precision", "fp32", "--json"]
+    code, out, err = cli(capsys, *base)
+    assert code == 0 and json.loads(out)["runtime_refusals"] == [], err
+    code, out, err = cli(capsys, *base, "--sp", 2, "--micro-batch", 2, "--images", 1, "--image-fraction", 0.5)
+    assert code == 0, err
+    (mixed,) = json.loads(out)["runtime_refusals"]  # micro_batch 2 x 1 image splits over sp 2: one reason
+    assert "Ulysses sp 2 splits each micro-batch's images" in mixed
+    code, out, err = cli(capsys, *base[:-1], "--sp", 2, "--micro-batch", 2, "--images", 1, "--image-fraction", 0.5)
+    assert code == 0 and "refuses it" in out and "use sp 1" in " ".join(out.split()), out
+    code, out, _ = cli(capsys, *base, "--tp", 2)
+    assert json.loads(out)["runtime_refusals"] == ["tp = 2 is priced only (the runtime executes tp = 1)"]
+
+    plan = write_plan(tmp_path / "plan.yaml", vlm_dir, devices=2, fsdp=2, micro_batch=2, sp=2,
+                      training={"seq_len": 256, "image_tokens": 4, "image_fraction": 0.5})
+    code, _, err = xplan("run", plan, "--steps", 1)
+    assert code == 2 and mixed in " ".join(err.split()), err
+    code, out, err = cli(capsys, "whatif", plan, "--set", "image_fraction=1", "--json")
+    assert code == 0 and json.loads(out)["runtime_refusals"] == [], err
+    code, out, err = cli(capsys, "whatif", plan, "--set", "micro_batch=1", "--set", "image_fraction=1")
+    assert code == 0 and "xplan run refuses the what-if layout: with sp 2" in " ".join(out.split()), out

@@ -1,8 +1,9 @@
 """`check_layout`: a layout's divisibility and architectural constraints against a model (the
-rank arithmetic itself is in xplan/layout.py)."""
+rank arithmetic itself is in xplan/layout.py); `image_refusals`: what image batches need of it."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from xplan.errors import InputError
@@ -66,3 +67,29 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
                           f"{', '.join(sorted(present))} blocks.")
     if global_batch is not None:
         layout.grad_accum(global_batch)
+
+
+def image_refusals(layout: Layout, image_tokens: int, image_fraction: float, tokens_per_image: int) -> list[str]:
+    """Why the runtime would not run image + text batches on `layout` (empty: it runs them):
+    `image_tokens` per image sample (`tokens_per_image` per image), a share `image_fraction` of the
+    samples carrying images. One declaration for the runtime's check, the search's space and the
+    verdict estimate and whatif print. Each Ulysses rank runs the vision tower on 1/sp of a
+    micro-batch's images (runtime/distributed/ulysses.py); tensor and pipeline parallelism would
+    split the model before the image features join the sequence."""
+    if not image_tokens:
+        return []
+    out = []
+    if image_fraction < 1 and layout.sp > 1:
+        out.append(f"image_fraction {image_fraction:g} mixes text-only samples into the batches, so the images of "
+                   f"a micro-batch vary, but Ulysses sp {layout.sp} splits each micro-batch's images evenly over its "
+                   "ranks; use sp 1 (e.g. a larger fsdp) or image_fraction 1")
+    if layout.tp > 1 or layout.pp > 1:
+        out.append(f"image tokens run with fsdp, ep and sp only; the layout has tp {layout.tp}, pp {layout.pp}")
+    per_sample = image_tokens // tokens_per_image
+    images = layout.micro_batch * per_sample
+    if layout.sp > 1 and images % layout.sp:
+        out.append(f"with sp {layout.sp} each Ulysses rank runs the vision tower on 1/{layout.sp} of a "
+                   f"micro-batch's images, but a micro-batch holds {images} (micro_batch {layout.micro_batch} x "
+                   f"{per_sample} per sample); make micro_batch x images per sample a multiple of sp (e.g. "
+                   f"micro_batch {layout.sp // math.gcd(layout.sp, per_sample)}), or lower sp")
+    return out

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from xplan.errors import InputError
+from xplan.layout_check import image_refusals
 from xplan.runtime.distributed import apply_optimizer_offload
 
 from ..distributed.expert_parallel import step_imbalance
@@ -86,33 +87,20 @@ def check_plan_for_runtime(plan, device_type: str | None = None, check_positions
 
 
 def check_vision_runtime(plan, config) -> None:
-    """Image + text batches run with FSDP, expert and Ulysses sequence parallelism (each Ulysses rank
-    runs the vision tower on 1/sp of a micro-batch's images, `distributed.ulysses`); tensor and
-    pipeline parallelism would split the model before the image features join the sequence."""
+    """Image + text batches: the image tokens fit the model, the layout runs them
+    (`xplan.layout_check.image_refusals`) and the data holds images."""
     from xplan.runtime.models.vlm_config import check_image_tokens
 
     image_tokens, fraction = plan.training.image_tokens, plan.training.image_fraction
     check_image_tokens(config, image_tokens, plan.training.seq_len)
-    layout = plan.layout
     if fraction < 1 and not image_tokens:
         raise InputError(f"training.image_fraction {fraction:g} is the share of samples that carry images, but "
                          "training.image_tokens is 0 (no sample carries any); set training.image_tokens (the image "
                          "tokens of an image sample) or leave image_fraction at 1.")
-    if fraction < 1 and layout.sp > 1:
-        raise InputError(f"training.image_fraction {fraction:g} mixes text-only samples into the batches, so the "
-                         f"images of a micro-batch vary, but Ulysses sp {layout.sp} splits each micro-batch's images "
-                         "evenly over its ranks; use sp 1 (e.g. a larger fsdp) or image_fraction 1.")
-    if image_tokens and (layout.tp > 1 or layout.pp > 1):
-        raise InputError(f"image tokens run with fsdp, ep and sp only; the plan has tp {layout.tp}, pp {layout.pp}.")
-    if image_tokens and layout.sp > 1:
-        per_sample = image_tokens // config.vision_spec.tokens_per_image
-        images = layout.micro_batch * per_sample
-        if images % layout.sp:
-            raise InputError(
-                f"with sp {layout.sp} each Ulysses rank runs the vision tower on 1/{layout.sp} of a micro-batch's "
-                f"images, but a micro-batch holds {images} (micro_batch {layout.micro_batch} x {per_sample} per "
-                f"sample); make micro_batch x images per sample a multiple of sp (e.g. micro_batch "
-                f"{layout.sp // math.gcd(layout.sp, per_sample)}), or lower sp.")
+    tokens_per_image = config.vision_spec.tokens_per_image if config.is_vlm else 1
+    refusals = image_refusals(plan.layout, image_tokens, fraction, tokens_per_image)
+    if refusals:
+        raise InputError(refusals[0] + ".")
     kind = plan.training.data.kind
     if kind == "image_jsonl" and not config.is_vlm:
         raise InputError(f"training.data.kind 'image_jsonl' holds images, but {config.name} ({config.model_type}) "

@@ -228,7 +228,7 @@ def build_report(workload, layout, *, headroom_gib: float = 0.0, search_result=N
     (else a search is run, the chosen layout's precision and kernels pinned); `plan`: the loaded plan
     (its provenance is shown); `before`: an estimate dict shown as the first alternative (whatif's
     plan as written)."""
-    from xplan.planner.pricing import load_hw, price
+    from xplan.planner.pricing import load_hw, price, run_refusals
     from xplan.planner.search import search
 
     timings: dict[str, float] = {}
@@ -264,7 +264,8 @@ def build_report(workload, layout, *, headroom_gib: float = 0.0, search_result=N
         "model": workload.model, "hardware": workload.hardware, "devices": layout.devices,
         "seq_len": workload.seq_len, "global_batch": workload.global_batch, "imbalance": chosen["imbalance"],
         "headroom_gib": headroom_gib, "plan_file": plan_file, "provenance": _provenance(plan, workload.hardware),
-        "estimate": chosen, "memory": memory_section(chosen, headroom_gib), "time": time_section(chosen),
+        "estimate": chosen, "runtime_refusals": run_refusals(workload, layout),
+        "memory": memory_section(chosen, headroom_gib), "time": time_section(chosen),
         "binding": binding_section(workload, layout, chosen, headroom_gib), "alternatives": alts,
         "search": {"candidates_evaluated": search_result.candidates_evaluated,
                    "search_time_s": search_result.search_time_s, "pareto": pareto,

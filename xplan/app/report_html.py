@@ -65,7 +65,12 @@ def _summary(r: dict[str, Any]) -> str:
     out = '<div class="cards">' + "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in cards) + "</div>"
     out += (f"<p>{fits}. {_e(r['model'])} on {r['devices']} × {_e(r['hardware'])}, sequence length {r['seq_len']}, "
             f"global batch {r['global_batch']} sequences (grad accumulation {est['grad_accum']}).</p>")
-    return out + f'<p class="sub">layout: <code>{_e(_layout_text(est["layout"]))}</code></p>'
+    out += f'<p class="sub">layout: <code>{_e(_layout_text(est["layout"]))}</code></p>'
+    refusals = r.get("runtime_refusals") or []
+    if not refusals:
+        return out + '<p class="sub"><code>xplan run</code> executes this layout.</p>'
+    return out + ('<p><span class="bad"><code>xplan run</code> refuses this layout</span> (priced for comparison):</p>'
+                  "<ul>" + "".join(f"<li>{_e(reason)}</li>" for reason in refusals) + "</ul>")
 
 
 def _memory(r: dict[str, Any], figs: dict[str, str]) -> str:

@@ -11,8 +11,9 @@ from .app import JSON_OPTION, app, console, print_json
 from .search_cmd import layout_summary
 
 
-def render_estimate(title: str, est, levers=None) -> None:
-    """Tables of one estimate; `levers` (planner.levers.explain_levers) add a line each."""
+def render_estimate(title: str, est, levers=None, refusals: list[str] | None = None) -> None:
+    """Tables of one estimate; `levers` (planner.levers.explain_levers) add a line each;
+    `refusals` (planner.pricing.run_refusals): why `xplan run` would not execute the layout."""
     d = est.to_dict()
     mem = d["memory_gib"]
     verdict = "[green]fits[/]" if d["fits"] else "[bold red]does not fit[/]"
@@ -30,6 +31,8 @@ def render_estimate(title: str, est, levers=None) -> None:
     summary.add_row("layout", f"devices={d['layout']['devices']}{ranks} {layout_summary(d)}")
     lay = d["layout"]
     summary.add_row("data parallel", f"{lay['dp_mode']} over {lay['dp_world']} ranks (priced)")
+    if refusals is not None:
+        summary.add_row("xplan run", "executes it" if not refusals else "[red]refuses it[/] (see below)")
     if lay["ep"] > 1:
         summary.add_row("expert parallel", f"ep {lay['ep']}, all-to-all {lay['ep_overlap']}, routing imbalance "
                                            f"{d['imbalance']:.2f}")
@@ -62,6 +65,8 @@ def render_estimate(title: str, est, levers=None) -> None:
         if value:
             times.add_row(key, f"{value:.3f}", f"{value / d['step_time_s']:.0%}")
     console.print(times)
+    for reason in refusals or ():
+        console.print(f"xplan run refuses it: {reason}", markup=False, highlight=False)
     for note in d["notes"]:
         console.print(f"note: {note}", markup=False)
     for lever in levers or ():
@@ -91,19 +96,27 @@ def estimate_cmd(
       [bold]xplan estimate llama3-70b h100 --devices 64 --tp 4 --pp 4 --json[/]
     """
     from xplan.planner.levers import explain_levers
-    from xplan.planner.pricing import Workload, image_tokens_of, layout_from_flags, load_hw, price
+    from xplan.planner.pricing import (
+        Workload,
+        image_tokens_of,
+        layout_from_flags,
+        load_hw,
+        price,
+        run_refusals,
+    )
 
     # Sizes count ranks: the hardware's ranks per device (a3: one per die) times --devices.
-    layout = layout_from_flags(layout_flags, load_hw(hardware).device.ranks_per_device)
+    layout = layout_from_flags(layout_flags, load_hw(hardware))
     if global_batch is None:
         global_batch = layout.data_parallel * layout.micro_batch
     image_tokens = image_tokens_of(model, image_tokens, images)
     workload = Workload(model, hardware, seq_len, global_batch, imbalance, image_tokens, image_fraction)
     est = price(workload, layout)
     levers = explain_levers(est, workload)
+    refusals = run_refusals(workload, layout)
     if json_out:
         print_json({"model": model, "hardware": hardware, **workload.images(), **est.to_dict(),
-                    "levers": [v.to_dict() for v in levers]})
+                    "levers": [v.to_dict() for v in levers], "runtime_refusals": refusals})
         return
     render_estimate(f"{model} on {layout.devices} × {hardware}, seq {seq_len}, global batch {global_batch}", est,
-                    levers)
+                    levers, refusals)

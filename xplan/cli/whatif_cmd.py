@@ -202,7 +202,7 @@ def whatif(
     """
     from xplan.errors import InputError
     from xplan.plan import load_plan, profile_sha256
-    from xplan.planner.pricing import Workload, price
+    from xplan.planner.pricing import Workload, price, run_refusals
 
     loaded = load_plan(plan)
     planned = loaded.data.predictions.get("imbalance") if isinstance(loaded.data.predictions, dict) else None
@@ -224,7 +224,8 @@ def whatif(
     rows += [(f"  memory {k}", b["memory_gib"][k], a["memory_gib"][k]) for k in b["memory_gib"]
              if k not in ("total", "capacity", "host_capacity")]
     rows += [(f"  time {k}", b["time_s"][k], a["time_s"][k]) for k in b["time_s"] if b["time_s"][k] or a["time_s"][k]]
-    notes = []
+    refusals = run_refusals(new_workload, new_layout)
+    notes = [f"xplan run refuses the what-if layout: {reason}" for reason in refusals]
     recorded = loaded.data.profile_sha256
     if recorded and profile_sha256(loaded.hardware) not in (None, recorded):
         notes.append(f"the hardware profile {loaded.hardware} changed since the plan was written: the plan's "
@@ -242,7 +243,7 @@ def whatif(
         print_json({"plan": str(plan), "changes": changes, "before": b, "after": a,
                     "delta": {name: (new - old if isinstance(old, (int, float)) and not isinstance(old, bool)
                                      else None) for name, old, new in rows},
-                    "notes": notes, "report_file": report_file})
+                    "notes": notes, "runtime_refusals": refusals, "report_file": report_file})
         return
     table = Table(title=escape(f"what if: {', '.join(sets) or 'no change'}"))
     for col in ("", "plan", "what-if", "delta"):
