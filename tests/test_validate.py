@@ -218,6 +218,27 @@ def test_cli_table(capsys):
     assert "internlm7b_8" in out and "median" in out and "not expressible" in out and "internlm7b_1024" in out
 
 
+@pytest.mark.parametrize("width", [80, 200])
+def test_cli_table_keeps_each_number_on_one_line(width, capsys, monkeypatch):
+    """At 80 columns (CI logs) a case's id, model, hardware and layout stack in one cell; wide, each
+    has a column. Either way every row's published, predicted and error figures sit on its first line."""
+    from xplan.cli.app import console
+
+    monkeypatch.setattr(console, "width", width)
+    code = main(["validate", "--only", "xtuner_mlm", "--json"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    code = main(["validate", "--only", "xtuner_mlm"])
+    out = capsys.readouterr().out
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= width
+    assert len(rows) >= 4
+    body = [line for line in out.split("throughput (tok/s")[0].splitlines() if line.startswith("│")]
+    assert len(body) <= 6 * len(rows)  # a stacked case: id (up to 3 lines), model on hw, layout (up to 2)
+    for row in rows:
+        figures = (f"{row['published']:,.0f}", f"{row['predicted']:,.0f}", f"{row['error']:+.1%}")
+        assert any(all(f in line for f in figures) for line in out.splitlines()), (figures, out)
+        assert row["layout"].split()[0] in out and row["model"] in out
+
+
 def test_cli_only_without_match_exits_2(capsys):
     code = main(["validate", "--only", "no-such-row-id", "--json"])
     assert code == 2

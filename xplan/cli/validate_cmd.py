@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .app import JSON_OPTION, app, console, console_err, print_json
 
+WIDE_TABLE = 150  # columns from which each field of a case gets a column of its own
 _UNITS = {"tokens_per_s_per_gpu": "tok/s", "tflops_per_gpu": "TFLOPS", "memory_gib": "GiB", "mfu": "MFU"}
 
 
@@ -75,11 +77,21 @@ def validate(
 
         report = run_validation(only=only, progress=progress, loso=loso, **paths)
 
+    # Narrow terminals (CI logs, 80 columns): a row's id, model, hardware and layout stacked in one
+    # cell, so the numbers keep one line each instead of every cell folding.
+    stacked = console.width < WIDE_TABLE
     table = Table(title="xplan validate: predicted vs published (error = predicted / published - 1)")
-    for header, justify in (("id", "left"), ("model", "left"), ("hw", "left"), ("layout", "left"),
-                            ("metric", "left"), ("published", "right"), ("predicted", "right"),
+    labels = (("case: id, model on hw, layout", "left"),) if stacked else (
+        ("id", "left"), ("model", "left"), ("hw", "left"), ("layout", "left"))
+    for header, justify in (*labels, ("metric", "left"), ("published", "right"), ("predicted", "right"),
                             ("error", "right"), ("set", "left")):
-        table.add_column(header, justify=justify, overflow="fold")
+        if not stacked:
+            table.add_column(header, justify=justify, overflow="fold")
+        elif header == "set":  # "held-out (known gap)" on two lines
+            table.add_column(header, justify=justify, overflow="fold", max_width=11)
+        else:  # the case takes what the numbers leave
+            table.add_column(header, justify=justify, overflow="fold", no_wrap=header != labels[0][0],
+                             ratio=1 if header == labels[0][0] else None)
     for r in report.rows:
         err = f"{r.error:+.1%}"
         if abs(r.error) > 0.25:
@@ -89,8 +101,10 @@ def validate(
         role = "excluded" if r.excluded else "calibration" if r.calibration else "held-out"
         if r.known_gap and not r.excluded:
             role += " (known gap)"
-        table.add_row(r.id, r.model, r.hardware, r.layout, _UNITS.get(r.metric, r.metric),
-                      _fmt(r.metric, r.published), _fmt(r.metric, r.predicted), err, role)
+        case = (f"[bold]{escape(r.id)}[/]\n{escape(r.model)} on {escape(r.hardware)}\n{escape(r.layout)}",) if stacked \
+            else (r.id, r.model, r.hardware, r.layout)
+        table.add_row(*case, _UNITS.get(r.metric, r.metric), _fmt(r.metric, r.published),
+                      _fmt(r.metric, r.predicted), err, role, end_section=stacked)
     console.print(table)
     s = report.summary
 
