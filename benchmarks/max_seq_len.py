@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 
 def fitting_plan(model: str, hardware: str, devices: int, sp: int, seq_len: int):
-    """The search's best runnable plan at `seq_len` (None when nothing fits)."""
+    """The search's best runnable plan at `seq_len` (None when nothing fits); a line on stderr
+    each (a bisection runs a dozen searches per sp, each tracing its sequence length first)."""
     from xplan.errors import InputError
     from xplan.planner.pricing import Workload
     from xplan.planner.search import search
 
+    began = time.perf_counter()
     try:
-        result = search(Workload(model, hardware, seq_len, devices // sp), devices, {"sp": sp}, top=1)
+        plan = search(Workload(model, hardware, seq_len, devices // sp), devices, {"sp": sp}, top=1).best_runnable
     except InputError:
-        return None
-    return result.best_runnable
+        plan = None
+    print(f"  sp {sp}: seq_len {seq_len:,} {'fits' if plan is not None else 'does not fit'} "
+          f"({time.perf_counter() - began:.1f} s)", file=sys.stderr, flush=True)
+    return plan
 
 
 def longest(model: str, hardware: str, devices: int, sp: int, step: int, start: int, limit: int):

@@ -64,14 +64,18 @@ class ImageSample:
 
 
 def _raw_array(path: Path):
-    """The image file's array (a numpy memory map for .npy: the header only is read)."""
+    """The image file's array, memory-mapped (numpy's map for .npy, `torch.load(mmap=True)` for a
+    .pt in torch's zip format): the pre-spawn check of every image reads headers, not pixels."""
     if not path.is_file():
         raise FileNotFoundError
     if path.suffix == ".npy":
         import numpy as np
 
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    value = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (pre-zip) torch file cannot be mapped: read it whole
+        value = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"holds a {type(value).__name__}, not one tensor")
     return value
@@ -98,7 +102,11 @@ def check_image(path: Path, channels: int) -> None:
     except FileNotFoundError:
         raise InputError(f"image {path} does not exist.") from None
     except Exception as exc:  # noqa: BLE001 - numpy and torch raise several kinds on a bad file
-        raise InputError(f"cannot read image {path}: {exc}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in reason:  # torch's advice (weights_only=False) would run the file's code
+            reason = ("not a tensor file written by torch.save (torch.load(weights_only=True) refuses it; image "
+                      "files are data, never code)")
+        raise InputError(f"cannot read image {path}: {reason}") from None
     _layout(array, path, channels)
 
 
