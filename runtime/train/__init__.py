@@ -13,7 +13,7 @@ from .data import (
     rank_windows,
     split_micro_batches,
 )
-from .launch import device_type_for, run_plan, under_torchrun
+from .launch import device_type_for, run_plan
 from .loop import RunOptions, train
 from .loss import chunked_linear_cross_entropy, full_cross_entropy, token_loss_sum
 from .optim import LRSchedule, build_optimizer, build_scheduler
@@ -23,5 +23,5 @@ __all__ = [
     "Batch", "DataSource", "LRSchedule", "PackedTokens", "RunOptions", "StepHooks", "StepResult", "SyntheticData",
     "build_data", "build_optimizer", "build_scheduler", "chunked_linear_cross_entropy", "device_type_for",
     "export_hf", "full_cross_entropy", "latest_checkpoint", "load_checkpoint", "rank_windows", "run_plan",
-    "save_checkpoint", "split_micro_batches", "token_loss_fn", "token_loss_sum", "train", "train_step", "under_torchrun",
+    "save_checkpoint", "split_micro_batches", "token_loss_fn", "token_loss_sum", "train", "train_step",
 ]

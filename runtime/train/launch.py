@@ -27,19 +27,14 @@ from typing import Any
 import torch
 
 from xplan.errors import InputError
-from xplan.processes import exit_worker
+from xplan.processes import exit_worker, under_torchrun
 
 from . import manifest, resume
 from .checkpoint import latest_checkpoint
 from .data import build_data, check_data_settings
 from .loop import RunOptions, check_plan_for_runtime, load_run_plan, train
 
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or all(k in os.environ for k in TORCHRUN_VARS)
 
 
 def device_type_for(hardware: str, override: str | None = None) -> str:

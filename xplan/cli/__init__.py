@@ -10,6 +10,8 @@ import sys
 
 from rich.markup import escape
 
+from xplan.processes import exit_worker, under_torchrun
+
 from . import (  # noqa: F401  (importing a module registers its command)
     calibrate_cmd,
     estimate_cmd,
@@ -67,4 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if under_torchrun():  # a torchrun worker (`xplan run`): its process groups are gone, finalization can abort
+        exit_worker(code)
+    sys.exit(code)

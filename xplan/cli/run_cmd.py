@@ -71,8 +71,7 @@ def run(
     if dry_run:
         _dry_run(loaded, layers, imbalance, reprice, json_out)
         return
-    from xplan.processes import exit_worker
-    from xplan.runtime.train import RunOptions, device_type_for, run_plan, under_torchrun
+    from xplan.runtime.train import RunOptions, device_type_for, run_plan
 
     if metrics is None:
         metrics = (checkpoint_dir / "metrics.jsonl") if checkpoint_dir else plan.with_suffix(".metrics.jsonl")
@@ -90,10 +89,12 @@ def run(
         max_nonfinite_skips=max_nonfinite_skips,
     )
     summary = run_plan(plan, options)
-    if summary is not None:  # None: a non-zero torchrun rank (rank 0 reports)
-        print_json(summary) if json_out else render_summary(summary)
-    if under_torchrun():  # this process is a torchrun worker whose process groups are gone
-        exit_worker(0)
+    if summary is None:  # a non-zero torchrun rank: rank 0 reports
+        return
+    if json_out:
+        print_json(summary)
+        return
+    render_summary(summary)
 
 
 def render_summary(summary: dict) -> None:
