@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from types import SimpleNamespace
 from typing import Any
 
 from xplan.cost_models import Estimate, estimate
@@ -131,6 +132,21 @@ def run_refusals(workload: Workload, layout: Layout) -> list[str]:
     per_image = config.vision_spec.tokens_per_image if config.is_vlm else 1
     return runtime_refusals(layout, device_type) + image_refusals(layout, workload.image_tokens,
                                                                    workload.image_fraction, per_image)
+
+
+def check_pinned_images(workload: Workload, pinned: dict[str, Any]) -> None:
+    """Pinned sp and micro_batch the runtime refuses for image batches leave a search nothing to
+    price: say why (`xplan.layout_check.image_refusals`) instead of finding nothing. Unpinned, the
+    search enumerates only what the runtime runs (`planner.search.core_layouts`)."""
+    config = load_model_config(workload.model)
+    if not (workload.image_tokens and config.is_vlm) or pinned.get("sp", 1) == 1:
+        return
+    sp = pinned["sp"]
+    pins = SimpleNamespace(sp=sp, tp=1, pp=1, micro_batch=pinned.get("micro_batch", sp))  # unpinned: one that divides
+    refusals = image_refusals(pins, workload.image_tokens, workload.image_fraction,
+                              config.vision_spec.tokens_per_image)
+    if refusals:
+        raise InputError(f"the pinned flags leave nothing the runtime runs: {refusals[0]}.")
 
 
 def device_kernel_defaults(profile) -> dict[str, str]:

@@ -49,7 +49,14 @@ from xplan.layout import (
 from xplan.layout_tiles import feed_forward_tiles, tile_count
 from xplan.layout_values import parse_recompute
 
-from .pricing import Workload, device_kernel_defaults, get_trace, load_hw, load_model_config
+from .pricing import (
+    Workload,
+    check_pinned_images,
+    device_kernel_defaults,
+    get_trace,
+    load_hw,
+    load_model_config,
+)
 from .search_bounds import LISTED_SHARE, SearchBounds, Variants, _Core, collector_paused, tile_tried
 
 # Increasing time cost: what to try first when memory allows.
@@ -206,10 +213,8 @@ def search(workload: Workload, devices: int, pinned: dict[str, Any] | None = Non
     if devices < 1:
         raise InputError(f"--devices must be a positive integer, got {devices}.")
     pinned = dict(pinned or {})
-    if workload.image_fraction < 1 and pinned.get("sp", 1) > 1:
-        raise InputError(f"--image-fraction {workload.image_fraction} runs with sp 1: Ulysses splits each "
-                         "micro-batch's images evenly over its ranks, which needs every sample to carry images.")
     config = load_model_config(workload.model)
+    check_pinned_images(workload, pinned)
     device_profile = load_hw(workload.hardware)
     # Sizes, memory and times are per rank: a3 runs two ranks (dies) per device, each with half of it.
     ranks_per_device = device_profile.device.ranks_per_device

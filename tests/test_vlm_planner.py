@@ -146,7 +146,10 @@ def test_image_fraction_prices_the_busiest_ranks_images(vlm_dir, capsys, tmp_pat
     assert code == 2 and "needs --image-tokens" in err, err
     code, _, err = cli(capsys, "search", vlm_dir, "cpu", "--devices", 2, "--seq-len", 256, "--image-tokens", 64,
                        "--image-fraction", 0.5, "--sp", 2)
-    assert code == 2 and "runs with sp 1" in " ".join(err.split()), err  # as the runtime refuses it
+    assert code == 2 and "use sp 1" in " ".join(err.split()), err  # as the runtime refuses it
+    code, _, err = cli(capsys, "search", vlm_dir, "cpu", "--devices", 2, "--seq-len", 256, "--images", 1,
+                       "--sp", 2, "--micro-batch", 1)  # one image per micro-batch cannot split over 2 ranks
+    assert code == 2 and "make micro_batch x images per sample a multiple of sp" in " ".join(err.split()), err
 
 
 def test_images_give_the_image_tokens(vlm_dir, capsys):

@@ -70,7 +70,8 @@ def check_layout(layout: Layout, config, seq_len: int, global_batch: int | None 
 
 
 def image_refusals(layout: Layout, image_tokens: int, image_fraction: float, tokens_per_image: int) -> list[str]:
-    """Why the runtime would not run image + text batches on `layout` (empty: it runs them):
+    """Why the runtime would not run image + text batches on `layout` (empty: it runs them; only its
+    sp, tp, pp and micro_batch are read, so the search's pinned flags can be checked too):
     `image_tokens` per image sample (`tokens_per_image` per image), a share `image_fraction` of the
     samples carrying images. One declaration for the runtime's check, the search's space and the
     verdict estimate and whatif print. Each Ulysses rank runs the vision tower on 1/sp of a
