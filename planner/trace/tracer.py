@@ -57,8 +57,12 @@ from .model_trace import ROLES, BlockSummary, ModelTrace
 from .recorder import OpRecorder, Scope, ScopeTracker, StageInfo
 
 # Most loss chunks traced one by one (shorter traces are exactly the runtime's op sequence); past
-# it, one chunk per distinct size stands for the rest (16M tokens would be 16k chunks).
-EXPANDED_LOSS_CHUNKS = 256
+# it, one chunk per distinct size stands for the rest (16M tokens would be 16k chunks). The two
+# price alike but for one launch per chunk boundary, which the expanded trace's elementwise fusion
+# merges across chunks (qwen3-8b at 64k tokens: 63 launches, 1e-5 of the step), so the bound
+# only keeps every published row's trace (32k tokens at most) as it was; past it a trace at 128k
+# tokens takes a third of the time (every chunk traced three times, once per recompute policy).
+EXPANDED_LOSS_CHUNKS = 32
 
 NON_BLOCK_GROUPS = {"embed": "embedding", "rotary": "embedding", "model": "embedding", "norm": "head",
                     "head": "head", "vision": "vision", "vision_embed": "vision"}
