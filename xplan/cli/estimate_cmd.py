@@ -30,7 +30,7 @@ def render_estimate(title: str, est, levers=None, refusals: list[str] | None = N
     ranks = f" ranks={d['layout']['ranks']} (one per die)" if per_die else ""
     summary.add_row("layout", f"devices={d['layout']['devices']}{ranks} {layout_summary(d)}")
     lay = d["layout"]
-    summary.add_row("data parallel", f"{lay['dp_mode']} over {lay['dp_world']} ranks (priced)")
+    summary.add_row("data parallel", f"{lay['dp_mode']} over {lay['dp_world']} ranks")
     if refusals is not None:
         summary.add_row("xplan run", "executes it" if not refusals else "[red]refuses it[/] (see below)")
     if lay["ep"] > 1:
