@@ -35,6 +35,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, get_args
 
 from xplan.errors import InputError
@@ -46,6 +47,7 @@ from xplan.layout import (
     check_layout,
     runtime_refusals,
 )
+from xplan.layout_check import image_refusals
 from xplan.layout_tiles import feed_forward_tiles, tile_count
 from xplan.layout_values import parse_recompute
 
@@ -89,11 +91,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def _powers_of_two_upto(n: int) -> list[int]:
-    out, p = [], 1
-    while p <= n:
-        out.append(p)
-        p *= 2
-    return out
+    return [2**i for i in range(max(n, 0).bit_length())]
 
 
 def gathered_choices(config, images: bool = False) -> list[tuple[str, ...]]:
@@ -164,7 +162,12 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
     ranks = devices * ranks_per_device
     tps = [pinned["tp"]] if "tp" in pinned else ([1, 2, 4, 8] if allow_3d else [1])
     pps = [pinned["pp"]] if "pp" in pinned else ([1, 2, 4, 8, 16] if allow_3d else [1])
-    images = workload.image_tokens // config.vision_spec.tokens_per_image if workload.image_tokens else 0  # per sample
+    per_image = config.vision_spec.tokens_per_image if workload.image_tokens else 1
+
+    def runs_images(sp: int, micro_batch: int) -> bool:  # tp and pp: priced for comparison regardless
+        return not image_refusals(SimpleNamespace(sp=sp, tp=1, pp=1, micro_batch=micro_batch),
+                                  workload.image_tokens, workload.image_fraction, per_image)
+
     # The vision tower's recompute, with image tokens: none, selective and full are each priced
     # (they trade its saved activations for redone forwards like the decoder's settings).
     visions = [pinned["vision_recompute"]] if "vision_recompute" in pinned else (
@@ -181,15 +184,13 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
             dp_mode = pinned.get("dp_mode") or search_dp_mode(fsdp, dp_world)
             eps = [pinned["ep"]] if "ep" in pinned else ep_choices(config, fsdp, dp_world)
             sps = [pinned["sp"]] if "sp" in pinned else sp_choices(config, dp_world, workload.seq_len)
-            if workload.image_fraction < 1:  # the runtime splits images over Ulysses ranks only when all carry them
-                sps = [1]
             for ep, sp, vpp in itertools.product(eps, sps, vpps):
                 data_parallel = dp_world // sp if dp_world % sp == 0 else 0
                 per_rank = workload.global_batch // data_parallel if data_parallel else 0
                 mbs = [pinned["micro_batch"]] if "micro_batch" in pinned else [
                     m for m in range(1, MAX_MICRO_BATCH + 1)
                     if per_rank and workload.global_batch % (data_parallel * m) == 0]
-                mbs = [m for m in mbs if (m * images) % sp == 0]  # each sp rank runs 1/sp of a micro-batch's images
+                mbs = [m for m in mbs if runs_images(sp, m)]
                 losses = [pinned["loss"]] if "loss" in pinned else list(LOSS_KERNELS)
                 for mb, loss, vision in itertools.product(mbs, losses, visions or [None]):
                     out.append({"devices": devices, "ranks_per_device": ranks_per_device, "dp_mode": dp_mode,
