@@ -123,28 +123,31 @@ def price(workload: Workload, layout: Layout) -> Estimate:
                     image_fraction=workload.image_fraction)
 
 
+def workload_image_refusals(workload: Workload, layout) -> list[str]:
+    """`xplan.layout_check.image_refusals` of `layout` (or anything with its sp, tp, pp and
+    micro_batch) for the workload's image tokens and image fraction."""
+    config = load_model_config(workload.model)
+    per_image = config.vision_spec.tokens_per_image if config.is_vlm else 1
+    return image_refusals(layout, workload.image_tokens, workload.image_fraction, per_image)
+
+
 def run_refusals(workload: Workload, layout: Layout) -> list[str]:
     """Why `xplan run` would refuse `layout` for `workload` on its hardware's device type (empty: it
     runs as priced): the layout's own values (`xplan.layout.runtime_refusals`) and what image
-    batches need of it (`xplan.layout_check.image_refusals`)."""
-    config = load_model_config(workload.model)
+    batches need of it (`workload_image_refusals`)."""
     device_type = DEVICE_TYPE_OF_KIND.get(load_hw(workload.hardware).device.kind, "cuda")
-    per_image = config.vision_spec.tokens_per_image if config.is_vlm else 1
-    return runtime_refusals(layout, device_type) + image_refusals(layout, workload.image_tokens,
-                                                                   workload.image_fraction, per_image)
+    return runtime_refusals(layout, device_type) + workload_image_refusals(workload, layout)
 
 
 def check_pinned_images(workload: Workload, pinned: dict[str, Any]) -> None:
     """Pinned sp and micro_batch the runtime refuses for image batches leave a search nothing to
-    price: say why (`xplan.layout_check.image_refusals`) instead of finding nothing. Unpinned, the
-    search enumerates only what the runtime runs (`planner.search.core_layouts`)."""
-    config = load_model_config(workload.model)
-    if not (workload.image_tokens and config.is_vlm) or pinned.get("sp", 1) == 1:
+    price: say why (`workload_image_refusals`) instead of finding nothing. Unpinned, the search
+    enumerates only what the runtime runs (`planner.search.core_layouts`)."""
+    if not (workload.image_tokens and load_model_config(workload.model).is_vlm) or pinned.get("sp", 1) == 1:
         return
     sp = pinned["sp"]
     pins = SimpleNamespace(sp=sp, tp=1, pp=1, micro_batch=pinned.get("micro_batch", sp))  # unpinned: one that divides
-    refusals = image_refusals(pins, workload.image_tokens, workload.image_fraction,
-                              config.vision_spec.tokens_per_image)
+    refusals = workload_image_refusals(workload, pins)
     if refusals:
         raise InputError(f"the pinned flags leave nothing the runtime runs: {refusals[0]}.")
 

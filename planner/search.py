@@ -47,7 +47,6 @@ from xplan.layout import (
     check_layout,
     runtime_refusals,
 )
-from xplan.layout_check import image_refusals
 from xplan.layout_tiles import feed_forward_tiles, tile_count
 from xplan.layout_values import parse_recompute
 
@@ -58,6 +57,7 @@ from .pricing import (
     get_trace,
     load_hw,
     load_model_config,
+    workload_image_refusals,
 )
 from .search_bounds import LISTED_SHARE, SearchBounds, Variants, _Core, collector_paused, tile_tried
 
@@ -162,11 +162,9 @@ def core_layouts(config, workload: Workload, devices: int, profile, pinned: dict
     ranks = devices * ranks_per_device
     tps = [pinned["tp"]] if "tp" in pinned else ([1, 2, 4, 8] if allow_3d else [1])
     pps = [pinned["pp"]] if "pp" in pinned else ([1, 2, 4, 8, 16] if allow_3d else [1])
-    per_image = config.vision_spec.tokens_per_image if workload.image_tokens else 1
 
     def runs_images(sp: int, micro_batch: int) -> bool:  # tp and pp: priced for comparison regardless
-        return not image_refusals(SimpleNamespace(sp=sp, tp=1, pp=1, micro_batch=micro_batch),
-                                  workload.image_tokens, workload.image_fraction, per_image)
+        return not workload_image_refusals(workload, SimpleNamespace(sp=sp, tp=1, pp=1, micro_batch=micro_batch))
 
     # The vision tower's recompute, with image tokens: none, selective and full are each priced
     # (they trade its saved activations for redone forwards like the decoder's settings).
