@@ -224,7 +224,7 @@ def search_cmd(
         if headroom_gib:
             message += f" (--headroom {headroom_gib:.1f} GiB was kept free: lower it to admit more.)"
         raise InputError(message)
-    refusals = {id(e): run_refusals(workload, e.layout) for e in result.plans}
+    refusals = {id(e): run_refusals(workload, e.layout) for e in (*result.plans, *result.pareto)}  # the table's rows
     best = result.best_runnable
     chosen = best if (output is not None or report is not None) and best is not None else result.plans[0]
     # Why the plan uses recompute / offload / keep_gathered / tile_tokens: each lever priced away.
@@ -247,7 +247,7 @@ def search_cmd(
     if not json_out:
         rows, labels, front, first_extra = _rows(result, top)
         dicts = [e.to_dict() for e in rows]
-        refused = {i for i, e in enumerate(rows) if run_refusals(workload, e.layout)}
+        refused = {i for i, e in enumerate(rows) if refusals[id(e)]}
         title = (f"best layouts: {model} on {devices} × {hardware}, seq {seq_len}, global batch {global_batch}"
                  + (f", {headroom_gib:.1f} GiB headroom" if headroom_gib else ""))
         table, caption = plan_table(title, dicts, labels, refused, front,
