@@ -102,7 +102,8 @@ def check_image(path: Path, channels: int) -> None:
     except FileNotFoundError:
         raise InputError(f"image {path} does not exist.") from None
     except Exception as exc:  # noqa: BLE001 - numpy and torch raise several kinds on a bad file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
         if "Weights only load failed" in reason:  # torch's advice (weights_only=False) would run the file's code
             reason = ("not a tensor file written by torch.save (torch.load(weights_only=True) refuses it; image "
                       "files are data, never code)")
